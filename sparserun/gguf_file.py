@@ -1,0 +1,125 @@
+"""Open and validate a GGUF file: metadata as Python values, tensors as raw byte views of the memory map.
+
+Everything a kernel will touch is checked here (tensor extents inside the file, block-aligned shapes,
+known types), so a bad file becomes a ModelFileError naming the file and the problem, never a crash
+inside a JIT kernel.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGML_QUANT_SIZES
+
+from .errors import ModelFileError
+from .kernels.quant import BLOCKS
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class RawTensor:
+    """One 2-D (or 1-D) tensor as stored: rows of `cols` values of ggml type `qtype`, row r at raw[r*row_bytes:]."""
+
+    name: str
+    qtype: int
+    rows: int
+    cols: int
+    raw: np.ndarray  # uint8 (rows * row_bytes,), a view into the file's memory map
+    row_bytes: int
+
+    @property
+    def type_name(self):
+        return _type_name(self.qtype)
+
+    @property
+    def n_bytes(self):
+        return self.raw.nbytes
+
+
+def _type_name(qtype):
+    try:
+        return GGMLQuantizationType(qtype).name
+    except ValueError:
+        return f"type {qtype}"
+
+
+class GGUFFile:
+    """A validated, memory-mapped GGUF file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        if not os.path.exists(self.path):
+            raise ModelFileError(self.path, "no such file")
+        if os.path.isdir(self.path):
+            raise ModelFileError(self.path, "is a directory, not a GGUF file")
+        with open(self.path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise ModelFileError(self.path, "not a GGUF file (bad magic bytes)")
+        try:
+            self.reader = GGUFReader(self.path, "r")
+        except Exception as e:  # gguf raises ValueError, IndexError, struct errors... on bad headers
+            raise ModelFileError(self.path, f"corrupted or truncated GGUF ({type(e).__name__}: {str(e)[:120]})") from None
+        self.file_size = os.path.getsize(self.path)
+        self.metadata = {}
+        for key, field in self.reader.fields.items():
+            try:
+                self.metadata[key] = field.contents()
+            except Exception:
+                raise ModelFileError(self.path, f"corrupted metadata value for key {key!r}") from None
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        data = self.reader.data.view(np.ndarray)  # plain ndarray view: numba does not take np.memmap
+        self._data = data
+
+    # ---- metadata ----
+    def get(self, key, default=None):
+        return self.metadata.get(key, default)
+
+    def require(self, key):
+        if key not in self.metadata:
+            raise ModelFileError(self.path, f"missing metadata key {key!r}")
+        return self.metadata[key]
+
+    @property
+    def architecture(self):
+        return self.require("general.architecture")
+
+    # ---- tensors ----
+    def has(self, name):
+        return name in self._tensors
+
+    @property
+    def tensor_names(self):
+        return list(self._tensors)
+
+    def tensor_types(self):
+        return {name: _type_name(int(t.tensor_type)) for name, t in self._tensors.items()}
+
+    def tensor(self, name, shape=None):
+        """The tensor `name` as a RawTensor, checked against the expected (rows, cols) `shape` if given."""
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelFileError(self.path, f"missing tensor {name!r}")
+        qtype = int(t.tensor_type)
+        if qtype not in BLOCKS:
+            raise ModelFileError(self.path, f"tensor {name!r} has unsupported type {_type_name(qtype)} "
+                                 f"(supported: {', '.join(_type_name(q) for q in BLOCKS)})")
+        ne = [int(x) for x in t.shape]  # ggml order: ne[0] is the contiguous (column) dimension
+        cols = ne[0]
+        rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
+        block, block_bytes = BLOCKS[qtype]
+        if cols % block:
+            raise ModelFileError(self.path, f"tensor {name!r}: row length {cols} is not a multiple of {_type_name(qtype)}'s block of {block}")
+        row_bytes = cols // block * block_bytes
+        start, n_bytes = int(t.data_offset), rows * row_bytes
+        if start + n_bytes > self.file_size:
+            raise ModelFileError(self.path, f"truncated: tensor {name!r} ends at byte {start + n_bytes} but the file has {self.file_size}")
+        if shape is not None and (rows, cols) != tuple(shape):
+            raise ModelFileError(self.path, f"tensor {name!r} has shape {(rows, cols)}, expected {tuple(shape)}")
+        return RawTensor(name, qtype, rows, cols, self._data[start:start + n_bytes], row_bytes)
+
+    def n_params(self):
+        return sum(int(np.prod([int(x) for x in t.shape])) for t in self._tensors.values())
+
+
+assert all(GGML_QUANT_SIZES[GGMLQuantizationType(q)] == BLOCKS[q] for q in BLOCKS)

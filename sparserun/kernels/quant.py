@@ -1,0 +1,177 @@
+"""numba kernels for GGUF weight types: row dequantization and (batched) matrix-vector products.
+
+Weights stay in the GGUF file's own block layout, read in place from the memory map (no copy, so RSS
+stays near the file size). Every kernel addresses a tensor as (raw uint8 bytes, row_bytes): row r
+starts at byte r * row_bytes. Shapes and offsets are validated in Python before these run.
+
+Two matmul paths:
+- Q4_0 / Q8_0: activations are rounded to int8 per 32-block (as llama.cpp does) and each block dot is an
+  integer SIMD intrinsic (kernels.simd); this is the fast path the benchmarks measure.
+- Every other type: a row is dequantized into a float32 scratch row (L1-resident), then dotted with
+  each activation row; F32 rows are dotted in place. Correct for all types, slower for K-quants.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .simd import dot_i8x32, dot_q4_0_q8, load_bf16, load_f16, load_f32, round_f16
+
+# ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
+F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
+QK = 32  # block size of Q4_0 / Q8_0 and of the int8 activation blocks
+QK_K = 256  # super-block size of the K-quants
+
+# type id -> (elements per block, bytes per block)
+BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34),
+          Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+INT8_PATH = (Q4_0, Q8_0)
+
+
+@njit(cache=True, inline="always")
+def _k_scale_min(raw, sc, j):
+    """6-bit scale and min of sub-block j from the 12 packed bytes at raw[sc:] (Q4_K / Q5_K)."""
+    if j < 4:
+        return raw[sc + j] & 63, raw[sc + j + 4] & 63
+    s = (raw[sc + j + 4] & 15) | ((raw[sc + j - 4] >> 6) << 4)
+    m = (raw[sc + j + 4] >> 4) | ((raw[sc + j] >> 6) << 4)
+    return s, m
+
+
+@njit(cache=True)
+def dequant_row(raw, off, qtype, n, out):
+    """Dequantize the n values of type qtype stored at raw[off:] into out[:n] (float32)."""
+    if qtype == F32:
+        for i in range(n):
+            out[i] = load_f32(raw, off + 4 * i)
+    elif qtype == F16:
+        for i in range(n):
+            out[i] = load_f16(raw, off + 2 * i)
+    elif qtype == BF16:
+        for i in range(n):
+            out[i] = load_bf16(raw, off + 2 * i)
+    elif qtype == Q4_0:
+        for b in range(n // 32):
+            p = off + b * 18
+            d = load_f16(raw, p)
+            for j in range(16):
+                q = raw[p + 2 + j]
+                out[b * 32 + j] = d * np.float32((q & 15) - 8)
+                out[b * 32 + j + 16] = d * np.float32((q >> 4) - 8)
+    elif qtype == Q8_0:
+        for b in range(n // 32):
+            p = off + b * 34
+            d = load_f16(raw, p)
+            for j in range(32):
+                q = np.int32(raw[p + 2 + j])
+                out[b * 32 + j] = d * np.float32(q - 256 if q > 127 else q)
+    elif qtype == Q4_K or qtype == Q5_K:
+        bb = 144 if qtype == Q4_K else 176
+        for b in range(n // QK_K):
+            p = off + b * bb
+            d = load_f16(raw, p)
+            dmin = load_f16(raw, p + 2)
+            qh = p + 16  # Q5_K only: 32 bytes, bit j of byte l is the 5th bit of sub-block j's value l
+            qs = p + 16 if qtype == Q4_K else p + 48
+            for j in range(8):
+                s, m = _k_scale_min(raw, p + 4, j)
+                dl = d * np.float32(s)
+                ml = dmin * np.float32(m)
+                q0 = qs + (j // 2) * 32
+                shift = 4 * (j % 2)
+                o = b * QK_K + j * 32
+                for l in range(32):
+                    q = (raw[q0 + l] >> shift) & 15
+                    if qtype == Q5_K:
+                        q |= ((raw[qh + l] >> j) & 1) << 4
+                    out[o + l] = dl * np.float32(q) - ml
+    elif qtype == Q6_K:
+        for b in range(n // QK_K):
+            p = off + b * 210
+            ql, qh, sc = p, p + 128, p + 192
+            d = load_f16(raw, p + 208)
+            for v in range(QK_K):
+                h, r = v // 128, v % 128
+                lo = (raw[ql + h * 64 + r % 64] >> (4 * (r // 64))) & 15
+                hi = (raw[qh + h * 32 + r % 32] >> (2 * (r // 32))) & 3
+                s = np.int32(raw[sc + v // 16])
+                s = s - 256 if s > 127 else s
+                out[b * QK_K + v] = d * np.float32(s) * np.float32(np.int32(lo | (hi << 4)) - 32)
+
+
+@njit(cache=True)
+def quantize_acts(x, xq, xd):
+    """Round activations x (T, n) to int8 blocks of 32: xq (T, n) int8, xd (T, n/32) float32 scales.
+
+    Mirrors llama.cpp's quantize_row_q8_0: scale = amax/127 kept at fp16 precision, values rounded to
+    nearest (ties to even, as its AVX path does).
+    """
+    T, n = x.shape
+    for t in range(T):
+        for b in range(n // QK):
+            amax = np.float32(0.0)
+            for j in range(QK):
+                a = abs(x[t, b * QK + j])
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            xd[t, b] = round_f16(d)
+            for j in range(QK):
+                xq[t, b * QK + j] = np.int8(np.rint(x[t, b * QK + j] * inv))
+
+
+@njit(parallel=True, cache=True)
+def matmul_int8(raw, row_bytes, qtype, rows, xq, xd, out):
+    """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 weights W, activations as int8 blocks (quantize_acts)."""
+    T, n = xq.shape
+    nb = n // QK
+    bb = 18 if qtype == Q4_0 else 34
+    for r in prange(rows):
+        base = r * row_bytes
+        for t in range(T):
+            acc = np.float32(0.0)
+            xo = t * n
+            if qtype == Q4_0:
+                for b in range(nb):
+                    p = base + b * bb
+                    acc += load_f16(raw, p) * xd[t, b] * np.float32(dot_q4_0_q8(raw, p + 2, xq, xo + b * QK))
+            else:
+                for b in range(nb):
+                    p = base + b * bb
+                    acc += load_f16(raw, p) * xd[t, b] * np.float32(dot_i8x32(raw, p + 2, xq, xo + b * QK))
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True)
+def matmul_f32(w, x, out):
+    """out[t, r] = w[r] . x[t] for a float32 weight matrix w (rows, n)."""
+    T, n = x.shape
+    for r in prange(w.shape[0]):
+        for t in range(T):
+            acc = np.float32(0.0)
+            for i in range(n):
+                acc += w[r, i] * x[t, i]
+            out[t, r] = acc
+
+
+@njit(parallel=True, cache=True)
+def matmul_dequant(raw, row_bytes, qtype, rows, x, out):
+    """out[t, r] = W[r] . x[t]: each row dequantized once into an L1-resident scratch row."""
+    T, n = x.shape
+    nthreads = 64
+    chunk = (rows + nthreads - 1) // nthreads
+    for c in prange(nthreads):
+        scratch = np.empty(n, dtype=np.float32)
+        for r in range(c * chunk, min(rows, (c + 1) * chunk)):
+            dequant_row(raw, r * row_bytes, qtype, n, scratch)
+            for t in range(T):
+                acc = np.float32(0.0)
+                for i in range(n):
+                    acc += scratch[i] * x[t, i]
+                out[t, r] = acc
+
+
+@njit(cache=True)
+def gather_rows(raw, row_bytes, qtype, n, ids, out):
+    """out[i] = dequantized row ids[i] (embedding lookup)."""
+    for i in range(ids.shape[0]):
+        dequant_row(raw, ids[i] * row_bytes, qtype, n, out[i])

@@ -1,0 +1,196 @@
+"""The dense transformer engine: weights read in place from a GGUF, a preallocated KV cache, and a
+batched forward pass (a prompt's tokens go through each weight matrix together).
+
+One token's path: embedding row -> per layer [RMSNorm -> q,k,v matmuls -> RoPE -> KV cache ->
+attention -> output matmul -> residual -> RMSNorm -> FFN (self.ffn, the hook the sparse policies
+replace) -> residual] -> final RMSNorm -> output head -> logits.
+"""
+import time
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from . import arch
+from .errors import SparserunError
+from .gguf_file import GGUFFile
+from .kernels import ops
+from .weights import Acts, Weight
+
+ACT_IDS = {"silu": 0, "relu": 1, "gelu": 2}
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray  # (dim,)
+    wq: Weight  # (n_head*head_dim, dim)
+    wk: Weight  # (kv_dim, dim)
+    wv: Weight  # (kv_dim, dim)
+    wo: Weight  # (dim, n_head*head_dim)
+    ffn_norm: np.ndarray  # (dim,)
+    w_gate: Weight | None  # (n_ff, dim), None for a non-gated FFN
+    w_up: Weight  # (n_ff, dim)
+    w_down: Weight  # (dim, n_ff)
+
+
+def default_threads():
+    import psutil
+
+    return max(1, min(numba.config.NUMBA_NUM_THREADS, psutil.cpu_count(logical=False) or 1))
+
+
+class Model:
+    """A loaded model with one KV cache. Use sparserun.load() to make one."""
+
+    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256):
+        self.path = str(path)
+        self.gguf = f = GGUFFile(path)
+        self.args = a = arch.model_args(f)
+        if n_ctx < 1:
+            raise SparserunError(f"n_ctx must be at least 1, got {n_ctx}")
+        self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
+        self.threads = int(threads) if threads else default_threads()
+        if not 1 <= self.threads <= numba.config.NUMBA_NUM_THREADS:
+            raise SparserunError(f"threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}, got {threads}")
+
+        def w(name, shape):
+            return Weight(f.tensor(name, shape))
+
+        self.tok_embd = w("token_embd.weight", (a.n_vocab, a.dim))
+        self.output_norm = w("output_norm.weight", (1, a.dim)).vector()
+        self.output = self.tok_embd if a.tied_output else w("output.weight", (a.n_vocab, a.dim))
+        self.layers = []
+        for i in range(a.n_layer):
+            t = {k: w(name, shape) for k, (name, shape) in a.layer_tensors(i).items()}
+            self.layers.append(Layer(t["attn_norm"].vector(), t["attn_q"], t["attn_k"], t["attn_v"], t["attn_output"],
+                                     t["ffn_norm"].vector(), t.get("ffn_gate"), t["ffn_up"], t["ffn_down"]))
+        self.rope_inv_freq = a.rope_inv_freq(f)
+        self.act_id = ACT_IDS[a.activation]
+        # KV cache, preallocated: (layer, position, kv_dim)
+        self.k_cache = np.zeros((a.n_layer, self.n_ctx, a.kv_dim), np.float32)
+        self.v_cache = np.zeros((a.n_layer, self.n_ctx, a.kv_dim), np.float32)
+        self.cached = []  # tokens whose keys/values are in the cache, in order
+        self._tokenizer = None
+
+    # ---- tokenizer ----
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer(self.path)
+        return self._tokenizer
+
+    def tokenize(self, text, add_bos=True, special=True):
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids):
+        return self.tokenizer.decode(ids)
+
+    @property
+    def n_vocab(self):
+        return self.args.n_vocab
+
+    # ---- forward ----
+    def ffn(self, layer_index, acts):
+        """Dense FFN: (T, dim) -> (T, dim). The sparse policies override this hook."""
+        L = self.layers[layer_index]
+        u = L.w_up.matmul(acts)  # (T, n_ff)
+        g = L.w_gate.matmul(acts) if L.w_gate is not None else u[:0]  # (T, n_ff)
+        h = np.empty_like(u)  # (T, n_ff)
+        ops.ffn_activate(g, u, self.act_id, h)
+        return L.w_down.matmul(Acts(h))  # (T, dim)
+
+    def _forward(self, ids, pos0, all_logits):
+        """Run tokens ids at positions pos0.. through the model, filling the KV cache; returns logits
+        (T, n_vocab) or (1, n_vocab) for the last token only."""
+        a = self.args
+        T = len(ids)
+        x = self.tok_embd.rows_f32(ids)  # (T, dim) residual stream
+        xn = np.empty_like(x)  # (T, dim) normalized input of each sub-block
+        att = np.empty((T, a.n_head * a.head_dim), np.float32)  # (T, n_head*head_dim)
+        neox = a.rope_type == arch.llama.ROPE_NEOX
+        for li, L in enumerate(self.layers):
+            ops.rmsnorm(x, L.attn_norm, a.norm_eps, xn)
+            acts = Acts(xn)
+            q = L.wq.matmul(acts)  # (T, n_head*head_dim)
+            k = L.wk.matmul(acts)  # (T, kv_dim)
+            v = L.wv.matmul(acts)  # (T, kv_dim)
+            ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
+            ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
+            self.k_cache[li, pos0:pos0 + T] = k
+            self.v_cache[li, pos0:pos0 + T] = v
+            ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, a.n_head_kv, a.head_dim, att)
+            ops.add_inplace(x, L.wo.matmul(Acts(att)))
+            ops.rmsnorm(x, L.ffn_norm, a.norm_eps, xn)
+            ops.add_inplace(x, self.ffn(li, Acts(xn)))
+        rows = x if all_logits else x[-1:]  # (T or 1, dim)
+        out = np.empty_like(rows)
+        ops.rmsnorm(rows, self.output_norm, a.norm_eps, out)
+        return self.output.matmul(Acts(out))  # (T or 1, n_vocab)
+
+    def eval(self, ids, all_logits=False):
+        """Extend the cached context to exactly `ids`, processing only what is not cached yet.
+
+        Reuses the longest common prefix of the cache and ids (so a chat turn processes its new tokens
+        only). Returns logits of the processed tokens (all_logits) or of the last token, (1, n_vocab).
+        At least the last token is always recomputed so its logits exist.
+        """
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise SparserunError("nothing to evaluate: empty token list")
+        if len(ids) > self.n_ctx:
+            raise ContextFullError(self.n_ctx, len(ids))
+        bad = [t for t in ids if not 0 <= t < self.args.n_vocab]
+        if bad:
+            raise SparserunError(f"token id {bad[0]} out of range for a vocabulary of {self.args.n_vocab}")
+        n = 0
+        limit = len(ids) - 1 if not all_logits else 0
+        while n < min(len(self.cached), limit) and self.cached[n] == ids[n]:
+            n += 1
+        del self.cached[n:]
+        numba.set_num_threads(self.threads)
+        outs = []
+        for s in range(n, len(ids), self.n_batch):
+            chunk = np.array(ids[s:s + self.n_batch], np.int64)
+            last = s + len(chunk) == len(ids)
+            if all_logits or last:
+                outs.append(self._forward(chunk, s, all_logits))
+            else:
+                self._forward(chunk, s, False)
+            self.cached.extend(int(t) for t in chunk)
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def logits(self, ids):
+        """Logits (len(ids), n_vocab) float32, one row per position, in a fresh context."""
+        self.reset()
+        return self.eval(ids, all_logits=True)
+
+    def reset(self):
+        self.cached.clear()
+
+    # ---- generation ----
+    def generate(self, prompt, max_tokens=128, **sampling):
+        """Yield text pieces of the continuation of `prompt` (a string or token ids). See generate.py."""
+        from .generate import generate
+
+        yield from generate(self, prompt, max_tokens=max_tokens, **sampling)
+
+    def info(self):
+        from .info import model_info
+
+        return model_info(self)
+
+
+class ContextFullError(SparserunError):
+    def __init__(self, n_ctx, needed):
+        super().__init__(f"context full: {needed} tokens do not fit in n_ctx={n_ctx} (start a new context or raise --ctx)")
+        self.n_ctx, self.needed = n_ctx, needed
+
+
+def load(path, threads=None, n_ctx=2048, n_batch=256):
+    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048)."""
+    t0 = time.perf_counter()
+    m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch)
+    m.load_seconds = time.perf_counter() - t0
+    return m

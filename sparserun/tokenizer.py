@@ -1,0 +1,52 @@
+"""Exact llama.cpp tokenization through llama-cpp-python, loaded with vocab_only (no weights read)."""
+import contextlib
+import os
+
+from .errors import ModelFileError
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence llama.cpp's C-level logging (it writes to fd 2 even with verbose=False)."""
+    fd = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+class Tokenizer:
+    def __init__(self, path):
+        import llama_cpp
+
+        try:
+            with quiet_stderr():
+                self._llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False, n_ctx=8)
+        except Exception as e:
+            raise ModelFileError(path, f"llama.cpp could not load its vocabulary ({str(e)[:120]})") from None
+        self.n_vocab = self._llama.n_vocab()
+        self.bos_id = self._llama.token_bos()
+        self.eos_id = self._llama.token_eos()
+        self.metadata = self._llama.metadata
+        import llama_cpp as lc
+
+        vocab = lc.llama_model_get_vocab(self._llama.model)
+        self._is_eog = lambda t: bool(lc.llama_vocab_is_eog(vocab, t))
+
+    def encode(self, text, add_bos=True, special=True):
+        """Token ids of text; `special` parses control tokens written in the text (e.g. <|im_start|>)."""
+        return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def decode_bytes(self, ids, prev=None):
+        """UTF-8 bytes of ids; with `prev` (the tokens before them) leading-space rules apply as in context."""
+        return self._llama.detokenize(list(ids), prev_tokens=list(prev) if prev else None)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def is_end(self, token):
+        """True for end-of-generation tokens (EOS, EOT, <|im_end|>, ...)."""
+        return token == self.eos_id or self._is_eog(token)
