@@ -41,8 +41,14 @@ class Tokenizer:
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def decode_bytes(self, ids, prev=None):
-        """UTF-8 bytes of ids; with `prev` (the tokens before them) leading-space rules apply as in context."""
-        return self._llama.detokenize(list(ids), prev_tokens=list(prev) if prev else None)
+        """UTF-8 bytes of ids. With `prev` (the tokens just before them) the result is what ids add to
+        the decoded text in that context: SentencePiece drops a leading space only at the start of text."""
+        if not prev:
+            return self._llama.detokenize(list(ids))
+        prev = list(prev)
+        head = self._llama.detokenize(prev)
+        full = self._llama.detokenize(prev + list(ids))
+        return full[len(head):] if full.startswith(head) else self._llama.detokenize(list(ids))
 
     def decode(self, ids):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")

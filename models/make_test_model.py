@@ -1,0 +1,188 @@
+"""Write random-weight llama GGUFs of any shape and weight type, with a real vocabulary.
+
+    python -m models.make_test_model out.gguf --dim 256 --ff 768 --layers 2 --type Q4_0
+    python -m models.make_test_model out.gguf --preset tinyllama --type Q4_0
+
+The vocabulary (every tokenizer.* key) is copied from a vocab-only GGUF, by default llama.cpp's
+llama-spm vocab in ../shared/vocab/ (32000 tokens, the Llama 2 / TinyLlama tokenizer).
+F32, F16, BF16, Q8_0 and Q4_0 are written directly with the gguf package (every 2-D weight in that
+type, norms in F32: like llama.cpp's --pure). The K-quant mixes Q4_K_M, Q5_K_M and Q6_K are made as
+llama.cpp makes them: write F32, then quantize with llama.cpp's own quantizer (llama_model_quantize).
+"""
+import argparse
+import ctypes
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_VOCAB = REPO.parent / "shared" / "vocab" / "ggml-vocab-llama-spm.gguf"
+
+DIRECT_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "BF16": GGMLQuantizationType.BF16,
+                "Q8_0": GGMLQuantizationType.Q8_0, "Q4_0": GGMLQuantizationType.Q4_0}
+# llama_ftype values of llama.cpp (include/llama.h)
+LLAMA_FTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+TYPES = list(DIRECT_TYPES) + list(LLAMA_FTYPES)
+
+
+@dataclass
+class Shape:
+    dim: int = 64
+    ff: int = 172
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    ctx: int = 2048
+    rope_base: float = 10000.0
+    tied: bool = False
+
+
+PRESETS = {
+    "tiny": Shape(dim=64, ff=128, layers=2, heads=4, kv_heads=2),
+    "small": Shape(dim=256, ff=768, layers=2, heads=4, kv_heads=2),
+    "tinyllama": Shape(dim=2048, ff=5632, layers=22, heads=32, kv_heads=4, rope_base=10000.0),
+}
+
+
+def copy_vocab(writer, vocab_path):
+    """Copy every tokenizer.* key of a GGUF into writer; returns the vocabulary size."""
+    r = GGUFReader(str(vocab_path))
+    n_vocab = None
+    for key, field in r.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        value = field.contents()
+        if vtype == GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
+            if key == "tokenizer.ggml.tokens":
+                n_vocab = len(value)
+        else:
+            writer.add_key_value(key, value, vtype)
+    if n_vocab is None:
+        raise SystemExit(f"{vocab_path}: no tokenizer.ggml.tokens, not a vocabulary GGUF")
+    return n_vocab
+
+
+def random_weights(shape, n_vocab, rng):
+    """name -> float32 array (rows, cols), scaled so activations and logits stay O(1) through the layers."""
+    d, ff, hd = shape.dim, shape.ff, shape.dim // shape.heads
+    kv = shape.kv_heads * hd
+
+    def lin(rows, cols, gain=1.0):
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(gain / np.sqrt(cols)))
+
+    w = {"token_embd.weight": rng.standard_normal((n_vocab, d), dtype=np.float32),
+         "output_norm.weight": (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)}
+    if not shape.tied:
+        w["output.weight"] = lin(n_vocab, d, 2.0)
+    for i in range(shape.layers):
+        p = f"blk.{i}."
+        w[p + "attn_norm.weight"] = (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        w[p + "attn_q.weight"] = lin(d, d, 2.0)
+        w[p + "attn_k.weight"] = lin(kv, d, 2.0)
+        w[p + "attn_v.weight"] = lin(kv, d)
+        w[p + "attn_output.weight"] = lin(d, d)
+        w[p + "ffn_norm.weight"] = (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        w[p + "ffn_gate.weight"] = lin(ff, d)
+        w[p + "ffn_up.weight"] = lin(ff, d)
+        w[p + "ffn_down.weight"] = lin(d, ff)
+    return w
+
+
+def _write(path, shape, n_vocab_path, qtype, seed, activation):
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name(f"sparserun-test-{shape.dim}x{shape.layers}")
+    n_vocab = copy_vocab(writer, n_vocab_path)
+    writer.add_context_length(shape.ctx)
+    writer.add_embedding_length(shape.dim)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(shape.ff)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.kv_heads)
+    writer.add_rope_dimension_count(shape.dim // shape.heads)
+    writer.add_rope_freq_base(shape.rope_base)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type({GGMLQuantizationType.F32: 0, GGMLQuantizationType.F16: 1, GGMLQuantizationType.Q4_0: 2,
+                          GGMLQuantizationType.Q8_0: 7, GGMLQuantizationType.BF16: 32}[qtype])
+    if activation != "silu":
+        writer.add_string("llama.ffn_activation", activation)
+    for name, arr in random_weights(shape, n_vocab, rng).items():
+        if arr.ndim == 1 or qtype == GGMLQuantizationType.F32 or name.endswith("norm.weight"):
+            writer.add_tensor(name, arr)
+        elif qtype == GGMLQuantizationType.F16:
+            writer.add_tensor(name, arr.astype(np.float16))
+        else:
+            writer.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_quantize(src, dst, ftype_name, threads=2):
+    """Quantize a GGUF with llama.cpp's own quantizer (the only maker of K-quant mixes)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPES[ftype_name]
+    params.nthread = threads
+    fd = os.dup(2)
+    try:  # llama.cpp prints a line per tensor on stderr
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}")
+
+
+def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activation="silu", **shape_kw):
+    """Write a random llama GGUF to path and return path. shape: a Shape or a preset name; shape_kw
+    override its fields (dim=, ff=, layers=, heads=, kv_heads=, ctx=, tied=)."""
+    base = PRESETS[shape] if isinstance(shape, str) else (shape or Shape())
+    shape = Shape(**{**base.__dict__, **shape_kw})
+    if type not in TYPES:
+        raise ValueError(f"unknown type {type!r}; choose from {', '.join(TYPES)}")
+    if not Path(vocab).exists():
+        raise FileNotFoundError(f"vocabulary GGUF {vocab} not found (pass vocab=...)")
+    path = Path(path)
+    if type in DIRECT_TYPES:
+        _write(path, shape, vocab, DIRECT_TYPES[type], seed, activation)
+    else:
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            f32 = Path(tmp) / "f32.gguf"
+            _write(f32, shape, vocab, GGMLQuantizationType.F32, seed, activation)
+            llama_quantize(f32, path, type)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="output .gguf path")
+    ap.add_argument("--type", default="F32", choices=TYPES)
+    ap.add_argument("--preset", choices=list(PRESETS), help="a named shape (fields below override it)")
+    for field in ("dim", "ff", "layers", "heads", "kv_heads", "ctx"):
+        ap.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field)
+    ap.add_argument("--tied", action="store_true", help="no output.weight: the head reuses token_embd")
+    ap.add_argument("--activation", default="silu", choices=["silu", "relu", "gelu"])
+    ap.add_argument("--vocab", default=str(DEFAULT_VOCAB), help="GGUF to copy the tokenizer from")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    kw = {k: getattr(a, k) for k in ("dim", "ff", "layers", "heads", "kv_heads", "ctx") if getattr(a, k) is not None}
+    if a.tied:
+        kw["tied"] = True
+    p = make_model(a.out, a.type, a.preset, a.seed, a.vocab, a.activation, **kw)
+    print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

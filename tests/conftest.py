@@ -1,0 +1,53 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))  # models/ (the test-model generator) is a folder of the repo, not installed
+
+STORIES = SHARED / "models" / "stories260K.gguf"
+VOCAB = SHARED / "vocab"
+
+
+@pytest.fixture(scope="session")
+def stories():
+    if not STORIES.exists():
+        pytest.fail(f"{STORIES} is missing: the shared test data must sit beside the repository")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory):
+    """make_model(type, **shape) -> path of a generated random llama GGUF, cached for the session."""
+    from models.make_test_model import make_model as mk
+
+    cache = {}
+    root = tmp_path_factory.mktemp("models")
+
+    def make(type="F32", shape="small", seed=1, **kw):
+        key = (type, shape, seed, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = "-".join(str(k) for k in (type, shape, seed, *sorted(kw.items())))
+            cache[key] = mk(root / f"{name}.gguf", type, shape, seed=seed, **kw)
+        return cache[key]
+
+    return make
+
+
+def llama_cpp_model(path, n_ctx=512):
+    import llama_cpp
+
+    from sparserun.tokenizer import quiet_stderr
+
+    with quiet_stderr():
+        return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False)
+
+
+def llama_cpp_logits(path, ids):
+    import numpy as np
+
+    ll = llama_cpp_model(path)
+    ll.eval(ids)
+    return np.array(ll.scores[: len(ids)], dtype=np.float32)

@@ -1,0 +1,77 @@
+"""Each numba kernel against gguf-py's reference dequantization and numpy matmuls."""
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
+
+from sparserun.kernels import quant as K
+from sparserun.weights import Acts, Weight
+from sparserun.gguf_file import RawTensor
+
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+def random_blocks(qtype, rows, cols, rng):
+    """Random bytes in qtype's block layout with sane fp16 scales (random bits would give inf/NaN)."""
+    if qtype == Q.F32:
+        return rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8).reshape(-1)
+    if qtype == Q.F16:
+        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8).reshape(-1)
+    if qtype == Q.BF16:
+        return quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), Q.BF16).view(np.uint8).reshape(-1)
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    b = rng.integers(0, 256, (rows * cols // block, nbytes), dtype=np.uint8)
+    scale = lambda: rng.uniform(0.001, 0.05, len(b)).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    if qtype in (Q.Q4_0, Q.Q8_0):
+        b[:, 0:2] = scale()
+    elif qtype in (Q.Q4_K, Q.Q5_K):
+        b[:, 0:2], b[:, 2:4] = scale(), scale()
+    elif qtype == Q.Q6_K:
+        b[:, 208:210] = scale()
+    return b.reshape(-1)
+
+
+def weight(qtype, rows, cols, rng):
+    raw = random_blocks(qtype, rows, cols, rng)
+    return Weight(RawTensor("w", int(qtype), rows, cols, raw, raw.nbytes // rows))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequant_matches_gguf(qtype):
+    rng = np.random.default_rng(int(qtype))
+    w = weight(qtype, 8, 512, rng)
+    ref = quants.dequantize(w.raw.reshape(8, -1) if qtype != Q.F32 else w.raw.view(np.float32), qtype).reshape(8, 512)
+    np.testing.assert_array_equal(w.dequantize(), ref)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 5])
+def test_matmul_matches_numpy(qtype, T):
+    rng = np.random.default_rng(7)
+    rows, cols = 96, 512
+    w = weight(qtype, rows, cols, rng)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    W = w.dequantize().astype(np.float64)
+    got = w.matmul(Acts(x))
+    assert got.shape == (T, rows) and got.dtype == np.float32
+    if qtype in (Q.Q4_0, Q.Q8_0):
+        # the int8 path sees x rounded to int8 blocks: exact against that, close to the float product
+        xq, xd = Acts(x).int8()
+        xr = (xq.reshape(T, -1, 32).astype(np.float64) * xd[:, :, None]).reshape(T, cols)
+        np.testing.assert_allclose(got, xr @ W.T, rtol=1e-4, atol=1e-4 * np.abs(xr @ W.T).max())
+        exact = x.astype(np.float64) @ W.T
+        assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
+    else:
+        ref = x.astype(np.float64) @ W.T
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_activation_quantization_is_llama_cpp_q8_0():
+    """quantize_acts produces what gguf-py's Q8_0 quantizer (a port of llama.cpp's) produces."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((3, 256)) * 4).astype(np.float32)
+    xq, xd = Acts(x).int8()
+    ref = quants.quantize(x, Q.Q8_0).reshape(3, 8, 34)
+    np.testing.assert_array_equal(xd, ref[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32))
+    # gguf-py rounds half away from zero, llama.cpp's AVX path (and ours) to even: ties are rare
+    diff = xq.reshape(3, 8, 32).astype(int) - ref[:, :, 2:].view(np.int8).astype(int)
+    assert np.abs(diff).max() <= 1 and (diff != 0).mean() < 0.01
