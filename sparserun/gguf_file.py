@@ -57,19 +57,22 @@ class GGUFFile:
         if magic != GGUF_MAGIC:
             raise ModelFileError(self.path, "not a GGUF file (bad magic bytes)")
         try:
-            self.reader = GGUFReader(self.path, "r")
+            reader = GGUFReader(self.path, "r")
         except Exception as e:  # gguf raises ValueError, IndexError, struct errors... on bad headers
             raise ModelFileError(self.path, f"corrupted or truncated GGUF ({type(e).__name__}: {str(e)[:120]})") from None
         self.file_size = os.path.getsize(self.path)
         self.metadata = {}
-        for key, field in self.reader.fields.items():
+        for key, field in reader.fields.items():
             try:
                 self.metadata[key] = field.contents()
             except Exception:
                 raise ModelFileError(self.path, f"corrupted metadata value for key {key!r}") from None
-        self._tensors = {t.name: t for t in self.reader.tensors}
-        data = self.reader.data.view(np.ndarray)  # plain ndarray view: numba does not take np.memmap
-        self._data = data
+        # name -> (ggml type id, ggml shape ne[], absolute byte offset). The reader itself is dropped:
+        # its per-field numpy objects cost ~90 MB on a 32000-token vocabulary.
+        self._tensors = {t.name: (int(t.tensor_type), [int(x) for x in t.shape], int(t.data_offset))
+                         for t in reader.tensors}
+        self._data = reader.data.view(np.ndarray)  # plain ndarray view of the memory map: numba does not take np.memmap
+        del reader
 
     # ---- metadata ----
     def get(self, key, default=None):
@@ -93,25 +96,24 @@ class GGUFFile:
         return list(self._tensors)
 
     def tensor_types(self):
-        return {name: _type_name(int(t.tensor_type)) for name, t in self._tensors.items()}
+        return {name: _type_name(t[0]) for name, t in self._tensors.items()}
 
     def tensor(self, name, shape=None):
         """The tensor `name` as a RawTensor, checked against the expected (rows, cols) `shape` if given."""
         t = self._tensors.get(name)
         if t is None:
             raise ModelFileError(self.path, f"missing tensor {name!r}")
-        qtype = int(t.tensor_type)
+        qtype, ne, start = t
         if qtype not in BLOCKS:
             raise ModelFileError(self.path, f"tensor {name!r} has unsupported type {_type_name(qtype)} "
                                  f"(supported: {', '.join(_type_name(q) for q in BLOCKS)})")
-        ne = [int(x) for x in t.shape]  # ggml order: ne[0] is the contiguous (column) dimension
-        cols = ne[0]
+        cols = ne[0]  # ggml order: ne[0] is the contiguous (column) dimension
         rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
         block, block_bytes = BLOCKS[qtype]
         if cols % block:
             raise ModelFileError(self.path, f"tensor {name!r}: row length {cols} is not a multiple of {_type_name(qtype)}'s block of {block}")
         row_bytes = cols // block * block_bytes
-        start, n_bytes = int(t.data_offset), rows * row_bytes
+        n_bytes = rows * row_bytes
         if start + n_bytes > self.file_size:
             raise ModelFileError(self.path, f"truncated: tensor {name!r} ends at byte {start + n_bytes} but the file has {self.file_size}")
         if shape is not None and (rows, cols) != tuple(shape):
@@ -119,7 +121,7 @@ class GGUFFile:
         return RawTensor(name, qtype, rows, cols, self._data[start:start + n_bytes], row_bytes)
 
     def n_params(self):
-        return sum(int(np.prod([int(x) for x in t.shape])) for t in self._tensors.values())
+        return sum(int(np.prod(t[1])) for t in self._tensors.values())
 
 
 assert all(GGML_QUANT_SIZES[GGMLQuantizationType(q)] == BLOCKS[q] for q in BLOCKS)

@@ -40,7 +40,7 @@ def rope(x, pos0, n_heads, head_dim, rope_dim, inv_freq, neox):
                 x[t, b] = x0 * s + x1 * c
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=True)
 def attention(q, kc, vc, pos0, n_head, n_head_kv, head_dim, out):
     """Causal GQA attention for T new tokens at positions pos0.. against the cache.
 
@@ -54,27 +54,30 @@ def attention(q, kc, vc, pos0, n_head, n_head_kv, head_dim, out):
         t, h = th // n_head, th % n_head
         n_keys = pos0 + t + 1
         qo, ko = h * head_dim, (h // group) * head_dim
+        qv = q[t, qo:qo + head_dim]  # 1-D contiguous views keep the inner loops vectorizable
+        o = out[t, qo:qo + head_dim]
         scores = np.empty(n_keys, np.float32)
         mx = np.float32(-np.inf)
         for j in range(n_keys):
+            kv = kc[j, ko:ko + head_dim]
             s = np.float32(0.0)
             for d in range(head_dim):
-                s += q[t, qo + d] * kc[j, ko + d]
+                s += qv[d] * kv[d]
             s *= scale
             scores[j] = s
-            if s > mx:
-                mx = s
+            mx = max(mx, s)
         total = np.float32(0.0)
         for j in range(n_keys):
             e = np.float32(math.exp(scores[j] - mx))
             scores[j] = e
             total += e
-        for d in range(head_dim):
-            out[t, qo + d] = 0.0
+        o[:] = 0.0
+        inv = np.float32(1.0) / total
         for j in range(n_keys):
-            wj = scores[j] / total
+            wj = scores[j] * inv
+            vv = vc[j, ko:ko + head_dim]
             for d in range(head_dim):
-                out[t, qo + d] += wj * vc[j, ko + d]
+                o[d] += wj * vv[d]
 
 
 @njit(cache=True)

@@ -13,7 +13,7 @@ Two matmul paths:
 import numpy as np
 from numba import njit, prange
 
-from .simd import dot_i8x32, dot_q4_0_q8, load_bf16, load_f16, load_f32, round_f16
+from .simd import dot_row_q4_0, dot_row_q8_0, load_bf16, load_f16, load_f32, round_f16
 
 # ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
 F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
@@ -124,24 +124,16 @@ def matmul_int8(raw, row_bytes, qtype, rows, xq, xd, out):
     """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 weights W, activations as int8 blocks (quantize_acts)."""
     T, n = xq.shape
     nb = n // QK
-    bb = 18 if qtype == Q4_0 else 34
     for r in prange(rows):
         base = r * row_bytes
         for t in range(T):
-            acc = np.float32(0.0)
-            xo = t * n
             if qtype == Q4_0:
-                for b in range(nb):
-                    p = base + b * bb
-                    acc += load_f16(raw, p) * xd[t, b] * np.float32(dot_q4_0_q8(raw, p + 2, xq, xo + b * QK))
+                out[t, r] = dot_row_q4_0(raw, base, nb, xq, t * n, xd, t * nb)
             else:
-                for b in range(nb):
-                    p = base + b * bb
-                    acc += load_f16(raw, p) * xd[t, b] * np.float32(dot_i8x32(raw, p + 2, xq, xo + b * QK))
-            out[t, r] = acc
+                out[t, r] = dot_row_q8_0(raw, base, nb, xq, t * n, xd, t * nb)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=True)
 def matmul_f32(w, x, out):
     """out[t, r] = w[r] . x[t] for a float32 weight matrix w (rows, n)."""
     T, n = x.shape
@@ -153,7 +145,7 @@ def matmul_f32(w, x, out):
             out[t, r] = acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=True)
 def matmul_dequant(raw, row_bytes, qtype, rows, x, out):
     """out[t, r] = W[r] . x[t]: each row dequantized once into an L1-resident scratch row."""
     T, n = x.shape

@@ -51,44 +51,6 @@ def load_f16(typingctx, arr, off):
 
 
 @intrinsic
-def dot_q4_0_q8(typingctx, w, woff, x, xoff):
-    """Integer dot of one Q4_0 block's 16 quant bytes (at w+woff) with 32 int8 activations (at x+xoff).
-
-    Q4_0 stores element j in the low nibble of byte j and element j+16 in its high nibble, both
-    offset by 8, so the two halves of the activation block line up with the two nibble lanes.
-    """
-    sig = types.int32(w, woff, x, xoff)
-
-    def codegen(context, builder, signature, args):
-        v16i32 = ir.VectorType(_i32, 16)
-        q = _vload(builder, _ptr(context, builder, signature.args[0], args[0], args[1]), 16)
-        xp = _ptr(context, builder, signature.args[2], args[2], args[3])
-        xlo = _vload(builder, xp, 16)
-        xhi = _vload(builder, builder.gep(xp, [ir.Constant(_i32, 16)]), 16)
-        lo = builder.sub(builder.and_(q, _splat(16, 15)), _splat(16, 8))
-        hi = builder.sub(builder.lshr(q, _splat(16, 4)), _splat(16, 8))
-        plo = builder.mul(builder.sext(lo, v16i32), builder.sext(xlo, v16i32))
-        phi = builder.mul(builder.sext(hi, v16i32), builder.sext(xhi, v16i32))
-        return _reduce_add(builder, builder.add(plo, phi))
-
-    return sig, codegen
-
-
-@intrinsic
-def dot_i8x32(typingctx, w, woff, x, xoff):
-    """Integer dot of 32 int8 weights (Q8_0 quants, at w+woff) with 32 int8 activations (at x+xoff)."""
-    sig = types.int32(w, woff, x, xoff)
-
-    def codegen(context, builder, signature, args):
-        v32i32 = ir.VectorType(_i32, 32)
-        q = _vload(builder, _ptr(context, builder, signature.args[0], args[0], args[1]), 32)
-        a = _vload(builder, _ptr(context, builder, signature.args[2], args[2], args[3]), 32)
-        return _reduce_add(builder, builder.mul(builder.sext(q, v32i32), builder.sext(a, v32i32)))
-
-    return sig, codegen
-
-
-@intrinsic
 def load_bf16(typingctx, arr, off):
     """float32 value of the bfloat16 stored at arr's byte offset `off` (its upper 16 bits)."""
     sig = types.float32(arr, off)
@@ -123,3 +85,94 @@ def load_f32(typingctx, arr, off):
         return builder.load(builder.bitcast(p, ir.FloatType().as_pointer()), align=1)
 
     return sig, codegen
+
+
+def _even_odd_add(builder, v):
+    """Sum adjacent lane pairs of an int32 vector: <2n x i32> -> <n x i32> (LLVM matches this plus the
+    widening multiply to pmaddwd)."""
+    n = v.type.count // 2
+    ev = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), list(range(0, 2 * n, 2))))
+    od = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), list(range(1, 2 * n, 2))))
+    return builder.add(ev, od)
+
+
+def _load_half_nodep(builder, p):
+    """fp16 at p as float, converted with integer ops: (h & 0x7fff) << 13 read as a float and scaled by
+    2**112 is exact for normal and subnormal halves (scales are never inf/NaN). A vector conversion
+    lowers to vpinsrw into a free register, often the loop's accumulator, chaining every block to the
+    previous one; this writes a whole register instead."""
+    h = builder.zext(builder.load(builder.bitcast(p, _i16.as_pointer()), align=1), _i32)
+    mag = builder.bitcast(builder.shl(builder.and_(h, ir.Constant(_i32, 0x7FFF)), ir.Constant(_i32, 13)), ir.FloatType())
+    mag = builder.fmul(mag, ir.Constant(ir.FloatType(), 2.0 ** 112))
+    sign = builder.shl(builder.and_(h, ir.Constant(_i32, 0x8000)), ir.Constant(_i32, 16))
+    return builder.bitcast(builder.or_(builder.bitcast(mag, _i32), sign), ir.FloatType())
+
+
+def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
+    """Shared body of the row-dot intrinsics: sum over nb blocks of d_w[b] * d_x[b] * idot(b), with
+    an <8 x float> accumulator and one horizontal reduction at the end (as llama.cpp's AVX2 code)."""
+    w, woff, nb, x, xoff, xd, xdoff = args
+    f32, v8f = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+    wp = _ptr(context, builder, sig.args[0], w, woff)
+    xp = _ptr(context, builder, sig.args[3], x, xoff)
+    xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
+                          f32.as_pointer())
+    acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        pb = builder.gep(wp, [builder.mul(b, ir.Constant(b.type, block_bytes))])
+        xb = builder.gep(xp, [builder.mul(b, ir.Constant(b.type, 32))])
+        d_w = _load_half_nodep(builder, pb)
+        d_x = builder.load(builder.gep(xdp, [b]), align=4)
+        lanes = block_lanes(builder, builder.gep(pb, [ir.Constant(_i32, 2)]), xb)  # <8 x i32>
+        scale = builder.fmul(d_w, d_x)
+        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(_i32, 0)),
+                                       ir.Constant(v8f, ir.Undefined), ir.Constant(ir.VectorType(_i32, 8), [0] * 8))
+        prod = builder.fmul(builder.sitofp(lanes, v8f), splat)
+        builder.store(builder.fadd(builder.load(acc), prod), acc)
+    total = builder.load(acc)
+    s = builder.extract_element(total, ir.Constant(_i32, 0))
+    for i in range(1, 8):
+        s = builder.fadd(s, builder.extract_element(total, ir.Constant(_i32, i)))
+    return s
+
+
+def _q4_0_lanes(builder, qp, xp):
+    q = _vload(builder, qp, 16)
+    lo = builder.sub(builder.and_(q, _splat(16, 15)), _splat(16, 8))
+    hi = builder.sub(builder.lshr(q, _splat(16, 4)), _splat(16, 8))
+    xlo, xhi = _vload(builder, xp, 16), _vload(builder, builder.gep(xp, [ir.Constant(_i32, 16)]), 16)
+    return builder.add(_widen_madd(builder, lo, xlo), _widen_madd(builder, hi, xhi))
+
+
+def _widen_madd(builder, a, b):
+    """<16 x i8> a, b -> <8 x i32> of pairwise sums of products (pmaddwd after sign-extending to i16)."""
+    v16i16, v16i32 = ir.VectorType(_i16, 16), ir.VectorType(_i32, 16)
+    wide = lambda v: builder.sext(builder.sext(v, v16i16), v16i32)
+    return _even_odd_add(builder, builder.mul(wide(a), wide(b)))
+
+
+def _q8_0_lanes(builder, qp, xp):
+    half = lambda p: _vload(builder, builder.gep(p, [ir.Constant(_i32, 16)]), 16)
+    return builder.add(_widen_madd(builder, _vload(builder, qp, 16), _vload(builder, xp, 16)),
+                       _widen_madd(builder, half(qp), half(xp)))
+
+
+def _row_dot_intrinsic(block_bytes, block_lanes, doc):
+    @intrinsic
+    def row_dot(typingctx, w, woff, nb, x, xoff, xd, xdoff):
+        sig = types.float32(w, woff, nb, x, xoff, xd, xdoff)
+
+        def codegen(context, builder, signature, args):
+            return _row_dot(context, builder, signature, args, block_bytes, block_lanes)
+
+        return sig, codegen
+
+    row_dot.__doc__ = doc
+    return row_dot
+
+
+_ROW_DOT_DOC = """Dot of {name} blocks at w+woff (nb blocks of {bb} bytes: fp16 scale, then quants) with int8
+activations at x+xoff (32 per block) whose float32 block scales are xd[xdoff : xdoff+nb] (xd flat index)."""
+dot_row_q4_0 = _row_dot_intrinsic(18, _q4_0_lanes, _ROW_DOT_DOC.format(name="Q4_0", bb=18))
+dot_row_q8_0 = _row_dot_intrinsic(34, _q8_0_lanes, _ROW_DOT_DOC.format(name="Q8_0", bb=34))
