@@ -1,0 +1,160 @@
+"""The `sparserun` command line (typer). Every user error is one line on stderr and exit code 2."""
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from .errors import SparserunError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run llama-family GGUF models fast on a CPU, computing only the FFN neurons that matter.")
+
+ModelArg = typer.Argument(..., help="path to a GGUF model file", show_default=False)
+Threads = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)")
+Ctx = typer.Option(2048, "--ctx", "-c", help="context size in tokens")
+
+
+def _load(model, threads, ctx):
+    from . import kernels
+    from .model import load
+
+    if not kernels.cache_is_warm():
+        sys.stderr.write("sparserun: compiling numba kernels (first start only; cached for the next runs)...\n")
+    return load(model, threads=threads, n_ctx=ctx)
+
+
+def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                          seed=seed).validate()
+
+
+@app.command()
+def info(model: Path = ModelArg, json_out: bool = typer.Option(False, "--json", help="print JSON")):
+    """Architecture, parameter count, size, quant mix, hyperparameters and activation of a GGUF."""
+    import json
+
+    from .info import format_info
+    from .model import Model
+
+    m = Model(model, n_ctx=1)
+    typer.echo(json.dumps(m.info(), indent=2) if json_out else format_info(m.info()))
+
+
+@app.command()
+def generate(
+    model: Path = ModelArg,
+    prompt: str = typer.Option("", "--prompt", "-p", help="prompt text (control tokens like <s> are parsed)"),
+    n: int = typer.Option(128, "--n-predict", "-n", help="tokens to generate"),
+    temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
+    top_k: int = typer.Option(40, "--top-k", help="keep the k most probable tokens (0 = off)"),
+    top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling mass (1 = off)"),
+    min_p: float = typer.Option(0.05, "--min-p", help="drop tokens below min_p x the top probability (0 = off)"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty", help="penalty for recent tokens (1 = off)"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s", help="random seed (default: random)"),
+    threads: Optional[int] = Threads,
+    ctx: int = Ctx,
+    timing: bool = typer.Option(True, "--timing/--no-timing", help="print a tokens/s line on stderr at the end"),
+):
+    """Continue a prompt, streaming the text to stdout."""
+    from .generate import GenerationStats
+
+    params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    if n < 0:
+        raise SparserunError(f"--n-predict must be >= 0, got {n}")
+    m = _load(model, threads, ctx)
+    stats = GenerationStats()
+    sys.stdout.write(prompt)
+    try:
+        for piece in m.generate(prompt, max_tokens=n, stats=stats, **params.__dict__):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stats.stop_reason = "interrupted"
+    sys.stdout.write("\n")
+    if stats.stop_reason == "context":
+        sys.stderr.write(f"[stopped: context of {ctx} tokens is full; raise --ctx]\n")
+    if timing:
+        sys.stderr.write(f"[{stats.line()}]\n")
+
+
+@app.command()
+def chat(
+    model: Path = ModelArg,
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
+    top_k: int = typer.Option(40, "--top-k"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    min_p: float = typer.Option(0.05, "--min-p"),
+    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed", "-s"),
+    max_tokens: int = typer.Option(1024, "--n-predict", "-n", help="longest answer in tokens"),
+    threads: Optional[int] = Threads,
+    ctx: int = Ctx,
+):
+    """Chat with a model: /help for commands, \"\"\" for multi-line input, Ctrl-C stops an answer.
+
+    Works with piped input too: each line (or \"\"\" block) is one user message."""
+    from .chat import run_chat
+
+    params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
+    m = _load(model, threads, ctx)
+    run_chat(m, system=system, params=params, max_tokens=max_tokens)
+
+
+@app.command()
+def bench(
+    model: Path = ModelArg,
+    n_prompt: int = typer.Option(64, "-p", "--n-prompt", help="prompt-processing test length (0 = skip)"),
+    n_gen: int = typer.Option(32, "-n", "--n-gen", help="decode test length (0 = skip)"),
+    reps: int = typer.Option(3, "-r", "--repetitions", help="repetitions (interleaved across modes)"),
+    modes: str = typer.Option("dense,llama.cpp", "--modes", help="comma-separated: dense, llama.cpp"),
+    threads: Optional[int] = Threads,
+    output: str = typer.Option("md", "-o", "--output", help="md, csv or json"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="also write every figure to this JSON file"),
+):
+    """Tokens/s of this engine and of llama.cpp on the same file, side by side, llama-bench style."""
+    import json
+
+    from .bench import format_table, run_bench, stderr_progress
+    from .gguf_file import GGUFFile
+
+    if output not in ("md", "csv", "json"):
+        raise SparserunError(f"-o must be md, csv or json, got {output!r}")
+    GGUFFile(model)  # a bad file fails here with its one-line error, before anything loads
+    res = run_bench(model, [x.strip() for x in modes.split(",") if x.strip()], n_prompt, n_gen, reps, threads,
+                    progress=stderr_progress)
+    typer.echo(format_table(res, output))
+    if json_file:
+        json_file.write_text(json.dumps(res, indent=2))
+
+
+def main(argv=None):
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="sparserun")
+        return rv if isinstance(rv, int) else 0
+    except SparserunError as e:
+        sys.stderr.write(f"sparserun: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except Exception as e:
+        # usage errors (bad option values...): typer raises click-style exceptions from its own vendored
+        # click, so they are recognised by shape rather than by class
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
+            e.show()
+            return e.exit_code
+        if type(e).__name__ == "Abort":
+            sys.stderr.write("\n")
+            return 130
+        raise
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

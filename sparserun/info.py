@@ -1,0 +1,40 @@
+"""`sparserun info`: what a GGUF holds, from metadata and tensor headers only (no weights read)."""
+from collections import Counter
+
+
+def model_info(model):
+    f, a = model.gguf, model.args
+    types = f.tensor_types()
+    by_bytes = Counter()
+    for name in f.tensor_names:
+        by_bytes[types[name]] += f.tensor(name).n_bytes
+    return {
+        "file": model.path,
+        "architecture": a.arch,
+        "name": f.get("general.name", ""),
+        "parameters": f.n_params(),
+        "file_bytes": f.file_size,
+        "quant_mix": {t: {"tensors": n, "bytes": by_bytes[t]} for t, n in Counter(types.values()).most_common()},
+        "layers": a.n_layer, "dim": a.dim, "ffn_dim": a.n_ff, "heads": a.n_head, "kv_heads": a.n_head_kv,
+        "head_dim": a.head_dim, "vocab": a.n_vocab, "context_train": a.n_ctx_train,
+        "rope_base": a.rope_base, "rope_dim": a.rope_dim, "norm_eps": a.norm_eps,
+        "activation": a.activation + (" (gated)" if a.gated else ""),
+        "tied_output": a.tied_output,
+        "chat_template": "yes" if f.get("tokenizer.chat_template") else "no",
+    }
+
+
+def format_info(info):
+    mix = ", ".join(f"{t} x{v['tensors']} ({v['bytes'] / 2**20:.1f} MiB)" for t, v in info["quant_mix"].items())
+    rows = [
+        ("file", info["file"]), ("architecture", info["architecture"]), ("name", info["name"]),
+        ("parameters", f"{info['parameters'] / 1e6:.2f} M"), ("size", f"{info['file_bytes'] / 2**20:.1f} MiB"),
+        ("quant mix", mix), ("layers", info["layers"]), ("dim / ffn", f"{info['dim']} / {info['ffn_dim']}"),
+        ("heads / kv heads / head dim", f"{info['heads']} / {info['kv_heads']} / {info['head_dim']}"),
+        ("vocab", info["vocab"]), ("context (train)", info["context_train"]),
+        ("rope base / dims", f"{info['rope_base']:g} / {info['rope_dim']}"), ("rms eps", f"{info['norm_eps']:g}"),
+        ("ffn activation", info["activation"]), ("tied output", info["tied_output"]),
+        ("chat template", info["chat_template"]),
+    ]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

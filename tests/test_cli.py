@@ -1,0 +1,66 @@
+"""The command line as a user runs it: info, generate, chat (piped), bench."""
+import json
+import subprocess
+import sys
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "sparserun.cli", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+def test_info(stories):
+    r = run("info", stories, "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["architecture"] == "llama" and info["layers"] == 5 and info["vocab"] == 512
+    assert info["activation"] == "silu (gated)" and info["quant_mix"]["F32"]["tensors"] == 48
+
+
+def test_generate_greedy(stories):
+    r = run("generate", stories, "-p", "Once upon a time", "-n", "24", "--temp", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Once upon a time, there was a little girl named Lily.")
+    assert "tok/s" in r.stderr
+
+
+def test_chat_piped(stories):
+    script = 'Once upon a time\n"""\nThere was\na dog\n"""\n/set temp 0\n/set top_p 7\n/reset\nLily\n/bye\nnever read\n'
+    r = run("chat", stories, "-n", "12", "--seed", "1", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("generation:") == 3  # three answers, each with its timing line
+    assert "[temperature = 0.0]" in r.stderr and "invalid value for top_p" in r.stderr
+    assert "[conversation reset]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_context_full_is_a_message(stories):
+    long = " ".join(["the dog ran to the park"] * 20)
+    r = run("chat", stories, "--ctx", "64", "-n", "8", stdin=f"{long}\nhi\n")
+    assert r.returncode == 0 and "context full" in r.stderr and r.stderr.count("generation:") == 1, r.stderr
+
+
+def test_chat_uses_gguf_template(make_model):
+    """A model with tokenizer.chat_template gets its prompt in that format (here llama-spm has none, so
+    the template is added)."""
+    from sparserun.chat import ChatSession
+    import sparserun
+
+    m = sparserun.load(make_model("F32", shape="tiny"))
+    m.tokenizer.metadata["tokenizer.chat_template"] = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    s = ChatSession(m, system="be brief")
+    s.messages.append({"role": "user", "content": "hi"})
+    ids, _ = s._prompt_ids()
+    assert m.detokenize(ids).endswith("[system]be brief[user]hi[assistant]")
+
+
+def test_bench_json(stories, tmp_path):
+    out = tmp_path / "b.json"
+    r = run("bench", stories, "-p", "16", "-n", "8", "-r", "2", "--json", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    rows = {(x["mode"], x["test"]): x for x in res["results"]}
+    assert set(rows) == {("dense", "pp16"), ("dense", "tg8"), ("llama.cpp", "pp16"), ("llama.cpp", "tg8")}
+    assert all(x["tokens_per_s"] > 0 and len(x["samples"]) == 2 for x in rows.values())
+    assert rows[("dense", "tg8")]["vs_llama_cpp"] > 0 and res["peak_rss_bytes"] > 0
+    assert "| dense" in r.stdout and "vs llama.cpp" in r.stdout
