@@ -11,7 +11,6 @@ llama.cpp makes them: write F32, then quantize with llama.cpp's own quantizer (l
 """
 import argparse
 import ctypes
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -133,14 +132,10 @@ def llama_quantize(src, dst, ftype_name, threads=2):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[ftype_name]
     params.nthread = threads
-    fd = os.dup(2)
-    try:  # llama.cpp prints a line per tensor on stderr
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
+    from sparserun.tokenizer import quiet_stderr
+
+    with quiet_stderr():  # llama.cpp prints a line per tensor on stderr
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}")
 

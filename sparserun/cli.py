@@ -3,7 +3,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from .errors import SparserunError
