@@ -153,9 +153,12 @@ def _widen_madd(builder, a, b):
 
 
 def _q8_0_lanes(builder, qp, xp):
-    half = lambda p: _vload(builder, builder.gep(p, [ir.Constant(_i32, 16)]), 16)
-    return builder.add(_widen_madd(builder, _vload(builder, qp, 16), _vload(builder, xp, 16)),
-                       _widen_madd(builder, half(qp), half(xp)))
+    v32i16, v32i32 = ir.VectorType(_i16, 32), ir.VectorType(_i32, 32)
+    wide = lambda v: builder.sext(builder.sext(v, v32i16), v32i32)
+    p = _even_odd_add(builder, builder.mul(wide(_vload(builder, qp, 32)), wide(_vload(builder, xp, 32))))  # <16 x i32>
+    lo = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(_i32, 8), list(range(8))))
+    hi = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(_i32, 8), list(range(8, 16))))
+    return builder.add(lo, hi)
 
 
 def _row_dot_intrinsic(block_bytes, block_lanes, doc):
