@@ -81,5 +81,7 @@ class ModelArgs:
         inv = self.rope_freq_scale * self.rope_base ** (-np.arange(0, self.rope_dim, 2, dtype=np.float64) / self.rope_dim)
         if f.has("rope_freqs.weight"):
             ff = f.tensor("rope_freqs.weight", (1, self.rope_dim // 2))
+            if ff.type_name != "F32":
+                raise ModelFileError(f.path, f"tensor 'rope_freqs.weight' must be F32, not {ff.type_name}")
             inv = inv / ff.raw.view(np.float32).astype(np.float64)
         return inv
