@@ -28,7 +28,7 @@ class PromptFormatter:
     """Conversation -> prompt text, from the GGUF's tokenizer.chat_template when it has one."""
 
     def __init__(self, model):
-        tok = model.tokenizer
+        self.tokenizer = tok = model.tokenizer
         template = tok.metadata.get("tokenizer.chat_template")
         self.stops = []
         if template:
@@ -36,7 +36,7 @@ class PromptFormatter:
 
             piece = lambda t: tok.decode_bytes([t]).decode("utf-8", "replace") if t >= 0 else ""
             self._jinja = Jinja2ChatFormatter(template, eos_token=piece(tok.eos_id), bos_token=piece(tok.bos_id))
-            self.bos_text = piece(tok.bos_id)
+            self._bos_text = piece(tok.bos_id)
         else:
             self._jinja = None
             self.stops = [FALLBACK_STOP]
@@ -44,6 +44,12 @@ class PromptFormatter:
     @property
     def name(self):
         return "GGUF chat template" if self._jinja else "plain (User:/Assistant:) fallback"
+
+    def tokens(self, messages):
+        """Prompt token ids and stop strings for a conversation; BOS is added unless the template wrote it."""
+        text, stops = self.format(messages)
+        add_bos = not (self._jinja and self._bos_text and text.startswith(self._bos_text))
+        return self.tokenizer.encode(text, add_bos=add_bos, special=True), stops
 
     def format(self, messages):
         if self._jinja:
@@ -69,10 +75,7 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def _prompt_ids(self):
-        text, stops = self.formatter.format(self.messages)
-        tok = self.model.tokenizer
-        add_bos = not (self.formatter._jinja and self.formatter.bos_text and text.startswith(self.formatter.bos_text))
-        return tok.encode(text, add_bos=add_bos, special=True), stops
+        return self.formatter.tokens(self.messages)
 
     def ask(self, user_text):
         """Answer one user message, streaming to self.out; returns the GenerationStats."""

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 
+from .model import common_prefix
 from .sampling import SamplingParams, sample
 
 
@@ -33,7 +34,7 @@ def generate(model, prompt, max_tokens=128, stats=None, add_bos=True, stop_at_en
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     t0 = time.perf_counter()
-    n_cached = _common_prefix(model.cached, ids)
+    n_cached = common_prefix(model.cached, ids)
     logits = model.eval(ids)[-1]
     stats.prompt_tokens, stats.prompt_seconds = len(ids) - min(n_cached, len(ids) - 1), time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -59,9 +60,3 @@ def generate(model, prompt, max_tokens=128, stats=None, add_bos=True, stop_at_en
         stats.gen_seconds = time.perf_counter() - t0
         stats.tokens = context
 
-
-def _common_prefix(a, b):
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n

@@ -141,13 +141,10 @@ class Model:
             raise SparserunError("nothing to evaluate: empty token list")
         if len(ids) > self.n_ctx:
             raise ContextFullError(self.n_ctx, len(ids))
-        bad = [t for t in ids if not 0 <= t < self.args.n_vocab]
+        n = common_prefix(self.cached, ids, limit=0 if all_logits else len(ids) - 1)
+        bad = [t for t in ids[n:] if not 0 <= t < self.args.n_vocab]  # cached ids were checked when they came in
         if bad:
             raise SparserunError(f"token id {bad[0]} out of range for a vocabulary of {self.args.n_vocab}")
-        n = 0
-        limit = len(ids) - 1 if not all_logits else 0
-        while n < min(len(self.cached), limit) and self.cached[n] == ids[n]:
-            n += 1
         del self.cached[n:]
         numba.set_num_threads(self.threads)
         outs = []
@@ -180,6 +177,14 @@ class Model:
         from .info import model_info
 
         return model_info(self)
+
+
+def common_prefix(a, b, limit=None):
+    """Length of the common prefix of token lists a and b, at most `limit`."""
+    n, end = 0, min(len(a), len(b), len(b) if limit is None else limit)
+    while n < end and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class ContextFullError(SparserunError):
