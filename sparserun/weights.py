@@ -42,9 +42,9 @@ class Weight:
         T = acts.x.shape[0]
         if out is None:
             out = np.empty((T, self.rows), np.float32)
-        if self.qtype in K.INT8_PATH:
+        if self.qtype in K.INT8_MATMUL:
             xq, xd = acts.int8()
-            K.matmul_int8(self.raw, self.row_bytes, self.qtype, self.rows, xq, xd, out)
+            K.INT8_MATMUL[self.qtype](self.raw, self.row_bytes, self.rows, xq, xd, out)
         elif self.f32 is not None:
             K.matmul_f32(self.f32, acts.x, out)
         else:
