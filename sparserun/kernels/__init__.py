@@ -1,12 +1,69 @@
-"""numba kernels: quant (weight types, matmuls), ops (norm, rope, attention, activations), simd (LLVM IR)."""
+"""numba kernels: quant (weight types, matmuls), ops (norm, rope, attention, activations), simd (LLVM IR).
+
+numba's on-disk cache is invalidated only when the file defining a jitted function changes, not when
+a function or intrinsic it calls from another file does (an edit to simd.py would leave quant.py's
+kernels running stale machine code). So a hash of all kernel sources is stamped beside the cache,
+and a mismatch clears this package's cached kernels before any of them is imported.
+"""
 import glob
+import hashlib
 import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ("simd.py", "quant.py", "ops.py")
+STAMP = "sparserun-kernels.sha256"
+
+
+def cache_dirs():
+    dirs = [os.path.join(HERE, "__pycache__")]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        dirs.append(os.environ["NUMBA_CACHE_DIR"])
+    return dirs
+
+
+def _cache_files(d):
+    return [f for m in SOURCES for ext in ("nbi", "nbc")
+            for f in glob.glob(os.path.join(d, "**", f"{m[:-3]}.*.{ext}"), recursive=True)]
+
+
+def sources_digest(here=HERE):
+    h = hashlib.sha256()
+    for name in SOURCES:
+        with open(os.path.join(here, name), "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def invalidate_stale_cache(dirs=None, digest=None):
+    """Delete cached kernels in dirs whose stamp is not the current sources' digest; returns the count."""
+    digest = digest or sources_digest()
+    removed = 0
+    for d in dirs or cache_dirs():
+        stamp = os.path.join(d, STAMP)
+        try:
+            with open(stamp) as fh:
+                if fh.read().strip() == digest:
+                    continue
+        except OSError:
+            pass
+        for f in _cache_files(d):
+            try:
+                os.remove(f)
+                removed += 1
+            except OSError:
+                pass
+        try:
+            os.makedirs(d, exist_ok=True)
+            with open(stamp, "w") as fh:
+                fh.write(digest)
+        except OSError:  # read-only install: numba then caches elsewhere or not at all
+            pass
+    return removed
 
 
 def cache_is_warm():
     """True when numba's on-disk cache already holds the kernels (no compile on this start)."""
-    here = os.path.dirname(__file__)
-    dirs = [os.path.join(here, "__pycache__")]
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        dirs.append(os.environ["NUMBA_CACHE_DIR"])
-    return any(glob.glob(os.path.join(d, "**", "quant.matmul_*.nbi"), recursive=True) for d in dirs)
+    return any(glob.glob(os.path.join(d, "**", "quant.*matmul*.nbi"), recursive=True) for d in cache_dirs())
+
+
+invalidate_stale_cache()
