@@ -97,15 +97,13 @@ def _even_odd_add(builder, v):
 
 
 def _load_half_nodep(builder, p):
-    """fp16 at p as float, converted with integer ops: (h & 0x7fff) << 13 read as a float and scaled by
-    2**112 is exact for normal and subnormal halves (scales are never inf/NaN). A vector conversion
-    lowers to vpinsrw into a free register, often the loop's accumulator, chaining every block to the
-    previous one; this writes a whole register instead."""
-    h = builder.zext(builder.load(builder.bitcast(p, _i16.as_pointer()), align=1), _i32)
-    mag = builder.bitcast(builder.shl(builder.and_(h, ir.Constant(_i32, 0x7FFF)), ir.Constant(_i32, 13)), ir.FloatType())
-    mag = builder.fmul(mag, ir.Constant(ir.FloatType(), 2.0 ** 112))
-    sign = builder.shl(builder.and_(h, ir.Constant(_i32, 0x8000)), ir.Constant(_i32, 16))
-    return builder.bitcast(builder.or_(builder.bitcast(mag, _i32), sign), ir.FloatType())
+    """fp16 at p as float, converted from a 4-lane vector load (blocks are >= 18 bytes, so reading 8 is
+    in bounds): vcvtph2ps from memory writes a whole register. A scalar half load lowers to vpinsrw
+    into a free register, often the loop's accumulator, which chains every block to the previous one."""
+    v4h = ir.VectorType(ir.HalfType(), 4)
+    vec = builder.load(builder.bitcast(p, v4h.as_pointer()), align=1)
+    wide = builder.fpext(vec, ir.VectorType(ir.FloatType(), 4))
+    return builder.extract_element(wide, ir.Constant(_i32, 0))
 
 
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
