@@ -68,6 +68,48 @@ def copy_vocab(writer, vocab_path):
     return n_vocab
 
 
+def planted_firing_rates(n, density, rng, skew=0.8):
+    """Per-neuron firing probabilities following a power law in rank ((rank + r0) ** -skew), scaled so
+    their mean is `density`, capped at 0.99, in random neuron order (hot neurons are not the first rows)."""
+    ranks = np.arange(n, dtype=np.float64)
+    lo, hi = 1e-6, 1e6
+    for _ in range(200):  # bisection on the scale c so that mean(min(0.99, c * (r + 10) ** -skew)) = density
+        c = (lo * hi) ** 0.5
+        p = np.minimum(0.99, c * (ranks + 10.0) ** -skew)
+        lo, hi = (c, hi) if p.mean() < density else (lo, c)
+    return rng.permutation(p)
+
+
+def plant_sparsity(w, shape, n_vocab, density, rng, alpha=1.0):
+    """Make a ReLU FFN fire for about `density` of neurons per token, with skewed per-neuron rates.
+
+    Every token embedding gets a shared component alpha*sqrt(dim)*u (u a fixed unit vector), so after
+    RMSNorm each token carries a near-constant projection on u. Each gate row gets a negative
+    projection on u, a bias b_i = sigma * Phi^-1(1 - p_i) against the token-specific part of its input
+    (std sigma), so neuron i fires with probability about p_i. Deeper layers drift from this; measure
+    the result (`sparserun profile`, bench's kept fraction) rather than assume it.
+    """
+    from statistics import NormalDist
+
+    d = shape.dim
+    u = rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    w["token_embd.weight"] += (alpha * np.sqrt(d) * u).astype(np.float32)
+    inv = NormalDist().inv_cdf
+    shrink = np.sqrt(1.0 + alpha * alpha)  # RMSNorm divides by this (|z|^2 ~ d plus the shared part)
+    for i in range(shape.layers):
+        g = w[f"blk.{i}.ffn_gate.weight"].astype(np.float64)
+        g -= np.outer(g @ u, u)  # the random part ignores u; only the planted bias reads it
+        sigma = np.linalg.norm(g, axis=1) / shrink  # std of g_i . z / shrink for z ~ N(0, I)
+        p = planted_firing_rates(shape.ff, density, rng)
+        bias = sigma * np.array([inv(1.0 - x) for x in p])  # fire when g_i . x > bias_i
+        proj = alpha * np.sqrt(d) / shrink  # x . u after RMSNorm
+        w[f"blk.{i}.ffn_gate.weight"] = (g - np.outer(bias / proj, u)).astype(np.float32)
+        # small output projections keep the shared component dominant through the layers
+        w[f"blk.{i}.attn_output.weight"] *= np.float32(0.1)
+        w[f"blk.{i}.ffn_down.weight"] *= np.float32(0.1)
+
+
 def random_weights(shape, n_vocab, rng):
     """name -> float32 array (rows, cols), scaled so activations and logits stay O(1) through the layers."""
     d, ff, hd = shape.dim, shape.ff, shape.dim // shape.heads
@@ -94,7 +136,7 @@ def random_weights(shape, n_vocab, rng):
     return w
 
 
-def _write(path, shape, n_vocab_path, qtype, seed, activation):
+def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None):
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(f"sparserun-test-{shape.dim}x{shape.layers}")
@@ -112,7 +154,10 @@ def _write(path, shape, n_vocab_path, qtype, seed, activation):
                           GGMLQuantizationType.Q8_0: 7, GGMLQuantizationType.BF16: 32}[qtype])
     if activation != "silu":
         writer.add_string("llama.ffn_activation", activation)
-    for name, arr in random_weights(shape, n_vocab, rng).items():
+    weights = random_weights(shape, n_vocab, rng)
+    if planted is not None:
+        plant_sparsity(weights, shape, n_vocab, 1.0 - planted, rng)
+    for name, arr in weights.items():
         if arr.ndim == 1 or qtype == GGMLQuantizationType.F32 or name.endswith("norm.weight"):
             writer.add_tensor(name, arr)
         elif qtype == GGMLQuantizationType.F16:
@@ -140,9 +185,14 @@ def llama_quantize(src, dst, ftype_name, threads=2):
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}")
 
 
-def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activation="silu", **shape_kw):
+def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activation="silu", planted=None, **shape_kw):
     """Write a random llama GGUF to path and return path. shape: a Shape or a preset name; shape_kw
-    override its fields (dim=, ff=, layers=, heads=, kv_heads=, ctx=, tied=)."""
+    override its fields (dim=, ff=, layers=, heads=, kv_heads=, ctx=, tied=). planted: a target
+    fraction of zero FFN activations (e.g. 0.9) for a ReLU model with planted, skewed sparsity."""
+    if planted is not None:
+        if not 0.0 < planted < 1.0:
+            raise ValueError(f"planted sparsity must be in (0, 1), got {planted}")
+        activation = "relu"
     base = PRESETS[shape] if isinstance(shape, str) else (shape or Shape())
     shape = Shape(**{**base.__dict__, **shape_kw})
     if type not in TYPES:
@@ -151,11 +201,11 @@ def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activa
         raise FileNotFoundError(f"vocabulary GGUF {vocab} not found (pass vocab=...)")
     path = Path(path)
     if type in DIRECT_TYPES:
-        _write(path, shape, vocab, DIRECT_TYPES[type], seed, activation)
+        _write(path, shape, vocab, DIRECT_TYPES[type], seed, activation, planted)
     else:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             f32 = Path(tmp) / "f32.gguf"
-            _write(f32, shape, vocab, GGMLQuantizationType.F32, seed, activation)
+            _write(f32, shape, vocab, GGMLQuantizationType.F32, seed, activation, planted)
             llama_quantize(f32, path, type)
     return path
 
@@ -169,13 +219,15 @@ def main(argv=None):
         ap.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field)
     ap.add_argument("--tied", action="store_true", help="no output.weight: the head reuses token_embd")
     ap.add_argument("--activation", default="silu", choices=["silu", "relu", "gelu"])
+    ap.add_argument("--planted-sparsity", type=float, dest="planted", metavar="FRAC",
+                    help="ReLU model whose FFN activations are about FRAC zeros, with power-law neuron hotness")
     ap.add_argument("--vocab", default=str(DEFAULT_VOCAB), help="GGUF to copy the tokenizer from")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     kw = {k: getattr(a, k) for k in ("dim", "ff", "layers", "heads", "kv_heads", "ctx") if getattr(a, k) is not None}
     if a.tied:
         kw["tied"] = True
-    p = make_model(a.out, a.type, a.preset, a.seed, a.vocab, a.activation, **kw)
+    p = make_model(a.out, a.type, a.preset, a.seed, a.vocab, a.activation, a.planted, **kw)
     print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
 
 

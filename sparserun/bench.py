@@ -1,9 +1,13 @@
-"""`sparserun bench`: tokens/s of this engine against llama.cpp (llama-cpp-python) on the same file.
+"""`sparserun bench`: tokens/s of this engine (dense and sparse modes) against llama.cpp
+(llama-cpp-python) on the same file.
 
 Like llama-bench: a prompt-processing test (pp N: N random tokens in one fresh context) and a decode
 test (tg N: N tokens one at a time after a BOS). Repetitions are interleaved across modes (rep 1 of
 every mode, then rep 2, ...) so all modes see the same machine state; each figure is a median with
-its standard deviation. Peak RSS of this engine is read before llama.cpp is loaded.
+its standard deviation. Peak RSS of this engine is read before llama.cpp is loaded. Sparse modes
+share the dense mode's model (only the FFN object is swapped), and get fidelity figures against
+the dense path over a text: top-1 agreement and mean KL(dense || sparse) of next-token
+distributions, decoded token by token as in generation, and the kept fraction of FFN neurons.
 """
 import json
 import resource
@@ -15,25 +19,30 @@ import numpy as np
 
 from .errors import SparserunError
 
-MODES = ("dense", "llama.cpp")
+MODES = ("dense", "sparse", "llama.cpp")
+DEFAULT_TEXT = ("Once upon a time, in a small village by the sea, there lived an old fisherman and his wife. "
+                "Every morning he rowed out past the rocks, and every evening he came home with a basket of "
+                "fish, which his wife sold at the market. One day the sea was calm and strangely quiet.")
 
 
 class SparserunRunner:
-    name = "dense"
+    """This engine in one mode: the shared model with this mode's FFN (None = dense) swapped in."""
 
-    def __init__(self, path, threads, n_ctx):
-        import sparserun
+    def __init__(self, model, ffn=None):
+        self.model, self.ffn = model, ffn
 
-        self.model = sparserun.load(path, threads=threads, n_ctx=n_ctx)
+    def _use(self):
+        self.model.sparse = self.ffn
+        self.model.reset()
 
     def pp(self, ids):
-        self.model.reset()
+        self._use()
         t = time.perf_counter()
         self.model.eval(ids)
         return time.perf_counter() - t
 
     def tg(self, bos, n):
-        self.model.reset()
+        self._use()
         self.model.eval([bos])
         ctx = [bos]
         t = time.perf_counter()
@@ -73,25 +82,64 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_bench(path, modes=MODES, n_prompt=64, n_gen=32, reps=3, threads=None, progress=None):
-    """Returns a dict: model facts and one row per (mode, test) with t/s median and sd."""
+def log_softmax(x):
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def fidelity(model, ffn, ids, dense_logits):
+    """Top-1 agreement, mean KL(dense || sparse) and kept fraction per layer over ids, decoding one token
+    at a time through the sparse FFN (as generation does)."""
+    model.sparse = ffn
+    ffn.reset_stats()
+    model.reset()
+    rows = np.array([model.eval(ids[: i + 1])[-1] for i in range(len(ids))])
+    p, q = log_softmax(dense_logits), log_softmax(rows)
+    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+    top1 = float((rows.argmax(-1) == dense_logits.argmax(-1)).mean())
+    return {"top1_agreement": top1, "mean_kl": kl, "kept_per_layer": [float(x) for x in ffn.kept_fraction()],
+            "kept_mean": float(ffn.kept_fraction().mean()), "tokens": len(ids)}
+
+
+def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3, threads=None, sparsity=("threshold:0",),
+              text=None, fidelity_tokens=64, progress=None):
+    """Returns a dict: model facts, one row per (mode, test) with t/s median and sd, and fidelity of
+    every sparse mode against dense. 'sparse' in modes expands to one mode per sparsity spec."""
+    import sparserun
+
     from .model import default_threads
+    from .sparse_ffn import SparseFFN
+    from .sparsity import parse_sparsity
 
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise SparserunError(f"unknown bench mode {bad[0]!r} (choose from {', '.join(MODES)})")
     if reps < 1 or n_prompt < 0 or n_gen < 0 or (n_prompt == 0 and n_gen == 0):
         raise SparserunError("bench needs -r >= 1 and at least one of -p / -n above 0")
+    policies = [parse_sparsity(s) for s in sparsity] if "sparse" in modes else []
     threads = threads or default_threads()
-    n_ctx = max(n_prompt, n_gen + 1) + 8
+    n_ctx = max(n_prompt, n_gen + 1, fidelity_tokens + 1) + 8
     runners = {}
-    rss = None
-    if "dense" in modes:
-        runners["dense"] = SparserunRunner(path, threads, n_ctx)
-        m = runners["dense"].model
-        n_vocab, bos = m.n_vocab, m.tokenizer.bos_id
-        runners["dense"].pp(list(range(1, 9)))  # compile / page in before any timing
-        runners["dense"].tg(max(bos, 0), 2)
+    rss, fid, model = None, {}, None
+    if "dense" in modes or policies:
+        model = sparserun.load(path, threads=threads, n_ctx=n_ctx)
+        n_vocab, bos = model.n_vocab, model.tokenizer.bos_id
+        if "dense" in modes:
+            runners["dense"] = SparserunRunner(model)
+        for pol in policies:
+            runners[f"sparse {pol.spec}"] = SparserunRunner(model, SparseFFN(model, pol))
+        for r in runners.values():  # compile / page in before any timing
+            r.pp(list(range(1, 9)))
+            r.tg(max(bos, 0), 2)
+        if policies:
+            ids = model.tokenize(text or DEFAULT_TEXT)[:fidelity_tokens]
+            model.sparse = None
+            dense_logits = model.logits(ids)
+            for name, r in runners.items():
+                if r.ffn is not None:
+                    fid[name] = fidelity(model, r.ffn, ids, dense_logits)
+                    if progress:
+                        progress(0, 0, f"fidelity {name}: top-1 {fid[name]['top1_agreement']:.3f}")
         rss = peak_rss()
     if "llama.cpp" in modes:
         runners["llama.cpp"] = LlamaCppRunner(path, threads, n_ctx)
@@ -119,31 +167,48 @@ def run_bench(path, modes=MODES, n_prompt=64, n_gen=32, reps=3, threads=None, pr
         rows.append({"mode": mode, "test": f"{test}{n}", "tokens_per_s": statistics.median(tps),
                      "sd": statistics.stdev(tps) if len(tps) > 1 else 0.0, "samples": tps})
     for row in rows:
-        ref = next((x for x in rows if x["mode"] == "llama.cpp" and x["test"] == row["test"]), None)
-        row["vs_llama_cpp"] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
+        for ref_mode, key in (("llama.cpp", "vs_llama_cpp"), ("dense", "vs_dense")):
+            ref = next((x for x in rows if x["mode"] == ref_mode and x["test"] == row["test"]), None)
+            row[key] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
     return {"model": str(path), "file_bytes": os.path.getsize(path), "threads": threads, "repetitions": reps,
-            "peak_rss_bytes": rss, "rss_over_file": rss / os.path.getsize(path) if rss else None, "results": rows}
+            "peak_rss_bytes": rss, "rss_over_file": rss / os.path.getsize(path) if rss else None, "results": rows,
+            "fidelity": fid}
 
 
 def format_table(res, fmt="md"):
-    head = ["mode", "model", "size", "threads", "test", "t/s", "vs llama.cpp"]
-    name = res["model"].rsplit("/", 1)[-1]
-    size = f"{res['file_bytes'] / 2**20:.1f} MiB"
-    body = [[r["mode"], name, size, str(res["threads"]), r["test"], f"{r['tokens_per_s']:.2f} ± {r['sd']:.2f}",
-             f"{r['vs_llama_cpp']:.2f}x" if r["vs_llama_cpp"] else ""] for r in res["results"]]
-    if fmt == "csv":
-        return "\n".join(",".join(x.replace(",", ";") for x in row) for row in [head] + body)
     if fmt == "json":
         return json.dumps(res, indent=2)
+    head = ["mode", "model", "size", "threads", "test", "t/s", "vs dense", "vs llama.cpp"]
+    name = res["model"].rsplit("/", 1)[-1]
+    size = f"{res['file_bytes'] / 2**20:.1f} MiB"
+    ratio = lambda x: f"{x:.2f}x" if x else ""
+    body = [[r["mode"], name, size, str(res["threads"]), r["test"], f"{r['tokens_per_s']:.2f} ± {r['sd']:.2f}",
+             ratio(r["vs_dense"]), ratio(r["vs_llama_cpp"])] for r in res["results"]]
+    fhead = ["mode", "top-1 agreement", "mean KL", "kept (mean)", "kept per layer"]
+    fbody = [[m, f"{f['top1_agreement']:.3f}", f"{f['mean_kl']:.4f}", f"{f['kept_mean']:.3f}",
+              " ".join(f"{x:.2f}" for x in f["kept_per_layer"])] for m, f in res["fidelity"].items()]
+    if fmt == "csv":
+        rows = [head] + body + ([[], fhead] + fbody if fbody else [])
+        return "\n".join(",".join(x.replace(",", ";") for x in row) for row in rows)
+    out = _md(head, body)
+    if fbody:
+        out += f"\n\nfidelity against dense over {next(iter(res['fidelity'].values()))['tokens']} tokens:\n" + _md(fhead, fbody)
+    if res["peak_rss_bytes"]:
+        out += (f"\n\npeak RSS (sparserun, before llama.cpp loads): {res['peak_rss_bytes'] / 2**20:.0f} MiB = "
+                f"{res['rss_over_file']:.2f}x the file")
+    return out
+
+
+def _md(head, body):
     w = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     line = lambda row: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(row)) + " |"
-    out = [line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in body]
-    if res["peak_rss_bytes"]:
-        out.append(f"\npeak RSS (sparserun, before llama.cpp loads): {res['peak_rss_bytes'] / 2**20:.0f} MiB = "
-                   f"{res['rss_over_file']:.2f}x the file")
-    return "\n".join(out)
+    return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in body])
 
 
 def stderr_progress(done, total, text):
+    if not total:  # a one-off step (fidelity), on a line of its own
+        sys.stderr.write(f"\r{text}".ljust(70) + "\n")
+        sys.stderr.flush()
+        return
     sys.stderr.write(f"\r[{done}/{total}] {text}".ljust(70) + ("\n" if done == total else ""))
     sys.stderr.flush()

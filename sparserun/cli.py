@@ -13,15 +13,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModelArg = typer.Argument(..., help="path to a GGUF model file", show_default=False)
 Threads = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)")
 Ctx = typer.Option(2048, "--ctx", "-c", help="context size in tokens")
+Sparsity = typer.Option("dense", "--sparsity", help="FFN sparsity: dense | topk:K (count or fraction, or one per layer "
+                        "comma-separated) | threshold:T (value, per-layer values, or a thresholds JSON file)")
 
 
-def _load(model, threads, ctx):
+def _load(model, threads, ctx, sparsity="dense"):
     from . import kernels
     from .model import load
+    from .sparsity import parse_sparsity
 
+    policy = parse_sparsity(sparsity)  # a bad spec fails before anything loads
     if not kernels.cache_is_warm():
         sys.stderr.write("sparserun: compiling numba kernels (first start only; cached for the next runs)...\n")
-    return load(model, threads=threads, n_ctx=ctx)
+    return load(model, threads=threads, n_ctx=ctx, sparsity=policy)
 
 
 def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed):
@@ -56,6 +60,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="random seed (default: random)"),
     threads: Optional[int] = Threads,
     ctx: int = Ctx,
+    sparsity: str = Sparsity,
     timing: bool = typer.Option(True, "--timing/--no-timing", help="print a tokens/s line on stderr at the end"),
 ):
     """Continue a prompt, streaming the text to stdout."""
@@ -64,7 +69,7 @@ def generate(
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     if n < 0:
         raise SparserunError(f"--n-predict must be >= 0, got {n}")
-    m = _load(model, threads, ctx)
+    m = _load(model, threads, ctx, sparsity)
     stats = GenerationStats()
     sys.stdout.write(prompt)
     try:
@@ -93,6 +98,7 @@ def chat(
     max_tokens: int = typer.Option(1024, "--n-predict", "-n", help="longest answer in tokens"),
     threads: Optional[int] = Threads,
     ctx: int = Ctx,
+    sparsity: str = Sparsity,
 ):
     """Chat with a model: /help for commands, \"\"\" for multi-line input, Ctrl-C stops an answer.
 
@@ -100,7 +106,7 @@ def chat(
     from .chat import run_chat
 
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    m = _load(model, threads, ctx)
+    m = _load(model, threads, ctx, sparsity)
     run_chat(m, system=system, params=params, max_tokens=max_tokens)
 
 
@@ -110,12 +116,17 @@ def bench(
     n_prompt: int = typer.Option(64, "-p", "--n-prompt", help="prompt-processing test length (0 = skip)"),
     n_gen: int = typer.Option(32, "-n", "--n-gen", help="decode test length (0 = skip)"),
     reps: int = typer.Option(3, "-r", "--repetitions", help="repetitions (interleaved across modes)"),
-    modes: str = typer.Option("dense,llama.cpp", "--modes", help="comma-separated: dense, llama.cpp"),
+    modes: str = typer.Option("dense,sparse,llama.cpp", "--modes", help="comma-separated: dense, sparse, llama.cpp"),
+    sparsity: list[str] = typer.Option(["threshold:0"], "--sparsity",
+                                       help="policy of the sparse mode; repeat for several sparse modes"),
+    text: Optional[Path] = typer.Option(None, "--text", help="text for the fidelity figures (default: built in)"),
+    fidelity_tokens: int = typer.Option(64, "--fidelity-tokens", help="tokens of the text used for fidelity"),
     threads: Optional[int] = Threads,
     output: str = typer.Option("md", "-o", "--output", help="md, csv or json"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write every figure to this JSON file"),
 ):
-    """Tokens/s of this engine and of llama.cpp on the same file, side by side, llama-bench style."""
+    """Tokens/s of this engine (dense and sparse) and of llama.cpp on the same file, llama-bench style,
+    with fidelity of each sparse mode against dense (top-1 agreement, KL, kept fraction)."""
     import json
 
     from .bench import format_table, run_bench, stderr_progress
@@ -123,9 +134,16 @@ def bench(
 
     if output not in ("md", "csv", "json"):
         raise SparserunError(f"-o must be md, csv or json, got {output!r}")
-    GGUFFile(model)  # a bad file fails here with its one-line error, before anything loads
+    from .sparsity import parse_sparsity
+
+    GGUFFile(model)  # a bad file or spec fails here with its one-line error, before anything loads
+    for spec in sparsity:
+        parse_sparsity(spec)
+    if text is not None and not text.is_file():
+        raise SparserunError(f"{text}: no such text file")
     res = run_bench(model, [x.strip() for x in modes.split(",") if x.strip()], n_prompt, n_gen, reps, threads,
-                    progress=stderr_progress)
+                    sparsity=sparsity, text=text.read_text(errors="replace") if text else None,
+                    fidelity_tokens=fidelity_tokens, progress=stderr_progress)
     typer.echo(format_table(res, output))
     if json_file:
         json_file.write_text(json.dumps(res, indent=2))

@@ -120,6 +120,19 @@ class GGUFFile:
             raise ModelFileError(self.path, f"tensor {name!r} has shape {(rows, cols)}, expected {tuple(shape)}")
         return RawTensor(name, qtype, rows, cols, self._data[start:start + n_bytes], row_bytes)
 
+    def fingerprint(self):
+        """Hex digest identifying this model's tensors: the tensor table (names, types, shapes) and the
+        first and last 4 KiB of every tensor's data. Profiles, predictors and caches are bound to it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, (qtype, ne, start) in sorted(self._tensors.items()):
+            h.update(f"{name}|{qtype}|{ne}".encode())
+            t = self.tensor(name)
+            h.update(t.raw[:4096].tobytes())
+            h.update(t.raw[-4096:].tobytes())
+        return h.hexdigest()
+
     def n_params(self):
         return sum(int(np.prod(t[1])) for t in self._tensors.values())
 

@@ -42,7 +42,7 @@ def default_threads():
 class Model:
     """A loaded model with one KV cache. Use sparserun.load() to make one."""
 
-    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256):
+    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None):
         self.path = str(path)
         self.gguf = f = GGUFFile(path)
         self.args = a = arch.model_args(f)
@@ -71,6 +71,17 @@ class Model:
         self.v_cache = np.zeros((a.n_layer, self.n_ctx, a.kv_dim), np.float32)
         self.cached = []  # tokens whose keys/values are in the cache, in order
         self._tokenizer = None
+        self.set_sparsity(sparsity, predictor)
+
+    def set_sparsity(self, sparsity="dense", predictor=None):
+        """Choose the FFN sparsity policy (a spec string or SparsityPolicy; see sparsity.py)."""
+        from .sparse_ffn import SparseFFN
+        from .sparsity import parse_sparsity
+
+        self.policy = parse_sparsity(sparsity)
+        dense = self.policy.is_dense and predictor is None
+        self.sparse = None if dense else SparseFFN(self, self.policy, predictor)
+        self.cached.clear()  # cached keys/values were computed under the previous policy
 
     # ---- tokenizer ----
     @property
@@ -93,7 +104,9 @@ class Model:
 
     # ---- forward ----
     def ffn(self, layer_index, acts):
-        """Dense FFN: (T, dim) -> (T, dim). The sparse policies override this hook."""
+        """FFN of one layer: (T, dim) -> (T, dim), dense or through the sparsity policy."""
+        if self.sparse is not None:
+            return self.sparse(layer_index, acts)
         L = self.layers[layer_index]
         u = L.w_up.matmul(acts)  # (T, n_ff)
         g = L.w_gate.matmul(acts) if L.w_gate is not None else u[:0]  # (T, n_ff)
@@ -193,9 +206,9 @@ class ContextFullError(SparserunError):
         self.n_ctx, self.needed = n_ctx, needed
 
 
-def load(path, threads=None, n_ctx=2048, n_batch=256):
-    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048)."""
+def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None):
+    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity="dense")."""
     t0 = time.perf_counter()
-    m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch)
+    m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch, sparsity=sparsity, predictor=predictor)
     m.load_seconds = time.perf_counter() - t0
     return m

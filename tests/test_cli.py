@@ -54,13 +54,25 @@ def test_chat_uses_gguf_template(make_model):
     assert m.detokenize(ids).endswith("[system]be brief[user]hi[assistant]")
 
 
-def test_bench_json(stories, tmp_path):
+def test_bench_json(stories, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERUN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "b.json"
-    r = run("bench", stories, "-p", "16", "-n", "8", "-r", "2", "--json", out)
+    r = run("bench", stories, "-p", "16", "-n", "8", "-r", "2", "--sparsity", "topk:0.5", "--sparsity", "threshold:0",
+            "--fidelity-tokens", "24", "--json", out)
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     rows = {(x["mode"], x["test"]): x for x in res["results"]}
-    assert set(rows) == {("dense", "pp16"), ("dense", "tg8"), ("llama.cpp", "pp16"), ("llama.cpp", "tg8")}
+    modes = ["dense", "sparse topk:0.5", "sparse threshold:0", "llama.cpp"]
+    assert set(rows) == {(m, t) for m in modes for t in ("pp16", "tg8")}
     assert all(x["tokens_per_s"] > 0 and len(x["samples"]) == 2 for x in rows.values())
     assert rows[("dense", "tg8")]["vs_llama_cpp"] > 0 and res["peak_rss_bytes"] > 0
-    assert "| dense" in r.stdout and "vs llama.cpp" in r.stdout
+    fid = res["fidelity"]
+    assert fid["sparse threshold:0"]["top1_agreement"] == 1.0 and fid["sparse threshold:0"]["mean_kl"] < 1e-6
+    assert abs(fid["sparse topk:0.5"]["kept_mean"] - 86 / 172) < 1e-6 and fid["sparse topk:0.5"]["mean_kl"] > 0
+    assert "| dense" in r.stdout and "vs llama.cpp" in r.stdout and "top-1 agreement" in r.stdout
+
+
+def test_generate_with_sparsity(stories, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERUN_CACHE", str(tmp_path / "cache"))
+    r = run("generate", stories, "-p", "Once upon a time", "-n", "16", "--temp", "0", "--sparsity", "threshold:0")
+    assert r.returncode == 0 and r.stdout.startswith("Once upon a time, there was a little girl named Lily."), r.stderr

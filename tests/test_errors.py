@@ -82,6 +82,9 @@ def test_bad_flag_values(stories):
     assert_one_line_error(run_cli("generate", stories, "--top-p", "1.5"), "top_p")
     assert_one_line_error(run_cli("generate", stories, "--threads", "100000"), "threads")
     assert_one_line_error(run_cli("bench", stories, "--modes", "turbo"), "turbo")
+    assert_one_line_error(run_cli("generate", stories, "--sparsity", "topk:2.5"), "k must be")
+    assert_one_line_error(run_cli("bench", stories, "--sparsity", "fast"), "unknown policy")
+    assert_one_line_error(run_cli("chat", stories, "--sparsity", "threshold:missing.json"), "no such thresholds file")
     r = run_cli("generate", stories, "--temp", "hot")
     assert r.returncode == 2 and "Traceback" not in r.stderr
 

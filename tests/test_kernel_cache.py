@@ -18,5 +18,5 @@ def test_stale_cache_is_cleared_and_current_one_kept(tmp_path):
 
 
 def test_digest_covers_every_kernel_source():
-    assert set(kernels.SOURCES) == {"simd.py", "quant.py", "ops.py"}
+    assert set(kernels.SOURCES) == {"simd.py", "quant.py", "ops.py", "sparse.py"}
     assert len(kernels.sources_digest()) == 64

@@ -10,7 +10,7 @@ import hashlib
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("simd.py", "quant.py", "ops.py")
+SOURCES = ("simd.py", "quant.py", "ops.py", "sparse.py")
 STAMP = "sparserun-kernels.sha256"
 
 

@@ -177,3 +177,42 @@ _ROW_DOT_DOC = """Dot of {name} blocks at w+woff (nb blocks of {bb} bytes: fp16 
 activations at x+xoff (32 per block) whose float32 block scales are xd[xdoff : xdoff+nb] (xd flat index)."""
 dot_row_q4_0 = _row_dot_intrinsic(18, _q4_0_lanes, _ROW_DOT_DOC.format(name="Q4_0", bb=18))
 dot_row_q8_0 = _row_dot_intrinsic(34, _q8_0_lanes, _ROW_DOT_DOC.format(name="Q8_0", bb=34))
+
+
+@intrinsic
+def axpy_i8x32(typingctx, acc, aoff, q, qoff, f):
+    """acc[aoff:aoff+32] += f * q[qoff:qoff+32] for float32 acc and int8 q (element offsets): the
+    inner step of the neuron-major down projection (int8 widened, converted, scaled, accumulated)."""
+    sig = types.void(acc, aoff, q, qoff, types.float32)
+
+    def codegen(context, builder, signature, args):
+        acc_arr, aoff_v, q_arr, qoff_v, f_v = args
+        v32f = ir.VectorType(ir.FloatType(), 32)
+        ap = _ptr(context, builder, signature.args[0], acc_arr, builder.mul(aoff_v, ir.Constant(aoff_v.type, 4)))
+        ap = builder.bitcast(ap, v32f.as_pointer())
+        qv = _vload(builder, _ptr(context, builder, signature.args[2], q_arr, qoff_v), 32)
+        fs = builder.sitofp(qv, v32f)
+        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(v32f, ir.Undefined), f_v, ir.Constant(_i32, 0)),
+                                       ir.Constant(v32f, ir.Undefined), ir.Constant(ir.VectorType(_i32, 32), [0] * 32))
+        old = builder.load(ap, align=4)
+        builder.store(builder.fadd(old, builder.fmul(fs, splat)), ap, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, off, nbytes):
+    """Hint the cache to load arr's bytes [off, off+nbytes), one line per 64 bytes (llvm.prefetch):
+    a gathered row starts where the hardware prefetcher has no stream running."""
+    sig = types.void(arr, off, nbytes)
+
+    def codegen(context, builder, signature, args):
+        p = _ptr(context, builder, signature.args[0], args[0], args[1])
+        fnty = ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], ir.Constant(args[2].type, 64)) as (i, _):
+            builder.call(fn, [builder.gep(p, [i]), ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen

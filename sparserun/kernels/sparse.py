@@ -1,0 +1,143 @@
+"""numba kernels for the sparse FFN: neuron selection, row-gather matvecs (gate/up) and the
+neuron-major axpy for the down projection. Cost is proportional to the neurons kept.
+
+Decode only (one token): prompt batches use the dense kernels with per-token masks (see sparse_ffn).
+"""
+import numpy as np
+from numba import njit, prange
+
+from .quant import QK, dequant_row
+from .simd import axpy_i8x32, dot_row_q4_0, dot_row_q8_0, prefetch
+
+N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
+
+
+@njit(cache=True)
+def select_threshold(a, t, idx):
+    """Indices i with |a[i]| > t into idx; returns the count. (t = 0 keeps exactly the non-zeros.)"""
+    n = 0
+    for i in range(a.shape[0]):
+        if abs(a[i]) > t:
+            idx[n] = i
+            n += 1
+    return n
+
+
+@njit(cache=True)
+def select_topk(a, k, idx):
+    """The k largest |a[i]| (fewer if fewer are non-zero) into idx, in index order; returns the count."""
+    m = a.shape[0]
+    if k >= m:
+        return select_threshold(a, np.float32(0.0), idx)
+    mag = np.abs(a)
+    kth = np.partition(mag, m - k)[m - k]  # k-th largest magnitude
+    n = 0
+    for i in range(m):  # strictly above the k-th first, then ties, so exactly k are kept
+        if mag[i] > kth:
+            idx[n] = i
+            n += 1
+    if kth > 0:
+        for i in range(m):
+            if n >= k:
+                break
+            if mag[i] == kth:
+                idx[n] = i
+                n += 1
+        idx[:n].sort()
+    return n
+
+
+@njit(parallel=True, cache=True)
+def gather_int8(raw, row_bytes, is_q4, idx, n, xq, xd, out):
+    """out[j] = W[idx[j]] . x for j < n (Q4_0 / Q8_0 rows, x as one row of int8 blocks)."""
+    nb = xq.shape[1] // QK
+    chunk = (n + N_PARTS - 1) // N_PARTS
+    for c in prange(N_PARTS):
+        end = min(n, (c + 1) * chunk)
+        for j in range(c * chunk, end):
+            if j + 2 < end and idx[j + 2] != idx[j + 1] + 1:  # a row after a gap: no hardware stream runs there
+                prefetch(raw, idx[j + 2] * row_bytes, row_bytes)
+            if is_q4:
+                out[j] = dot_row_q4_0(raw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
+            else:
+                out[j] = dot_row_q8_0(raw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def gather_f32(w, idx, n, x, out):
+    """out[j] = w[idx[j]] . x[0] for a float32 matrix w."""
+    for j in prange(n):
+        r = w[idx[j]]
+        acc = np.float32(0.0)
+        for i in range(r.shape[0]):
+            acc += r[i] * x[0, i]
+        out[j] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def gather_dequant(raw, row_bytes, qtype, cols, idx, n, x, out):
+    """out[j] = W[idx[j]] . x[0], rows of any type dequantized into a scratch row."""
+    chunk = (n + N_PARTS - 1) // N_PARTS
+    for c in prange(N_PARTS):
+        scratch = np.empty(cols, np.float32)
+        for j in range(c * chunk, min(n, (c + 1) * chunk)):
+            dequant_row(raw, idx[j] * row_bytes, qtype, cols, scratch)
+            acc = np.float32(0.0)
+            for i in range(cols):
+                acc += scratch[i] * x[0, i]
+            out[j] = acc
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def axpy_q8(q, s, idx, h, n, out):
+    """out = sum_j h[j] * Wt[idx[j]] with Wt stored neuron-major as int8 q (n_ff, dim) and per-32 scales
+    s (n_ff, dim/32): the down projection of the kept neurons only."""
+    dim = q.shape[1]
+    nb = dim // QK
+    parts = np.zeros((N_PARTS, dim), np.float32)
+    chunk = (n + N_PARTS - 1) // N_PARTS
+    for c in prange(N_PARTS):
+        for j in range(c * chunk, min(n, (c + 1) * chunk)):
+            i, hj = idx[j], h[j]
+            for b in range(nb):
+                axpy_i8x32(parts, c * dim + b * QK, q, i * dim + b * QK, hj * s[i, b])
+    for k in range(dim):
+        t = np.float32(0.0)
+        for c in range(N_PARTS):
+            t += parts[c, k]
+        out[k] = t
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def axpy_f32(w, idx, h, n, out):
+    """out = sum_j h[j] * w[idx[j]] for a float32 neuron-major matrix w (n_ff, dim)."""
+    dim = w.shape[1]
+    parts = np.zeros((N_PARTS, dim), np.float32)
+    chunk = (n + N_PARTS - 1) // N_PARTS
+    for c in prange(N_PARTS):
+        acc = parts[c]
+        for j in range(c * chunk, min(n, (c + 1) * chunk)):
+            row, hj = w[idx[j]], h[j]
+            for k in range(dim):
+                acc[k] += hj * row[k]
+    for k in range(dim):
+        t = np.float32(0.0)
+        for c in range(N_PARTS):
+            t += parts[c, k]
+        out[k] = t
+
+
+@njit(parallel=True, cache=True)
+def quantize_rows_q8(w, q, s):
+    """Rows of w (n, dim) float32 -> int8 q (n, dim) and scales s (n, dim/32), symmetric per 32-block."""
+    n, dim = w.shape
+    for i in prange(n):
+        for b in range(dim // QK):
+            amax = np.float32(0.0)
+            for k in range(b * QK, (b + 1) * QK):
+                amax = max(amax, abs(w[i, k]))
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+            s[i, b] = d
+            for k in range(b * QK, (b + 1) * QK):
+                q[i, k] = np.int8(np.rint(w[i, k] * inv))

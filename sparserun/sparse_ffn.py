@@ -1,0 +1,119 @@
+"""The sparse FFN: computes only the kept neurons of each token (see sparsity.py for the policies).
+
+Decode (one token), gated FFN (SwiGLU / ReGLU), CATS-style:
+    a = act(W_gate x)                      dense gate          (n_ff,)
+    idx = select(|a|)                      policy              (n,)
+    h = a[idx] * (W_up[idx] x)             row-gather matvec   (n,)
+    y = sum_j h[j] * W_down[:, idx[j]]     neuron-major axpy   (dim,)
+Non-gated FFN: a = act(W_up x), h = a[idx]. With a predicted neuron set (predictor policies), the gate
+rows are gathered too, so all three matrices are read for the predicted neurons alone. A predictor is
+a callable (layer, x (T, dim)) -> list of T int arrays of neuron ids.
+
+Prompt batches (T > 1) run the dense kernels and zero the dropped neurons per token: the same
+selection as decode, exact, with the weights still reused across the batch.
+"""
+import os
+
+import numpy as np
+
+from .down_layout import NeuronMajorDown, cache_root
+from .kernels import ops
+from .kernels import quant as K
+from .kernels import sparse as S
+from .weights import Acts
+
+
+def gather_rows(w, acts, idx, n, out):
+    """out[:n] = W[idx[:n]] . x for one token, for any weight type."""
+    if w.qtype in K.INT8_MATMUL:
+        xq, xd = acts.int8()
+        S.gather_int8(w.raw, w.row_bytes, w.qtype == K.Q4_0, idx, n, xq, xd, out)
+    elif w.f32 is not None:
+        S.gather_f32(w.f32, idx, n, acts.x, out)
+    else:
+        S.gather_dequant(w.raw, w.row_bytes, w.qtype, w.cols, idx, n, acts.x, out)
+    return out[:n]
+
+
+class SparseFFN:
+    def __init__(self, model, policy, predictor=None):
+        a = model.args
+        self.model, self.policy, self.predictor = model, policy, predictor
+        self.n_ff, self.act_id = a.n_ff, model.act_id
+        if policy.kind == "topk":
+            self.k = policy.topk_counts(a.n_layer, a.n_ff)
+        elif policy.kind == "threshold":
+            self.t = np.array(policy.per_layer(a.n_layer), np.float32)
+        self.cache_dir = os.path.join(cache_root(), model.gguf.fingerprint()[:32])
+        self.down = [NeuronMajorDown(L.w_down, self.cache_dir, i) for i, L in enumerate(model.layers)]
+        self.idx = np.empty(a.n_ff, np.int64)  # (n_ff,) kept neuron ids, first n valid
+        self.buf = np.empty((3, a.n_ff), np.float32)  # scratch rows for gathered gate / up / h
+        self.kept = np.zeros(a.n_layer)  # sum over tokens of the kept fraction, per layer
+        self.tokens = np.zeros(a.n_layer)
+
+    def reset_stats(self):
+        self.kept[:] = 0
+        self.tokens[:] = 0
+
+    def kept_fraction(self):
+        return self.kept / np.maximum(self.tokens, 1)
+
+    def _select(self, li, a, idx):
+        if self.policy.kind == "topk":
+            return S.select_topk(a, self.k[li], idx)
+        return S.select_threshold(a, self.t[li], idx)
+
+    def _act(self, x):
+        out = np.empty_like(x)
+        ops.ffn_activate(x[:0], x, self.act_id, out)  # non-gated form: out = act(x)
+        return out
+
+    def __call__(self, li, acts):
+        L = self.model.layers[li]
+        T = acts.x.shape[0]
+        predicted = self.predictor(li, acts.x) if self.predictor is not None else None
+        if T > 1:
+            return self._masked(li, L, acts, predicted)
+        idx = self.idx
+        if predicted is not None:
+            n = len(predicted[0])
+            idx[:n] = predicted[0]
+            u = gather_rows(L.w_up, acts, idx, n, self.buf[1])
+            if L.w_gate is not None:
+                g = gather_rows(L.w_gate, acts, idx, n, self.buf[0])
+                h = np.empty(n, np.float32)
+                ops.ffn_activate(g[None], u[None], self.act_id, h[None])
+            else:
+                h = self._act(u[None])[0]
+        elif L.w_gate is not None:
+            a = self._act(L.w_gate.matmul(acts))[0]  # (n_ff,) act(gate), computed densely
+            n = self._select(li, a, idx)
+            h = a[idx[:n]] * gather_rows(L.w_up, acts, idx, n, self.buf[1])
+        else:
+            a = self._act(L.w_up.matmul(acts))[0]
+            n = self._select(li, a, idx)
+            h = np.ascontiguousarray(a[idx[:n]])
+        self.kept[li] += n / self.n_ff
+        self.tokens[li] += 1
+        out = np.empty((1, L.w_down.rows), np.float32)
+        self.down[li].axpy(idx, np.ascontiguousarray(h, np.float32), n, out[0])
+        return out
+
+    def _masked(self, li, L, acts, predicted):
+        """Prompt batch: dense matmuls, dropped neurons zeroed per token (same selection as decode)."""
+        u = L.w_up.matmul(acts)  # (T, n_ff)
+        a = self._act(L.w_gate.matmul(acts) if L.w_gate is not None else u)  # (T, n_ff) act(gate) or act(up)
+        h = a * u if L.w_gate is not None else a
+        idx = np.empty(self.n_ff, np.int64)
+        mask = np.zeros(self.n_ff, bool)
+        for t in range(h.shape[0]):
+            if predicted is not None:
+                keep = np.asarray(predicted[t])
+            else:
+                keep = idx[:self._select(li, a[t], idx)]
+            mask[:] = False
+            mask[keep] = True
+            h[t, ~mask] = 0.0
+            self.kept[li] += len(keep) / self.n_ff
+            self.tokens[li] += 1
+        return L.w_down.matmul(Acts(h))
