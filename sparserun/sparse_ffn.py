@@ -9,8 +9,9 @@ Non-gated FFN: a = act(W_up x), h = a[idx]. With a predicted neuron set (predict
 rows are gathered too, so all three matrices are read for the predicted neurons alone. A predictor is
 a callable (layer, x (T, dim)) -> list of T int arrays of neuron ids.
 
-Prompt batches (T > 1) run the dense kernels and zero the dropped neurons per token: the same
-selection as decode, exact, with the weights still reused across the batch.
+Prompt batches (T > 1), and decode tokens that keep more than DENSE_ABOVE of the neurons (where the
+gathered kernels stop paying: benchmarks/ffn_kernels.py), run the dense kernels and zero the dropped
+neurons per token: the same selection, exact, with the original weights.
 """
 import os
 
@@ -21,6 +22,8 @@ from .kernels import ops
 from .kernels import quant as K
 from .kernels import sparse as S
 from .weights import Acts
+
+DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than gathering
 
 
 def gather_rows(w, acts, idx, n, out):
@@ -72,7 +75,7 @@ class SparseFFN:
         L = self.model.layers[li]
         T = acts.x.shape[0]
         predicted = self.predictor(li, acts.x) if self.predictor is not None else None
-        if T > 1:
+        if T > 1 or (predicted is not None and len(predicted[0]) > DENSE_ABOVE * self.n_ff):
             return self._masked(li, L, acts, predicted)
         idx = self.idx
         if predicted is not None:
@@ -88,16 +91,33 @@ class SparseFFN:
         elif L.w_gate is not None:
             a = self._act(L.w_gate.matmul(acts))[0]  # (n_ff,) act(gate), computed densely
             n = self._select(li, a, idx)
+            if n > DENSE_ABOVE * self.n_ff:
+                return self._dense_rest(li, L, acts, a, idx[:n], L.w_up.matmul(acts)[0])
             h = a[idx[:n]] * gather_rows(L.w_up, acts, idx, n, self.buf[1])
         else:
-            a = self._act(L.w_up.matmul(acts))[0]
+            u = L.w_up.matmul(acts)[0]
+            a = self._act(u[None])[0]
             n = self._select(li, a, idx)
+            if n > DENSE_ABOVE * self.n_ff:
+                return self._dense_rest(li, L, acts, a, idx[:n], None)
             h = np.ascontiguousarray(a[idx[:n]])
         self.kept[li] += n / self.n_ff
         self.tokens[li] += 1
         out = np.empty((1, L.w_down.rows), np.float32)
         self.down[li].axpy(idx, np.ascontiguousarray(h, np.float32), n, out[0])
         return out
+
+    def _dense_rest(self, li, L, acts, a, keep, u):
+        """One token keeping many neurons: up (if not yet computed) and down densely, dropped ones zeroed."""
+        if u is None:  # non-gated: h = act(up), already in a
+            h = np.zeros_like(a)
+            h[keep] = a[keep]
+        else:
+            h = np.zeros_like(a)
+            h[keep] = a[keep] * u[keep]
+        self.kept[li] += len(keep) / self.n_ff
+        self.tokens[li] += 1
+        return L.w_down.matmul(Acts(h[None]))
 
     def _masked(self, li, L, acts, predicted):
         """Prompt batch: dense matmuls, dropped neurons zeroed per token (same selection as decode)."""

@@ -90,17 +90,29 @@ def test_keep_everything_equals_dense_f32(stories, spec):
     np.testing.assert_allclose(m.logits(ids), dense, atol=1e-4)  # prompt batch: masked dense path
 
 
-def test_keep_everything_on_q4_0_is_within_the_layout_error(make_model):
-    """Quantized models: the sparse path re-quantizes the down weights to int8 rows (neuron-major), the
-    dense path rounds the FFN activations to int8 blocks instead. Measured: max 0.076, mean 0.011 of the
-    logits' std on this model, the size of the 8-bit roundings llama.cpp itself differs by (0.2 / 0.024)."""
-    path = make_model("Q4_0")
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_keep_everything_equals_dense_quantized(make_model, qtype):
+    """Keeping every neuron runs the original weights (masked dense kernels): dense's logits."""
+    path = make_model(qtype)
     ids = sparserun.load(path).tokenize("The quick brown fox jumps over the lazy dog and runs away")
     dense = sparserun.load(path).logits(ids)
-    got = decode_logits(sparserun.load(path, sparsity="topk:1.0"), ids)
-    d = np.abs(got - dense) / dense.std()
-    assert d.max() < 0.1 and d.mean() < 0.015, (d.max(), d.mean())
-    assert (got.argmax(1) == dense.argmax(1)).all()
+    np.testing.assert_allclose(decode_logits(sparserun.load(path, sparsity="topk:1.0"), ids), dense, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype,max_tol,mean_tol", [("Q4_0", 0.35, 0.06), ("Q8_0", 0.12, 0.02)])
+def test_neuron_major_down_layout_error(make_model, qtype, max_tol, mean_tol):
+    """What the gathered decode kernels change, isolated: the same top-k selection decoded through them
+    against the prompt path, which applies it to the original weights. Two roundings differ: the
+    neuron-major down copy is re-quantized (4-bit for 4-bit sources, same bytes per neuron; int8
+    otherwise), and the axpy takes the FFN activations in float where the dense down matmul rounds them
+    to int8 blocks. Measured on this random model, relative to the logits' std: Q4_0 max 0.27 / mean
+    0.043, Q8_0 max 0.088 / mean 0.012 (llama.cpp differs from the dense path by max 0.2 / mean 0.024)."""
+    path = make_model(qtype)
+    m = sparserun.load(path, sparsity="topk:0.3")
+    ids = m.tokenize("The quick brown fox jumps over the lazy dog and runs away")
+    exact = m.logits(ids)
+    d = np.abs(decode_logits(m, ids) - exact) / exact.std()
+    assert d.max() < max_tol and d.mean() < mean_tol, (d.max(), d.mean())
 
 
 def test_relu_natural_zeros_are_skipped_exactly(make_model):

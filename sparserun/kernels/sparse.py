@@ -7,10 +7,10 @@ import numpy as np
 from numba import njit, prange
 
 from .quant import QK, dequant_row
-from .simd import axpy_rows_i8, dot_row_q4_0, dot_row_q8_0, prefetch
+from .simd import axpy_rows_i8, axpy_rows_q4, dot_row_q4_0, dot_row_q8_0, prefetch
 
 N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
-AXPY_GROUP = 8  # kept neurons added per pass over a partial sum
+AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
 PREFETCH_ROWS = 2  # how far ahead the row gather prefetches (A/B: 2 best of 1, 2, 4, 8)
 
 
@@ -90,24 +90,32 @@ def gather_dequant(raw, row_bytes, qtype, cols, idx, n, x, out):
             out[j] = acc
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def axpy_q8(q, s, idx, h, n, out):
-    """out = sum_j h[j] * Wt[idx[j]] with Wt stored neuron-major as int8 q (n_ff, dim) and per-32 scales
-    s (n_ff, dim/32): the down projection of the kept neurons only."""
-    dim = q.shape[1]
-    parts = np.zeros((N_PARTS, dim), np.float32)
-    chunk = (n + N_PARTS - 1) // N_PARTS
-    for c in prange(N_PARTS):
-        end = min(n, (c + 1) * chunk)
-        for j in range(c * chunk, end, AXPY_GROUP):
-            for g in range(j + AXPY_GROUP, min(end, j + 2 * AXPY_GROUP)):  # the next group's rows, ahead of use
-                prefetch(q, idx[g] * dim, dim)
-            axpy_rows_i8(parts[c], q, s, idx, h, j, min(AXPY_GROUP, end - j))
-    for k in range(dim):
-        t = np.float32(0.0)
-        for c in range(N_PARTS):
-            t += parts[c, k]
-        out[k] = t
+def _make_axpy(axpy_rows, values_per_byte, group=AXPY_GROUP):
+    @njit(parallel=True, cache=True, fastmath=True)
+    def axpy(q, s, idx, h, n, out):
+        row_bytes = q.shape[1]
+        dim = row_bytes * values_per_byte
+        parts = np.zeros((N_PARTS, dim), np.float32)
+        chunk = (n + N_PARTS - 1) // N_PARTS
+        for c in prange(N_PARTS):
+            end = min(n, (c + 1) * chunk)
+            for j in range(c * chunk, end, group):
+                for g in range(j + group, min(end, j + 2 * group)):  # the next group's rows, ahead of use
+                    prefetch(q, idx[g] * row_bytes, row_bytes)
+                axpy_rows(parts[c], q, s, idx, h, j, min(group, end - j))
+        for k in range(dim):
+            t = np.float32(0.0)
+            for c in range(N_PARTS):
+                t += parts[c, k]
+            out[k] = t
+
+    return axpy
+
+
+axpy_q8 = _make_axpy(axpy_rows_i8, 1)
+axpy_q8.__doc__ = """out = sum_j h[j] * Wt[idx[j]], Wt neuron-major as int8 q (n_ff, dim) and per-32 scales s."""
+axpy_q4 = _make_axpy(axpy_rows_q4, 2)
+axpy_q4.__doc__ = """out = sum_j h[j] * Wt[idx[j]], Wt neuron-major as 4-bit q (n_ff, dim/2) and per-32 scales s."""
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -143,3 +151,23 @@ def quantize_rows_q8(w, q, s):
             s[i, b] = d
             for k in range(b * QK, (b + 1) * QK):
                 q[i, k] = np.int8(np.rint(w[i, k] * inv))
+
+
+@njit(parallel=True, cache=True)
+def quantize_rows_q4(w, q, s):
+    """Rows of w (n, dim) float32 -> 4-bit q (n, dim/2) uint8 in Q4_0's nibble order and scales s
+    (n, dim/32): as llama.cpp's Q4_0, d = (value of largest magnitude) / -8, q = clamp(round(x/d) + 8)."""
+    n, dim = w.shape
+    for i in prange(n):
+        for b in range(dim // QK):
+            big = np.float32(0.0)
+            for k in range(b * QK, (b + 1) * QK):
+                if abs(w[i, k]) > abs(big):
+                    big = w[i, k]
+            d = big / np.float32(-8.0)
+            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            s[i, b] = d
+            for j in range(16):
+                lo = min(15, max(0, np.int32(np.rint(w[i, b * QK + j] * inv)) + 8))
+                hi = min(15, max(0, np.int32(np.rint(w[i, b * QK + j + 16] * inv)) + 8))
+                q[i, b * 16 + j] = np.uint8(lo | (hi << 4))
