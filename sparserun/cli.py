@@ -149,6 +149,31 @@ def bench(
         json_file.write_text(json.dumps(res, indent=2))
 
 
+@app.command()
+def calibrate(
+    model: Path = ModelArg,
+    corpus: Path = typer.Option(..., "--corpus", help="text file to calibrate on"),
+    sparsity: float = typer.Option(0.5, "--target-sparsity", help="fraction of FFN activations to drop, per layer"),
+    tokens: int = typer.Option(2048, "--tokens", help="calibration tokens to use at most"),
+    out: Path = typer.Option(Path("thresholds.json"), "-o", "--output", help="thresholds file to write"),
+    threads: Optional[int] = Threads,
+):
+    """Per-layer thresholds for a target FFN sparsity, for --sparsity threshold:FILE."""
+    from .calibrate import calibrate_thresholds
+    from .sparsity import save_thresholds
+
+    if not corpus.is_file():
+        raise SparserunError(f"{corpus}: no such corpus file")
+    m = _load(model, threads, max(tokens, 8))
+    ids = m.tokenize(corpus.read_text(errors="replace"))[:tokens]
+    if len(ids) < 8:
+        raise SparserunError(f"{corpus}: too little text to calibrate on ({len(ids)} tokens)")
+    t = calibrate_thresholds(m, ids, sparsity)
+    save_thresholds(out, t, target_sparsity=sparsity, tokens=len(ids), model_fingerprint=m.gguf.fingerprint())
+    typer.echo(f"wrote {out}: {len(t)} thresholds for {sparsity:.0%} FFN sparsity over {len(ids)} tokens "
+               f"(min {min(t):.4g}, max {max(t):.4g})")
+
+
 def main(argv=None):
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="sparserun")

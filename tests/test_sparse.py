@@ -153,3 +153,32 @@ def test_predicted_neuron_set_computes_only_those(stories):
     ids = dense.tokenize("Once upon a time, there was a little girl")
     np.testing.assert_allclose(decode_logits(pred, ids), decode_logits(topk, ids), atol=1e-4)
     np.testing.assert_allclose(pred.logits(ids), topk.logits(ids), atol=1e-4)
+
+
+STORY = ("Once upon a time, there was a little boy named Tim. Tim loved to play with his red ball in the big park. "
+         "One day, Tim saw a small dog. The dog was sad because it was lost. Tim said, \"Do not be sad, little dog. "
+         "I will help you find your home.\" They walked and walked until they saw a big house.")
+
+
+def test_calibrated_thresholds_hit_the_target_sparsity(stories):
+    from sparserun.calibrate import calibrate_thresholds
+
+    m = sparserun.load(stories)
+    ids = m.tokenize(STORY)
+    t = calibrate_thresholds(m, ids, 0.5)
+    assert len(t) == 5 and all(x > 0 for x in t)
+    sm = sparserun.load(stories, sparsity="threshold:" + ",".join(str(x) for x in t))
+    sm.logits(ids)  # the same tokens: the prompt path applies the thresholds per token
+    assert np.abs(sm.sparse.kept_fraction() - 0.5).max() < 0.02, sm.sparse.kept_fraction()
+
+
+def test_calibrate_cli_writes_a_thresholds_file(stories, tmp_path):
+    import subprocess
+    import sys
+
+    corpus, out = tmp_path / "c.txt", tmp_path / "t.json"
+    corpus.write_text(STORY)
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "calibrate", str(stories), "--corpus", str(corpus),
+                        "--target-sparsity", "0.3", "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(parse_sparsity(f"threshold:{out}").values) == 5
