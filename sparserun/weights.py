@@ -9,7 +9,7 @@ from .kernels import quant as K
 
 
 class Acts:
-    """An activation matrix x (T, n) float32 and its lazily computed int8 blocks."""
+    """An activation matrix x (T, n) float32 and its lazily computed int8 blocks (values int16-stored)."""
 
     def __init__(self, x):
         self.x = x
@@ -18,7 +18,7 @@ class Acts:
     def int8(self):
         if self._q is None:
             T, n = self.x.shape
-            xq, xd = np.empty((T, n), np.int8), np.empty((T, n // K.QK), np.float32)
+            xq, xd = np.empty((T, n), np.int16), np.empty((T, n // K.QK), np.float32)
             K.quantize_acts(self.x, xq, xd)
             self._q = (xq, xd)
         return self._q

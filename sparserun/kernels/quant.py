@@ -98,7 +98,8 @@ def dequant_row(raw, off, qtype, n, out):
 
 @njit(cache=True)
 def quantize_acts(x, xq, xd):
-    """Round activations x (T, n) to int8 blocks of 32: xq (T, n) int8, xd (T, n/32) float32 scales.
+    """Round activations x (T, n) to int8 blocks of 32: xq (T, n) int16 holding int8 values (widened once
+    here rather than in every row's dot product), xd (T, n/32) float32 scales.
 
     Mirrors llama.cpp's quantize_row_q8_0: scale = amax/127 kept at fp16 precision, values rounded to
     nearest (ties to even, as its AVX path does).
@@ -115,7 +116,7 @@ def quantize_acts(x, xq, xd):
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             xd[t, b] = round_f16(d)
             for j in range(QK):
-                xq[t, b * QK + j] = np.int8(np.rint(x[t, b * QK + j] * inv))
+                xq[t, b * QK + j] = np.int16(np.rint(x[t, b * QK + j] * inv))
 
 
 def _make_matmul_int8(row_dot):

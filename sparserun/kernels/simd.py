@@ -112,14 +112,14 @@ def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
     w, woff, nb, x, xoff, xd, xdoff = args
     f32, v8f = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
     wp = _ptr(context, builder, sig.args[0], w, woff)
-    xp = _ptr(context, builder, sig.args[3], x, xoff)
+    xp = _ptr(context, builder, sig.args[3], x, builder.mul(xoff, ir.Constant(xoff.type, 2)))  # int16 elements
     xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
                           f32.as_pointer())
     acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         pb = builder.gep(wp, [builder.mul(b, ir.Constant(b.type, block_bytes))])
-        xb = builder.gep(xp, [builder.mul(b, ir.Constant(b.type, 32))])
+        xb = builder.gep(xp, [builder.mul(b, ir.Constant(b.type, 64))])  # 32 int16 per block
         d_w = _load_half_nodep(builder, pb)
         d_x = builder.load(builder.gep(xdp, [b]), align=4)
         lanes = block_lanes(builder, builder.gep(pb, [ir.Constant(_i32, 2)]), xb)  # <8 x i32>
@@ -135,28 +135,33 @@ def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
     return s
 
 
+def _x_halves(builder, xp):
+    """The two 16-lane halves of an activation block of 32 int16 at xp."""
+    v16i16 = ir.VectorType(_i16, 16)
+    p = builder.bitcast(xp, v16i16.as_pointer())
+    return builder.load(p, align=2), builder.load(builder.gep(p, [ir.Constant(_i32, 1)]), align=2)
+
+
+def _widen_madd(builder, q, x):
+    """<16 x i8> weights q and <16 x i16> activations x -> <8 x i32> pairwise sums of products
+    (pmaddwd after sign-extending q to i16)."""
+    v16i16, v16i32 = ir.VectorType(_i16, 16), ir.VectorType(_i32, 16)
+    prod = builder.mul(builder.sext(builder.sext(q, v16i16), v16i32), builder.sext(x, v16i32))
+    return _even_odd_add(builder, prod)
+
+
 def _q4_0_lanes(builder, qp, xp):
     q = _vload(builder, qp, 16)
     lo = builder.sub(builder.and_(q, _splat(16, 15)), _splat(16, 8))
     hi = builder.sub(builder.lshr(q, _splat(16, 4)), _splat(16, 8))
-    xlo, xhi = _vload(builder, xp, 16), _vload(builder, builder.gep(xp, [ir.Constant(_i32, 16)]), 16)
+    xlo, xhi = _x_halves(builder, xp)
     return builder.add(_widen_madd(builder, lo, xlo), _widen_madd(builder, hi, xhi))
 
 
-def _widen_madd(builder, a, b):
-    """<16 x i8> a, b -> <8 x i32> of pairwise sums of products (pmaddwd after sign-extending to i16)."""
-    v16i16, v16i32 = ir.VectorType(_i16, 16), ir.VectorType(_i32, 16)
-    wide = lambda v: builder.sext(builder.sext(v, v16i16), v16i32)
-    return _even_odd_add(builder, builder.mul(wide(a), wide(b)))
-
-
 def _q8_0_lanes(builder, qp, xp):
-    v32i16, v32i32 = ir.VectorType(_i16, 32), ir.VectorType(_i32, 32)
-    wide = lambda v: builder.sext(builder.sext(v, v32i16), v32i32)
-    p = _even_odd_add(builder, builder.mul(wide(_vload(builder, qp, 32)), wide(_vload(builder, xp, 32))))  # <16 x i32>
-    lo = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(_i32, 8), list(range(8))))
-    hi = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(_i32, 8), list(range(8, 16))))
-    return builder.add(lo, hi)
+    xlo, xhi = _x_halves(builder, xp)
+    qhi = _vload(builder, builder.gep(qp, [ir.Constant(_i32, 16)]), 16)
+    return builder.add(_widen_madd(builder, _vload(builder, qp, 16), xlo), _widen_madd(builder, qhi, xhi))
 
 
 def _row_dot_intrinsic(block_bytes, block_lanes, doc):
@@ -173,8 +178,9 @@ def _row_dot_intrinsic(block_bytes, block_lanes, doc):
     return row_dot
 
 
-_ROW_DOT_DOC = """Dot of {name} blocks at w+woff (nb blocks of {bb} bytes: fp16 scale, then quants) with int8
-activations at x+xoff (32 per block) whose float32 block scales are xd[xdoff : xdoff+nb] (xd flat index)."""
+_ROW_DOT_DOC = """Dot of {name} blocks at w+woff (nb blocks of {bb} bytes: fp16 scale, then quants) with
+activations rounded to int8 and stored as int16 at x[xoff:] (flat element index, 32 per block; kept
+widened so the row loop only widens the weights), whose float32 block scales are xd[xdoff : xdoff+nb]."""
 dot_row_q4_0 = _row_dot_intrinsic(18, _q4_0_lanes, _ROW_DOT_DOC.format(name="Q4_0", bb=18))
 dot_row_q8_0 = _row_dot_intrinsic(34, _q8_0_lanes, _ROW_DOT_DOC.format(name="Q8_0", bb=34))
 
