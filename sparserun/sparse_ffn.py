@@ -50,7 +50,7 @@ class SparseFFN:
         self.cache_dir = os.path.join(cache_root(), model.gguf.fingerprint()[:32])
         self.down = [NeuronMajorDown(L.w_down, self.cache_dir, i) for i, L in enumerate(model.layers)]
         self.idx = np.empty(a.n_ff, np.int64)  # (n_ff,) kept neuron ids, first n valid
-        self.buf = np.empty((3, a.n_ff), np.float32)  # scratch rows for gathered gate / up / h
+        self.buf = np.empty((2, a.n_ff), np.float32)  # scratch rows for the gathered gate / up
         self.kept = np.zeros(a.n_layer)  # sum over tokens of the kept fraction, per layer
         self.tokens = np.zeros(a.n_layer)
 
@@ -109,12 +109,8 @@ class SparseFFN:
 
     def _dense_rest(self, li, L, acts, a, keep, u):
         """One token keeping many neurons: up (if not yet computed) and down densely, dropped ones zeroed."""
-        if u is None:  # non-gated: h = act(up), already in a
-            h = np.zeros_like(a)
-            h[keep] = a[keep]
-        else:
-            h = np.zeros_like(a)
-            h[keep] = a[keep] * u[keep]
+        h = np.zeros_like(a)
+        h[keep] = a[keep] if u is None else a[keep] * u[keep]  # non-gated: h = act(up), already in a
         self.kept[li] += len(keep) / self.n_ff
         self.tokens[li] += 1
         return L.w_down.matmul(Acts(h[None]))
