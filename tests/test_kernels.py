@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
 
-from sparserun.kernels import quant as K
 from sparserun.weights import Acts, Weight
 from sparserun.gguf_file import RawTensor
 

@@ -26,13 +26,6 @@ def _vload(builder, ptr, n):
     return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
 
 
-def _reduce_add(builder, vec):
-    n = vec.type.count
-    fnty = ir.FunctionType(_i32, [vec.type])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.vector.reduce.add.v{n}i32")
-    return builder.call(fn, [vec])
-
-
 def _splat(n, value, ty=_i8):
     return ir.Constant(ir.VectorType(ty, n), [value] * n)
 
@@ -266,62 +259,3 @@ axpy_rows_i8 = _axpy_rows_intrinsic(32, _i8x32_floats)
 axpy_rows_i8.__doc__ = _AXPY_DOC.format(kind="int8", cols="dim) int8")
 axpy_rows_q4 = _axpy_rows_intrinsic(16, _q4x32_floats)
 axpy_rows_q4.__doc__ = _AXPY_DOC.format(kind="4-bit", cols="dim/2) uint8, Q4_0 nibble order")
-
-
-@intrinsic
-def prefetch(typingctx, arr, off, nbytes):
-    """Hint the cache to load arr's bytes [off, off+nbytes), one line per 64 bytes (llvm.prefetch into
-    L2, locality 2: more requests can be in flight than for L1, measured faster for row gathers): a
-    gathered row starts where the hardware prefetcher has no stream running."""
-    sig = types.void(arr, off, nbytes)
-
-    def codegen(context, builder, signature, args):
-        p = _ptr(context, builder, signature.args[0], args[0], args[1])
-        fnty = ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], ir.Constant(args[2].type, 64)) as (i, _):
-            builder.call(fn, [builder.gep(p, [i]), ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def axpy_rows_i8(typingctx, acc, q, s, idx, h, j0, cnt):
-    """acc[:] += sum_{g < cnt} h[j0+g] * s[i, b] * q[i, b*32:(b+1)*32] over every block b of the row,
-    with i = idx[j0+g]: a group of kept neurons' int8 rows (q: (n_ff, dim) int8, s: (n_ff, dim/32)
-    float32) added to acc (dim,) float32. Each 32-value slice of acc is loaded and stored once per
-    group rather than once per neuron, so the loop is bound by reading q, not by L1 stores."""
-    sig = types.void(acc, q, s, idx, h, j0, cnt)
-
-    def codegen(context, builder, signature, args):
-        acc_a, q_a, s_a, idx_a, h_a, j0_v, cnt_v = args
-        i64, f32 = ir.IntType(64), ir.FloatType()
-        v32f = ir.VectorType(f32, 32)
-        arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
-        A, Qa, Sa, I, H = arr(0, acc_a), arr(1, q_a), arr(2, s_a), arr(3, idx_a), arr(4, h_a)
-        dim = builder.extract_value(Qa.shape, 1)
-        nb = builder.extract_value(Sa.shape, 1)
-        accp = builder.bitcast(A.data, v32f.as_pointer())
-        qbase = builder.bitcast(Qa.data, _i8.as_pointer())
-        j0 = builder.sext(j0_v, i64) if j0_v.type.width < 64 else j0_v
-        cnt = builder.sext(cnt_v, i64) if cnt_v.type.width < 64 else cnt_v
-        splat_mask = ir.Constant(ir.VectorType(_i32, 32), [0] * 32)
-        with cgutils.for_range(builder, nb) as blk:
-            b = blk.index
-            ap = builder.gep(accp, [b])
-            total = cgutils.alloca_once_value(builder, builder.load(ap, align=4))
-            with cgutils.for_range(builder, cnt) as grp:
-                j = builder.add(j0, grp.index)
-                i = builder.load(builder.gep(I.data, [j]))
-                f = builder.fmul(builder.load(builder.gep(H.data, [j])),
-                                 builder.load(builder.gep(Sa.data, [builder.add(builder.mul(i, nb), b)])))
-                qp = builder.gep(qbase, [builder.add(builder.mul(i, dim), builder.mul(b, ir.Constant(i64, 32)))])
-                qv = builder.sitofp(_vload(builder, qp, 32), v32f)
-                fv = builder.shuffle_vector(builder.insert_element(ir.Constant(v32f, ir.Undefined), f, ir.Constant(_i32, 0)),
-                                            ir.Constant(v32f, ir.Undefined), splat_mask)
-                builder.store(builder.fadd(builder.load(total), builder.fmul(qv, fv)), total)
-            builder.store(builder.load(total), ap, align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
