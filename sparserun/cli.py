@@ -149,10 +149,20 @@ def bench(
         json_file.write_text(json.dumps(res, indent=2))
 
 
+def _corpus_ids(m, corpus, tokens):
+    if not corpus.is_file():
+        raise SparserunError(f"{corpus}: no such corpus file")
+    ids = m.tokenize(corpus.read_text(errors="replace"))[:tokens]
+    if len(ids) < 8:
+        raise SparserunError(f"{corpus}: too little text ({len(ids)} tokens)")
+    return ids
+
+
 @app.command()
 def calibrate(
     model: Path = ModelArg,
-    corpus: Path = typer.Option(..., "--corpus", help="text file to calibrate on"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="text file to calibrate on"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="or: a profile from `sparserun profile`"),
     sparsity: float = typer.Option(0.5, "--target-sparsity", help="fraction of FFN activations to drop, per layer"),
     tokens: int = typer.Option(2048, "--tokens", help="calibration tokens to use at most"),
     out: Path = typer.Option(Path("thresholds.json"), "-o", "--output", help="thresholds file to write"),
@@ -162,16 +172,51 @@ def calibrate(
     from .calibrate import calibrate_thresholds
     from .sparsity import save_thresholds
 
-    if not corpus.is_file():
-        raise SparserunError(f"{corpus}: no such corpus file")
-    m = _load(model, threads, max(tokens, 8))
-    ids = m.tokenize(corpus.read_text(errors="replace"))[:tokens]
-    if len(ids) < 8:
-        raise SparserunError(f"{corpus}: too little text to calibrate on ({len(ids)} tokens)")
-    t = calibrate_thresholds(m, ids, sparsity)
-    save_thresholds(out, t, target_sparsity=sparsity, tokens=len(ids), model_fingerprint=m.gguf.fingerprint())
-    typer.echo(f"wrote {out}: {len(t)} thresholds for {sparsity:.0%} FFN sparsity over {len(ids)} tokens "
+    if (corpus is None) == (profile is None):
+        raise SparserunError("calibrate needs exactly one of --corpus or --profile")
+    if not 0.0 <= sparsity < 1.0:
+        raise SparserunError(f"--target-sparsity must be in [0, 1), got {sparsity}")
+    if profile is not None:
+        from .model import Model
+        from .profile import load_profile
+
+        m = Model(model, n_ctx=1)
+        p = load_profile(profile, m)
+        t, n = p.threshold_for(sparsity), p.tokens
+    else:
+        m = _load(model, threads, max(tokens, 8))
+        ids = _corpus_ids(m, corpus, tokens)
+        t, n = calibrate_thresholds(m, ids, sparsity), len(ids)
+    save_thresholds(out, t, target_sparsity=sparsity, tokens=n, model_fingerprint=m.gguf.fingerprint())
+    typer.echo(f"wrote {out}: {len(t)} thresholds for {sparsity:.0%} FFN sparsity over {n} tokens "
                f"(min {min(t):.4g}, max {max(t):.4g})")
+
+
+@app.command()
+def profile(
+    model: Path = ModelArg,
+    corpus: Path = typer.Option(..., "--corpus", help="text file to run the model over"),
+    tokens: int = typer.Option(4096, "--tokens", help="tokens of the corpus to use at most"),
+    out: Path = typer.Option(Path("profile.gguf"), "-o", "--output", help="profile file to write (GGUF)"),
+    sparsity: float = typer.Option(0.5, "--target-sparsity",
+                                   help="SwiGLU: 'active' means above the thresholds for this sparsity"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the hotness picture and CDF to this PNG"),
+    threads: Optional[int] = Threads,
+):
+    """Neuron hotness over a corpus: per-neuron activity and mean magnitude, per-layer histograms."""
+    from .profile import format_summary, plot_profile, profile_model, save_profile, stderr_progress
+
+    if not 0.0 <= sparsity < 1.0:
+        raise SparserunError(f"--target-sparsity must be in [0, 1), got {sparsity}")
+    m = _load(model, threads, 256)
+    ids = _corpus_ids(m, corpus, tokens)
+    p = profile_model(m, ids, target_sparsity=sparsity, progress=stderr_progress)
+    save_profile(p, out)
+    typer.echo(format_summary(p))
+    typer.echo(f"wrote {out}")
+    if plot is not None:
+        plot_profile(p, plot)
+        typer.echo(f"wrote {plot}")
 
 
 def main(argv=None):

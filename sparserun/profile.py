@@ -1,0 +1,214 @@
+"""Neuron hotness profiles: how often each FFN neuron is active over a text corpus.
+
+Per layer and neuron: the fraction of tokens on which it is active and its mean |activation|; per
+layer: a histogram of |activation| over log-spaced bins, from which thresholds for any target
+sparsity are derived later (CATS / TEAL style). "Active" is non-zero for ReLU-family FFNs and
+|act| above the layer's threshold for SwiGLU (given, or derived from a first pass's histogram for a
+target sparsity).
+
+File format: a GGUF (written with the gguf package, no executable content) with architecture
+"sparserun-profile"; keys sparserun.profile.{model_fingerprint, tokens, activation, threshold_rule}
+and per layer the float32 tensors blk.N.frequency (n_ff), blk.N.mean_magnitude (n_ff),
+blk.N.histogram (bins + 1: exact zeros first); plus hist_edges (bins + 1) and thresholds (n_layer).
+A profile is bound to its model by the model's tensor fingerprint.
+"""
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import SparserunError
+from .kernels import ops
+
+ARCH = "sparserun-profile"
+EDGES = np.logspace(-6, 3, 361).astype(np.float32)  # 360 log bins from 1e-6 to 1e3; below -> first bin
+
+
+@dataclass
+class Profile:
+    fingerprint: str
+    tokens: int
+    activation: str
+    frequency: np.ndarray  # (n_layer, n_ff) fraction of tokens the neuron is active
+    mean_magnitude: np.ndarray  # (n_layer, n_ff) mean |activation|
+    histogram: np.ndarray  # (n_layer, bins + 1) counts; column 0 counts exact zeros
+    thresholds: np.ndarray  # (n_layer,) the "active" rule used (0 = non-zero)
+    edges: np.ndarray = field(default_factory=lambda: EDGES.copy())
+
+    def threshold_for(self, sparsity):
+        """Per-layer thresholds under which `sparsity` of all activations fall (from the histograms)."""
+        out = []
+        for h in self.histogram:
+            cum = np.cumsum(h) / max(h.sum(), 1)
+            if cum[0] >= sparsity:  # the exact zeros alone reach it (ReLU)
+                out.append(0.0)
+                continue
+            k = int(np.searchsorted(cum[1:], sparsity))  # bin k covers [edges[k], edges[k+1])
+            k = min(k, len(self.edges) - 2)
+            prev = cum[k]
+            frac = (sparsity - prev) / max(cum[k + 1] - prev, 1e-12)  # interpolate within the bin (log scale)
+            lo, hi = np.log(self.edges[k]), np.log(self.edges[k + 1])
+            out.append(float(np.exp(lo + frac * (hi - lo))))
+        return out
+
+    def summary(self):
+        """Per layer: sparsity (1 - mean frequency) and the fraction of neurons that covers 80% of activations."""
+        rows = []
+        for li, f in enumerate(self.frequency):
+            total = f.sum()
+            share = np.cumsum(np.sort(f)[::-1]) / total if total > 0 else np.ones_like(f)
+            cover = (int(np.searchsorted(share, 0.8)) + 1) / len(f) if total > 0 else 0.0
+            rows.append({"layer": li, "sparsity": float(1.0 - f.mean()), "neurons_for_80pct": float(cover)})
+        return rows
+
+
+def record(model, ids, thresholds, batch=256, progress=None):
+    """Run the dense model over ids; accumulate per-neuron activity and per-layer histograms."""
+    n_layer, n_ff = model.args.n_layer, model.args.n_ff
+    count = np.zeros((n_layer, n_ff), np.int64)
+    mag = np.zeros((n_layer, n_ff), np.float64)
+    hist = np.zeros((n_layer, len(EDGES)), np.int64)
+    original = model.ffn
+
+    def recording_ffn(li, acts):
+        L = model.layers[li]
+        pre = (L.w_gate if L.w_gate is not None else L.w_up).matmul(acts)
+        a = np.empty_like(pre)
+        ops.ffn_activate(pre[:0], pre, model.act_id, a)
+        a = np.abs(a)
+        count[li] += (a > thresholds[li]).sum(0)
+        mag[li] += a.sum(0)
+        zeros = a == 0
+        hist[li, 0] += zeros.sum()
+        nz = a[~zeros]
+        hist[li, 1:] += np.histogram(np.clip(nz, EDGES[0], EDGES[-1] * 0.999), bins=EDGES)[0]
+        return original(li, acts)
+
+    sparse, model.sparse = model.sparse, None
+    model.ffn = recording_ffn
+    t0 = time.perf_counter()
+    try:
+        for s in range(0, len(ids), batch):
+            model.reset()
+            model.eval(ids[s:s + batch])
+            if progress:
+                done = min(len(ids), s + batch)
+                progress(done, len(ids), done / (time.perf_counter() - t0))
+    finally:
+        model.ffn, model.sparse = original, sparse
+        model.reset()
+    return count, mag, hist
+
+
+def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, progress=None):
+    """A Profile of model over token ids. ReLU-family: active = non-zero. SwiGLU: active = above
+    `thresholds` if given, else above the thresholds for `target_sparsity` found by a first pass."""
+    if len(ids) < 2:
+        raise SparserunError("profile needs at least 2 tokens of text")
+    n_layer = model.args.n_layer
+    relu = model.args.activation == "relu"
+    if thresholds is None:
+        thresholds = np.zeros(n_layer, np.float32)
+        if not relu:
+            _, _, hist = record(model, ids, thresholds, batch, progress)
+            first = Profile("", len(ids), model.args.activation, np.zeros((n_layer, 1)), np.zeros((n_layer, 1)), hist, thresholds)
+            thresholds = np.array(first.threshold_for(target_sparsity), np.float32)
+    thresholds = np.asarray(thresholds, np.float32)
+    if thresholds.shape != (n_layer,):
+        raise SparserunError(f"{len(thresholds)} thresholds for a model of {n_layer} layers")
+    count, mag, hist = record(model, ids, thresholds, batch, progress)
+    n = len(ids)
+    return Profile(model.gguf.fingerprint(), n, model.args.activation, (count / n).astype(np.float32),
+                   (mag / n).astype(np.float32), hist, thresholds)
+
+
+def save_profile(profile, path):
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), ARCH)
+    w.add_string("sparserun.profile.model_fingerprint", profile.fingerprint)
+    w.add_uint64("sparserun.profile.tokens", profile.tokens)
+    w.add_string("sparserun.profile.activation", profile.activation)
+    w.add_tensor("hist_edges", profile.edges.astype(np.float32))
+    w.add_tensor("thresholds", profile.thresholds.astype(np.float32))
+    for li in range(profile.frequency.shape[0]):
+        w.add_tensor(f"blk.{li}.frequency", profile.frequency[li].astype(np.float32))
+        w.add_tensor(f"blk.{li}.mean_magnitude", profile.mean_magnitude[li].astype(np.float32))
+        w.add_tensor(f"blk.{li}.histogram", profile.histogram[li].astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def load_profile(path, model=None):
+    """Read a profile; with `model`, refuse one made for another model. Errors are one line."""
+    from gguf import GGUFReader
+
+    if not os.path.exists(path):
+        raise SparserunError(f"{path}: no such profile file")
+    try:
+        r = GGUFReader(str(path))
+        meta = {k: f.contents() for k, f in r.fields.items()}
+        t = {x.name: np.array(x.data, dtype=np.float32) for x in r.tensors}
+        if meta.get("general.architecture") != ARCH:
+            raise ValueError("not a sparserun profile")
+        n_layer = len(t["thresholds"])
+        p = Profile(str(meta["sparserun.profile.model_fingerprint"]), int(meta["sparserun.profile.tokens"]),
+                    str(meta["sparserun.profile.activation"]),
+                    np.stack([t[f"blk.{i}.frequency"] for i in range(n_layer)]),
+                    np.stack([t[f"blk.{i}.mean_magnitude"] for i in range(n_layer)]),
+                    np.stack([t[f"blk.{i}.histogram"] for i in range(n_layer)]).astype(np.int64),
+                    t["thresholds"], t["hist_edges"])
+    except Exception as e:
+        raise SparserunError(f"{path}: not a valid sparserun profile ({type(e).__name__}: {str(e)[:100]})") from None
+    if model is not None and p.fingerprint != model.gguf.fingerprint():
+        raise SparserunError(f"{path}: this profile was made for another model (fingerprint {p.fingerprint[:12]}..., "
+                             f"{model.path} is {model.gguf.fingerprint()[:12]}...)")
+    return p
+
+
+def format_summary(profile):
+    rows = profile.summary()
+    lines = [f"profile over {profile.tokens} tokens ({profile.activation} FFN; active = "
+             + ("non-zero" if not profile.thresholds.any() else "|act| above the layer threshold") + ")",
+             "| layer | sparsity | neurons covering 80% of activations | threshold |", "|---|---|---|---|"]
+    for r, t in zip(rows, profile.thresholds):
+        lines.append(f"| {r['layer']} | {r['sparsity']:.3f} | {r['neurons_for_80pct']:.3f} | {t:.4g} |")
+    return "\n".join(lines)
+
+
+def plot_profile(profile, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SparserunError("--plot needs matplotlib: pip install 'sparserun[plot]'") from None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    freq = np.sort(profile.frequency, axis=1)[:, ::-1]
+    im = a1.imshow(freq, aspect="auto", cmap="viridis", interpolation="nearest")
+    a1.set(xlabel="neurons, sorted by activation frequency", ylabel="layer", title="neuron hotness")
+    a1.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    fig.colorbar(im, ax=a1, label="fraction of tokens active")
+    for li, f in enumerate(freq):
+        share = np.cumsum(f) / max(f.sum(), 1e-12)
+        a2.plot(np.arange(1, len(f) + 1) / len(f), share, lw=1, label=f"layer {li}" if li in (0, len(freq) - 1) else None)
+    a2.set(xlabel="fraction of neurons (hottest first)", ylabel="share of activations", title="CDF of activations")
+    a2.grid(alpha=0.3)
+    a2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def stderr_progress(done, total, tps):
+    width = 30
+    filled = int(width * done / max(total, 1))
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tokens, {tps:.0f} tok/s")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
