@@ -1,2 +1,3 @@
-"""Activation predictors (training and file format): not implemented yet; see the project's issue on
-profiling and predictors. The package exists so the installed layout is stable."""
+"""Activation predictors: per-layer low-rank MLPs (d -> r -> n_ff) trained offline with numpy on a
+model's own activations (train.py), saved as fingerprint-bound GGUF files (format.py), and run by
+`--sparsity predictor[:FILE]` (sparserun/predictor_policy.py, numba kernels)."""

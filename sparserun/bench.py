@@ -30,6 +30,7 @@ class SparserunRunner:
 
     def __init__(self, model, ffn=None):
         self.model, self.ffn = model, ffn
+        self.predictor_share = []
 
     def _use(self):
         self.model.sparse = self.ffn
@@ -45,10 +46,15 @@ class SparserunRunner:
         self._use()
         self.model.eval([bos])
         ctx = [bos]
+        pred = getattr(self.ffn, "predictor", None)
+        p0 = getattr(pred, "seconds", 0.0)
         t = time.perf_counter()
         for _ in range(n):
             ctx.append(int(np.argmax(self.model.eval(ctx)[-1])))
-        return time.perf_counter() - t
+        dt = time.perf_counter() - t
+        if hasattr(pred, "seconds"):  # the predictor's own share of the decode time
+            self.predictor_share.append((pred.seconds - p0) / dt)
+        return dt
 
 
 class LlamaCppRunner:
@@ -167,6 +173,9 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         rows.append({"mode": mode, "test": f"{test}{n}", "tokens_per_s": statistics.median(tps),
                      "sd": statistics.stdev(tps) if len(tps) > 1 else 0.0, "samples": tps})
     for row in rows:
+        shares = getattr(runners[row["mode"]], "predictor_share", None)
+        if shares and row["test"].startswith("tg"):
+            row["predictor_share"] = statistics.median(shares)
         for ref_mode, key in (("llama.cpp", "vs_llama_cpp"), ("dense", "vs_dense")):
             ref = next((x for x in rows if x["mode"] == ref_mode and x["test"] == row["test"]), None)
             row[key] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
@@ -193,6 +202,9 @@ def format_table(res, fmt="md"):
     out = _md(head, body)
     if fbody:
         out += f"\n\nfidelity against dense over {next(iter(res['fidelity'].values()))['tokens']} tokens:\n" + _md(fhead, fbody)
+    shares = [f"{r['mode']}: {100 * r['predictor_share']:.1f}%" for r in res["results"] if r.get("predictor_share") is not None]
+    if shares:
+        out += "\n\npredictor time as a share of decode time: " + ", ".join(shares)
     if res["peak_rss_bytes"]:
         out += (f"\n\npeak RSS (sparserun, before llama.cpp loads): {res['peak_rss_bytes'] / 2**20:.0f} MiB = "
                 f"{res['rss_over_file']:.2f}x the file")

@@ -219,6 +219,37 @@ def profile(
         typer.echo(f"wrote {plot}")
 
 
+@app.command("train-predictors")
+def train_predictors_cmd(
+    model: Path = ModelArg,
+    corpus: Path = typer.Option(..., "--corpus", help="text file to collect activations from"),
+    tokens: int = typer.Option(2048, "--tokens", help="tokens of the corpus to use at most (60/20/20 split)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="predictor file (default: <model>.predictors.gguf)"),
+    recall: float = typer.Option(0.95, "--target-recall", help="fraction of true activations to keep"),
+    sparsity: float = typer.Option(0.5, "--target-sparsity", help="SwiGLU: 'active' means above this sparsity's thresholds"),
+    epochs: int = typer.Option(30, "--epochs"),
+    threads: Optional[int] = Threads,
+):
+    """Train per-layer low-rank activation predictors on the model's own activations."""
+    from predictors.train import format_report, train_predictors
+
+    from .predictor_policy import default_path
+
+    m = _load(model, threads, 256)
+    ids = _corpus_ids(m, corpus, tokens)
+
+    def progress(done, total, row):
+        sys.stderr.write(f"\rlayer {done}/{total}: rank {row['rank']}, held-out recall {row['recall']:.3f}, "
+                         f"predicted density {row['predicted_density']:.3f}".ljust(78) + ("\n" if done == total else ""))
+        sys.stderr.flush()
+
+    pset, report = train_predictors(m, ids, target_recall=recall, sparsity=sparsity, epochs=epochs, progress=progress)
+    out = out or Path(default_path(model))
+    pset.save(out)
+    typer.echo(format_report(report))
+    typer.echo(f"wrote {out} (held-out figures: the last 20% of the {len(ids)} tokens)")
+
+
 def main(argv=None):
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="sparserun")

@@ -41,6 +41,10 @@ def gather_rows(w, acts, idx, n, out):
 class SparseFFN:
     def __init__(self, model, policy, predictor=None):
         a = model.args
+        if policy.kind == "predictor" and predictor is None:  # --sparsity predictor[:FILE]
+            from .predictor_policy import load_policy
+
+            predictor = load_policy(model, policy.values[0] if policy.values else None)
         self.model, self.policy, self.predictor = model, policy, predictor
         self.n_ff, self.act_id = a.n_ff, model.act_id
         if policy.kind == "topk":

@@ -5,6 +5,8 @@
                                fraction (0.1); one value, or one per layer separated by commas
     threshold:T                neurons with |activation| > T; one value, one per layer, or a
                                file: threshold:thresholds.json ({"thresholds": [t0, t1, ...]})
+    predictor[:FILE]           neurons an activation predictor (sparserun train-predictors) calls
+                               active; FILE defaults to <model>.predictors.gguf beside the model
 
 For SwiGLU models activations are act(gate) (CATS: gate computed densely, then up and down for the
 kept neurons only); ReLU-family models also skip their natural zeros in every sparse mode.
@@ -19,7 +21,7 @@ import numpy as np
 
 from .errors import SparserunError
 
-KINDS = ("dense", "topk", "threshold")
+KINDS = ("dense", "topk", "threshold", "predictor")
 
 
 @dataclass
@@ -60,11 +62,14 @@ def parse_sparsity(spec):
     kind, _, arg = spec.partition(":")
     kind = kind.lower()
     if kind not in KINDS:
-        raise SparserunError(f"--sparsity {spec}: unknown policy {kind!r} (choose from dense, topk:K, threshold:T|FILE)")
+        raise SparserunError(f"--sparsity {spec}: unknown policy {kind!r} (choose from dense, topk:K, threshold:T|FILE, "
+                             "predictor[:FILE])")
     if kind == "dense":
         if arg:
             raise SparserunError(f"--sparsity {spec}: dense takes no value")
         return SparsityPolicy("dense", (), spec)
+    if kind == "predictor":
+        return SparsityPolicy("predictor", (arg,) if arg else (), spec)
     if not arg:
         raise SparserunError(f"--sparsity {spec}: {kind} needs a value, e.g. {kind}:{'0.1' if kind == 'topk' else '0.05'}")
     if kind == "threshold" and not _looks_numeric(arg):

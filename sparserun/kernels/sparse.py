@@ -171,3 +171,28 @@ def quantize_rows_q4(w, q, s):
                 lo = min(15, max(0, np.int32(np.rint(w[i, b * QK + j] * inv)) + 8))
                 hi = min(15, max(0, np.int32(np.rint(w[i, b * QK + j + 16] * inv)) + 8))
                 q[i, b * 16 + j] = np.uint8(lo | (hi << 4))
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def predict_active(x, w1t, b1, w2t, b2, t, idx):
+    """Neurons a low-rank predictor calls active for one token: z = W2 relu(W1 x + b1) + b2, kept where
+    z > t. x (dim,), w1t (r, dim), w2t (n_ff, r) row-per-output; idx receives the ids; returns the count."""
+    r, n_ff = w1t.shape[0], w2t.shape[0]
+    h = np.empty(r, np.float32)
+    for k in prange(r):
+        acc = b1[k]
+        for i in range(x.shape[0]):
+            acc += w1t[k, i] * x[i]
+        h[k] = max(acc, np.float32(0.0))
+    z = np.empty(n_ff, np.float32)
+    for j in prange(n_ff):
+        acc = b2[j]
+        for k in range(r):
+            acc += w2t[j, k] * h[k]
+        z[j] = acc
+    n = 0
+    for j in range(n_ff):
+        if z[j] > t:
+            idx[n] = j
+            n += 1
+    return n

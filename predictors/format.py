@@ -1,0 +1,74 @@
+"""The predictor file: a GGUF (no executable content) with architecture "sparserun-predictors".
+
+Keys: sparserun.predictors.{model_fingerprint, target_recall}. Tensors (float32): decision_thresholds
+(n_layer), label_thresholds (n_layer: what "active" meant in training, 0 = non-zero), and per layer
+blk.N.w1 (dim x r, stored as r rows of dim), blk.N.b1 (r), blk.N.w2 (r x n_ff, stored as n_ff rows of
+r), blk.N.b2 (n_ff). Both matrices are stored row-per-output so the runtime kernels are row dots.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparserun.errors import SparserunError
+
+from .lowrank import LayerPredictor
+
+ARCH = "sparserun-predictors"
+
+
+@dataclass
+class PredictorSet:
+    fingerprint: str
+    layers: list  # LayerPredictor per layer
+    label_thresholds: np.ndarray
+    target_recall: float
+
+    def save(self, path):
+        from gguf import GGUFWriter
+
+        w = GGUFWriter(str(path), ARCH)
+        w.add_string("sparserun.predictors.model_fingerprint", self.fingerprint)
+        w.add_float32("sparserun.predictors.target_recall", float(self.target_recall))
+        w.add_tensor("decision_thresholds", np.array([p.threshold for p in self.layers], np.float32))
+        w.add_tensor("label_thresholds", self.label_thresholds.astype(np.float32))
+        for i, p in enumerate(self.layers):
+            w.add_tensor(f"blk.{i}.w1", np.ascontiguousarray(p.w1.T, np.float32))
+            w.add_tensor(f"blk.{i}.b1", p.b1.astype(np.float32))
+            w.add_tensor(f"blk.{i}.w2", np.ascontiguousarray(p.w2.T, np.float32))
+            w.add_tensor(f"blk.{i}.b2", p.b2.astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def load_predictors(path, model=None):
+    """Read a predictor file; with `model`, refuse one made for another model or of the wrong shape."""
+    from gguf import GGUFReader
+
+    if not os.path.exists(path):
+        raise SparserunError(f"{path}: no such predictor file")
+    try:
+        r = GGUFReader(str(path))
+        meta = {k: f.contents() for k, f in r.fields.items()}
+        if meta.get("general.architecture") != ARCH:
+            raise ValueError("not a sparserun predictor file")
+        t = {x.name: np.array(x.data, dtype=np.float32).reshape([int(d) for d in reversed(x.shape)])
+             for x in r.tensors}
+        thr = t["decision_thresholds"].reshape(-1)
+        layers = [LayerPredictor(np.ascontiguousarray(t[f"blk.{i}.w1"].T), t[f"blk.{i}.b1"].reshape(-1),
+                                 np.ascontiguousarray(t[f"blk.{i}.w2"].T), t[f"blk.{i}.b2"].reshape(-1), float(thr[i]))
+                  for i in range(len(thr))]
+        ps = PredictorSet(str(meta["sparserun.predictors.model_fingerprint"]), layers,
+                          t["label_thresholds"].reshape(-1), float(meta["sparserun.predictors.target_recall"]))
+    except Exception as e:
+        raise SparserunError(f"{path}: not a valid predictor file ({type(e).__name__}: {str(e)[:100]})") from None
+    if model is not None:
+        if ps.fingerprint != model.gguf.fingerprint():
+            raise SparserunError(f"{path}: these predictors were made for another model (fingerprint "
+                                 f"{ps.fingerprint[:12]}..., {model.path} is {model.gguf.fingerprint()[:12]}...)")
+        a = model.args
+        if len(layers) != a.n_layer or any(p.w1.shape[0] != a.dim or p.w2.shape[1] != a.n_ff for p in layers):
+            raise SparserunError(f"{path}: predictor shapes do not match {model.path}")
+    return ps

@@ -1,0 +1,88 @@
+"""Low-rank MLP activation predictors: x (dim) -> relu(x W1 + b1) (r) -> W2 + b2 (n_ff) logits; neuron i
+is predicted active when logit_i > threshold. Trained with numpy (Adam, class-balanced logistic loss).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class LayerPredictor:
+    w1: np.ndarray  # (dim, r) float32
+    b1: np.ndarray  # (r,)
+    w2: np.ndarray  # (r, n_ff)
+    b2: np.ndarray  # (n_ff,)
+    threshold: float  # decision threshold on the logits
+
+    @property
+    def rank(self):
+        return self.w1.shape[1]
+
+    @property
+    def n_params(self):
+        return self.w1.size + self.b1.size + self.w2.size + self.b2.size
+
+    def logits(self, x):
+        return np.maximum(x @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2
+
+    def predict(self, x):
+        """(T, dim) -> (T, n_ff) bool."""
+        return self.logits(x) > self.threshold
+
+
+def train_layer(x, y, rank, epochs=30, batch=256, lr=3e-3, seed=0):
+    """Fit a rank-`rank` predictor to inputs x (N, dim) float32 and labels y (N, n_ff) bool with a
+    class-balanced logistic loss (positives weighted by their rarity per neuron)."""
+    rng = np.random.default_rng(seed)
+    n, dim = x.shape
+    n_ff = y.shape[1]
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mu) / sd  # standardize inputs; folded back into w1 / b1 at the end
+    p = np.clip(y.mean(0), 1.0 / n, 1.0 - 1.0 / n)
+    wpos, wneg = (0.5 / p).astype(np.float32), (0.5 / (1 - p)).astype(np.float32)
+    params = [rng.standard_normal((dim, rank)).astype(np.float32) * np.float32(1 / np.sqrt(dim)), np.zeros(rank, np.float32),
+              rng.standard_normal((rank, n_ff)).astype(np.float32) * np.float32(1 / np.sqrt(rank)),
+              np.log(p / (1 - p)).astype(np.float32)]
+    m = [np.zeros_like(q) for q in params]
+    v = [np.zeros_like(q) for q in params]
+    step = 0
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for s in range(0, n, batch):
+            i = order[s:s + batch]
+            xb, yb = xs[i], y[i]
+            w1, b1, w2, b2 = params
+            h_pre = xb @ w1 + b1
+            h = np.maximum(h_pre, 0)
+            z = h @ w2 + b2
+            sig = 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+            g = np.where(yb, wpos * (sig - 1.0), wneg * sig) / len(i)  # d loss / d z, class-balanced
+            gw2, gb2 = h.T @ g, g.sum(0)
+            gh = (g @ w2.T) * (h_pre > 0)
+            gw1, gb1 = xb.T @ gh, gh.sum(0)
+            step += 1
+            for k, grad in enumerate((gw1, gb1, gw2, gb2)):
+                m[k] = 0.9 * m[k] + 0.1 * grad
+                v[k] = 0.999 * v[k] + 0.001 * grad * grad
+                params[k] -= (lr * (m[k] / (1 - 0.9 ** step)) / (np.sqrt(v[k] / (1 - 0.999 ** step)) + 1e-8)).astype(np.float32)
+    w1, b1, w2, b2 = params
+    w1_raw = (w1 / sd[:, None]).astype(np.float32)  # x_s = (x - mu) / sd  =>  x_s W1 = x (W1 / sd) - mu (W1 / sd)
+    b1_raw = (b1 - mu @ w1_raw).astype(np.float32)
+    return LayerPredictor(w1_raw, b1_raw, w2, b2, 0.0)
+
+
+def threshold_for_recall(pred, x, y, recall):
+    """The largest logit threshold keeping at least `recall` of the true activations of (x, y)."""
+    z = pred.logits(x)
+    pos = z[y]
+    if pos.size == 0:
+        return float(np.max(z)) + 1.0
+    return float(np.quantile(pos, 1.0 - recall))
+
+
+def evaluate(pred, x, y):
+    """recall, precision, predicted and true density of pred on (x, y)."""
+    yp = pred.predict(x)
+    tp = (yp & y).sum()
+    return {"recall": float(tp / max(y.sum(), 1)), "precision": float(tp / max(yp.sum(), 1)),
+            "predicted_density": float(yp.mean()), "true_density": float(y.mean())}

@@ -1,0 +1,88 @@
+"""Offline training of per-layer activation predictors from a model's own activations.
+
+Labels: for each layer, which neurons are active on each token of a corpus: non-zero for ReLU-family
+FFNs, |act(gate)| above the layer threshold for SwiGLU (the thresholds for `sparsity`, from the
+collected activations). Tokens are split by position into train (60%), validation (20%) and held-out
+test (20%). Per layer, every candidate rank is trained; its decision threshold is set on the
+validation split to keep `target_recall` of the true activations; the chosen rank is the smallest
+whose validation density (fraction predicted active) is within 10% of the best rank's. Reported
+figures are on the held-out split.
+"""
+import numpy as np
+
+from sparserun.errors import SparserunError
+from sparserun.kernels import ops
+
+from .lowrank import evaluate, threshold_for_recall, train_layer
+
+RANKS = (16, 32, 64, 128)
+
+
+def collect(model, ids, batch=256):
+    """Per layer: FFN inputs (N, dim) and |activation| (N, n_ff) over ids, from the dense model."""
+    xs = [[] for _ in model.layers]
+    mags = [[] for _ in model.layers]
+    original = model.ffn
+
+    def recording_ffn(li, acts):
+        L = model.layers[li]
+        pre = (L.w_gate if L.w_gate is not None else L.w_up).matmul(acts)
+        a = np.empty_like(pre)
+        ops.ffn_activate(pre[:0], pre, model.act_id, a)
+        xs[li].append(acts.x.copy())
+        mags[li].append(np.abs(a))
+        return original(li, acts)
+
+    sparse, model.sparse = model.sparse, None
+    model.ffn = recording_ffn
+    try:
+        for s in range(0, len(ids), batch):
+            model.reset()
+            model.eval(ids[s:s + batch])
+    finally:
+        model.ffn, model.sparse = original, sparse
+        model.reset()
+    return [np.concatenate(x) for x in xs], [np.concatenate(m) for m in mags]
+
+
+def train_predictors(model, ids, target_recall=0.95, sparsity=0.5, ranks=RANKS, epochs=30, progress=None):
+    """Returns (PredictorSet, per-layer report dicts)."""
+    from .format import PredictorSet
+
+    if len(ids) < 50:
+        raise SparserunError(f"training predictors needs at least 50 tokens of text, got {len(ids)}")
+    if not 0.0 < target_recall < 1.0:
+        raise SparserunError(f"target recall must be in (0, 1), got {target_recall}")
+    xs, mags = collect(model, ids)
+    relu = model.args.activation == "relu"
+    n = len(ids)
+    tr, va = slice(0, int(0.6 * n)), slice(int(0.6 * n), int(0.8 * n))
+    te = slice(int(0.8 * n), n)
+    layers, label_thresholds, report = [], [], []
+    ffn_params = model.args.dim * model.args.n_ff * (3 if model.args.gated else 2)
+    for li, (x, a) in enumerate(zip(xs, mags)):
+        t = 0.0 if relu else float(np.quantile(a[tr], sparsity))
+        y = a > t
+        trials = []
+        for r in ranks:
+            p = train_layer(x[tr], y[tr], r, epochs=epochs, seed=li)
+            p.threshold = threshold_for_recall(p, x[va], y[va], target_recall)
+            trials.append((r, p, evaluate(p, x[va], y[va])["predicted_density"]))
+        best = min(d for _, _, d in trials)
+        r, p, _ = next(tr_ for tr_ in trials if tr_[2] <= 1.1 * best)
+        held = evaluate(p, x[te], y[te])
+        report.append({"layer": li, "rank": r, **held, "size_pct_of_ffn": 100.0 * p.n_params / ffn_params})
+        layers.append(p)
+        label_thresholds.append(t)
+        if progress:
+            progress(li + 1, len(xs), report[-1])
+    return PredictorSet(model.gguf.fingerprint(), layers, np.array(label_thresholds, np.float32), target_recall), report
+
+
+def format_report(report):
+    lines = ["| layer | rank | recall | precision | predicted density | true density | size % of FFN |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report:
+        lines.append(f"| {r['layer']} | {r['rank']} | {r['recall']:.3f} | {r['precision']:.3f} | "
+                     f"{r['predicted_density']:.3f} | {r['true_density']:.3f} | {r['size_pct_of_ffn']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""Run-time side of the predictor policy (`--sparsity predictor[:FILE]`): evaluates each layer's
+low-rank predictor on the FFN input with a numba kernel and hands the predicted neuron ids to the
+sparse FFN, which then computes gate, up and down for those neurons alone. Its own time is summed in
+`seconds` so its cost per token can be reported."""
+import time
+
+import numpy as np
+
+from .kernels import sparse as S
+
+
+def default_path(model_path):
+    """Where `--sparsity predictor` (no file) looks: model.gguf -> model.predictors.gguf."""
+    base = str(model_path)
+    return (base[:-5] if base.endswith(".gguf") else base) + ".predictors.gguf"
+
+
+class PredictorPolicy:
+    def __init__(self, pset):
+        self.layers = [(np.ascontiguousarray(p.w1.T, np.float32), p.b1.astype(np.float32),
+                        np.ascontiguousarray(p.w2.T, np.float32), p.b2.astype(np.float32), np.float32(p.threshold))
+                       for p in pset.layers]
+        self.idx = np.empty(self.layers[0][2].shape[0], np.int64)
+        self.seconds = 0.0
+
+    def __call__(self, li, x):
+        t0 = time.perf_counter()
+        w1t, b1, w2t, b2, t = self.layers[li]
+        out = []
+        for row in x:
+            n = S.predict_active(np.ascontiguousarray(row), w1t, b1, w2t, b2, t, self.idx)
+            out.append(self.idx[:n].copy())
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def load_policy(model, path=None):
+    from predictors.format import load_predictors
+
+    return PredictorPolicy(load_predictors(path or default_path(model.path), model))
