@@ -11,7 +11,7 @@ figures are on the held-out split.
 import numpy as np
 
 from sparserun.errors import SparserunError
-from sparserun.kernels import ops
+from sparserun.activations import watch_ffn
 
 from .lowrank import evaluate, threshold_for_recall, train_layer
 
@@ -22,26 +22,12 @@ def collect(model, ids, batch=256):
     """Per layer: FFN inputs (N, dim) and |activation| (N, n_ff) over ids, from the dense model."""
     xs = [[] for _ in model.layers]
     mags = [[] for _ in model.layers]
-    original = model.ffn
 
-    def recording_ffn(li, acts):
-        L = model.layers[li]
-        pre = (L.w_gate if L.w_gate is not None else L.w_up).matmul(acts)
-        a = np.empty_like(pre)
-        ops.ffn_activate(pre[:0], pre, model.act_id, a)
-        xs[li].append(acts.x.copy())
-        mags[li].append(np.abs(a))
-        return original(li, acts)
+    def on_layer(li, x, mag):
+        xs[li].append(x.copy())
+        mags[li].append(mag)
 
-    sparse, model.sparse = model.sparse, None
-    model.ffn = recording_ffn
-    try:
-        for s in range(0, len(ids), batch):
-            model.reset()
-            model.eval(ids[s:s + batch])
-    finally:
-        model.ffn, model.sparse = original, sparse
-        model.reset()
+    watch_ffn(model, ids, on_layer, batch)
     return [np.concatenate(x) for x in xs], [np.concatenate(m) for m in mags]
 
 

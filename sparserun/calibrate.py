@@ -7,31 +7,13 @@ sparsity, so a target below the natural sparsity gives a threshold of 0.
 """
 import numpy as np
 
-from .kernels import ops
+from .activations import watch_ffn
 
 
 def activation_magnitudes(model, ids, batch=256):
     """Per layer, |activation| of every calibration token: list of (n_tokens, n_ff) float32."""
     records = [[] for _ in model.layers]
-    original = model.ffn
-
-    def recording_ffn(li, acts):
-        L = model.layers[li]
-        pre = (L.w_gate if L.w_gate is not None else L.w_up).matmul(acts)
-        a = np.empty_like(pre)
-        ops.ffn_activate(pre[:0], pre, model.act_id, a)
-        records[li].append(np.abs(a))
-        return original(li, acts)
-
-    sparse, model.sparse = model.sparse, None
-    model.ffn = recording_ffn
-    try:
-        for s in range(0, len(ids), batch):
-            model.reset()
-            model.eval(ids[s:s + batch], all_logits=False)
-    finally:
-        model.ffn, model.sparse = original, sparse
-        model.reset()
+    watch_ffn(model, ids, lambda li, x, mag: records[li].append(mag), batch)
     return [np.concatenate(r) for r in records]
 
 

@@ -14,13 +14,12 @@ A profile is bound to its model by the model's tensor fingerprint.
 """
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import SparserunError
-from .kernels import ops
+from .activations import watch_ffn
 
 ARCH = "sparserun-profile"
 EDGES = np.logspace(-6, 3, 361).astype(np.float32)  # 360 log bins from 1e-6 to 1e3; below -> first bin
@@ -70,35 +69,15 @@ def record(model, ids, thresholds, batch=256, progress=None):
     count = np.zeros((n_layer, n_ff), np.int64)
     mag = np.zeros((n_layer, n_ff), np.float64)
     hist = np.zeros((n_layer, len(EDGES)), np.int64)
-    original = model.ffn
-
-    def recording_ffn(li, acts):
-        L = model.layers[li]
-        pre = (L.w_gate if L.w_gate is not None else L.w_up).matmul(acts)
-        a = np.empty_like(pre)
-        ops.ffn_activate(pre[:0], pre, model.act_id, a)
-        a = np.abs(a)
+    def on_layer(li, x, a):
         count[li] += (a > thresholds[li]).sum(0)
         mag[li] += a.sum(0)
         zeros = a == 0
         hist[li, 0] += zeros.sum()
         nz = a[~zeros]
         hist[li, 1:] += np.histogram(np.clip(nz, EDGES[0], EDGES[-1] * 0.999), bins=EDGES)[0]
-        return original(li, acts)
 
-    sparse, model.sparse = model.sparse, None
-    model.ffn = recording_ffn
-    t0 = time.perf_counter()
-    try:
-        for s in range(0, len(ids), batch):
-            model.reset()
-            model.eval(ids[s:s + batch])
-            if progress:
-                done = min(len(ids), s + batch)
-                progress(done, len(ids), done / (time.perf_counter() - t0))
-    finally:
-        model.ffn, model.sparse = original, sparse
-        model.reset()
+    watch_ffn(model, ids, on_layer, batch, progress)
     return count, mag, hist
 
 
