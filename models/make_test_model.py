@@ -82,7 +82,7 @@ def planted_firing_rates(n, density, rng, skew=1.3):
     return rng.permutation(p)
 
 
-def plant_sparsity(w, shape, n_vocab, density, rng, alpha=1.0):
+def plant_sparsity(w, shape, n_vocab, density, rng, alpha=1.0, rank=None):
     """Make a ReLU FFN fire for about `density` of neurons per token, with skewed per-neuron rates.
 
     Every token embedding gets a shared component alpha*sqrt(dim)*u (u a fixed unit vector), so after
@@ -90,6 +90,8 @@ def plant_sparsity(w, shape, n_vocab, density, rng, alpha=1.0):
     projection on u, a bias b_i = sigma * Phi^-1(1 - p_i) against the token-specific part of its input
     (std sigma), so neuron i fires with probability about p_i. Deeper layers drift from this; measure
     the result (`sparserun profile`, bench's kept fraction) rather than assume it.
+    With `rank`, every layer's gate rows are drawn from a rank-`rank` basis, so which neurons fire is a
+    low-rank function of the input, the structure activation predictors (Deja Vu) rely on in real LLMs.
     """
     from statistics import NormalDist
 
@@ -101,6 +103,9 @@ def plant_sparsity(w, shape, n_vocab, density, rng, alpha=1.0):
     shrink = np.sqrt(1.0 + alpha * alpha)  # RMSNorm divides by this (|z|^2 ~ d plus the shared part)
     for i in range(shape.layers):
         g = w[f"blk.{i}.ffn_gate.weight"].astype(np.float64)
+        if rank:
+            basis = rng.standard_normal((rank, d)) / np.sqrt(d)
+            g = rng.standard_normal((shape.ff, rank)) @ basis / np.sqrt(rank)
         g -= np.outer(g @ u, u)  # the random part ignores u; only the planted bias reads it
         sigma = np.linalg.norm(g, axis=1) / shrink  # std of g_i . z / shrink for z ~ N(0, I)
         p = planted_firing_rates(shape.ff, density, rng)
@@ -138,7 +143,7 @@ def random_weights(shape, n_vocab, rng):
     return w
 
 
-def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None):
+def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None, planted_rank=None):
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(f"sparserun-test-{shape.dim}x{shape.layers}")
@@ -158,7 +163,7 @@ def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None):
         writer.add_string("llama.ffn_activation", activation)
     weights = random_weights(shape, n_vocab, rng)
     if planted is not None:
-        plant_sparsity(weights, shape, n_vocab, 1.0 - planted, rng)
+        plant_sparsity(weights, shape, n_vocab, 1.0 - planted, rng, rank=planted_rank)
     for name, arr in weights.items():
         if arr.ndim == 1 or qtype == GGMLQuantizationType.F32 or name.endswith("norm.weight"):
             writer.add_tensor(name, arr)
@@ -187,7 +192,8 @@ def llama_quantize(src, dst, ftype_name, threads=2):
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {dst}")
 
 
-def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activation="silu", planted=None, **shape_kw):
+def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activation="silu", planted=None,
+               planted_rank=None, **shape_kw):
     """Write a random llama GGUF to path and return path. shape: a Shape or a preset name; shape_kw
     override its fields (dim=, ff=, layers=, heads=, kv_heads=, ctx=, tied=). planted: a target
     fraction of zero FFN activations (e.g. 0.9) for a ReLU model with planted, skewed sparsity."""
@@ -203,11 +209,11 @@ def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activa
         raise FileNotFoundError(f"vocabulary GGUF {vocab} not found (pass vocab=...)")
     path = Path(path)
     if type in DIRECT_TYPES:
-        _write(path, shape, vocab, DIRECT_TYPES[type], seed, activation, planted)
+        _write(path, shape, vocab, DIRECT_TYPES[type], seed, activation, planted, planted_rank)
     else:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             f32 = Path(tmp) / "f32.gguf"
-            _write(f32, shape, vocab, GGMLQuantizationType.F32, seed, activation, planted)
+            _write(f32, shape, vocab, GGMLQuantizationType.F32, seed, activation, planted, planted_rank)
             llama_quantize(f32, path, type)
     return path
 
@@ -223,13 +229,15 @@ def main(argv=None):
     ap.add_argument("--activation", default="silu", choices=["silu", "relu", "gelu"])
     ap.add_argument("--planted-sparsity", type=float, dest="planted", metavar="FRAC",
                     help="ReLU model whose FFN activations are about FRAC zeros, with power-law neuron hotness")
+    ap.add_argument("--planted-rank", type=int, dest="planted_rank", metavar="R",
+                    help="with --planted-sparsity: gate rows from a rank-R basis (low-rank predictable activations)")
     ap.add_argument("--vocab", default=str(DEFAULT_VOCAB), help="GGUF to copy the tokenizer from")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     kw = {k: getattr(a, k) for k in ("dim", "ff", "layers", "heads", "kv_heads", "ctx") if getattr(a, k) is not None}
     if a.tied:
         kw["tied"] = True
-    p = make_model(a.out, a.type, a.preset, a.seed, a.vocab, a.activation, a.planted, **kw)
+    p = make_model(a.out, a.type, a.preset, a.seed, a.vocab, a.activation, a.planted, a.planted_rank, **kw)
     print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
 
 

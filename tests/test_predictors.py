@@ -108,3 +108,10 @@ def test_train_predictors_cli_and_bench_share(stories, tmp_path):
     assert r.returncode == 0, r.stderr
     row = next(x for x in json.loads(j.read_text())["results"] if x["test"] == "tg8" and x["mode"].startswith("sparse"))
     assert 0.0 < row["predictor_share"] < 1.0 and "predictor time as a share" in r.stdout
+
+
+def test_planted_rank_makes_gates_low_rank(make_model):
+    """--planted-rank R draws gate rows from a rank-R basis (plus the shared planted direction)."""
+    m = sparserun.load(make_model("F32", shape="small", planted=0.9, planted_rank=12))
+    s = np.linalg.svd(m.layers[0].w_gate.dequantize().astype(np.float64), compute_uv=False)
+    assert s[12] > 1e-3 * s[0] and s[13] < 1e-5 * s[0]  # 12 basis directions + 1 bias direction
