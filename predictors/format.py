@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparserun.errors import SparserunError
+from sparserun.gguf_file import read_side_file, write_side_file
 
 from .lowrank import LayerPredictor
 
@@ -25,37 +26,20 @@ class PredictorSet:
     target_recall: float
 
     def save(self, path):
-        from gguf import GGUFWriter
-
-        w = GGUFWriter(str(path), ARCH)
-        w.add_string("sparserun.predictors.model_fingerprint", self.fingerprint)
-        w.add_float32("sparserun.predictors.target_recall", float(self.target_recall))
-        w.add_tensor("decision_thresholds", np.array([p.threshold for p in self.layers], np.float32))
-        w.add_tensor("label_thresholds", self.label_thresholds.astype(np.float32))
-        for i, p in enumerate(self.layers):
-            w.add_tensor(f"blk.{i}.w1", np.ascontiguousarray(p.w1.T, np.float32))
-            w.add_tensor(f"blk.{i}.b1", p.b1.astype(np.float32))
-            w.add_tensor(f"blk.{i}.w2", np.ascontiguousarray(p.w2.T, np.float32))
-            w.add_tensor(f"blk.{i}.b2", p.b2.astype(np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        tensors = {"decision_thresholds": np.array([p.threshold for p in self.layers], np.float32),
+                   "label_thresholds": self.label_thresholds}
+        for i, p in enumerate(self.layers):  # both matrices row-per-output: the runtime kernels are row dots
+            tensors.update({f"blk.{i}.w1": p.w1.T, f"blk.{i}.b1": p.b1, f"blk.{i}.w2": p.w2.T, f"blk.{i}.b2": p.b2})
+        write_side_file(path, ARCH, {"sparserun.predictors.model_fingerprint": self.fingerprint,
+                                     "sparserun.predictors.target_recall": float(self.target_recall)}, tensors)
 
 
 def load_predictors(path, model=None):
     """Read a predictor file; with `model`, refuse one made for another model or of the wrong shape."""
-    from gguf import GGUFReader
-
     if not os.path.exists(path):
         raise SparserunError(f"{path}: no such predictor file")
     try:
-        r = GGUFReader(str(path))
-        meta = {k: f.contents() for k, f in r.fields.items()}
-        if meta.get("general.architecture") != ARCH:
-            raise ValueError("not a sparserun predictor file")
-        t = {x.name: np.array(x.data, dtype=np.float32).reshape([int(d) for d in reversed(x.shape)])
-             for x in r.tensors}
+        meta, t = read_side_file(path, ARCH)
         thr = t["decision_thresholds"].reshape(-1)
         layers = [LayerPredictor(np.ascontiguousarray(t[f"blk.{i}.w1"].T), t[f"blk.{i}.b1"].reshape(-1),
                                  np.ascontiguousarray(t[f"blk.{i}.w2"].T), t[f"blk.{i}.b2"].reshape(-1), float(thr[i]))

@@ -138,3 +138,36 @@ class GGUFFile:
 
 
 assert all(GGML_QUANT_SIZES[GGMLQuantizationType(q)] == BLOCKS[q] for q in BLOCKS)
+
+
+def write_side_file(path, arch, values, tensors):
+    """Write one of the project's own files (profile, predictors): a GGUF with architecture `arch`,
+    string / int / float keys `values` and float32 `tensors` (numpy-shaped)."""
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), arch)
+    for key, v in values.items():
+        if isinstance(v, str):
+            w.add_string(key, v)
+        elif isinstance(v, int):
+            w.add_uint64(key, v)
+        else:
+            w.add_float32(key, float(v))
+    for name, a in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def read_side_file(path, arch):
+    """(metadata dict, float32 tensors in numpy shape) of a file written by write_side_file. Raises on a
+    file that is not a GGUF of architecture `arch`; callers turn that into their one-line error."""
+    reader = GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    if meta.get("general.architecture") != arch:
+        raise ValueError(f"architecture is {meta.get('general.architecture')!r}, not {arch!r}")
+    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+               for t in reader.tensors}
+    return meta, tensors

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import SparserunError
+from .gguf_file import read_side_file, write_side_file
 from .activations import watch_ffn
 
 ARCH = "sparserun-profile"
@@ -104,36 +105,22 @@ def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, p
 
 
 def save_profile(profile, path):
-    from gguf import GGUFWriter
-
-    w = GGUFWriter(str(path), ARCH)
-    w.add_string("sparserun.profile.model_fingerprint", profile.fingerprint)
-    w.add_uint64("sparserun.profile.tokens", profile.tokens)
-    w.add_string("sparserun.profile.activation", profile.activation)
-    w.add_tensor("hist_edges", profile.edges.astype(np.float32))
-    w.add_tensor("thresholds", profile.thresholds.astype(np.float32))
+    tensors = {"hist_edges": profile.edges, "thresholds": profile.thresholds}
     for li in range(profile.frequency.shape[0]):
-        w.add_tensor(f"blk.{li}.frequency", profile.frequency[li].astype(np.float32))
-        w.add_tensor(f"blk.{li}.mean_magnitude", profile.mean_magnitude[li].astype(np.float32))
-        w.add_tensor(f"blk.{li}.histogram", profile.histogram[li].astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        tensors[f"blk.{li}.frequency"] = profile.frequency[li]
+        tensors[f"blk.{li}.mean_magnitude"] = profile.mean_magnitude[li]
+        tensors[f"blk.{li}.histogram"] = profile.histogram[li]
+    write_side_file(path, ARCH, {"sparserun.profile.model_fingerprint": profile.fingerprint,
+                                 "sparserun.profile.tokens": int(profile.tokens),
+                                 "sparserun.profile.activation": profile.activation}, tensors)
 
 
 def load_profile(path, model=None):
     """Read a profile; with `model`, refuse one made for another model. Errors are one line."""
-    from gguf import GGUFReader
-
     if not os.path.exists(path):
         raise SparserunError(f"{path}: no such profile file")
     try:
-        r = GGUFReader(str(path))
-        meta = {k: f.contents() for k, f in r.fields.items()}
-        t = {x.name: np.array(x.data, dtype=np.float32) for x in r.tensors}
-        if meta.get("general.architecture") != ARCH:
-            raise ValueError("not a sparserun profile")
+        meta, t = read_side_file(path, ARCH)
         n_layer = len(t["thresholds"])
         p = Profile(str(meta["sparserun.profile.model_fingerprint"]), int(meta["sparserun.profile.tokens"]),
                     str(meta["sparserun.profile.activation"]),
