@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import SparserunError
 
-MODES = ("dense", "sparse", "llama.cpp")
+MODES = ("dense", "sparse", "llama.cpp")  # and hybrid:F (F of the model's device size on the GPU, 0 < F <= 1)
 DEFAULT_TEXT = ("Once upon a time, in a small village by the sea, there lived an old fisherman and his wife. "
                 "Every morning he rowed out past the rocks, and every evening he came home with a basket of "
                 "fish, which his wife sold at the market. One day the sea was calm and strangely quiet.")
@@ -107,6 +107,16 @@ def fidelity(model, ffn, ids, dense_logits):
             "kept_mean": float(ffn.kept_fraction().mean()), "tokens": len(ids)}
 
 
+def hybrid_fraction(mode):
+    try:
+        f = float(mode.split(":", 1)[1])
+    except (IndexError, ValueError):
+        f = -1.0
+    if not 0.0 < f <= 1.0:
+        raise SparserunError(f"bench mode {mode!r}: write hybrid:F with F the fraction of the model on the GPU, 0 < F <= 1")
+    return f
+
+
 def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3, threads=None, sparsity=("threshold:0",),
               text=None, fidelity_tokens=64, progress=None):
     """Returns a dict: model facts, one row per (mode, test) with t/s median and sd, and fidelity of
@@ -117,9 +127,10 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
     from .sparse_ffn import SparseFFN
     from .sparsity import parse_sparsity
 
-    bad = [m for m in modes if m not in MODES]
+    hybrids = [hybrid_fraction(m) for m in modes if m.startswith("hybrid")]
+    bad = [m for m in modes if m not in MODES and not m.startswith("hybrid")]
     if bad:
-        raise SparserunError(f"unknown bench mode {bad[0]!r} (choose from {', '.join(MODES)})")
+        raise SparserunError(f"unknown bench mode {bad[0]!r} (choose from {', '.join(MODES)}, hybrid:F)")
     if reps < 1 or n_prompt < 0 or n_gen < 0 or (n_prompt == 0 and n_gen == 0):
         raise SparserunError("bench needs -r >= 1 and at least one of -p / -n above 0")
     policies = [parse_sparsity(s) for s in sparsity] if "sparse" in modes else []
@@ -134,9 +145,22 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
             runners["dense"] = SparserunRunner(model)
         for pol in policies:
             runners[f"sparse {pol.spec}"] = SparserunRunner(model, SparseFFN(model, pol))
-        for r in runners.values():  # compile / page in before any timing
-            r.pp(list(range(1, 9)))
-            r.tg(max(bos, 0), 2)
+    for frac in hybrids:  # each its own model: its weights and FFN live partly on the GPU
+        from .hybrid import install, make_placement, resolve_device
+        from .placement import device_bytes
+
+        hm = sparserun.load(path, threads=threads, n_ctx=n_ctx, sparsity=sparsity[0])
+        if resolve_device("cuda") == "cuda":
+            install(hm, make_placement(hm, frac * device_bytes(hm) / 2**30))
+        n_vocab, bos = hm.n_vocab, hm.tokenizer.bos_id
+        name = f"hybrid {frac:g} {hm.policy.spec}"
+        runners[name] = SparserunRunner(hm, hm.sparse)
+        if progress:
+            progress(0, 0, f"{name}: {hm.placement.summary()}")
+    for r in runners.values():  # compile / page in before any timing
+        r.pp(list(range(1, 9)))
+        r.tg(max(bos, 0), 2)
+    if model is not None:
         if policies:
             ids = model.tokenize(text or DEFAULT_TEXT)[:fidelity_tokens]
             model.sparse = None

@@ -17,15 +17,30 @@ Sparsity = typer.Option("dense", "--sparsity", help="FFN sparsity: dense | topk:
                         "comma-separated) | threshold:T (value, per-layer values, or a thresholds JSON file)")
 
 
-def _load(model, threads, ctx, sparsity="dense"):
+Device = typer.Option(None, "--device", help="cpu | cuda | auto (default: auto with --vram-budget or --placement, "
+                      "else cpu); auto falls back to the CPU with one line when no CUDA GPU works")
+VramBudget = typer.Option(None, "--vram-budget", help="GiB of GPU memory for hot neurons, attention and output head "
+                          "(placed on the fly from <model>.profile.gguf or --profile); default with a GPU: all")
+PlacementOpt = typer.Option(None, "--placement", help="a placement file from `sparserun place` (instead of planning)")
+ProfileOpt = typer.Option(None, "--profile", help="profile that ranks neurons for an on-the-fly placement")
+
+
+def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, placement=None, profile=None):
     from . import kernels
     from .model import load
     from .sparsity import parse_sparsity
 
     policy = parse_sparsity(sparsity)  # a bad spec fails before anything loads
+    for f in (placement, profile):
+        if f is not None and not Path(f).is_file():
+            raise SparserunError(f"{f}: no such file")
     if not kernels.cache_is_warm():
         sys.stderr.write("sparserun: compiling numba kernels (first start only; cached for the next runs)...\n")
-    return load(model, threads=threads, n_ctx=ctx, sparsity=policy)
+    m = load(model, threads=threads, n_ctx=ctx, sparsity=policy, device=device, vram_budget=vram_budget,
+             placement=placement, profile=profile)
+    if m.placement is not None:
+        sys.stderr.write(f"sparserun: hybrid CPU/GPU: {m.placement.summary()}\n")
+    return m
 
 
 def _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed):
@@ -62,6 +77,10 @@ def generate(
     ctx: int = Ctx,
     sparsity: str = Sparsity,
     timing: bool = typer.Option(True, "--timing/--no-timing", help="print a tokens/s line on stderr at the end"),
+    device: Optional[str] = Device,
+    vram_budget: Optional[float] = VramBudget,
+    placement: Optional[Path] = PlacementOpt,
+    profile: Optional[Path] = ProfileOpt,
 ):
     """Continue a prompt, streaming the text to stdout."""
     from .generate import GenerationStats
@@ -69,7 +88,7 @@ def generate(
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     if n < 0:
         raise SparserunError(f"--n-predict must be >= 0, got {n}")
-    m = _load(model, threads, ctx, sparsity)
+    m = _load(model, threads, ctx, sparsity, device, vram_budget, placement, profile)
     stats = GenerationStats()
     sys.stdout.write(prompt)
     try:
@@ -99,6 +118,10 @@ def chat(
     threads: Optional[int] = Threads,
     ctx: int = Ctx,
     sparsity: str = Sparsity,
+    device: Optional[str] = Device,
+    vram_budget: Optional[float] = VramBudget,
+    placement: Optional[Path] = PlacementOpt,
+    profile: Optional[Path] = ProfileOpt,
 ):
     """Chat with a model: /help for commands, \"\"\" for multi-line input, Ctrl-C stops an answer.
 
@@ -106,7 +129,7 @@ def chat(
     from .chat import run_chat
 
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    m = _load(model, threads, ctx, sparsity)
+    m = _load(model, threads, ctx, sparsity, device, vram_budget, placement, profile)
     run_chat(m, system=system, params=params, max_tokens=max_tokens)
 
 
@@ -116,7 +139,8 @@ def bench(
     n_prompt: int = typer.Option(64, "-p", "--n-prompt", help="prompt-processing test length (0 = skip)"),
     n_gen: int = typer.Option(32, "-n", "--n-gen", help="decode test length (0 = skip)"),
     reps: int = typer.Option(3, "-r", "--repetitions", help="repetitions (interleaved across modes)"),
-    modes: str = typer.Option("dense,sparse,llama.cpp", "--modes", help="comma-separated: dense, sparse, llama.cpp"),
+    modes: str = typer.Option("dense,sparse,llama.cpp", "--modes", help="comma-separated: dense, sparse, llama.cpp, "
+                              "hybrid:F (F of the model on the GPU, 0 < F <= 1; the first --sparsity policy)"),
     sparsity: list[str] = typer.Option(["threshold:0"], "--sparsity",
                                        help="policy of the sparse mode; repeat for several sparse modes"),
     text: Optional[Path] = typer.Option(None, "--text", help="text for the fidelity figures (default: built in)"),
@@ -197,7 +221,7 @@ def profile(
     model: Path = ModelArg,
     corpus: Path = typer.Option(..., "--corpus", help="text file to run the model over"),
     tokens: int = typer.Option(4096, "--tokens", help="tokens of the corpus to use at most"),
-    out: Path = typer.Option(Path("profile.gguf"), "-o", "--output", help="profile file to write (GGUF)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="profile file (default: <model>.profile.gguf)"),
     sparsity: float = typer.Option(0.5, "--target-sparsity",
                                    help="SwiGLU: 'active' means above the thresholds for this sparsity"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the hotness picture and CDF to this PNG"),
@@ -211,12 +235,43 @@ def profile(
     m = _load(model, threads, 256)
     ids = _corpus_ids(m, corpus, tokens)
     p = profile_model(m, ids, target_sparsity=sparsity, progress=stderr_progress)
+    out = out or Path(str(model) + ".profile.gguf")
     save_profile(p, out)
     typer.echo(format_summary(p))
     typer.echo(f"wrote {out}")
     if plot is not None:
         plot_profile(p, plot)
         typer.echo(f"wrote {plot}")
+
+
+@app.command()
+def place(
+    model: Path = ModelArg,
+    profile: Optional[Path] = typer.Option(None, "--profile", help="neuron hotness (default: <model>.profile.gguf)"),
+    vram_budget: float = typer.Option(..., "--vram-budget", help="GiB of GPU memory to fill"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="placement file (default: <model>.placement.gguf)"),
+    predictor: bool = typer.Option(False, "--for-predictor", help="plan for the predictor policy (no dense CPU gate)"),
+):
+    """Decide which neurons, attention blocks and output head go to the GPU under a VRAM budget."""
+    from .hybrid import default_profile_path, make_placement
+    from .model import Model
+    from .placement import device_bytes, save_placement
+
+    if vram_budget < 0:
+        raise SparserunError(f"--vram-budget must be >= 0 GiB, got {vram_budget}")
+    m = Model(model, n_ctx=1)
+    if profile is None and not Path(default_profile_path(model)).is_file():
+        raise SparserunError(f"no profile: run `sparserun profile {model} --corpus FILE` first, or pass --profile")
+    if profile is not None and not profile.is_file():
+        raise SparserunError(f"{profile}: no such profile file")
+    p = make_placement(m, vram_budget, profile=profile, gate_dense=not predictor)
+    out = out or Path(str(model) + ".placement.gguf")
+    save_placement(p, out)
+    typer.echo(f"{p.summary()} (the whole model on the device: {device_bytes(m) / 2**30:.3f} GiB)")
+    for li, g in enumerate(p.gpu_neurons):
+        typer.echo(f"  layer {li:2d}: {len(g):6d} of {m.args.n_ff} neurons on GPU, attention "
+                   f"{'GPU' if p.attn_gpu[li] else 'CPU'}")
+    typer.echo(f"wrote {out}")
 
 
 @app.command("train-predictors")

@@ -5,6 +5,7 @@ One token's path: embedding row -> per layer [RMSNorm -> q,k,v matmuls -> RoPE -
 attention -> output matmul -> residual -> RMSNorm -> FFN (self.ffn, the hook the sparse policies
 replace) -> residual] -> final RMSNorm -> output head -> logits.
 """
+import sys
 import time
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ class Model:
         self.v_cache = np.zeros((a.n_layer, self.n_ctx, a.kv_dim), np.float32)
         self.cached = []  # tokens whose keys/values are in the cache, in order
         self._tokenizer = None
+        self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
         self.set_sparsity(sparsity, predictor)
 
     def set_sparsity(self, sparsity="dense", predictor=None):
@@ -78,9 +80,14 @@ class Model:
         from .sparse_ffn import SparseFFN
         from .sparsity import parse_sparsity
 
-        self.policy = parse_sparsity(sparsity)
+        self.policy, self.predictor_arg = parse_sparsity(sparsity), predictor
         dense = self.policy.is_dense and predictor is None
-        self.sparse = None if dense else SparseFFN(self, self.policy, predictor)
+        if self.placement is not None:
+            from .hybrid import HybridFFN
+
+            self.sparse = HybridFFN(self, self.policy, predictor, self.placement)
+        else:
+            self.sparse = None if dense else SparseFFN(self, self.policy, predictor)
         self.cached.clear()  # cached keys/values were computed under the previous policy
 
     # ---- tokenizer ----
@@ -206,9 +213,19 @@ class ContextFullError(SparserunError):
         self.n_ctx, self.needed = n_ctx, needed
 
 
-def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None):
-    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity="dense")."""
+def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, device=None,
+         vram_budget=None, placement=None, profile=None, err=sys.stderr):
+    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity="dense").
+
+    device: "cpu", "cuda" or "auto" (None: auto when vram_budget is given, else cpu); vram_budget in GiB
+    (None with a GPU: the whole model); placement: a `sparserun place` file; profile: the profile that an
+    on-the-fly placement ranks neurons by (default <model>.profile.gguf when it exists). See hybrid.py."""
     t0 = time.perf_counter()
     m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch, sparsity=sparsity, predictor=predictor)
+    if device is not None or vram_budget is not None or placement is not None:
+        from .hybrid import install, make_placement, resolve_device
+
+        if resolve_device(device, vram_budget if placement is None else 0, err) == "cuda":
+            install(m, make_placement(m, vram_budget, placement, profile, gate_dense=m.policy.kind != "predictor"))
     m.load_seconds = time.perf_counter() - t0
     return m

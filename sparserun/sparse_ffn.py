@@ -12,16 +12,21 @@ a callable (layer, x (T, dim)) -> list of T int arrays of neuron ids.
 Prompt batches (T > 1), and decode tokens that keep more than DENSE_ABOVE of the neurons (where the
 gathered kernels stop paying: benchmarks/ffn_kernels.py), run the dense kernels and zero the dropped
 neurons per token: the same selection, exact, with the original weights.
+
+With `cpu_neurons` (the CPU/GPU hybrid, hybrid.py) the FFN computes only the neurons it owns: its gate
+(and, for the dense paths, up) rows are gathered once into contiguous copies, selection runs over the owned
+neurons alone, and the result is the owned neurons' part of the FFN output (the GPU adds the rest).
 """
 import os
 
 import numpy as np
 
 from .down_layout import NeuronMajorDown, cache_root
+from .gguf_file import RawTensor
 from .kernels import ops
 from .kernels import quant as K
 from .kernels import sparse as S
-from .weights import Acts
+from .weights import Acts, Weight
 
 DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than gathering
 
@@ -38,8 +43,14 @@ def gather_rows(w, acts, idx, n, out):
     return out[:n]
 
 
+def row_subset(w, ids):
+    """A Weight made of rows ids of w (a contiguous copy: the gathered rows are read as one matrix)."""
+    raw = np.ascontiguousarray(w.raw.reshape(w.rows, w.row_bytes)[ids]).reshape(-1)
+    return Weight(RawTensor(f"{w.name}[subset]", w.qtype, len(ids), w.cols, raw, w.row_bytes))
+
+
 class SparseFFN:
-    def __init__(self, model, policy, predictor=None):
+    def __init__(self, model, policy, predictor=None, cpu_neurons=None):
         a = model.args
         if policy.kind == "predictor" and predictor is None:  # --sparsity predictor[:FILE]
             from .predictor_policy import load_policy
@@ -57,6 +68,21 @@ class SparseFFN:
         self.buf = np.empty((2, a.n_ff), np.float32)  # scratch rows for the gathered gate / up
         self.kept = np.zeros(a.n_layer)  # sum over tokens of the kept fraction, per layer
         self.tokens = np.zeros(a.n_layer)
+        # the neurons this FFN owns, per layer: all of them, or the hybrid's CPU share
+        self.own = [None] * a.n_layer  # None: all; else sorted global ids (n_own,)
+        self.local = [None] * a.n_layer  # None: identity; else (n_ff,) global id -> position in own, -1 if not owned
+        self.gate_w = [L.w_gate for L in model.layers]
+        self.up_w = [L.w_up for L in model.layers]
+        if cpu_neurons is not None:
+            for li, (L, ids) in enumerate(zip(model.layers, cpu_neurons)):
+                ids = np.ascontiguousarray(ids, np.int64)
+                if len(ids) == a.n_ff:
+                    continue
+                self.own[li] = ids
+                self.local[li] = np.full(a.n_ff, -1, np.int64)
+                self.local[li][ids] = np.arange(len(ids))
+                self.gate_w[li] = row_subset(L.w_gate, ids) if L.w_gate is not None else None
+                self.up_w[li] = row_subset(L.w_up, ids)
 
     def reset_stats(self):
         self.kept[:] = 0
@@ -75,11 +101,23 @@ class SparseFFN:
         ops.ffn_activate(x[:0], x, self.act_id, out)  # non-gated form: out = act(x)
         return out
 
+    def _owned(self, li, ids):
+        """The owned part of a predicted (global) neuron set."""
+        ids = np.asarray(ids, np.int64)
+        return ids if self.local[li] is None else ids[self.local[li][ids] >= 0]
+
+    def _to_global(self, li, idx, n):
+        if self.own[li] is not None:
+            idx[:n] = self.own[li][idx[:n]]
+
     def __call__(self, li, acts):
         L = self.model.layers[li]
         T = acts.x.shape[0]
         predicted = self.predictor(li, acts.x) if self.predictor is not None else None
-        if T > 1 or (predicted is not None and len(predicted[0]) > DENSE_ABOVE * self.n_ff):
+        if predicted is not None:
+            predicted = [self._owned(li, p) for p in predicted]
+        if T > 1 or self.policy.is_dense and predicted is None or (
+                predicted is not None and len(predicted[0]) > DENSE_ABOVE * self.n_ff):
             return self._masked(li, L, acts, predicted)
         idx = self.idx
         if predicted is not None:
@@ -93,42 +131,59 @@ class SparseFFN:
             else:
                 h = self._act(u[None])[0]
         elif L.w_gate is not None:
-            a = self._act(L.w_gate.matmul(acts))[0]  # (n_ff,) act(gate), computed densely
+            a = self._act(self.gate_w[li].matmul(acts))[0]  # (n_own,) act(gate) of every owned neuron
             n = self._select(li, a, idx)
             if n > DENSE_ABOVE * self.n_ff:
-                return self._dense_rest(li, L, acts, a, idx[:n], L.w_up.matmul(acts)[0])
-            h = a[idx[:n]] * gather_rows(L.w_up, acts, idx, n, self.buf[1])
+                return self._dense_rest(li, L, acts, a, idx[:n], self.up_w[li].matmul(acts)[0])
+            h = a[idx[:n]]
+            self._to_global(li, idx, n)
+            h = h * gather_rows(L.w_up, acts, idx, n, self.buf[1])
         else:
-            u = L.w_up.matmul(acts)[0]
+            u = self.up_w[li].matmul(acts)[0]
             a = self._act(u[None])[0]
             n = self._select(li, a, idx)
             if n > DENSE_ABOVE * self.n_ff:
                 return self._dense_rest(li, L, acts, a, idx[:n], None)
             h = np.ascontiguousarray(a[idx[:n]])
+            self._to_global(li, idx, n)
         self.kept[li] += n / self.n_ff
         self.tokens[li] += 1
         out = np.empty((1, L.w_down.rows), np.float32)
         self.down[li].axpy(idx, np.ascontiguousarray(h, np.float32), n, out[0])
         return out
 
+    def _scatter(self, li, h):
+        """(T, n_own) -> (T, n_ff) with zeros on the neurons not owned (the down matmul reads all columns)."""
+        if self.own[li] is None:
+            return h
+        full = np.zeros((h.shape[0], self.n_ff), np.float32)
+        full[:, self.own[li]] = h
+        return full
+
     def _dense_rest(self, li, L, acts, a, keep, u):
-        """One token keeping many neurons: up (if not yet computed) and down densely, dropped ones zeroed."""
+        """One token keeping many neurons: up and down densely, dropped ones zeroed (a, keep, u: owned space)."""
         h = np.zeros_like(a)
         h[keep] = a[keep] if u is None else a[keep] * u[keep]  # non-gated: h = act(up), already in a
         self.kept[li] += len(keep) / self.n_ff
         self.tokens[li] += 1
-        return L.w_down.matmul(Acts(h[None]))
+        return L.w_down.matmul(Acts(self._scatter(li, h[None])))
 
     def _masked(self, li, L, acts, predicted):
-        """Prompt batch: dense matmuls, dropped neurons zeroed per token (same selection as decode)."""
-        u = L.w_up.matmul(acts)  # (T, n_ff)
-        a = self._act(L.w_gate.matmul(acts) if L.w_gate is not None else u)  # (T, n_ff) act(gate) or act(up)
+        """Prompt batch (or the dense policy): dense matmuls over the owned neurons, dropped neurons zeroed per
+        token (the same selection as decode)."""
+        u = self.up_w[li].matmul(acts)  # (T, n_own)
+        a = self._act(self.gate_w[li].matmul(acts) if L.w_gate is not None else u)  # (T, n_own) act(gate) or act(up)
         h = a * u if L.w_gate is not None else a
-        idx = np.empty(self.n_ff, np.int64)
-        mask = np.zeros(self.n_ff, bool)
+        n_own = h.shape[1]
+        idx = np.empty(n_own, np.int64)
+        mask = np.zeros(n_own, bool)
         for t in range(h.shape[0]):
             if predicted is not None:
-                keep = np.asarray(predicted[t])
+                keep = predicted[t] if self.local[li] is None else self.local[li][predicted[t]]
+            elif self.policy.is_dense:
+                self.kept[li] += n_own / self.n_ff
+                self.tokens[li] += 1
+                continue
             else:
                 keep = idx[:self._select(li, a[t], idx)]
             mask[:] = False
@@ -136,4 +191,4 @@ class SparseFFN:
             h[t, ~mask] = 0.0
             self.kept[li] += len(keep) / self.n_ff
             self.tokens[li] += 1
-        return L.w_down.matmul(Acts(h))
+        return L.w_down.matmul(Acts(self._scatter(li, h)))

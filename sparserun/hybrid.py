@@ -1,0 +1,206 @@
+"""CPU/GPU hybrid execution (PowerInfer's split): the placement's hot FFN neurons, attention projections and
+output head run on a CUDA GPU through numba.cuda; the cold neurons stay in RAM and run sparsely on the CPU.
+
+Per layer and token batch x (T, dim):
+    GPU  (async on a stream)  h_hot = act(G_hot x) * (U_hot x), dropped neurons zeroed   (T, n_hot)
+                              y_gpu = h_hot @ D_hot                                       (T, dim)
+    CPU  (meanwhile)          y_cpu = SparseFFN over the cold neurons only (sparse_ffn.py) (T, dim)
+    y = y_cpu + y_gpu         (the stream is synchronized only here, so the two halves overlap)
+The same per-neuron keep rule runs on both sides (threshold, ReLU zeros, a predictor's set), so the hybrid
+computes the CPU path's FFN exactly, up to float rounding: F32 models are placed as float32 (tight equality,
+tested), other types as float16 rows dequantized from the file (the CPU keeps its int8-activation kernels).
+topk ranks all of a layer's neurons together and cannot be split; it is refused with --device cuda.
+Attention projections of placed layers and the output head are GPU matvecs (DeviceWeight); the KV cache and
+the attention over it stay on the CPU. Nothing here is imported unless a GPU path is asked for.
+"""
+import os
+import sys
+
+import numpy as np
+
+from .errors import SparserunError
+from .placement import device_itemsize
+
+GIB = 1 << 30
+
+
+def cuda_status():
+    """(usable, why not): a CUDA GPU numba can launch a kernel on (or the simulator, NUMBA_ENABLE_CUDASIM=1)."""
+    try:
+        from numba import cuda
+    except Exception as e:  # pragma: no cover - numba without its cuda target
+        return False, f"numba.cuda cannot be imported ({e})"
+    try:
+        if not cuda.is_available():
+            return False, "no CUDA driver or GPU found"
+        probe = cuda.to_device(np.arange(4, dtype=np.float32))
+        if float(probe.copy_to_host()[3]) != 3.0:
+            return False, "the GPU returned wrong data"
+    except Exception as e:
+        return False, f"CUDA failed: {str(e).splitlines()[0][:120]}"
+    return True, ""
+
+
+def resolve_device(device, vram_budget=None, err=sys.stderr):
+    """'cpu' or 'cuda' for --device cpu|cuda|auto (None: auto when a VRAM budget is given, else cpu)."""
+    if device is None:
+        device = "auto" if vram_budget is not None else "cpu"
+    if device not in ("cpu", "cuda", "auto"):
+        raise SparserunError(f"--device must be cpu, cuda or auto, got {device!r}")
+    if device == "cpu":
+        if vram_budget is not None:
+            raise SparserunError("--vram-budget needs --device cuda or auto")
+        return "cpu"
+    if vram_budget is not None and vram_budget < 0:
+        raise SparserunError(f"--vram-budget must be >= 0 GiB, got {vram_budget}")
+    ok, why = cuda_status()
+    if ok:
+        return "cuda"
+    if device == "cuda":
+        raise SparserunError(f"--device cuda: {why}")
+    print(f"sparserun: no usable CUDA GPU ({why}); running on the CPU", file=err)
+    return "cpu"
+
+
+def default_profile_path(model_path):
+    return str(model_path) + ".profile.gguf"
+
+
+def make_placement(model, vram_budget=None, placement=None, profile=None, gate_dense=True):
+    """A saved placement (checked against the model), or a plan for vram_budget GiB (None: the whole model)
+    from the profile (a path, or <model>.profile.gguf when it exists; without one every neuron counts as hot)."""
+    from .placement import device_bytes, load_placement, plan
+    from .profile import load_profile
+
+    if placement is not None:
+        return load_placement(placement, model)
+    if profile is None and os.path.exists(default_profile_path(model.path)):
+        profile = default_profile_path(model.path)
+    prof = load_profile(profile, model) if profile is not None else None
+    budget = device_bytes(model) if vram_budget is None else int(vram_budget * GIB)
+    return plan(model, budget, prof, gate_dense=gate_dense)
+
+
+class DeviceWeight:
+    """A weight matrix held on the GPU, transposed (cols, rows) for coalesced reads, with Weight.matmul."""
+
+    def __init__(self, w):
+        from numba import cuda
+
+        self.name, self.qtype, self.rows, self.cols = w.name + "[gpu]", w.qtype, w.rows, w.cols
+        self.n_bytes, self.type_name = w.n_bytes, w.type_name
+        dt = np.float32 if device_itemsize(w) == 4 else np.float16
+        self.wt = cuda.to_device(np.ascontiguousarray(w.dequantize().T.astype(dt)))
+
+    def matmul(self, acts, out=None):
+        from numba import cuda
+
+        from . import gpu_kernels as G
+
+        x = np.ascontiguousarray(acts.x, np.float32)
+        d_out = cuda.device_array((x.shape[0], self.rows), np.float32)
+        blocks, threads = G.grid(self.rows, x.shape[0])
+        G.matvec_t[blocks, threads](self.wt, cuda.to_device(x), d_out)
+        res = d_out.copy_to_host()
+        if out is None:
+            return res
+        out[:] = res
+        return out
+
+
+class HybridFFN:
+    """The FFN hook of a hybrid model: GPU hot part and CPU cold part of every layer, summed."""
+
+    def __init__(self, model, policy, predictor, placement):
+        from numba import cuda
+
+        from .sparse_ffn import SparseFFN
+
+        a = model.args
+        if policy.kind == "topk":
+            raise SparserunError("--sparsity topk ranks all of a layer's neurons together, so it cannot be split "
+                                 "between CPU and GPU: use threshold:... or predictor with --device cuda")
+        self.model, self.placement, self.dim, self.act = model, placement, a.dim, model.act_id
+        hot = [np.asarray(g, np.int64) for g in placement.gpu_neurons]
+        cold = [np.setdiff1d(np.arange(a.n_ff), g) for g in hot]
+        self.predicted = None
+        self.cpu = SparseFFN(model, policy, predictor, cpu_neurons=cold)
+        self.predictor = self.cpu.predictor
+        if self.predictor is not None:  # run it once per layer here; both halves use its answer
+            self.cpu.predictor = lambda li, x: self.predicted
+        self.cpu_empty = [len(c) == 0 for c in cold]
+        if policy.kind == "threshold":
+            thr = [float(t) for t in self.cpu.t]
+        else:  # dense and predictor keep every (predicted) neuron; ReLU zeros cost nothing in the down kernel
+            thr = [-1.0] * a.n_layer
+        self.thr = np.array(thr, np.float32)
+        self.stream = cuda.stream()
+        self.layers = []  # per layer: None, or (hot ids, gate^T, up^T, down neuron-major, hot position map)
+        for li, (L, ids) in enumerate(zip(model.layers, hot)):
+            if len(ids) == 0:
+                self.layers.append(None)
+                continue
+            dt = np.float32 if device_itemsize(L.w_up) == 4 else np.float16
+            up_t = cuda.to_device(np.ascontiguousarray(L.w_up.rows_f32(ids).T.astype(dt)))  # (dim, n_hot)
+            gate_t = (cuda.to_device(np.ascontiguousarray(L.w_gate.rows_f32(ids).T.astype(dt)))
+                      if L.w_gate is not None else cuda.to_device(np.zeros((1, 1), dt)))  # (dim, n_hot)
+            down = cuda.to_device(np.ascontiguousarray(L.w_down.dequantize()[:, ids].T.astype(dt)))  # (n_hot, dim)
+            pos = np.full(a.n_ff, -1, np.int64)
+            pos[ids] = np.arange(len(ids))
+            self.layers.append((ids, gate_t, up_t, down, pos, L.w_gate is not None))
+        self.no_mask = cuda.to_device(np.zeros((1, 1), np.uint8))
+
+    # statistics of the CPU half, as SparseFFN reports them (bench's kept-fraction column)
+    def reset_stats(self):
+        self.cpu.reset_stats()
+
+    def kept_fraction(self):
+        return self.cpu.kept_fraction()
+
+    def __call__(self, li, acts):
+        from numba import cuda
+
+        from . import gpu_kernels as G
+
+        x = np.ascontiguousarray(acts.x, np.float32)  # (T, dim)
+        T = x.shape[0]
+        if self.predictor is not None:
+            self.predicted = self.predictor(li, x)
+        part = self.layers[li]
+        if part is None:
+            return self.cpu(li, acts)
+        ids, gate_t, up_t, down, pos, gated = part
+        s = self.stream
+        n_hot = len(ids)
+        if self.predicted is not None:
+            mask = np.zeros((T, n_hot), np.uint8)
+            for t, p in enumerate(self.predicted):
+                q = pos[np.asarray(p, np.int64)]
+                mask[t, q[q >= 0]] = 1
+            d_mask, use_mask = cuda.to_device(mask, stream=s), True
+        else:
+            d_mask, use_mask = self.no_mask, False
+        d_x = cuda.to_device(x, stream=s)
+        d_h = cuda.device_array((T, n_hot), np.float32, stream=s)
+        d_y = cuda.device_array((T, self.dim), np.float32, stream=s)
+        blocks, threads = G.grid(n_hot, T)
+        G.hot_ffn_in[blocks, threads, s](gate_t, up_t, d_x, gated, self.act, self.thr[li], d_mask, use_mask, d_h)
+        blocks, threads = G.grid(self.dim, T)
+        G.hot_ffn_out[blocks, threads, s](down, d_h, d_y)
+        y_gpu = cuda.pinned_array((T, self.dim), np.float32)
+        d_y.copy_to_host(y_gpu, stream=s)
+        # the CPU's cold part runs while the stream works
+        y = np.zeros((T, self.dim), np.float32) if self.cpu_empty[li] else self.cpu(li, acts)
+        s.synchronize()
+        return y + y_gpu
+
+
+def install(model, placement):
+    """Move the placement's attention projections and output head to the GPU and hook the hybrid FFN."""
+    for li, L in enumerate(model.layers):
+        if placement.attn_gpu[li]:
+            L.wq, L.wk, L.wv, L.wo = (DeviceWeight(w) for w in (L.wq, L.wk, L.wv, L.wo))
+    if placement.output_gpu:
+        model.output = DeviceWeight(model.output)
+    model.placement = placement
+    model.set_sparsity(model.policy, model.predictor_arg)

@@ -1,0 +1,170 @@
+"""What goes to the GPU under a VRAM budget: `sparserun place` and the on-the-fly plan of --vram-budget.
+
+Cost model (what is modelled): decode is memory-bound on the CPU, so the value of moving an item to the GPU is
+the CPU bytes per token it removes, and its cost is the VRAM it takes as stored on the device (float32 rows for
+F32 models, float16 for every other type: see gpu/hybrid.py). Items:
+- one FFN neuron of layer l (its gate row, up row and down column together): VRAM 3 * dim * s (2 * dim * s
+  without a gate), value = the gate row's CPU bytes (the CPU computes the gate of every neuron it owns) plus
+  p * (up row + down column bytes), where p is the neuron's profiled activation frequency;
+- the attention projections of layer l (q, k, v, o): value = their CPU bytes, read for every token;
+- the output head: value = its CPU bytes.
+Not modelled: PCIe transfer and kernel-launch latency (a few vectors of `dim` floats per layer per token), the
+GPU's own time (assumed hidden by the CPU's, which overlaps it), the KV cache (it stays on the CPU), and how
+the activation frequency depends on the text (the profile's corpus stands in for the user's).
+
+Method: take items in decreasing value per VRAM byte, skipping any that no longer fit (greedy).
+Optimality. (1) Within a layer all neurons cost the same c; any set of m of them fits iff m * c fits, so the
+best set of size m is the m highest-valued ones (exchange argument: swapping a chosen neuron for an unchosen one
+of higher value raises the total at equal cost); taking them in decreasing value is therefore optimal. (2) When
+every item costs the same (one weight type, no attention or head items), the whole problem is that case, and
+greedy is exactly optimal. (3) With unequal costs, greedy by value density is optimal for the fractional
+relaxation, and the integral plan it returns is within the value of one skipped item (at most one attention
+block or the head, a few hundredths of the model) of the true 0/1 optimum, since a budget of B' < B filled
+exactly by density order is optimal for B'. Budget 0 places nothing; a budget at least the whole model's
+device size places everything.
+
+File: GGUF side file "sparserun-placement", fingerprint-bound like the profile: per layer blk.N.gpu_neurons
+(neuron ids, float32-stored integers), attn_gpu (n_layer,), output_gpu (1,), and the budget and bytes used.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SparserunError
+from .gguf_file import read_side_file, write_side_file
+
+ARCH = "sparserun-placement"
+
+
+def device_itemsize(w):
+    """Bytes per weight of a matrix once on the device: float32 for F32 weights (exact), float16 otherwise."""
+    return 4 if w.qtype == 0 else 2
+
+
+def cpu_neuron_bytes(w):
+    """CPU bytes of one row of w as the CPU reads it (the file's type)."""
+    return w.row_bytes
+
+
+@dataclass
+class Placement:
+    fingerprint: str
+    budget: int  # bytes of VRAM allowed
+    used: int  # bytes of VRAM the plan takes
+    gpu_neurons: list  # per layer: sorted int64 ids of the neurons on the GPU
+    attn_gpu: np.ndarray  # (n_layer,) bool
+    output_gpu: bool
+    cpu_bytes_removed: float = 0.0  # modelled CPU bytes per token moved to the GPU
+    cpu_bytes_total: float = 0.0  # modelled CPU bytes per token with nothing placed
+
+    def summary(self):
+        n = sum(len(g) for g in self.gpu_neurons)
+        return (f"VRAM {self.used / 2**20:.1f} of {self.budget / 2**20:.1f} MiB: {n} FFN neurons, "
+                f"attention of {int(self.attn_gpu.sum())}/{len(self.attn_gpu)} layers, output head "
+                f"{'on GPU' if self.output_gpu else 'on CPU'}; modelled CPU bytes per token "
+                f"-{100 * self.cpu_bytes_removed / max(self.cpu_bytes_total, 1):.0f}%")
+
+    @property
+    def empty(self):
+        return not (self.output_gpu or self.attn_gpu.any() or any(len(g) for g in self.gpu_neurons))
+
+
+def neuron_frequencies(model, profile):
+    """(n_layer, n_ff) activation frequencies from a profile, or all ones (every neuron equally hot) without."""
+    a = model.args
+    if profile is None:
+        return np.ones((a.n_layer, a.n_ff), np.float32)
+    return np.asarray(profile.frequency, np.float32)
+
+
+def greedy(values, costs, budget):
+    """Items in decreasing value per cost (ties: lower index first), each taken if it still fits: a bool mask."""
+    order = np.lexsort((np.arange(len(values)), -(values / costs)))
+    chosen = np.zeros(len(values), bool)
+    used = 0.0
+    for i in order:
+        if used + costs[i] <= budget:
+            chosen[i] = True
+            used += costs[i]
+    return chosen
+
+
+def plan(model, budget_bytes, profile=None, gate_dense=True):
+    """The greedy plan (see the module docstring). gate_dense: the CPU computes the gate of all its neurons (the
+    ReLU / threshold policies); False when a predictor picks neurons before any FFN row is read."""
+    a = model.args
+    freq = neuron_frequencies(model, profile)
+    budget = int(max(0, budget_bytes))
+    values, costs, kinds = [], [], []  # kinds: (0, layer, neuron) | (1, layer) attention | (2,) head
+    for li, L in enumerate(model.layers):
+        gated = L.w_gate is not None
+        s = device_itemsize(L.w_up)
+        c = (3 if gated else 2) * a.dim * s
+        b_gate = cpu_neuron_bytes(L.w_gate) if gated else 0
+        b_rest = cpu_neuron_bytes(L.w_up) + L.w_down.n_bytes / a.n_ff
+        p = freq[li]
+        v = (b_gate if gate_dense else b_gate * p) + p * b_rest
+        values.append(v)
+        costs.append(np.full(a.n_ff, c, np.float64))
+        kinds.append(np.stack([np.zeros(a.n_ff, np.int64), np.full(a.n_ff, li), np.arange(a.n_ff)], 1))
+        attn = [L.wq, L.wk, L.wv, L.wo]
+        values.append(np.array([sum(w.n_bytes for w in attn)], np.float64))
+        costs.append(np.array([sum(w.rows * w.cols * device_itemsize(w) for w in attn)], np.float64))
+        kinds.append(np.array([[1, li, 0]]))
+    out = model.output
+    values.append(np.array([out.n_bytes], np.float64))
+    costs.append(np.array([out.rows * out.cols * device_itemsize(out)], np.float64))
+    kinds.append(np.array([[2, 0, 0]]))
+    values, costs, kinds = np.concatenate(values), np.concatenate(costs), np.concatenate(kinds)
+    chosen = greedy(values, costs, budget)
+    used = int(costs[chosen].sum())
+    gpu = [np.sort(kinds[chosen & (kinds[:, 0] == 0) & (kinds[:, 1] == li), 2]) for li in range(a.n_layer)]
+    attn = np.zeros(a.n_layer, bool)
+    attn[kinds[chosen & (kinds[:, 0] == 1), 1]] = True
+    return Placement(model.gguf.fingerprint(), budget, used, gpu, attn, bool(chosen[kinds[:, 0] == 2].any()),
+                     float(values[chosen].sum()), float(values.sum()))
+
+
+def device_bytes(model):
+    """VRAM the whole model takes on the device (the budget that places everything)."""
+    return plan(model, 1 << 62).used
+
+
+def save_placement(p, path):
+    tensors = {"attn_gpu": p.attn_gpu.astype(np.float32), "output_gpu": np.array([float(p.output_gpu)], np.float32)}
+    for li, g in enumerate(p.gpu_neurons):
+        # float32 holds integers exactly below 2**24; an empty layer is stored as [-1] (GGUF has no empty tensors)
+        tensors[f"blk.{li}.gpu_neurons"] = g.astype(np.float32) if len(g) else np.array([-1.0], np.float32)
+    write_side_file(path, ARCH, {"sparserun.placement.model_fingerprint": p.fingerprint,
+                                 "sparserun.placement.budget_bytes": int(p.budget),
+                                 "sparserun.placement.used_bytes": int(p.used),
+                                 "sparserun.placement.cpu_bytes_removed": float(p.cpu_bytes_removed),
+                                 "sparserun.placement.cpu_bytes_total": float(p.cpu_bytes_total)}, tensors)
+
+
+def load_placement(path, model):
+    """Read a placement and check it against `model` (fingerprint, layer count, neuron ids). One-line errors."""
+    if not os.path.exists(path):
+        raise SparserunError(f"{path}: no such placement file")
+    a = model.args
+    try:
+        meta, t = read_side_file(path, ARCH)
+        fp = str(meta["sparserun.placement.model_fingerprint"])
+        attn = t["attn_gpu"] > 0.5
+        gpu = []
+        for li in range(len(attn)):
+            g = t[f"blk.{li}.gpu_neurons"].astype(np.int64)
+            gpu.append(np.sort(g[g >= 0]))
+        p = Placement(fp, int(meta["sparserun.placement.budget_bytes"]), int(meta["sparserun.placement.used_bytes"]),
+                      gpu, attn, bool(t["output_gpu"][0] > 0.5), float(meta["sparserun.placement.cpu_bytes_removed"]),
+                      float(meta["sparserun.placement.cpu_bytes_total"]))
+    except Exception as e:
+        raise SparserunError(f"{path}: not a valid sparserun placement ({type(e).__name__}: {str(e)[:100]})") from None
+    if p.fingerprint != model.gguf.fingerprint():
+        raise SparserunError(f"{path}: this placement was made for another model (fingerprint {p.fingerprint[:12]}..., "
+                             f"{model.path} is {model.gguf.fingerprint()[:12]}...)")
+    if len(p.gpu_neurons) != a.n_layer or any(len(g) and (g[-1] >= a.n_ff or len(np.unique(g)) != len(g))
+                                              for g in p.gpu_neurons):
+        raise SparserunError(f"{path}: placement does not match the model's shape ({a.n_layer} layers, {a.n_ff} neurons)")
+    return p

@@ -1,0 +1,172 @@
+"""CPU/GPU hybrid: placement (optimality, budgets, file) and the GPU path under numba's CUDA simulator.
+
+conftest.py sets NUMBA_ENABLE_CUDASIM=1 unless the environment says otherwise, so these run without a GPU
+(and on a real one with NUMBA_ENABLE_CUDASIM=0). The simulator interprets every GPU thread in Python, so the
+models here are tiny (dim 64, 2 layers, the 512-token stories260K vocabulary).
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+import sparserun
+from sparserun.errors import SparserunError
+from sparserun.placement import device_bytes, greedy, load_placement, plan, save_placement
+
+IDS = [1, 45, 67, 89, 100, 200]
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERUN_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny(make_model, stories):
+    def mk(type="F32", **kw):
+        return make_model(type, shape="tiny", vocab=stories, **kw)
+    return mk
+
+
+def hybrid_vs_cpu(path, frac, sparsity="dense", predictor=None):
+    """(max |d logit| of a prompt batch, of token-by-token decode, logits' std) hybrid against CPU."""
+    cpu = sparserun.load(path, n_ctx=32, sparsity=sparsity, predictor=predictor)
+    ref = cpu.logits(IDS)
+    hyb = sparserun.load(path, n_ctx=32, sparsity=sparsity, predictor=predictor, device="cuda",
+                         vram_budget=frac * device_bytes(cpu) / 2**30)
+    assert hyb.placement is not None
+    batch = hyb.logits(IDS)
+    hyb.reset()
+    dec = np.concatenate([hyb.eval(IDS[:i + 1]) for i in range(len(IDS))])  # the T=1 decode path
+    return np.abs(batch - ref).max(), np.abs(dec - ref).max(), ref.std(), hyb
+
+
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def test_hybrid_equals_cpu_relu(tiny, frac):
+    d_batch, d_dec, std, hyb = hybrid_vs_cpu(tiny(planted=0.7), frac, "threshold:0")
+    assert d_batch < 1e-4 * std and d_dec < 1e-4 * std, (d_batch, d_dec, std)
+    n_gpu = sum(len(g) for g in hyb.placement.gpu_neurons)
+    if frac == 0.0:
+        assert hyb.placement.empty
+    elif frac == 1.0:  # everything placed: all neurons, all attention blocks, the head
+        assert n_gpu == 2 * 128 and hyb.placement.attn_gpu.all() and hyb.placement.output_gpu
+    else:
+        assert 0 < n_gpu < 256
+
+
+def test_hybrid_equals_cpu_swiglu_threshold_and_dense(tiny):
+    for spec in ("threshold:0.05", "dense"):
+        d_batch, d_dec, std, _ = hybrid_vs_cpu(tiny(), 0.4, spec)
+        assert d_batch < 1e-4 * std and d_dec < 1e-4 * std, (spec, d_batch, d_dec, std)
+
+
+def test_hybrid_with_a_predicted_neuron_set(tiny):
+    rng = np.random.default_rng(0)
+    sets = [np.sort(rng.choice(128, 40, replace=False)) for _ in range(2)]
+
+    def oracle(li, x):  # a fixed predicted set per layer
+        return [sets[li]] * x.shape[0]
+
+    d_batch, d_dec, std, _ = hybrid_vs_cpu(tiny(planted=0.7), 0.3, predictor=oracle)
+    assert d_batch < 1e-4 * std and d_dec < 1e-4 * std
+
+
+def test_hybrid_quantized_is_close(tiny):
+    """Q8_0: the GPU holds float16 rows and float activations, the CPU int8 activations: llama.cpp-like error."""
+    d_batch, d_dec, std, _ = hybrid_vs_cpu(tiny("Q8_0", planted=0.7), 0.5, "threshold:0")
+    assert d_batch < 0.1 * std and d_dec < 0.1 * std, (d_batch, d_dec, std)
+
+
+def test_topk_is_refused_on_the_gpu(tiny):
+    with pytest.raises(SparserunError, match="topk"):
+        sparserun.load(tiny(), n_ctx=8, sparsity="topk:0.5", device="cuda", vram_budget=0.0001)
+
+
+def test_greedy_is_optimal_for_equal_costs_and_near_optimal_otherwise():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        n = 10
+        v = rng.random(n)
+        equal = trial % 2 == 0
+        c = np.full(n, 3.0) if equal else rng.integers(1, 8, n).astype(float)
+        budget = float(rng.integers(0, 30))
+        got = v[greedy(v, c, budget)].sum()
+        assert c[greedy(v, c, budget)].sum() <= budget
+        best = max(v[list(s)].sum() for k in range(n + 1) for s in itertools.combinations(range(n), k)
+                   if c[list(s)].sum() <= budget)
+        if equal:
+            assert got == pytest.approx(best)
+        else:  # within one item of the optimum (the fractional bound)
+            assert got >= best - v.max() - 1e-12
+
+
+def test_plan_budgets_and_hotness(tiny):
+    from sparserun.profile import Profile
+
+    m = sparserun.load(tiny(planted=0.7), n_ctx=8)
+    assert plan(m, 0).empty
+    full = plan(m, 10**12)
+    assert all(len(g) == 128 for g in full.gpu_neurons) and full.attn_gpu.all() and full.output_gpu
+    assert full.used == device_bytes(m)
+    freq = np.random.default_rng(1).random((2, 128)).astype(np.float32)
+    prof = Profile(m.gguf.fingerprint(), 100, "relu", freq, freq, np.zeros((2, 362), np.int64), np.zeros(2, np.float32))
+    p = plan(m, 40 * 3 * 64 * 4, prof)  # room for 40 neurons (float32 rows of 64)
+    chosen = np.concatenate([freq[li][g] for li, g in enumerate(p.gpu_neurons)])
+    assert len(chosen) == 40 and chosen.min() >= np.sort(freq.ravel())[-40]  # the 40 hottest over both layers
+
+
+def test_placement_file_round_trip_and_refusals(tiny, tmp_path):
+    m = sparserun.load(tiny(planted=0.7), n_ctx=8)
+    p = plan(m, 0.3 * device_bytes(m))
+    f = tmp_path / "p.gguf"
+    save_placement(p, f)
+    back = load_placement(f, m)
+    assert all(np.array_equal(a, b) for a, b in zip(p.gpu_neurons, back.gpu_neurons))
+    assert (back.attn_gpu == p.attn_gpu).all() and back.output_gpu == p.output_gpu and back.used == p.used
+    other = sparserun.load(tiny(planted=0.7, seed=5), n_ctx=8)
+    with pytest.raises(SparserunError, match="another model"):
+        load_placement(f, other)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(f.read_bytes()[:200])
+    with pytest.raises(SparserunError, match="not a valid sparserun placement"):
+        load_placement(bad, m)
+
+
+def test_device_auto_falls_back_with_one_line(tiny, monkeypatch, capsys):
+    import sys
+
+    from sparserun import hybrid
+
+    monkeypatch.setattr(hybrid, "cuda_status", lambda: (False, "no CUDA driver or GPU found"))
+    m = sparserun.load(tiny(), n_ctx=8, device="auto", vram_budget=1.0, err=sys.stderr)
+    assert m.placement is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sparserun: no usable CUDA GPU (no CUDA driver or GPU found); running on the CPU"]
+    with pytest.raises(SparserunError, match="--device cuda: no CUDA driver"):
+        sparserun.load(tiny(), n_ctx=8, device="cuda")
+    with pytest.raises(SparserunError, match="--vram-budget needs"):
+        sparserun.load(tiny(), n_ctx=8, device="cpu", vram_budget=1.0)
+
+
+def test_place_cli_and_generate_with_it(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from sparserun.cli import app
+
+    path = tiny(planted=0.7)
+    r = CliRunner().invoke(app, ["profile", str(path), "--corpus", str(_corpus(tmp_path)), "--tokens", "64"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "pl.gguf"
+    r = CliRunner().invoke(app, ["place", str(path), "--vram-budget", "0.0002", "-o", str(out)])
+    assert r.exit_code == 0 and out.is_file(), r.output
+    assert "neurons on GPU" in r.output
+    r = CliRunner().invoke(app, ["generate", str(path), "-p", "Once", "-n", "3", "--temp", "0", "--placement",
+                                 str(out), "--device", "cuda"])
+    assert r.exit_code == 0, r.output
+    assert "hybrid CPU/GPU" in r.output
+
+
+def _corpus(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("Once upon a time there was a little cat. The cat liked to play in the sun. " * 6)
+    return f
