@@ -7,7 +7,8 @@ every mode, then rep 2, ...) so all modes see the same machine state; each figur
 its standard deviation. Peak RSS of this engine is read before llama.cpp is loaded. Sparse modes
 share the dense mode's model (only the FFN object is swapped), and get fidelity figures against
 the dense path over a text: top-1 agreement and mean KL(dense || sparse) of next-token
-distributions, decoded token by token as in generation, and the kept fraction of FFN neurons.
+distributions, decoded token by token as in generation, and the kept fraction of FFN neurons (for
+hybrid:F modes, each its own model with part of it on the GPU, the fraction the CPU half computes).
 """
 import json
 import resource
@@ -167,7 +168,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
             dense_logits = model.logits(ids)
             for name, r in runners.items():
                 if r.ffn is not None:
-                    fid[name] = fidelity(model, r.ffn, ids, dense_logits)
+                    fid[name] = fidelity(r.model, r.ffn, ids, dense_logits)
                     if progress:
                         progress(0, 0, f"fidelity {name}: top-1 {fid[name]['top1_agreement']:.3f}")
         rss = peak_rss()

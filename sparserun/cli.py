@@ -11,6 +11,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Run llama-family GGUF models fast on a CPU, computing only the FFN neurons that matter.")
 
 ModelArg = typer.Argument(..., help="path to a GGUF model file", show_default=False)
+DefaultModelArg = typer.Argument(None, help="path to a GGUF model file (default: the project's own storyteller, "
+                                 "models/storyteller.gguf, or $SPARSERUN_MODEL)", show_default=False)
+
+
+def default_model():
+    """$SPARSERUN_MODEL, else the demo model that ships in the repository's models/ (an editable install)."""
+    import os
+
+    env = os.environ.get("SPARSERUN_MODEL")
+    p = Path(env) if env else Path(__file__).resolve().parent.parent / "models" / "storyteller.gguf"
+    if not p.is_file():
+        raise SparserunError(f"{p}: no model given and the default model is missing (pass a GGUF path)")
+    return p
 Threads = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)")
 Ctx = typer.Option(2048, "--ctx", "-c", help="context size in tokens")
 Sparsity = typer.Option("dense", "--sparsity", help="FFN sparsity: dense | topk:K (count or fraction, or one per layer "
@@ -64,7 +77,7 @@ def info(model: Path = ModelArg, json_out: bool = typer.Option(False, "--json", 
 
 @app.command()
 def generate(
-    model: Path = ModelArg,
+    model: Optional[Path] = DefaultModelArg,
     prompt: str = typer.Option("", "--prompt", "-p", help="prompt text (control tokens like <s> are parsed)"),
     n: int = typer.Option(128, "--n-predict", "-n", help="tokens to generate"),
     temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
@@ -88,7 +101,7 @@ def generate(
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     if n < 0:
         raise SparserunError(f"--n-predict must be >= 0, got {n}")
-    m = _load(model, threads, ctx, sparsity, device, vram_budget, placement, profile)
+    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile)
     stats = GenerationStats()
     sys.stdout.write(prompt)
     try:
@@ -106,7 +119,7 @@ def generate(
 
 @app.command()
 def chat(
-    model: Path = ModelArg,
+    model: Optional[Path] = DefaultModelArg,
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     temp: float = typer.Option(0.8, "--temp", help="temperature; 0 = greedy"),
     top_k: int = typer.Option(40, "--top-k"),
@@ -129,7 +142,7 @@ def chat(
     from .chat import run_chat
 
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    m = _load(model, threads, ctx, sparsity, device, vram_budget, placement, profile)
+    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile)
     run_chat(m, system=system, params=params, max_tokens=max_tokens)
 
 

@@ -91,6 +91,7 @@ class DeviceWeight:
         self.n_bytes, self.type_name = w.n_bytes, w.type_name
         dt = np.float32 if device_itemsize(w) == 4 else np.float16
         self.wt = cuda.to_device(np.ascontiguousarray(w.dequantize().T.astype(dt)))
+        self._buf = None
 
     def matmul(self, acts, out=None):
         from numba import cuda
@@ -98,9 +99,13 @@ class DeviceWeight:
         from . import gpu_kernels as G
 
         x = np.ascontiguousarray(acts.x, np.float32)
-        d_out = cuda.device_array((x.shape[0], self.rows), np.float32)
-        blocks, threads = G.grid(self.rows, x.shape[0])
-        G.matvec_t[blocks, threads](self.wt, cuda.to_device(x), d_out)
+        T = x.shape[0]
+        if self._buf is None or self._buf[0] != T:  # device buffers reused across tokens (decode: T = 1)
+            self._buf = (T, cuda.device_array((T, self.cols), np.float32), cuda.device_array((T, self.rows), np.float32))
+        _, d_x, d_out = self._buf
+        d_x.copy_to_device(x)
+        blocks, threads = G.grid(self.rows, T)
+        G.matvec_t[blocks, threads](self.wt, d_x, d_out)
         res = d_out.copy_to_host()
         if out is None:
             return res
@@ -149,6 +154,19 @@ class HybridFFN:
             pos[ids] = np.arange(len(ids))
             self.layers.append((ids, gate_t, up_t, down, pos, L.w_gate is not None))
         self.no_mask = cuda.to_device(np.zeros((1, 1), np.uint8))
+        self.bufs = {}
+
+    def _buffers(self, li, T, n_hot):
+        """Device buffers x (T, dim), h (T, n_hot), y (T, dim) and pinned host y, kept per layer for the last T
+        (decode reuses them every token: no allocation on the token path)."""
+        from numba import cuda
+
+        b = self.bufs.get(li)
+        if b is None or b[1].shape[0] != T:
+            b = (cuda.device_array((T, self.dim), np.float32), cuda.device_array((T, n_hot), np.float32),
+                 cuda.device_array((T, self.dim), np.float32), cuda.pinned_array((T, self.dim), np.float32))
+            self.bufs[li] = b
+        return b
 
     # statistics of the CPU half, as SparseFFN reports them (bench's kept-fraction column)
     def reset_stats(self):
@@ -180,19 +198,17 @@ class HybridFFN:
             d_mask, use_mask = cuda.to_device(mask, stream=s), True
         else:
             d_mask, use_mask = self.no_mask, False
-        d_x = cuda.to_device(x, stream=s)
-        d_h = cuda.device_array((T, n_hot), np.float32, stream=s)
-        d_y = cuda.device_array((T, self.dim), np.float32, stream=s)
+        d_x, d_h, d_y, y_gpu = self._buffers(li, T, n_hot)
+        d_x.copy_to_device(x, stream=s)
         blocks, threads = G.grid(n_hot, T)
         G.hot_ffn_in[blocks, threads, s](gate_t, up_t, d_x, gated, self.act, self.thr[li], d_mask, use_mask, d_h)
         blocks, threads = G.grid(self.dim, T)
         G.hot_ffn_out[blocks, threads, s](down, d_h, d_y)
-        y_gpu = cuda.pinned_array((T, self.dim), np.float32)
         d_y.copy_to_host(y_gpu, stream=s)
         # the CPU's cold part runs while the stream works
         y = np.zeros((T, self.dim), np.float32) if self.cpu_empty[li] else self.cpu(li, acts)
         s.synchronize()
-        return y + y_gpu
+        return y + y_gpu  # a new array: y_gpu is reused by the next call
 
 
 def install(model, placement):
