@@ -73,3 +73,59 @@ def hot_ffn_out(dn, h, y):
 def grid(n, T):
     """(blocks, threads) for a (n outputs, T tokens) launch."""
     return ((n + THREADS - 1) // THREADS, T), (THREADS, 1)
+
+
+@cuda.jit
+def rope(x, pos0, n_heads, head_dim, rope_dim, inv_freq, neox):
+    """kernels.ops.rope on the device: rotate pair i of head h of token t (at position pos0 + t) in place."""
+    i, th = cuda.grid(2)
+    half = rope_dim // 2
+    if i < half and th < x.shape[0] * n_heads:
+        t, h = th // n_heads, th % n_heads
+        theta = (pos0 + t) * float(inv_freq[i])
+        c, s = float32(math.cos(theta)), float32(math.sin(theta))
+        base = h * head_dim
+        a = base + i if neox else base + 2 * i
+        b = base + i + half if neox else base + 2 * i + 1
+        x0, x1 = x[t, a], x[t, b]
+        x[t, a] = x0 * c - x1 * s
+        x[t, b] = x0 * s + x1 * c
+
+
+@cuda.jit
+def store_kv(k, v, kc, vc, pos0):
+    """kc[pos0 + t] = k[t], vc[pos0 + t] = v[t]: the new keys and values into the device KV cache."""
+    c, t = cuda.grid(2)
+    if c < k.shape[1] and t < k.shape[0]:
+        kc[pos0 + t, c] = k[t, c]
+        vc[pos0 + t, c] = v[t, c]
+
+
+@cuda.jit
+def attention(q, kc, vc, pos0, n_head, n_head_kv, head_dim, out):
+    """kernels.ops.attention on the device (causal GQA over cache rows [0, pos0 + t]): one thread per output
+    value (d, token t, head h), with a one-pass (online) softmax; each thread recomputes its head's scores,
+    which costs head_dim-fold compute but no shared memory or synchronisation."""
+    d, th = cuda.grid(2)
+    if d < head_dim and th < q.shape[0] * n_head:
+        t, h = th // n_head, th % n_head
+        qo, ko = h * head_dim, (h // (n_head // n_head_kv)) * head_dim
+        scale = float32(1.0 / math.sqrt(head_dim))
+        m = float32(-math.inf)
+        total = float32(0.0)
+        acc = float32(0.0)
+        for j in range(pos0 + t + 1):
+            s = float32(0.0)
+            for e in range(head_dim):
+                s += q[t, qo + e] * kc[j, ko + e]
+            s *= scale
+            if s > m:
+                corr = float32(math.exp(m - s))
+                total = total * corr + float32(1.0)
+                acc = acc * corr + vc[j, ko + d]
+                m = s
+            else:
+                w = float32(math.exp(s - m))
+                total += w
+                acc += w * vc[j, ko + d]
+        out[t, qo + d] = acc / total

@@ -10,8 +10,9 @@ The same per-neuron keep rule runs on both sides (threshold, ReLU zeros, a predi
 computes the CPU path's FFN exactly, up to float rounding: F32 models are placed as float32 (tight equality,
 tested), other types as float16 rows dequantized from the file (the CPU keeps its int8-activation kernels).
 topk ranks all of a layer's neurons together and cannot be split; it is refused with --device cuda.
-Attention projections of placed layers and the output head are GPU matvecs (DeviceWeight); the KV cache and
-the attention over it stay on the CPU. Nothing here is imported unless a GPU path is asked for.
+A placed layer's whole attention block runs on the GPU (GPUAttention: projections, RoPE, a device KV cache,
+attention), and a placed output head is a GPU matvec (DeviceWeight). Nothing here is imported unless a GPU
+path is asked for.
 """
 import os
 import sys
@@ -93,6 +94,13 @@ class DeviceWeight:
         self.wt = cuda.to_device(np.ascontiguousarray(w.dequantize().T.astype(dt)))
         self._buf = None
 
+    def on_device(self, d_x, d_out):
+        """d_out (T, rows) = d_x (T, cols) @ W.T, device arrays in and out (queued, not synchronised)."""
+        from . import gpu_kernels as G
+
+        blocks, threads = G.grid(self.rows, d_x.shape[0])
+        G.matvec_t[blocks, threads](self.wt, d_x, d_out)
+
     def matmul(self, acts, out=None):
         from numba import cuda
 
@@ -111,6 +119,51 @@ class DeviceWeight:
             return res
         out[:] = res
         return out
+
+
+class GPUAttention:
+    """A layer's whole attention block on the GPU: q/k/v projections, RoPE, its KV cache (n_ctx, kv_dim) in device
+    memory, causal GQA attention and the output projection. Called with the normalised input (T, dim) and the
+    first position; returns the block's output (T, dim): one upload and one download per layer."""
+
+    def __init__(self, model, L):
+        from numba import cuda
+
+        a = model.args
+        self.a = a
+        self.wq, self.wk, self.wv, self.wo = (DeviceWeight(w) for w in (L.wq, L.wk, L.wv, L.wo))
+        self.kc = cuda.to_device(np.zeros((model.n_ctx, a.kv_dim), np.float32))  # (n_ctx, kv_dim)
+        self.vc = cuda.to_device(np.zeros((model.n_ctx, a.kv_dim), np.float32))  # (n_ctx, kv_dim)
+        self.inv_freq = cuda.to_device(np.ascontiguousarray(model.rope_inv_freq, np.float32))
+        from . import arch
+
+        self.neox = a.rope_type == arch.llama.ROPE_NEOX
+
+    def __call__(self, xn, pos0):
+        from numba import cuda
+
+        from . import gpu_kernels as G
+
+        a, T = self.a, xn.shape[0]
+        qdim = a.n_head * a.head_dim
+        d_x = cuda.to_device(np.ascontiguousarray(xn, np.float32))  # (T, dim)
+        q = cuda.device_array((T, qdim), np.float32)  # (T, n_head*head_dim)
+        k = cuda.device_array((T, a.kv_dim), np.float32)  # (T, kv_dim)
+        v = cuda.device_array((T, a.kv_dim), np.float32)  # (T, kv_dim)
+        for w, out in ((self.wq, q), (self.wk, k), (self.wv, v)):
+            w.on_device(d_x, out)
+        half = a.rope_dim // 2
+        for x, heads in ((q, a.n_head), (k, a.n_head_kv)):
+            G.rope[((half + 31) // 32, T * heads), (32, 1)](x, pos0, heads, a.head_dim, a.rope_dim, self.inv_freq,
+                                                            self.neox)
+        blocks, threads = G.grid(a.kv_dim, T)
+        G.store_kv[blocks, threads](k, v, self.kc, self.vc, pos0)
+        att = cuda.device_array((T, qdim), np.float32)  # (T, n_head*head_dim)
+        G.attention[((a.head_dim + 31) // 32, T * a.n_head), (32, 1)](q, self.kc, self.vc, pos0, a.n_head,
+                                                                      a.n_head_kv, a.head_dim, att)
+        out = cuda.device_array((T, self.wo.rows), np.float32)  # (T, dim)
+        self.wo.on_device(att, out)
+        return out.copy_to_host()
 
 
 class HybridFFN:
@@ -215,7 +268,7 @@ def install(model, placement):
     """Move the placement's attention projections and output head to the GPU and hook the hybrid FFN."""
     for li, L in enumerate(model.layers):
         if placement.attn_gpu[li]:
-            L.wq, L.wk, L.wv, L.wo = (DeviceWeight(w) for w in (L.wq, L.wk, L.wv, L.wo))
+            L.gpu_attn = GPUAttention(model, L)
     if placement.output_gpu:
         model.output = DeviceWeight(model.output)
     model.placement = placement

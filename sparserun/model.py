@@ -32,6 +32,7 @@ class Layer:
     w_gate: Weight | None  # (n_ff, dim), None for a non-gated FFN
     w_up: Weight  # (n_ff, dim)
     w_down: Weight  # (dim, n_ff)
+    gpu_attn: object = None  # hybrid.GPUAttention when the placement put this layer's attention on the GPU
 
 
 def default_threads():
@@ -132,6 +133,11 @@ class Model:
         neox = a.rope_type == arch.llama.ROPE_NEOX
         for li, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, a.norm_eps, xn)
+            if L.gpu_attn is not None:  # the whole attention block, KV cache included, on the GPU
+                ops.add_inplace(x, L.gpu_attn(xn, pos0))
+                ops.rmsnorm(x, L.ffn_norm, a.norm_eps, xn)
+                ops.add_inplace(x, self.ffn(li, Acts(xn)))
+                continue
             acts = Acts(xn)
             q = L.wq.matmul(acts)  # (T, n_head*head_dim)
             k = L.wk.matmul(acts)  # (T, kv_dim)

@@ -6,11 +6,12 @@ F32 models, float16 for every other type: see gpu/hybrid.py). Items:
 - one FFN neuron of layer l (its gate row, up row and down column together): VRAM 3 * dim * s (2 * dim * s
   without a gate), value = the gate row's CPU bytes (the CPU computes the gate of every neuron it owns) plus
   p * (up row + down column bytes), where p is the neuron's profiled activation frequency;
-- the attention projections of layer l (q, k, v, o): value = their CPU bytes, read for every token;
+- the attention block of layer l (q, k, v, o and its KV cache of n_ctx positions): value = the projections'
+  CPU bytes, read for every token; VRAM = the projections plus the float32 KV cache;
 - the output head: value = its CPU bytes.
 Not modelled: PCIe transfer and kernel-launch latency (a few vectors of `dim` floats per layer per token), the
-GPU's own time (assumed hidden by the CPU's, which overlaps it), the KV cache (it stays on the CPU), and how
-the activation frequency depends on the text (the profile's corpus stands in for the user's).
+GPU's own time (assumed hidden by the CPU's, which overlaps it), the CPU time of attention over the KV cache
+(it grows with the context; only the weights are valued), and how the activation frequency depends on the text (the profile's corpus stands in for the user's).
 
 Method: take items in decreasing value per VRAM byte, skipping any that no longer fit (greedy).
 Optimality. (1) Within a layer all neurons cost the same c; any set of m of them fits iff m * c fits, so the
@@ -110,7 +111,8 @@ def plan(model, budget_bytes, profile=None, gate_dense=True):
         kinds.append(np.stack([np.zeros(a.n_ff, np.int64), np.full(a.n_ff, li), np.arange(a.n_ff)], 1))
         attn = [L.wq, L.wk, L.wv, L.wo]
         values.append(np.array([sum(w.n_bytes for w in attn)], np.float64))
-        costs.append(np.array([sum(w.rows * w.cols * device_itemsize(w) for w in attn)], np.float64))
+        kv_cache = 2 * model.n_ctx * a.kv_dim * 4  # the layer's float32 KV cache moves to the GPU with it
+        costs.append(np.array([sum(w.rows * w.cols * device_itemsize(w) for w in attn) + kv_cache], np.float64))
         kinds.append(np.array([[1, li, 0]]))
     out = model.output
     values.append(np.array([out.n_bytes], np.float64))
