@@ -68,11 +68,14 @@ def default_profile_path(model_path):
 
 
 def make_placement(model, vram_budget=None, placement=None, profile=None, gate_dense=True):
-    """A saved placement (checked against the model), or a plan for vram_budget GiB (None: the whole model)
-    from the profile (a path, or <model>.profile.gguf when it exists; without one every neuron counts as hot)."""
+    """A saved placement (checked against the model): `placement`, or without a budget the one `sparserun place`
+    saved beside the model; else a plan for vram_budget GiB (None: the whole model) from the profile (a path, or
+    <model>.profile.gguf when it exists; without one every neuron counts as equally hot)."""
     from .placement import device_bytes, load_placement, plan
     from .profile import load_profile
 
+    if placement is None and vram_budget is None and os.path.exists(str(model.path) + ".placement.gguf"):
+        placement = str(model.path) + ".placement.gguf"
     if placement is not None:
         return load_placement(placement, model)
     if profile is None and os.path.exists(default_profile_path(model.path)):

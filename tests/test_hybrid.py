@@ -5,6 +5,7 @@ conftest.py sets NUMBA_ENABLE_CUDASIM=1 unless the environment says otherwise, s
 models here are tiny (dim 64, 2 layers, the 512-token stories260K vocabulary).
 """
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,14 +157,17 @@ def test_place_cli_and_generate_with_it(tiny, tmp_path):
     path = tiny(planted=0.7)
     r = CliRunner().invoke(app, ["profile", str(path), "--corpus", str(_corpus(tmp_path)), "--tokens", "64"])
     assert r.exit_code == 0, r.output
-    out = tmp_path / "pl.gguf"
-    r = CliRunner().invoke(app, ["place", str(path), "--vram-budget", "0.0002", "-o", str(out)])
-    assert r.exit_code == 0 and out.is_file(), r.output
-    assert "neurons on GPU" in r.output
-    r = CliRunner().invoke(app, ["generate", str(path), "-p", "Once", "-n", "3", "--temp", "0", "--placement",
-                                 str(out), "--device", "cuda"])
-    assert r.exit_code == 0, r.output
-    assert "hybrid CPU/GPU" in r.output
+    out = Path(str(path) + ".placement.gguf")  # the default name, reused by later loads without a budget
+    r = CliRunner().invoke(app, ["place", str(path), "--vram-budget", "0.0002"])
+    try:
+        assert r.exit_code == 0 and out.is_file(), r.output
+        assert "neurons on GPU" in r.output
+        placed = load_placement(out, sparserun.load(path, n_ctx=8))
+        r = CliRunner().invoke(app, ["generate", str(path), "-p", "Once", "-n", "3", "--temp", "0", "--device", "cuda"])
+        assert r.exit_code == 0, r.output
+        assert f"hybrid CPU/GPU: {placed.summary()}" in r.output
+    finally:
+        out.unlink(missing_ok=True)
 
 
 def _corpus(tmp_path):
