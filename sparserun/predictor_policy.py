@@ -16,19 +16,27 @@ def default_path(model_path):
 
 
 class PredictorPolicy:
+    """Weights held as int8 with a float32 scale per output row (predictors.lowrank.round_to_int8: files
+    written by train-predictors are already on that grid, so this is exact for them)."""
+
     def __init__(self, pset):
-        self.layers = [(np.ascontiguousarray(p.w1.T, np.float32), p.b1.astype(np.float32),
-                        np.ascontiguousarray(p.w2.T, np.float32), p.b2.astype(np.float32), np.float32(p.threshold))
-                       for p in pset.layers]
-        self.idx = np.empty(self.layers[0][2].shape[0], np.int64)
+        from predictors.lowrank import int8_rows
+
+        self.layers = []
+        for p in pset.layers:
+            q1, s1 = int8_rows(np.ascontiguousarray(p.w1.T, np.float32))  # (r, dim)
+            q2, s2 = int8_rows(np.ascontiguousarray(p.w2.T, np.float32))  # (n_ff, r)
+            self.layers.append((q1, s1, p.b1.astype(np.float32), q2, s2, p.b2.astype(np.float32),
+                                np.float32(p.threshold)))
+        self.idx = np.empty(self.layers[0][3].shape[0], np.int64)
         self.seconds = 0.0
 
     def __call__(self, li, x):
         t0 = time.perf_counter()
-        w1t, b1, w2t, b2, t = self.layers[li]
+        q1, s1, b1, q2, s2, b2, t = self.layers[li]
         out = []
         for row in x:
-            n = S.predict_active(np.ascontiguousarray(row), w1t, b1, w2t, b2, t, self.idx)
+            n = S.predict_active_i8(np.ascontiguousarray(row, np.float32), q1, s1, b1, q2, s2, b2, t, self.idx)
             out.append(self.idx[:n].copy())
         self.seconds += time.perf_counter() - t0
         return out

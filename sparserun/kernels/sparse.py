@@ -174,6 +174,31 @@ def quantize_rows_q4(w, q, s):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
+def predict_active_i8(x, q1, s1, b1, q2, s2, b2, t, idx):
+    """predict_active with int8 weights and a float32 scale per output row (q1 (r, dim), q2 (n_ff, r)): a
+    quarter of the bytes per token; the flat int8 -> float loops vectorize."""
+    r, n_ff = q1.shape[0], q2.shape[0]
+    h = np.empty(r, np.float32)
+    for k in prange(r):
+        acc = np.float32(0.0)
+        for i in range(x.shape[0]):
+            acc += np.float32(q1[k, i]) * x[i]
+        h[k] = max(acc * s1[k] + b1[k], np.float32(0.0))
+    z = np.empty(n_ff, np.float32)
+    for j in prange(n_ff):
+        acc = np.float32(0.0)
+        for k in range(r):
+            acc += np.float32(q2[j, k]) * h[k]
+        z[j] = acc * s2[j] + b2[j]
+    n = 0
+    for j in range(n_ff):
+        if z[j] > t:
+            idx[n] = j
+            n += 1
+    return n
+
+
+@njit(parallel=True, cache=True, fastmath=True)
 def predict_active(x, w1t, b1, w2t, b2, t, idx):
     """Neurons a low-rank predictor calls active for one token: z = W2 relu(W1 x + b1) + b2, kept where
     z > t. x (dim,), w1t (r, dim), w2t (n_ff, r) row-per-output; idx receives the ids; returns the count."""
