@@ -7,13 +7,19 @@ from .errors import ModelFileError
 
 @contextlib.contextmanager
 def quiet_stderr():
-    """Silence llama.cpp's C-level logging (it writes to fd 2 even with verbose=False)."""
+    """Silence llama.cpp's logging: C-level writes to fd 2 (even with verbose=False), and the lines
+    llama-cpp-python's log callback writes to sys.stderr (which may not be fd 2, e.g. under a test runner)."""
+    import sys
+
     fd = os.dup(2)
+    saved = sys.stderr
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
+            sys.stderr = null
             yield
     finally:
+        sys.stderr = saved
         os.dup2(fd, 2)
         os.close(fd)
 
