@@ -123,13 +123,18 @@ class SparseFFN:
         if predicted is not None:
             n = len(predicted[0])
             idx[:n] = predicted[0]
-            u = gather_rows(L.w_up, acts, idx, n, self.buf[1])
-            if L.w_gate is not None:
+            if L.w_gate is not None and L.w_gate.qtype in K.INT8_MATMUL and L.w_up.qtype == L.w_gate.qtype:
+                xq, xd = acts.int8()  # each neuron's gate and up rows read together, activation applied
+                h = self.buf[0][:n]
+                S.gather_gated_int8(L.w_gate.raw, L.w_up.raw, L.w_up.row_bytes, L.w_up.qtype == K.Q4_0, idx, n,
+                                    xq, xd, self.act_id, h)
+            elif L.w_gate is not None:
+                u = gather_rows(L.w_up, acts, idx, n, self.buf[1])
                 g = gather_rows(L.w_gate, acts, idx, n, self.buf[0])
                 h = np.empty(n, np.float32)
                 ops.ffn_activate(g[None], u[None], self.act_id, h[None])
             else:
-                h = self._act(u[None])[0]
+                h = self._act(gather_rows(L.w_up, acts, idx, n, self.buf[1])[None])[0]
         elif L.w_gate is not None:
             a = self._act(self.gate_w[li].matmul(acts))[0]  # (n_own,) act(gate) of every owned neuron
             n = self._select(li, a, idx)

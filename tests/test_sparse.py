@@ -182,3 +182,40 @@ def test_calibrate_cli_writes_a_thresholds_file(stories, tmp_path):
                         "--target-sparsity", "0.3", "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(parse_sparsity(f"threshold:{out}").values) == 5
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_fused_gate_up_gather_equals_two_gathers(make_model, qtype):
+    """gather_gated_int8 (the predicted-set decode path of int8 types) computes act(gate) * up for the
+    predicted rows exactly as two separate row gathers and the activation do; end to end, decode through
+    it stays within the neuron-major down layout's own error of the prompt path (see above)."""
+    from sparserun.kernels import quant as K
+    from sparserun.kernels import sparse as S
+    from sparserun.kernels.ops import ffn_activate
+    from sparserun.weights import Acts
+
+    path = make_model(qtype, shape="small")
+    m = sparserun.load(path)
+    L = m.layers[1]
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(768, 60, replace=False)).astype(np.int64)
+    acts = Acts(rng.standard_normal((1, 256)).astype(np.float32))
+    xq, xd = acts.int8()
+    is_q4 = L.w_up.qtype == K.Q4_0
+    g, u = np.empty(60, np.float32), np.empty(60, np.float32)
+    S.gather_int8(L.w_gate.raw, L.w_gate.row_bytes, is_q4, idx, 60, xq, xd, g)
+    S.gather_int8(L.w_up.raw, L.w_up.row_bytes, is_q4, idx, 60, xq, xd, u)
+    for act in (0, 1, 2):
+        want = np.empty((1, 60), np.float32)
+        ffn_activate(g[None], u[None], act, want)
+        got = np.empty(60, np.float32)
+        S.gather_gated_int8(L.w_gate.raw, L.w_up.raw, L.w_up.row_bytes, is_q4, idx, 60, xq, xd, act, got)
+        np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+    sets = [np.sort(rng.choice(768, 60, replace=False)) for _ in range(2)]
+    sp = sparserun.load(path, predictor=lambda layer, x: [sets[layer]] * x.shape[0])
+    ids = sp.tokenize("Once upon a time, there was a little girl")
+    batch = sp.logits(ids)  # T > 1: dense kernels with the neurons outside the set zeroed
+    d = np.abs(decode_logits(sp, ids) - batch) / batch.std()
+    max_tol, mean_tol = (0.35, 0.06) if qtype == "Q4_0" else (0.12, 0.02)
+    assert d.max() < max_tol and d.mean() < mean_tol, (d.max(), d.mean())
