@@ -192,7 +192,9 @@ def read_message(readline, interactive, err):
     return line
 
 
-def run_chat(model, system=None, params=None, max_tokens=1024, stdin=sys.stdin, out=sys.stdout, err=sys.stderr):
+def run_chat(model, system=None, params=None, max_tokens=1024, stdin=None, out=None, err=None):
+    # the streams are looked up at call time (not bound at import), so a redirected sys.stdin is honoured
+    stdin, out, err = stdin or sys.stdin, out or sys.stdout, err or sys.stderr
     interactive = stdin.isatty()
     session = ChatSession(model, system=system, params=params, out=out, err=err, max_tokens=max_tokens)
 
