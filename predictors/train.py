@@ -61,9 +61,8 @@ def train_predictors(model, ids, target_recall=0.95, sparsity=0.5, ranks=RANKS, 
         g = wsel.matmul(Acts(np.ascontiguousarray(x[tr])))  # (N_train, n_ff) pre-activations
         w = wsel.dequantize()  # (n_ff, dim)
         trials = []
-        for r in ranks:
-            if r > min(g.shape):
-                continue
+        usable = [r for r in ranks if r <= min(g.shape) and r < model.args.dim] or [min(ranks)]
+        for r in usable:  # a rank of dim or more costs as much as the gate itself
             cands = [rrr_init(x[tr], g, w, r)]
             if epochs > 0:
                 cands.append(train_layer(x[tr], y[tr], r, epochs=epochs, seed=li, init=cands[0]))
