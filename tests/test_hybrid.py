@@ -174,3 +174,16 @@ def _corpus(tmp_path):
     f = tmp_path / "c.txt"
     f.write_text("Once upon a time there was a little cat. The cat liked to play in the sun. " * 6)
     return f
+
+
+def test_bench_hybrid_mode_runs_and_reports(tiny):
+    from sparserun.bench import run_bench
+
+    res = run_bench(tiny(planted=0.7), ["dense", "sparse", "hybrid:0.5"], n_prompt=4, n_gen=2, reps=1, threads=2,
+                    sparsity=["threshold:0"], fidelity_tokens=8)
+    modes = {r["mode"] for r in res["results"]}
+    assert modes == {"dense", "sparse threshold:0", "hybrid 0.5 threshold:0"}
+    f = res["fidelity"]["hybrid 0.5 threshold:0"]
+    assert f["top1_agreement"] == 1.0 and f["mean_kl"] < 1e-6  # the hybrid computes what the CPU computes
+    with pytest.raises(SparserunError, match="hybrid:F"):
+        run_bench(tiny(), ["hybrid:2"], n_prompt=4, n_gen=2)
