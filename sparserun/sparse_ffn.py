@@ -123,12 +123,7 @@ class SparseFFN:
         if predicted is not None:
             n = len(predicted[0])
             idx[:n] = predicted[0]
-            if L.w_gate is not None and L.w_gate.qtype in K.INT8_MATMUL and L.w_up.qtype == L.w_gate.qtype:
-                xq, xd = acts.int8()  # each neuron's gate and up rows read together, activation applied
-                h = self.buf[0][:n]
-                S.gather_gated_int8(L.w_gate.raw, L.w_up.raw, L.w_up.row_bytes, L.w_up.qtype == K.Q4_0, idx, n,
-                                    xq, xd, self.act_id, h)
-            elif L.w_gate is not None:
+            if L.w_gate is not None:
                 u = gather_rows(L.w_up, acts, idx, n, self.buf[1])
                 g = gather_rows(L.w_gate, acts, idx, n, self.buf[0])
                 h = np.empty(n, np.float32)

@@ -3,8 +3,6 @@ neuron-major axpy for the down projection. Cost is proportional to the neurons k
 
 Decode only (one token): prompt batches use the dense kernels with per-token masks (see sparse_ffn).
 """
-import math
-
 import numpy as np
 from numba import njit, prange
 
@@ -67,33 +65,6 @@ def gather_int8(raw, row_bytes, is_q4, idx, n, xq, xd, out):
                 out[j] = dot_row_q8_0(raw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
 
 
-@njit(parallel=True, cache=True)
-def gather_gated_int8(graw, uraw, row_bytes, is_q4, idx, n, xq, xd, act, out):
-    """out[j] = act(G[idx[j]] . x) * (U[idx[j]] . x) for j < n: the gate and up rows of each predicted neuron
-    read together (two independent row streams in flight: measured 7% faster than two gathers)."""
-    nb = xq.shape[1] // QK
-    chunk = (n + N_PARTS - 1) // N_PARTS
-    for c in prange(N_PARTS):
-        end = min(n, (c + 1) * chunk)
-        for j in range(c * chunk, end):
-            if j + PREFETCH_ROWS < end:
-                prefetch(graw, idx[j + PREFETCH_ROWS] * row_bytes, row_bytes)
-                prefetch(uraw, idx[j + PREFETCH_ROWS] * row_bytes, row_bytes)
-            if is_q4:
-                g = dot_row_q4_0(graw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
-                u = dot_row_q4_0(uraw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
-            else:
-                g = dot_row_q8_0(graw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
-                u = dot_row_q8_0(uraw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
-            if act == 0:
-                g = g / (np.float32(1.0) + np.float32(math.exp(-g)))
-            elif act == 1:
-                g = g if g > 0 else np.float32(0.0)
-            else:
-                g = np.float32(0.5) * g * (np.float32(1.0) + np.float32(math.tanh(0.7978845608 * (g + 0.044715 * g * g * g))))
-            out[j] = g * u
-
-
 @njit(parallel=True, cache=True, fastmath=True)
 def gather_f32(w, idx, n, x, out):
     """out[j] = w[idx[j]] . x[0] for a float32 matrix w."""
@@ -124,6 +95,7 @@ def _make_axpy(axpy_rows, values_per_byte, group=AXPY_GROUP):
     def axpy(q, s, idx, h, n, out):
         row_bytes = q.shape[1]
         dim = row_bytes * values_per_byte
+        s_bytes = s.shape[1] * 4
         parts = np.zeros((N_PARTS, dim), np.float32)
         chunk = (n + N_PARTS - 1) // N_PARTS
         for c in prange(N_PARTS):
@@ -131,6 +103,7 @@ def _make_axpy(axpy_rows, values_per_byte, group=AXPY_GROUP):
             for j in range(c * chunk, end, group):
                 for g in range(j + group, min(end, j + 2 * group)):  # the next group's rows, ahead of use
                     prefetch(q, idx[g] * row_bytes, row_bytes)
+                    prefetch(s, idx[g] * s_bytes, s_bytes)  # and their scales (A/B: axpy 17-22% faster at f=0.1)
                 axpy_rows(parts[c], q, s, idx, h, j, min(group, end - j))
         for k in range(dim):
             t = np.float32(0.0)
