@@ -33,7 +33,10 @@ DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are chea
 
 def gather_rows(w, acts, idx, n, out):
     """out[:n] = W[idx[:n]] . x for one token, for any weight type."""
-    if w.qtype in K.INT8_MATMUL:
+    if w.qtype == K.Q4_0 and K.HAS_VNNI:
+        x8, xd, xs = acts.int8_vnni()
+        S.gather_q4_0_vnni(w.raw, w.row_bytes, idx, n, x8, xd, xs, out)
+    elif w.qtype in K.INT8_MATMUL:
         xq, xd = acts.int8()
         S.gather_int8(w.raw, w.row_bytes, w.qtype == K.Q4_0, idx, n, xq, xd, out)
     elif w.f32 is not None:

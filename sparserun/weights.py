@@ -14,6 +14,7 @@ class Acts:
     def __init__(self, x):
         self.x = x
         self._q = None
+        self._q8 = None
 
     def int8(self):
         if self._q is None:
@@ -22,6 +23,16 @@ class Acts:
             K.quantize_acts(self.x, xq, xd)
             self._q = (xq, xd)
         return self._q
+
+    def int8_vnni(self):
+        """The same blocks as int8 values plus per-block sums (x8 (T, n) int8, xd, xs (T, n/32)): the VNNI kernels'
+        format."""
+        if self._q8 is None:
+            xq, xd = self.int8()
+            x8, xs = np.empty(xq.shape, np.int8), np.empty(xd.shape, np.float32)
+            K.pack_acts_i8(xq, x8, xs)
+            self._q8 = (x8, xd, xs)
+        return self._q8
 
 
 class Weight:
@@ -42,7 +53,10 @@ class Weight:
         T = acts.x.shape[0]
         if out is None:
             out = np.empty((T, self.rows), np.float32)
-        if self.qtype in K.INT8_MATMUL:
+        if self.qtype == K.Q4_0 and K.HAS_VNNI:
+            x8, xd, xs = acts.int8_vnni()
+            K.matmul_q4_0_vnni(self.raw, self.row_bytes, self.rows, x8, xd, xs, out)
+        elif self.qtype in K.INT8_MATMUL:
             xq, xd = acts.int8()
             K.INT8_MATMUL[self.qtype](self.raw, self.row_bytes, self.rows, xq, xd, out)
         elif self.f32 is not None:

@@ -74,3 +74,31 @@ def test_activation_quantization_is_llama_cpp_q8_0():
     # gguf-py rounds half away from zero, llama.cpp's AVX path (and ours) to even: ties are rare
     diff = xq.reshape(3, 8, 32).astype(int) - ref[:, :, 2:].view(np.int8).astype(int)
     assert np.abs(diff).max() <= 1 and (diff != 0).mean() < 0.01
+
+
+@pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
+                    reason="this CPU has no AVX512-VNNI (the generic kernels run instead)")
+@pytest.mark.parametrize("T", [1, 3])
+def test_vnni_q4_0_kernels_equal_the_generic_ones(T):
+    """The VNNI matmul and row gather (used on this CPU) against the generic vpmaddwd kernels on the same
+    int8 activations: the same integer dot products, so equal up to float summation order."""
+    from sparserun.kernels import quant as K
+    from sparserun.kernels import sparse as S
+
+    rng = np.random.default_rng(3)
+    rows, cols = 200, 1024
+    w = weight(Q.Q4_0, rows, cols, rng)
+    acts = Acts(rng.standard_normal((T, cols)).astype(np.float32) * 3)
+    xq, xd = acts.int8()
+    x8, _, xs = acts.int8_vnni()
+    want = np.empty((T, rows), np.float32)
+    K.matmul_q4_0(w.raw, w.row_bytes, rows, xq, xd, want)
+    got = np.empty((T, rows), np.float32)
+    K.matmul_q4_0_vnni(w.raw, w.row_bytes, rows, x8, xd, xs, got)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    idx = np.sort(rng.choice(rows, 37, replace=False)).astype(np.int64)
+    g1, g2 = np.empty(37, np.float32), np.empty(37, np.float32)
+    S.gather_int8(w.raw, w.row_bytes, True, idx, 37, xq[:1], xd[:1], g1)
+    S.gather_q4_0_vnni(w.raw, w.row_bytes, idx, 37, x8[:1], xd[:1], xs[:1], g2)
+    np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-5 * np.abs(g1).max())
+    np.testing.assert_allclose(g1, want[0, idx], rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -13,7 +13,7 @@ Two matmul paths:
 import numpy as np
 from numba import njit, prange
 
-from .simd import dot_row_q4_0, dot_row_q8_0, load_bf16, load_f16, load_f32, round_f16
+from .simd import dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q8_0, load_bf16, load_f16, load_f32, round_f16
 
 # ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
 F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
@@ -117,6 +117,49 @@ def quantize_acts(x, xq, xd):
             xd[t, b] = round_f16(d)
             for j in range(QK):
                 xq[t, b * QK + j] = np.int16(np.rint(x[t, b * QK + j] * inv))
+
+
+def _has_vnni():
+    """AVX512-VNNI (with VL for 256-bit forms) on this CPU, unless SPARSERUN_NO_VNNI=1 (A/B runs, or a fallback)."""
+    import os
+
+    import llvmlite.binding as llvm
+
+    if os.environ.get("SPARSERUN_NO_VNNI") == "1":
+        return False
+    try:
+        f = llvm.get_host_cpu_features()
+        return bool(f.get("avx512vnni") and f.get("avx512vl"))
+    except Exception:
+        return False
+
+
+HAS_VNNI = _has_vnni()
+
+
+@njit(cache=True)
+def pack_acts_i8(xq, x8, xs):
+    """The VNNI kernels' activation format from quantize_acts' int16 values: x8 (T, n) int8 and xs (T, n/32) the
+    sum of each block's values (float32)."""
+    T, n = xq.shape
+    for t in range(T):
+        for b in range(n // QK):
+            acc = 0
+            for j in range(b * QK, (b + 1) * QK):
+                x8[t, j] = np.int8(xq[t, j])
+                acc += xq[t, j]
+            xs[t, b] = np.float32(acc)
+
+
+@njit(parallel=True, cache=True)
+def matmul_q4_0_vnni(raw, row_bytes, rows, x8, xd, xs, out):
+    """matmul_q4_0 through dot_row_q4_0_vnni (HAS_VNNI only)."""
+    T, n = x8.shape
+    nb = n // QK
+    for r in prange(rows):
+        base = r * row_bytes
+        for t in range(T):
+            out[t, r] = dot_row_q4_0_vnni(raw, base, nb, x8, t * n, xd, xs, t * nb)
 
 
 def _make_matmul_int8(row_dot):

