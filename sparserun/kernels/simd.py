@@ -1,7 +1,8 @@
 """LLVM vector-IR intrinsics for the block dot products numba will not vectorize on its own.
 
 numba's loops over quantized blocks (a scale per 32 weights, nibbles to split) stay scalar. These
-intrinsics emit generic LLVM vector IR (no x86-only intrinsics, so they also build for ARM): load a
+intrinsics emit generic LLVM vector IR (so they also build for ARM; the one x86-only exception,
+dot_row_q4_0_vnni, is compiled only where quant.HAS_VNNI says the CPU has it): load a
 block's packed quants, widen to int32 lanes, multiply with an int8-quantized activation block and
 reduce. On AVX2 LLVM lowers the widen+multiply+pairwise-add pattern to vpmaddwd.
 
