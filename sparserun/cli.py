@@ -248,7 +248,9 @@ def profile(
     m = _load(model, threads, 256)
     ids = _corpus_ids(m, corpus, tokens)
     p = profile_model(m, ids, target_sparsity=sparsity, progress=stderr_progress)
-    out = out or Path(str(model) + ".profile.gguf")
+    from .profile import default_path
+
+    out = out or Path(default_path(model))
     save_profile(p, out)
     typer.echo(format_summary(p))
     typer.echo(f"wrote {out}")
@@ -266,19 +268,20 @@ def place(
     predictor: bool = typer.Option(False, "--for-predictor", help="plan for the predictor policy (no dense CPU gate)"),
 ):
     """Decide which neurons, attention blocks and output head go to the GPU under a VRAM budget."""
-    from .hybrid import default_profile_path, make_placement
+    from . import profile as Pr
+    from .hybrid import make_placement
     from .model import Model
-    from .placement import device_bytes, save_placement
+    from .placement import default_path, device_bytes, save_placement
 
     if vram_budget < 0:
         raise SparserunError(f"--vram-budget must be >= 0 GiB, got {vram_budget}")
     m = Model(model, n_ctx=1)
-    if profile is None and not Path(default_profile_path(model)).is_file():
+    if profile is None and not Path(Pr.default_path(model)).is_file():
         raise SparserunError(f"no profile: run `sparserun profile {model} --corpus FILE` first, or pass --profile")
     if profile is not None and not profile.is_file():
         raise SparserunError(f"{profile}: no such profile file")
     p = make_placement(m, vram_budget, profile=profile, gate_dense=not predictor)
-    out = out or Path(str(model) + ".placement.gguf")
+    out = out or Path(default_path(model))
     save_placement(p, out)
     typer.echo(f"{p.summary()} (the whole model on the device: {device_bytes(m) / 2**30:.3f} GiB)")
     for li, g in enumerate(p.gpu_neurons):

@@ -63,26 +63,22 @@ def resolve_device(device, vram_budget=None, err=sys.stderr):
     return "cpu"
 
 
-def default_profile_path(model_path):
-    return str(model_path) + ".profile.gguf"
-
-
 def make_placement(model, vram_budget=None, placement=None, profile=None, gate_dense=True):
     """A saved placement (checked against the model): `placement`, or without a budget the one `sparserun place`
     saved beside the model; else a plan for vram_budget GiB (None: the whole model) from the profile (a path, or
     <model>.profile.gguf when it exists; without one every neuron counts as equally hot)."""
-    from .placement import device_bytes, load_placement, plan
-    from .profile import load_profile
+    from . import placement as P
+    from . import profile as Pr
 
-    if placement is None and vram_budget is None and os.path.exists(str(model.path) + ".placement.gguf"):
-        placement = str(model.path) + ".placement.gguf"
+    if placement is None and vram_budget is None and os.path.exists(P.default_path(model.path)):
+        placement = P.default_path(model.path)
     if placement is not None:
-        return load_placement(placement, model)
-    if profile is None and os.path.exists(default_profile_path(model.path)):
-        profile = default_profile_path(model.path)
-    prof = load_profile(profile, model) if profile is not None else None
-    budget = device_bytes(model) if vram_budget is None else int(vram_budget * GIB)
-    return plan(model, budget, prof, gate_dense=gate_dense)
+        return P.load_placement(placement, model)
+    if profile is None and os.path.exists(Pr.default_path(model.path)):
+        profile = Pr.default_path(model.path)
+    prof = Pr.load_profile(profile, model) if profile is not None else None
+    budget = P.device_bytes(model) if vram_budget is None else int(vram_budget * GIB)
+    return P.plan(model, budget, prof, gate_dense=gate_dense)
 
 
 class DeviceWeight:
@@ -107,16 +103,13 @@ class DeviceWeight:
     def matmul(self, acts, out=None):
         from numba import cuda
 
-        from . import gpu_kernels as G
-
         x = np.ascontiguousarray(acts.x, np.float32)
         T = x.shape[0]
         if self._buf is None or self._buf[0] != T:  # device buffers reused across tokens (decode: T = 1)
             self._buf = (T, cuda.device_array((T, self.cols), np.float32), cuda.device_array((T, self.rows), np.float32))
         _, d_x, d_out = self._buf
         d_x.copy_to_device(x)
-        blocks, threads = G.grid(self.rows, T)
-        G.matvec_t[blocks, threads](self.wt, d_x, d_out)
+        self.on_device(d_x, d_out)
         res = d_out.copy_to_host()
         if out is None:
             return res
@@ -141,30 +134,35 @@ class GPUAttention:
         from . import arch
 
         self.neox = a.rope_type == arch.llama.ROPE_NEOX
+        self._buf = None
 
-    def __call__(self, xn, pos0):
+    def _buffers(self, T):
+        """x (T, dim), q (T, n_head*head_dim), k, v (T, kv_dim), att (T, n_head*head_dim), out (T, dim) on the
+        device, kept for the last T (decode reuses them every token)."""
         from numba import cuda
 
+        if self._buf is None or self._buf[0].shape[0] != T:
+            a, qdim = self.a, self.a.n_head * self.a.head_dim
+            self._buf = tuple(cuda.device_array((T, n), np.float32)
+                              for n in (a.dim, qdim, a.kv_dim, a.kv_dim, qdim, self.wo.rows))
+        return self._buf
+
+    def __call__(self, xn, pos0):
         from . import gpu_kernels as G
 
         a, T = self.a, xn.shape[0]
-        qdim = a.n_head * a.head_dim
-        d_x = cuda.to_device(np.ascontiguousarray(xn, np.float32))  # (T, dim)
-        q = cuda.device_array((T, qdim), np.float32)  # (T, n_head*head_dim)
-        k = cuda.device_array((T, a.kv_dim), np.float32)  # (T, kv_dim)
-        v = cuda.device_array((T, a.kv_dim), np.float32)  # (T, kv_dim)
-        for w, out in ((self.wq, q), (self.wk, k), (self.wv, v)):
-            w.on_device(d_x, out)
+        d_x, q, k, v, att, out = self._buffers(T)
+        d_x.copy_to_device(np.ascontiguousarray(xn, np.float32))
+        for w, dst in ((self.wq, q), (self.wk, k), (self.wv, v)):
+            w.on_device(d_x, dst)
         half = a.rope_dim // 2
         for x, heads in ((q, a.n_head), (k, a.n_head_kv)):
             G.rope[((half + 31) // 32, T * heads), (32, 1)](x, pos0, heads, a.head_dim, a.rope_dim, self.inv_freq,
                                                             self.neox)
         blocks, threads = G.grid(a.kv_dim, T)
         G.store_kv[blocks, threads](k, v, self.kc, self.vc, pos0)
-        att = cuda.device_array((T, qdim), np.float32)  # (T, n_head*head_dim)
         G.attention[((a.head_dim + 31) // 32, T * a.n_head), (32, 1)](q, self.kc, self.vc, pos0, a.n_head,
                                                                       a.n_head_kv, a.head_dim, att)
-        out = cuda.device_array((T, self.wo.rows), np.float32)  # (T, dim)
         self.wo.on_device(att, out)
         return out.copy_to_host()
 

@@ -135,19 +135,17 @@ class Model:
             ops.rmsnorm(x, L.attn_norm, a.norm_eps, xn)
             if L.gpu_attn is not None:  # the whole attention block, KV cache included, on the GPU
                 ops.add_inplace(x, L.gpu_attn(xn, pos0))
-                ops.rmsnorm(x, L.ffn_norm, a.norm_eps, xn)
-                ops.add_inplace(x, self.ffn(li, Acts(xn)))
-                continue
-            acts = Acts(xn)
-            q = L.wq.matmul(acts)  # (T, n_head*head_dim)
-            k = L.wk.matmul(acts)  # (T, kv_dim)
-            v = L.wv.matmul(acts)  # (T, kv_dim)
-            ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
-            ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
-            self.k_cache[li, pos0:pos0 + T] = k
-            self.v_cache[li, pos0:pos0 + T] = v
-            ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, a.n_head_kv, a.head_dim, att)
-            ops.add_inplace(x, L.wo.matmul(Acts(att)))
+            else:
+                acts = Acts(xn)
+                q = L.wq.matmul(acts)  # (T, n_head*head_dim)
+                k = L.wk.matmul(acts)  # (T, kv_dim)
+                v = L.wv.matmul(acts)  # (T, kv_dim)
+                ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
+                ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
+                self.k_cache[li, pos0:pos0 + T] = k
+                self.v_cache[li, pos0:pos0 + T] = v
+                ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, a.n_head_kv, a.head_dim, att)
+                ops.add_inplace(x, L.wo.matmul(Acts(att)))
             ops.rmsnorm(x, L.ffn_norm, a.norm_eps, xn)
             ops.add_inplace(x, self.ffn(li, Acts(xn)))
         rows = x if all_logits else x[-1:]  # (T or 1, dim)

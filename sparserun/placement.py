@@ -38,14 +38,14 @@ from .gguf_file import read_side_file, write_side_file
 ARCH = "sparserun-placement"
 
 
+def default_path(model_path):
+    """Where `sparserun place` writes and later loads without a budget look: model.gguf.placement.gguf."""
+    return str(model_path) + ".placement.gguf"
+
+
 def device_itemsize(w):
     """Bytes per weight of a matrix once on the device: float32 for F32 weights (exact), float16 otherwise."""
     return 4 if w.qtype == 0 else 2
-
-
-def cpu_neuron_bytes(w):
-    """CPU bytes of one row of w as the CPU reads it (the file's type)."""
-    return w.row_bytes
 
 
 @dataclass
@@ -102,8 +102,8 @@ def plan(model, budget_bytes, profile=None, gate_dense=True):
         gated = L.w_gate is not None
         s = device_itemsize(L.w_up)
         c = (3 if gated else 2) * a.dim * s
-        b_gate = cpu_neuron_bytes(L.w_gate) if gated else 0
-        b_rest = cpu_neuron_bytes(L.w_up) + L.w_down.n_bytes / a.n_ff
+        b_gate = L.w_gate.row_bytes if gated else 0  # CPU bytes of one row, in the file's type
+        b_rest = L.w_up.row_bytes + L.w_down.n_bytes / a.n_ff
         p = freq[li]
         v = (b_gate if gate_dense else b_gate * p) + p * b_rest
         values.append(v)

@@ -104,6 +104,11 @@ def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, p
                    (mag / n).astype(np.float32), hist, thresholds)
 
 
+def default_path(model_path):
+    """Where `sparserun profile` writes and on-the-fly placements look: model.gguf -> model.gguf.profile.gguf."""
+    return str(model_path) + ".profile.gguf"
+
+
 def save_profile(profile, path):
     tensors = {"hist_edges": profile.edges, "thresholds": profile.thresholds}
     for li in range(profile.frequency.shape[0]):
