@@ -1,13 +1,13 @@
 """The sparse FFN: computes only the kept neurons of each token (see sparsity.py for the policies).
 
 Decode (one token), gated FFN (SwiGLU / ReGLU), CATS-style:
-    a = act(W_gate x)                      dense gate          (n_ff,)
-    idx = select(|a|)                      policy              (n,)
-    h = a[idx] * (W_up[idx] x)             row-gather matvec   (n,)
-    y = sum_j h[j] * W_down[:, idx[j]]     neuron-major axpy   (dim,)
-Non-gated FFN: a = act(W_up x), h = a[idx]. With a predicted neuron set (predictor policies), the gate
-rows are gathered too, so all three matrices are read for the predicted neurons alone. A predictor is
-a callable (layer, x (T, dim)) -> list of T int arrays of neuron ids.
+    a = act(W_gate x)                      dense gate                     (n_ff,)
+    idx = select(|a|)                      policy                         (n,)
+    h = a[idx] * (W_up[idx] x)             } one kernel over the neuron   (n,)
+    y = sum_j h[j] * W_down[:, idx[j]]     } pack (ffn_pack.py)           (dim,)
+Non-gated FFN: a = act(W_up x), h = a[idx], and the kernel reads only the down columns. With a predicted
+neuron set (predictor policies) the gate rows are gathered first, so all three matrices are read for the
+predicted neurons alone. A predictor is a callable (layer, x (T, dim)) -> list of T int arrays of ids.
 
 Prompt batches (T > 1), and decode tokens that keep more than DENSE_ABOVE of the neurons (where the
 gathered kernels stop paying: benchmarks/ffn_kernels.py), run the dense kernels and zero the dropped
@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from .down_layout import NeuronMajorDown, cache_root
+from .ffn_pack import NeuronPack, cache_root
 from .gguf_file import RawTensor
 from .kernels import ops
 from .kernels import quant as K
@@ -66,9 +66,9 @@ class SparseFFN:
         elif policy.kind == "threshold":
             self.t = np.array(policy.per_layer(a.n_layer), np.float32)
         self.cache_dir = os.path.join(cache_root(), model.gguf.fingerprint()[:32])
-        self.down = [NeuronMajorDown(L.w_down, self.cache_dir, i) for i, L in enumerate(model.layers)]
+        self.pack = [NeuronPack(L.w_up, L.w_down, self.cache_dir, i) for i, L in enumerate(model.layers)]
         self.idx = np.empty(a.n_ff, np.int64)  # (n_ff,) kept neuron ids, first n valid
-        self.buf = np.empty((2, a.n_ff), np.float32)  # scratch rows for the gathered gate / up
+        self.buf = np.empty(a.n_ff, np.float32)  # scratch row for the gathered gate
         self.kept = np.zeros(a.n_layer)  # sum over tokens of the kept fraction, per layer
         self.tokens = np.zeros(a.n_layer)
         # the neurons this FFN owns, per layer: all of them, or the hybrid's CPU share
@@ -123,36 +123,28 @@ class SparseFFN:
                 predicted is not None and len(predicted[0]) > DENSE_ABOVE * self.n_ff):
             return self._masked(li, L, acts, predicted)
         idx = self.idx
+        mode = S.COEF_TIMES_DOT
         if predicted is not None:
             n = len(predicted[0])
             idx[:n] = predicted[0]
             if L.w_gate is not None:
-                u = gather_rows(L.w_up, acts, idx, n, self.buf[1])
-                g = gather_rows(L.w_gate, acts, idx, n, self.buf[0])
-                h = np.empty(n, np.float32)
-                ops.ffn_activate(g[None], u[None], self.act_id, h[None])
+                coef = self._act(gather_rows(L.w_gate, acts, idx, n, self.buf)[None])[0]  # act(gate) of each
             else:
-                h = self._act(gather_rows(L.w_up, acts, idx, n, self.buf[1])[None])[0]
-        elif L.w_gate is not None:
-            a = self._act(self.gate_w[li].matmul(acts))[0]  # (n_own,) act(gate) of every owned neuron
-            n = self._select(li, a, idx)
-            if n > DENSE_ABOVE * self.n_ff:
-                return self._dense_rest(li, L, acts, a, idx[:n], self.up_w[li].matmul(acts)[0])
-            h = a[idx[:n]]
-            self._to_global(li, idx, n)
-            h = h * gather_rows(L.w_up, acts, idx, n, self.buf[1])
+                coef, mode = self.buf[:0], S.ACT_OF_DOT
         else:
-            u = self.up_w[li].matmul(acts)[0]
-            a = self._act(u[None])[0]
+            a = self._act((self.gate_w[li] if L.w_gate is not None else self.up_w[li]).matmul(acts))[0]  # (n_own,)
             n = self._select(li, a, idx)
             if n > DENSE_ABOVE * self.n_ff:
-                return self._dense_rest(li, L, acts, a, idx[:n], None)
-            h = np.ascontiguousarray(a[idx[:n]])
+                up = self.up_w[li].matmul(acts)[0] if L.w_gate is not None else None
+                return self._dense_rest(li, L, acts, a, idx[:n], up)
+            coef = a[idx[:n]]  # act(gate) (gated) or the activation itself (non-gated)
+            if L.w_gate is None:
+                mode = S.AXPY_ONLY
             self._to_global(li, idx, n)
         self.kept[li] += n / self.n_ff
         self.tokens[li] += 1
         out = np.empty((1, L.w_down.rows), np.float32)
-        self.down[li].axpy(idx, np.ascontiguousarray(h, np.float32), n, out[0])
+        self.pack[li].run(acts, idx, n, np.ascontiguousarray(coef, np.float32), mode, self.act_id, out[0])
         return out
 
     def _scatter(self, li, h):

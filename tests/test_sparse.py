@@ -28,24 +28,49 @@ def test_select_kernels():
     assert S.select_topk(ties, 2, idx) == 2 and list(idx[:2]) == [0, 3]
 
 
-def test_axpy_and_gather_kernels_match_numpy():
+class _Tensor:
+    """The parts of a Weight that NeuronPack reads, for a float32 (rows, cols) matrix."""
+
+    def __init__(self, w, qtype=0, raw=None, row_bytes=None):
+        self.rows, self.cols = w.shape
+        self.qtype, self.type_name = qtype, {0: "F32", 2: "Q4_0", 8: "Q8_0"}[qtype]
+        self.raw = w.view(np.uint8).reshape(-1) if raw is None else raw
+        self.row_bytes = w.shape[1] * 4 if row_bytes is None else row_bytes
+        self._w = w
+
+    def dequantize(self):
+        return self._w
+
+
+@pytest.mark.parametrize("down_q8", [False, True])
+def test_neuron_pack_kernel_matches_numpy(tmp_path, down_q8):
+    """pack_ffn in its three modes against numpy on float32 up rows and float32 / int8 down columns."""
+    from sparserun.ffn_pack import NeuronPack
+    from sparserun.weights import Acts
+
     rng = np.random.default_rng(0)
-    wt = rng.standard_normal((300, 128)).astype(np.float32)
-    q, s = np.empty(wt.shape, np.int8), np.empty((300, 4), np.float32)
-    S.quantize_rows_q8(wt, q, s)
-    deq = q.astype(np.float32) * np.repeat(s, 32, axis=1)
-    assert np.abs(deq - wt).max() <= np.abs(wt).max() / 127  # the int8 layout's error bound
+    up, down = rng.standard_normal((300, 128)).astype(np.float32), rng.standard_normal((64, 300)).astype(np.float32)
+    down_t = _Tensor(down, qtype=8 if down_q8 else 0)  # the pack re-quantizes a Q8_0 source's columns to int8
+    pack = NeuronPack(_Tensor(up), down_t, str(tmp_path), 0)
+    assert pack.kind == (S.DOWN_Q8 if down_q8 else S.DOWN_F32)
+    dcols = down.T.copy()
+    if down_q8:
+        q, s = np.empty(dcols.shape, np.int8), np.empty((300, 2), np.float32)
+        S.quantize_rows_q8(dcols, q, s)
+        dq = q.astype(np.float32) * np.repeat(s, 32, axis=1)
+        assert np.abs(dq - dcols).max() <= np.abs(dcols).max() / 127  # the int8 layout's error bound
+        dcols = dq
     idx = np.sort(rng.choice(300, 57, replace=False)).astype(np.int64)
-    h = rng.standard_normal(57).astype(np.float32)
-    out = np.empty(128, np.float32)
-    S.axpy_q8(q, s, idx, h, 57, out)
-    np.testing.assert_allclose(out, h @ deq[idx], rtol=1e-4, atol=1e-4)
-    S.axpy_f32(wt, idx, h, 57, out)
-    np.testing.assert_allclose(out, h @ wt[idx], rtol=1e-4, atol=1e-4)
+    coef = rng.standard_normal(57).astype(np.float32)
     x = rng.standard_normal((1, 128)).astype(np.float32)
+    out = np.empty(64, np.float32)
+    u = up[idx] @ x[0]
+    for mode, h in [(S.AXPY_ONLY, coef), (S.COEF_TIMES_DOT, coef * u), (S.ACT_OF_DOT, np.maximum(u, 0))]:
+        pack.run(Acts(x), idx, 57, coef, mode, 1, out)  # act 1: relu
+        np.testing.assert_allclose(out, h @ dcols[idx], rtol=1e-4, atol=1e-4)
     g = np.empty(300, np.float32)
-    S.gather_f32(wt, idx, 57, x, g)
-    np.testing.assert_allclose(g[:57], wt[idx] @ x[0], rtol=1e-4, atol=1e-4)
+    S.gather_f32(up, idx, 57, x, g)
+    np.testing.assert_allclose(g[:57], u, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("spec,kind,values", [("dense", "dense", ()), ("topk:0.1", "topk", (0.1,)), ("topk:64", "topk", (64,)),
@@ -100,10 +125,10 @@ def test_keep_everything_equals_dense_quantized(make_model, qtype):
 
 
 @pytest.mark.parametrize("qtype,max_tol,mean_tol", [("Q4_0", 0.35, 0.06), ("Q8_0", 0.12, 0.02)])
-def test_neuron_major_down_layout_error(make_model, qtype, max_tol, mean_tol):
+def test_neuron_pack_error(make_model, qtype, max_tol, mean_tol):
     """What the gathered decode kernels change, isolated: the same top-k selection decoded through them
     against the prompt path, which applies it to the original weights. Two roundings differ: the
-    neuron-major down copy is re-quantized (4-bit for 4-bit sources, same bytes per neuron; int8
+    pack's down columns are re-quantized (4-bit for 4-bit sources, same quant bytes per neuron; int8
     otherwise), and the axpy takes the FFN activations in float where the dense down matmul rounds them
     to int8 blocks. Measured on this random model, relative to the logits' std: Q4_0 max 0.27 / mean
     0.043, Q8_0 max 0.088 / mean 0.012 (llama.cpp differs from the dense path by max 0.2 / mean 0.024)."""

@@ -80,20 +80,24 @@ def attention(q, kc, vc, pos0, n_head, n_head_kv, head_dim, out):
                 o[d] += wj * vv[d]
 
 
+@njit(cache=True, inline="always")
+def activate(a, act):
+    """act(a) for one float32; act: 0 silu, 1 relu, 2 gelu (tanh form)."""
+    if act == 0:
+        return a / (np.float32(1.0) + np.float32(math.exp(-a)))
+    if act == 1:
+        return a if a > 0 else np.float32(0.0)
+    return np.float32(0.5) * a * (np.float32(1.0) + np.float32(math.tanh(0.7978845608 * (a + 0.044715 * a * a * a))))
+
+
 @njit(cache=True)
 def ffn_activate(g, u, act, out):
-    """out = act(g) * u (gated FFN) or act(u) when g is empty; act: 0 silu, 1 relu, 2 gelu (tanh form)."""
+    """out = act(g) * u (gated FFN) or act(u) when g is empty (see activate for act)."""
     T, n = out.shape
     gated = g.shape[0] > 0
     for t in range(T):
         for i in range(n):
-            a = g[t, i] if gated else u[t, i]
-            if act == 0:
-                a = a / (np.float32(1.0) + np.float32(math.exp(-a)))
-            elif act == 1:
-                a = a if a > 0 else np.float32(0.0)
-            else:
-                a = np.float32(0.5) * a * (np.float32(1.0) + np.float32(math.tanh(0.7978845608 * (a + 0.044715 * a * a * a))))
+            a = activate(g[t, i] if gated else u[t, i], act)
             out[t, i] = a * u[t, i] if gated else a
 
 

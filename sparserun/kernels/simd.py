@@ -218,54 +218,58 @@ def _q4x32_floats(builder, qp):
     return builder.sitofp(both, ir.VectorType(ir.FloatType(), 32))
 
 
-def _axpy_rows_intrinsic(block_bytes, block_floats):
+def _f32x32(builder, qp):
+    """32 float32 at qp."""
+    return builder.load(builder.bitcast(qp, ir.VectorType(ir.FloatType(), 32).as_pointer()), align=1)
+
+
+def _axpy_units_intrinsic(block_bytes, block_floats, scaled):
     @intrinsic
-    def axpy_rows(typingctx, acc, q, s, idx, h, j0, cnt):
-        sig = types.void(acc, q, s, idx, h, j0, cnt)
+    def axpy_units(typingctx, acc, u, offs, h, cnt, nb):
+        sig = types.void(acc, u, offs, h, cnt, nb)
 
         def codegen(context, builder, signature, args):
-            acc_a, q_a, s_a, idx_a, h_a, j0_v, cnt_v = args
+            acc_a, u_a, o_a, h_a, cnt_v, nb_v = args
             i64, f32 = ir.IntType(64), ir.FloatType()
             v32f = ir.VectorType(f32, 32)
             arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
-            A, Qa, Sa, I, H = arr(0, acc_a), arr(1, q_a), arr(2, s_a), arr(3, idx_a), arr(4, h_a)
-            row_bytes = builder.extract_value(Qa.shape, 1)
-            nb = builder.extract_value(Sa.shape, 1)
+            A, U, O, H = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(3, h_a)
             accp = builder.bitcast(A.data, v32f.as_pointer())
-            qbase = builder.bitcast(Qa.data, _i8.as_pointer())
-            j0 = builder.sext(j0_v, i64) if j0_v.type.width < 64 else j0_v
+            ub = builder.bitcast(U.data, _i8.as_pointer())
             cnt = builder.sext(cnt_v, i64) if cnt_v.type.width < 64 else cnt_v
-            splat_mask = ir.Constant(ir.VectorType(_i32, 32), [0] * 32)
+            nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+            scales = builder.mul(nb, ir.Constant(i64, block_bytes))  # the float32 scales follow the quants
             with cgutils.for_range(builder, nb) as blk:
                 b = blk.index
                 ap = builder.gep(accp, [b])
                 total = cgutils.alloca_once_value(builder, builder.load(ap, align=4))
                 with cgutils.for_range(builder, cnt) as grp:
-                    j = builder.add(j0, grp.index)
-                    i = builder.load(builder.gep(I.data, [j]))
-                    f = builder.fmul(builder.load(builder.gep(H.data, [j])),
-                                     builder.load(builder.gep(Sa.data, [builder.add(builder.mul(i, nb), b)])))
-                    off = builder.add(builder.mul(i, row_bytes), builder.mul(b, ir.Constant(i64, block_bytes)))
-                    qv = block_floats(builder, builder.gep(qbase, [off]))
-                    fv = builder.shuffle_vector(builder.insert_element(ir.Constant(v32f, ir.Undefined), f, ir.Constant(_i32, 0)),
-                                                ir.Constant(v32f, ir.Undefined), splat_mask)
-                    builder.store(builder.fadd(builder.load(total), builder.fmul(qv, fv)), total)
+                    g = grp.index
+                    base = builder.gep(ub, [builder.load(builder.gep(O.data, [g]))])
+                    f = builder.load(builder.gep(H.data, [g]))
+                    if scaled:  # a float32 load writes a whole register: no false dependency (see _half_splat)
+                        sp = builder.gep(base, [builder.add(scales, builder.mul(b, ir.Constant(i64, 4)))])
+                        f = builder.fmul(f, builder.load(builder.bitcast(sp, f32.as_pointer()), align=4))
+                    qv = block_floats(builder, builder.gep(base, [builder.mul(b, ir.Constant(i64, block_bytes))]))
+                    builder.store(builder.fadd(builder.load(total), builder.fmul(qv, _splat_f(builder, f, 32))), total)
                 builder.store(builder.load(total), ap, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
 
-    return axpy_rows
+    return axpy_units
 
 
-_AXPY_DOC = """acc[:] += sum_{{g < cnt}} h[j0+g] * s[i, b] * row_i[block b] over every 32-value block b, with
-i = idx[j0+g]: a group of kept neurons' {kind} rows (q: (n_ff, {cols}), s: (n_ff, dim/32) float32 scales)
-added to acc (dim,) float32. Each 32-value slice of acc is loaded and stored once per group rather
-than once per neuron, so the loop is bound by reading q, not by L1 stores."""
-axpy_rows_i8 = _axpy_rows_intrinsic(32, _i8x32_floats)
-axpy_rows_i8.__doc__ = _AXPY_DOC.format(kind="int8", cols="dim) int8")
-axpy_rows_q4 = _axpy_rows_intrinsic(16, _q4x32_floats)
-axpy_rows_q4.__doc__ = _AXPY_DOC.format(kind="4-bit", cols="dim/2) uint8, Q4_0 nibble order")
+_AXPY_DOC = """acc[:] += sum_{{g < cnt}} h[g] * column(offs[g]) over nb blocks of 32 values: a group of kept neurons'
+down columns, each {kind} at byte offset offs[g] of u{scales}, added to acc (32 nb,) float32. Each 32-value
+slice of acc is loaded and stored once per group rather than once per neuron."""
+_SCALES = " (nb blocks of quants, then nb float32 scales)"
+axpy_units_q4 = _axpy_units_intrinsic(16, _q4x32_floats, True)
+axpy_units_q4.__doc__ = _AXPY_DOC.format(kind="4-bit (Q4_0 nibble order, offset 8)", scales=_SCALES)
+axpy_units_i8 = _axpy_units_intrinsic(32, _i8x32_floats, True)
+axpy_units_i8.__doc__ = _AXPY_DOC.format(kind="int8", scales=_SCALES)
+axpy_units_f32 = _axpy_units_intrinsic(128, _f32x32, False)
+axpy_units_f32.__doc__ = _AXPY_DOC.format(kind="float32", scales="")
 
 
 def _row_dot_q4_0_vnni(context, builder, sig, args):

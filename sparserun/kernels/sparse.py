@@ -6,12 +6,14 @@ Decode only (one token): prompt batches use the dense kernels with per-token mas
 import numpy as np
 from numba import njit, prange
 
-from .quant import QK, dequant_row
-from .simd import axpy_rows_i8, axpy_rows_q4, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q8_0, prefetch
+from .ops import activate
+from .quant import Q4_0, Q8_0, QK, dequant_row
+from .simd import axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q8_0, prefetch
 
 N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
 AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
 PREFETCH_ROWS = 2  # how far ahead the row gather prefetches (A/B: 2 best of 1, 2, 4, 8)
+PREFETCH_UNITS = 8  # how far ahead pack_ffn prefetches, in neurons (A/B on Q4_0 packs: 8 best of 4, 8, 16, 32)
 
 
 @njit(cache=True)
@@ -103,48 +105,65 @@ def gather_dequant(raw, row_bytes, qtype, cols, idx, n, x, out):
             out[j] = acc
 
 
-def _make_axpy(axpy_rows, values_per_byte, group=AXPY_GROUP):
-    @njit(parallel=True, cache=True, fastmath=True)
-    def axpy(q, s, idx, h, n, out):
-        row_bytes = q.shape[1]
-        dim = row_bytes * values_per_byte
-        s_bytes = s.shape[1] * 4
-        parts = np.zeros((N_PARTS, dim), np.float32)
-        chunk = (n + N_PARTS - 1) // N_PARTS
-        for c in prange(N_PARTS):
-            end = min(n, (c + 1) * chunk)
-            for j in range(c * chunk, end, group):
-                for g in range(j + group, min(end, j + 2 * group)):  # the next group's rows, ahead of use
-                    prefetch(q, idx[g] * row_bytes, row_bytes)
-                    prefetch(s, idx[g] * s_bytes, s_bytes)  # and their scales (A/B: axpy 17-22% faster at f=0.1)
-                axpy_rows(parts[c], q, s, idx, h, j, min(group, end - j))
-        for k in range(dim):
-            t = np.float32(0.0)
-            for c in range(N_PARTS):
-                t += parts[c, k]
-            out[k] = t
-
-    return axpy
+DOWN_F32, DOWN_Q4, DOWN_Q8 = 0, 1, 2  # down-column formats of a neuron pack (see ffn_pack.py)
+AXPY_ONLY, COEF_TIMES_DOT, ACT_OF_DOT = 0, 1, 2  # how a kept neuron's weight h is formed
 
 
-axpy_q8 = _make_axpy(axpy_rows_i8, 1)
-axpy_q8.__doc__ = """out = sum_j h[j] * Wt[idx[j]], Wt neuron-major as int8 q (n_ff, dim) and per-32 scales s."""
-axpy_q4 = _make_axpy(axpy_rows_q4, 2)
-axpy_q4.__doc__ = """out = sum_j h[j] * Wt[idx[j]], Wt neuron-major as 4-bit q (n_ff, dim/2) and per-32 scales s."""
+@njit(inline="always")
+def _up_dot(u, off, up_qtype, vnni, x, xq, xd, x8, xs, scratch):
+    """The up row at u[off:] (GGUF row format of up_qtype) dotted with the token's activations."""
+    cols = x.shape[1]
+    if up_qtype == Q4_0 and vnni:
+        return dot_row_q4_0_vnni(u, off, cols // QK, x8, 0, xd, xs, 0)
+    if up_qtype == Q4_0:
+        return dot_row_q4_0(u, off, cols // QK, xq, 0, xd, 0)
+    if up_qtype == Q8_0:
+        return dot_row_q8_0(u, off, cols // QK, xq, 0, xd, 0)
+    dequant_row(u, off, up_qtype, cols, scratch)
+    acc = np.float32(0.0)
+    for i in range(cols):
+        acc += scratch[i] * x[0, i]
+    return acc
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def axpy_f32(w, idx, h, n, out):
-    """out = sum_j h[j] * w[idx[j]] for a float32 neuron-major matrix w (n_ff, dim)."""
-    dim = w.shape[1]
-    parts = np.zeros((N_PARTS, dim), np.float32)
+def pack_ffn(u, unit_bytes, up_bytes, up_qtype, vnni, down_kind, dim, idx, n, coef, mode, act_id,
+             x, xq, xd, x8, xs, out):
+    """One decode token's FFN over the kept neurons of a neuron pack (u: flat uint8, n_ff units of unit_bytes,
+    each the neuron's up row then its down column at up_bytes): out (dim,) = sum_j h_j * down_{idx[j]}, with
+    h_j = coef[j] (AXPY_ONLY), coef[j] * (up_{idx[j]} . x) (COEF_TIMES_DOT: CATS, coef = act(gate)) or
+    act(up . x) (ACT_OF_DOT: non-gated FFN with a predicted set). A neuron's two rows are adjacent, so
+    they stream as one 2.3 KB run (Q4_0) instead of two random rows, in one parallel region.
+    Threads split the kept neurons evenly (N_PARTS private partial sums)."""
+    nbo = dim // QK
+    lo = up_bytes if mode == AXPY_ONLY else 0  # the bytes of a unit this mode reads
+    parts = np.empty((N_PARTS, dim), np.float32)
     chunk = (n + N_PARTS - 1) // N_PARTS
     for c in prange(N_PARTS):
         acc = parts[c]
-        for j in range(c * chunk, min(n, (c + 1) * chunk)):
-            row, hj = w[idx[j]], h[j]
-            for k in range(dim):
-                acc[k] += hj * row[k]
+        acc[:] = 0.0
+        offs = np.empty(AXPY_GROUP, np.int64)
+        h = np.empty(AXPY_GROUP, np.float32)
+        scratch = np.empty(x.shape[1], np.float32)
+        end = min(n, (c + 1) * chunk)
+        for j in range(c * chunk, end, AXPY_GROUP):
+            for k in range(j + PREFETCH_UNITS, min(end, j + PREFETCH_UNITS + AXPY_GROUP)):
+                prefetch(u, idx[k] * unit_bytes + lo, unit_bytes - lo)
+            cnt = min(AXPY_GROUP, end - j)
+            for g in range(cnt):
+                base = idx[j + g] * unit_bytes
+                if mode == AXPY_ONLY:
+                    h[g] = coef[j + g]
+                else:
+                    d = _up_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xs, scratch)
+                    h[g] = coef[j + g] * d if mode == COEF_TIMES_DOT else activate(d, act_id)
+                offs[g] = base + up_bytes
+            if down_kind == DOWN_Q4:
+                axpy_units_q4(acc, u, offs, h, cnt, nbo)
+            elif down_kind == DOWN_Q8:
+                axpy_units_i8(acc, u, offs, h, cnt, nbo)
+            else:
+                axpy_units_f32(acc, u, offs, h, cnt, nbo)
     for k in range(dim):
         t = np.float32(0.0)
         for c in range(N_PARTS):

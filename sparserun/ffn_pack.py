@@ -1,0 +1,91 @@
+"""A layer's FFN laid out neuron by neuron for the sparse decode kernels: one contiguous unit per neuron.
+
+Unit i (bytes) = [ up row i, in the GGUF's own row format | down column i, in the down format below ]
+
+GGUF stores ffn_down as (dim rows, n_ff cols), so a neuron's down weights are a strided column. At first
+use it is dequantized, transposed and re-quantized per 32 values, at the precision of the source:
+- float32 for F32 models (exact);
+- 4-bit (Q4_0's nibble order and rounding) for 4-bit sources (Q4_0, Q4_K): as many quant bytes per neuron
+  as the original, so skipping neurons saves what it should;
+- int8 for everything else (Q8_0, Q5_K, Q6_K, F16, BF16).
+Quantized columns keep their quants first and then one float32 scale per 32 values (a float32 scale loads
+without the false dependency an fp16 one has in the kernel; 256 extra bytes of 2432 for a 2048-wide Q4_0).
+Re-quantizing adds error; tests/test_sparse.py measures it against the dense path and `sparserun bench`
+reports the end-to-end fidelity.
+
+Why one unit: a kept neuron's up row and down column are read together, and two random 1.2 KB rows
+stream from DRAM more slowly than one 2.4 KB run (measured: 12.5 against 18 GB/s for random rows of those
+sizes on 2 cores), and one parallel kernel replaces two.
+
+The packs are cached as .npy files (no pickle) under $SPARSERUN_CACHE (default ~/.cache/sparserun), keyed
+by the model's tensor fingerprint, and memory-mapped on the next load.
+"""
+import os
+
+import numpy as np
+
+from .kernels import quant as K
+from .kernels import sparse as S
+
+FOUR_BIT = (K.Q4_0, K.Q4_K)
+DOWN_KINDS = {S.DOWN_F32: "f32", S.DOWN_Q4: "q4", S.DOWN_Q8: "q8"}
+
+
+def cache_root():
+    return os.environ.get("SPARSERUN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparserun")
+
+
+def down_kind(qtype):
+    return S.DOWN_F32 if qtype == K.F32 else S.DOWN_Q4 if qtype in FOUR_BIT else S.DOWN_Q8
+
+
+def down_columns(down, kind):
+    """ffn_down (dim, n_ff) -> (n_ff, bytes) uint8: each neuron's column in the pack's down format."""
+    wt = np.ascontiguousarray(down.dequantize().T)  # (n_ff, dim) float32
+    if kind == S.DOWN_F32:
+        return wt.view(np.uint8)
+    s = np.empty((wt.shape[0], wt.shape[1] // K.QK), np.float32)  # (n_ff, dim/32)
+    if kind == S.DOWN_Q4:
+        q = np.empty((wt.shape[0], wt.shape[1] // 2), np.uint8)  # (n_ff, dim/2)
+        S.quantize_rows_q4(wt, q, s)
+    else:
+        q = np.empty(wt.shape, np.int8)  # (n_ff, dim)
+        S.quantize_rows_q8(wt, q, s)
+    return np.concatenate([q.view(np.uint8), s.view(np.uint8)], axis=1)
+
+
+class NeuronPack:
+    """One layer's neuron-major up+down units; run() computes one decode token's FFN over kept neurons."""
+
+    def __init__(self, up, down, cache_dir, layer):
+        self.dim, self.n_ff = down.rows, down.cols
+        self.up_qtype, self.up_bytes = up.qtype, up.row_bytes
+        self.kind = down_kind(down.qtype)
+        path = os.path.join(cache_dir, f"pack.{layer}.{up.type_name}-{DOWN_KINDS[self.kind]}.npy")
+        if not os.path.exists(path):
+            os.makedirs(cache_dir, exist_ok=True)
+            units = np.concatenate([up.raw.reshape(up.rows, up.row_bytes), down_columns(down, self.kind)], axis=1)
+            tmp = path + f".tmp{os.getpid()}"
+            with open(tmp, "wb") as fh:
+                np.save(fh, units, allow_pickle=False)
+            os.replace(tmp, path)  # atomic: a half-written cache file is never read
+        units = np.load(path, mmap_mode="r", allow_pickle=False)
+        down_bytes = {S.DOWN_F32: 4 * self.dim, S.DOWN_Q4: self.dim // 2 + self.dim // 8,
+                      S.DOWN_Q8: self.dim + self.dim // 8}[self.kind]
+        if units.dtype != np.uint8 or units.shape != (self.n_ff, self.up_bytes + down_bytes):
+            raise ValueError(f"stale FFN pack cache {path}: remove {cache_dir}")
+        self.unit_bytes = units.shape[1]
+        self.units = units.reshape(-1)
+
+    def run(self, acts, idx, n, coef, mode, act_id, out):
+        """out (dim,) = the FFN of one token over neurons idx[:n] (global ids); see kernels.sparse.pack_ffn."""
+        empty_i8, empty_f = np.empty((1, 0), np.int8), np.empty((1, 0), np.float32)
+        xq, xd, x8, xs = np.empty((1, 0), np.int16), empty_f, empty_i8, empty_f
+        if mode != S.AXPY_ONLY:
+            if self.up_qtype == K.Q4_0 and K.HAS_VNNI:
+                x8, xd, xs = acts.int8_vnni()
+            elif self.up_qtype in K.INT8_MATMUL:
+                xq, xd = acts.int8()
+        S.pack_ffn(self.units, self.unit_bytes, self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim,
+                   idx, n, coef, mode, act_id, acts.x, xq, xd, x8, xs, out)
+        return out
