@@ -1,6 +1,10 @@
 """A layer's FFN laid out neuron by neuron for the sparse decode kernels: one contiguous unit per neuron.
 
-Unit i (bytes) = [ up row i, in the GGUF's own row format | down column i, in the down format below ]
+Unit i (bytes) = [ gate row i | up row i | down column i ]
+- gate and up rows in the GGUF's own row formats. The gate is packed only for predictor policies, which
+  gather it with the rest; CATS / threshold policies compute the gate densely from the GGUF, and their
+  packs leave it out (smaller on disk and in RAM).
+- the down column in the format below.
 
 GGUF stores ffn_down as (dim rows, n_ff cols), so a neuron's down weights are a strided column. At first
 use it is dequantized, transposed and re-quantized per 32 values, at the precision of the source:
@@ -13,9 +17,9 @@ without the false dependency an fp16 one has in the kernel; 256 extra bytes of 2
 Re-quantizing adds error; tests/test_sparse.py measures it against the dense path and `sparserun bench`
 reports the end-to-end fidelity.
 
-Why one unit: a kept neuron's up row and down column are read together, and two random 1.2 KB rows
-stream from DRAM more slowly than one 2.4 KB run (measured: 12.5 against 18 GB/s for random rows of those
-sizes on 2 cores), and one parallel kernel replaces two.
+Why one unit: a kept neuron's rows are read together, and random 1.2 KB rows stream from DRAM more slowly
+than one 2.4 or 3.6 KB run (measured on 2 cores: 12.5 GB/s for random 1152-byte rows, 18 for 2304-byte
+ones), and one parallel kernel replaces two or three.
 
 The packs are cached as .npy files (no pickle) under $SPARSERUN_CACHE (default ~/.cache/sparserun), keyed
 by the model's tensor fingerprint, and memory-mapped on the next load.
@@ -55,16 +59,21 @@ def down_columns(down, kind):
 
 
 class NeuronPack:
-    """One layer's neuron-major up+down units; run() computes one decode token's FFN over kept neurons."""
+    """One layer's neuron-major units (gate row if given, up row, down column); run() computes one decode
+    token's FFN over its kept neurons."""
 
-    def __init__(self, up, down, cache_dir, layer):
+    def __init__(self, gate, up, down, cache_dir, layer):
         self.dim, self.n_ff = down.rows, down.cols
+        self.has_gate = gate is not None
+        self.gate_qtype, self.gate_bytes = (gate.qtype, gate.row_bytes) if self.has_gate else (up.qtype, 0)
         self.up_qtype, self.up_bytes = up.qtype, up.row_bytes
         self.kind = down_kind(down.qtype)
-        path = os.path.join(cache_dir, f"pack.{layer}.{up.type_name}-{DOWN_KINDS[self.kind]}.npy")
+        parts = ([gate.type_name] if self.has_gate else []) + [up.type_name, DOWN_KINDS[self.kind]]
+        path = os.path.join(cache_dir, f"pack.{layer}.{'-'.join(parts)}.npy")
         if not os.path.exists(path):
             os.makedirs(cache_dir, exist_ok=True)
-            units = np.concatenate([up.raw.reshape(up.rows, up.row_bytes), down_columns(down, self.kind)], axis=1)
+            rows = [w.raw.reshape(w.rows, w.row_bytes) for w in ([gate] if self.has_gate else []) + [up]]
+            units = np.concatenate(rows + [down_columns(down, self.kind)], axis=1)
             tmp = path + f".tmp{os.getpid()}"
             with open(tmp, "wb") as fh:
                 np.save(fh, units, allow_pickle=False)
@@ -72,7 +81,7 @@ class NeuronPack:
         units = np.load(path, mmap_mode="r", allow_pickle=False)
         down_bytes = {S.DOWN_F32: 4 * self.dim, S.DOWN_Q4: self.dim // 2 + self.dim // 8,
                       S.DOWN_Q8: self.dim + self.dim // 8}[self.kind]
-        if units.dtype != np.uint8 or units.shape != (self.n_ff, self.up_bytes + down_bytes):
+        if units.dtype != np.uint8 or units.shape != (self.n_ff, self.gate_bytes + self.up_bytes + down_bytes):
             raise ValueError(f"stale FFN pack cache {path}: remove {cache_dir}")
         self.unit_bytes = units.shape[1]
         self.units = units.reshape(-1)
@@ -81,11 +90,13 @@ class NeuronPack:
         """out (dim,) = the FFN of one token over neurons idx[:n] (global ids); see kernels.sparse.pack_ffn."""
         empty_i8, empty_f = np.empty((1, 0), np.int8), np.empty((1, 0), np.float32)
         xq, xd, x8, xs = np.empty((1, 0), np.int16), empty_f, empty_i8, empty_f
-        if mode != S.AXPY_ONLY:
-            if self.up_qtype == K.Q4_0 and K.HAS_VNNI:
-                x8, xd, xs = acts.int8_vnni()
-            elif self.up_qtype in K.INT8_MATMUL:
-                xq, xd = acts.int8()
-        S.pack_ffn(self.units, self.unit_bytes, self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim,
-                   idx, n, coef, mode, act_id, acts.x, xq, xd, x8, xs, out)
+        if mode == S.GATED_DOTS and not self.has_gate:
+            raise ValueError("this neuron pack holds no gate rows")
+        dotted = [] if mode == S.AXPY_ONLY else [self.up_qtype] + ([self.gate_qtype] if mode == S.GATED_DOTS else [])
+        if any(t == K.Q4_0 and K.HAS_VNNI for t in dotted):
+            x8, xd, xs = acts.int8_vnni()
+        if any(t in K.INT8_MATMUL and not (t == K.Q4_0 and K.HAS_VNNI) for t in dotted):
+            xq, xd = acts.int8()  # the same block scales xd as the VNNI form
+        S.pack_ffn(self.units, self.unit_bytes, self.gate_bytes, self.gate_qtype, self.up_bytes, self.up_qtype,
+                   K.HAS_VNNI, self.kind, self.dim, idx, n, coef, mode, act_id, acts.x, xq, xd, x8, xs, out)
         return out

@@ -6,8 +6,8 @@ Decode (one token), gated FFN (SwiGLU / ReGLU), CATS-style:
     h = a[idx] * (W_up[idx] x)             } one kernel over the neuron   (n,)
     y = sum_j h[j] * W_down[:, idx[j]]     } pack (ffn_pack.py)           (dim,)
 Non-gated FFN: a = act(W_up x), h = a[idx], and the kernel reads only the down columns. With a predicted
-neuron set (predictor policies) the gate rows are gathered first, so all three matrices are read for the
-predicted neurons alone. A predictor is a callable (layer, x (T, dim)) -> list of T int arrays of ids.
+neuron set (predictor policies) the pack holds the gate rows too, so all three matrices are read for the
+predicted neurons alone, in one pass. A predictor is a callable (layer, x (T, dim)) -> list of T int arrays of ids.
 
 Prompt batches (T > 1), and decode tokens that keep more than DENSE_ABOVE of the neurons (where the
 gathered kernels stop paying: benchmarks/ffn_kernels.py), run the dense kernels and zero the dropped
@@ -24,26 +24,10 @@ import numpy as np
 from .ffn_pack import NeuronPack, cache_root
 from .gguf_file import RawTensor
 from .kernels import ops
-from .kernels import quant as K
 from .kernels import sparse as S
 from .weights import Acts, Weight
 
 DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than gathering
-
-
-def gather_rows(w, acts, idx, n, out):
-    """out[:n] = W[idx[:n]] . x for one token, for any weight type."""
-    if w.qtype == K.Q4_0 and K.HAS_VNNI:
-        x8, xd, xs = acts.int8_vnni()
-        S.gather_q4_0_vnni(w.raw, w.row_bytes, idx, n, x8, xd, xs, out)
-    elif w.qtype in K.INT8_MATMUL:
-        xq, xd = acts.int8()
-        S.gather_int8(w.raw, w.row_bytes, w.qtype == K.Q4_0, idx, n, xq, xd, out)
-    elif w.f32 is not None:
-        S.gather_f32(w.f32, idx, n, acts.x, out)
-    else:
-        S.gather_dequant(w.raw, w.row_bytes, w.qtype, w.cols, idx, n, acts.x, out)
-    return out[:n]
 
 
 def row_subset(w, ids):
@@ -66,9 +50,11 @@ class SparseFFN:
         elif policy.kind == "threshold":
             self.t = np.array(policy.per_layer(a.n_layer), np.float32)
         self.cache_dir = os.path.join(cache_root(), model.gguf.fingerprint()[:32])
-        self.pack = [NeuronPack(L.w_up, L.w_down, self.cache_dir, i) for i, L in enumerate(model.layers)]
+        # predictor policies gather the gate too, so their packs hold it; CATS computes it densely
+        self.pack = [NeuronPack(L.w_gate if predictor is not None else None, L.w_up, L.w_down, self.cache_dir, i)
+                     for i, L in enumerate(model.layers)]
         self.idx = np.empty(a.n_ff, np.int64)  # (n_ff,) kept neuron ids, first n valid
-        self.buf = np.empty(a.n_ff, np.float32)  # scratch row for the gathered gate
+        self.buf = np.empty(0, np.float32)  # coef for the modes that take none
         self.kept = np.zeros(a.n_layer)  # sum over tokens of the kept fraction, per layer
         self.tokens = np.zeros(a.n_layer)
         # the neurons this FFN owns, per layer: all of them, or the hybrid's CPU share
@@ -124,13 +110,11 @@ class SparseFFN:
             return self._masked(li, L, acts, predicted)
         idx = self.idx
         mode = S.COEF_TIMES_DOT
+        coef = self.buf[:0]
         if predicted is not None:
             n = len(predicted[0])
             idx[:n] = predicted[0]
-            if L.w_gate is not None:
-                coef = self._act(gather_rows(L.w_gate, acts, idx, n, self.buf)[None])[0]  # act(gate) of each
-            else:
-                coef, mode = self.buf[:0], S.ACT_OF_DOT
+            mode = S.GATED_DOTS if L.w_gate is not None else S.ACT_OF_DOT
         else:
             a = self._act((self.gate_w[li] if L.w_gate is not None else self.up_w[li]).matmul(acts))[0]  # (n_own,)
             n = self._select(li, a, idx)

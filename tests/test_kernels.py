@@ -80,8 +80,8 @@ def test_activation_quantization_is_llama_cpp_q8_0():
                     reason="this CPU has no AVX512-VNNI (the generic kernels run instead)")
 @pytest.mark.parametrize("T", [1, 3])
 def test_vnni_q4_0_kernels_equal_the_generic_ones(T):
-    """The VNNI matmul and row gather (used on this CPU) against the generic vpmaddwd kernels on the same
-    int8 activations: the same integer dot products, so equal up to float summation order."""
+    """The VNNI matmul and neuron-pack dots (used on this CPU) against the generic vpmaddwd kernels on the
+    same int8 activations: the same integer dot products, so equal up to float summation order."""
     from sparserun.kernels import quant as K
     from sparserun.kernels import sparse as S
 
@@ -96,9 +96,19 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T):
     got = np.empty((T, rows), np.float32)
     K.matmul_q4_0_vnni(w.raw, w.row_bytes, rows, x8, xd, xs, got)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # a neuron pack with w as the gate and up rows and float32 down columns, gate . x and up . x by both kernels
+    dim = 64
+    down = rng.standard_normal((rows, dim)).astype(np.float32)
+    units = np.concatenate([w.raw.reshape(rows, -1), w.raw.reshape(rows, -1), down.view(np.uint8)], axis=1)
     idx = np.sort(rng.choice(rows, 37, replace=False)).astype(np.int64)
-    g1, g2 = np.empty(37, np.float32), np.empty(37, np.float32)
-    S.gather_int8(w.raw, w.row_bytes, True, idx, 37, xq[:1], xd[:1], g1)
-    S.gather_q4_0_vnni(w.raw, w.row_bytes, idx, 37, x8[:1], xd[:1], xs[:1], g2)
-    np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-5 * np.abs(g1).max())
-    np.testing.assert_allclose(g1, want[0, idx], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    outs = []
+    for vnni in (False, True):
+        out = np.empty(dim, np.float32)
+        S.pack_ffn(units.reshape(-1), units.shape[1], w.row_bytes, Q.Q4_0, w.row_bytes, Q.Q4_0, vnni, S.DOWN_F32,
+                   dim, idx, 37, np.empty(0, np.float32), S.GATED_DOTS, 1, acts.x[:1], xq[:1], xd[:1], x8[:1],
+                   xs[:1], out)
+        outs.append(out)
+    d = want[0, idx]
+    ref = (np.maximum(d, 0) * d) @ down[idx]  # relu(gate . x) * (up . x)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_allclose(outs[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -51,7 +51,7 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
     rng = np.random.default_rng(0)
     up, down = rng.standard_normal((300, 128)).astype(np.float32), rng.standard_normal((64, 300)).astype(np.float32)
     # the pack re-quantizes a Q8_0 source's columns to int8 and a Q4_0 source's to 4 bits
-    pack = NeuronPack(_Tensor(up), _Tensor(down, qtype=down_qtype), str(tmp_path), 0)
+    pack = NeuronPack(None, _Tensor(up), _Tensor(down, qtype=down_qtype), str(tmp_path), 0)
     assert pack.kind == {0: S.DOWN_F32, 8: S.DOWN_Q8, 2: S.DOWN_Q4}[down_qtype]
     dcols = down.T.copy()
     s = np.empty((300, 2), np.float32)
@@ -76,9 +76,13 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
     for mode, h in [(S.AXPY_ONLY, coef), (S.COEF_TIMES_DOT, coef * u), (S.ACT_OF_DOT, np.maximum(u, 0))]:
         pack.run(Acts(x), idx, 57, coef, mode, 1, out)  # act 1: relu
         np.testing.assert_allclose(out, h @ dcols[idx], rtol=1e-4, atol=1e-4)
-    g = np.empty(300, np.float32)
-    S.gather_f32(up, idx, 57, x, g)
-    np.testing.assert_allclose(g[:57], u, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no gate rows"):
+        pack.run(Acts(x), idx, 57, coef, S.GATED_DOTS, 1, out)
+    gate = rng.standard_normal((300, 128)).astype(np.float32)  # a pack with gate rows: the predictor layout
+    gated = NeuronPack(_Tensor(gate), _Tensor(up), _Tensor(down, qtype=down_qtype), str(tmp_path), 1)
+    gated.run(Acts(x), idx, 57, coef, S.GATED_DOTS, 0, out)  # act 0: silu
+    g = gate[idx] @ x[0]
+    np.testing.assert_allclose(out, (g / (1 + np.exp(-g)) * u) @ dcols[idx], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("spec,kind,values", [("dense", "dense", ()), ("topk:0.1", "topk", (0.1,)), ("topk:64", "topk", (64,)),

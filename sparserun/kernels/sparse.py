@@ -1,5 +1,6 @@
-"""numba kernels for the sparse FFN: neuron selection, row-gather matvecs (gate/up) and the
-neuron-major axpy for the down projection. Cost is proportional to the neurons kept.
+"""numba kernels for the sparse FFN: neuron selection, the neuron-pack kernel (per kept neuron: gate and up
+row dots, then an axpy of its down column) and the pack's re-quantizers. Cost is proportional to the
+neurons kept.
 
 Decode only (one token): prompt batches use the dense kernels with per-token masks (see sparse_ffn).
 """
@@ -12,7 +13,6 @@ from .simd import axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_q4_0, do
 
 N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
 AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
-PREFETCH_ROWS = 2  # how far ahead the row gather prefetches (A/B: 2 best of 1, 2, 4, 8)
 PREFETCH_UNITS = 8  # how far ahead pack_ffn prefetches, in neurons (A/B on Q4_0 packs: 8 best of 4, 8, 16, 32)
 
 
@@ -51,75 +51,21 @@ def select_topk(a, k, idx):
     return n
 
 
-@njit(parallel=True, cache=True)
-def gather_int8(raw, row_bytes, is_q4, idx, n, xq, xd, out):
-    """out[j] = W[idx[j]] . x for j < n (Q4_0 / Q8_0 rows, x as one row of int8 blocks)."""
-    nb = xq.shape[1] // QK
-    chunk = (n + N_PARTS - 1) // N_PARTS
-    for c in prange(N_PARTS):
-        end = min(n, (c + 1) * chunk)
-        for j in range(c * chunk, end):
-            if j + PREFETCH_ROWS < end:  # gathered rows start where no hardware prefetch stream runs
-                prefetch(raw, idx[j + PREFETCH_ROWS] * row_bytes, row_bytes)
-            if is_q4:
-                out[j] = dot_row_q4_0(raw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
-            else:
-                out[j] = dot_row_q8_0(raw, idx[j] * row_bytes, nb, xq, 0, xd, 0)
-
-
-@njit(parallel=True, cache=True)
-def gather_q4_0_vnni(raw, row_bytes, idx, n, x8, xd, xs, out):
-    """gather_int8 for Q4_0 rows through the VNNI row dot (quant.HAS_VNNI only)."""
-    nb = x8.shape[1] // QK
-    chunk = (n + N_PARTS - 1) // N_PARTS
-    for c in prange(N_PARTS):
-        end = min(n, (c + 1) * chunk)
-        for j in range(c * chunk, end):
-            if j + PREFETCH_ROWS < end:
-                prefetch(raw, idx[j + PREFETCH_ROWS] * row_bytes, row_bytes)
-            out[j] = dot_row_q4_0_vnni(raw, idx[j] * row_bytes, nb, x8, 0, xd, xs, 0)
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def gather_f32(w, idx, n, x, out):
-    """out[j] = w[idx[j]] . x[0] for a float32 matrix w."""
-    for j in prange(n):
-        r = w[idx[j]]
-        acc = np.float32(0.0)
-        for i in range(r.shape[0]):
-            acc += r[i] * x[0, i]
-        out[j] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def gather_dequant(raw, row_bytes, qtype, cols, idx, n, x, out):
-    """out[j] = W[idx[j]] . x[0], rows of any type dequantized into a scratch row."""
-    chunk = (n + N_PARTS - 1) // N_PARTS
-    for c in prange(N_PARTS):
-        scratch = np.empty(cols, np.float32)
-        for j in range(c * chunk, min(n, (c + 1) * chunk)):
-            dequant_row(raw, idx[j] * row_bytes, qtype, cols, scratch)
-            acc = np.float32(0.0)
-            for i in range(cols):
-                acc += scratch[i] * x[0, i]
-            out[j] = acc
-
-
 DOWN_F32, DOWN_Q4, DOWN_Q8 = 0, 1, 2  # down-column formats of a neuron pack (see ffn_pack.py)
-AXPY_ONLY, COEF_TIMES_DOT, ACT_OF_DOT = 0, 1, 2  # how a kept neuron's weight h is formed
+AXPY_ONLY, COEF_TIMES_DOT, ACT_OF_DOT, GATED_DOTS = 0, 1, 2, 3  # how a kept neuron's weight h is formed
 
 
 @njit(inline="always")
-def _up_dot(u, off, up_qtype, vnni, x, xq, xd, x8, xs, scratch):
-    """The up row at u[off:] (GGUF row format of up_qtype) dotted with the token's activations."""
+def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xs, scratch):
+    """The row at u[off:] (GGUF row format of qtype) dotted with the token's activations."""
     cols = x.shape[1]
-    if up_qtype == Q4_0 and vnni:
+    if qtype == Q4_0 and vnni:
         return dot_row_q4_0_vnni(u, off, cols // QK, x8, 0, xd, xs, 0)
-    if up_qtype == Q4_0:
+    if qtype == Q4_0:
         return dot_row_q4_0(u, off, cols // QK, xq, 0, xd, 0)
-    if up_qtype == Q8_0:
+    if qtype == Q8_0:
         return dot_row_q8_0(u, off, cols // QK, xq, 0, xd, 0)
-    dequant_row(u, off, up_qtype, cols, scratch)
+    dequant_row(u, off, qtype, cols, scratch)
     acc = np.float32(0.0)
     for i in range(cols):
         acc += scratch[i] * x[0, i]
@@ -127,16 +73,21 @@ def _up_dot(u, off, up_qtype, vnni, x, xq, xd, x8, xs, scratch):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def pack_ffn(u, unit_bytes, up_bytes, up_qtype, vnni, down_kind, dim, idx, n, coef, mode, act_id,
-             x, xq, xd, x8, xs, out):
-    """One decode token's FFN over the kept neurons of a neuron pack (u: flat uint8, n_ff units of unit_bytes,
-    each the neuron's up row then its down column at up_bytes): out (dim,) = sum_j h_j * down_{idx[j]}, with
-    h_j = coef[j] (AXPY_ONLY), coef[j] * (up_{idx[j]} . x) (COEF_TIMES_DOT: CATS, coef = act(gate)) or
-    act(up . x) (ACT_OF_DOT: non-gated FFN with a predicted set). A neuron's two rows are adjacent, so
-    they stream as one 2.3 KB run (Q4_0) instead of two random rows, in one parallel region.
+def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, down_kind, dim, idx, n, coef, mode,
+             act_id, x, xq, xd, x8, xs, out):
+    """One decode token's FFN over the kept neurons of a neuron pack. u: flat uint8, n_ff units of unit_bytes,
+    each the neuron's gate row (gate_bytes, 0 when the pack has none), up row (up_bytes), then down column.
+    out (dim,) = sum_j h_j * down_{idx[j]}, with h_j formed by mode:
+      AXPY_ONLY       coef[j]                          non-gated FFN, activation computed densely
+      COEF_TIMES_DOT  coef[j] * (up . x)               CATS: coef = act(gate) from the dense gate
+      ACT_OF_DOT      act(up . x)                      non-gated FFN, predicted set
+      GATED_DOTS      act(gate . x) * (up . x)         gated FFN, predicted set (pack holds the gate)
+    Each mode reads one contiguous run of a unit (prefetched PREFETCH_UNITS neurons ahead), so a kept
+    neuron costs one 2.4-3.6 KB stream rather than two or three random rows, all in one parallel region.
     Threads split the kept neurons evenly (N_PARTS private partial sums)."""
     nbo = dim // QK
-    lo = up_bytes if mode == AXPY_ONLY else 0  # the bytes of a unit this mode reads
+    down_at = gate_bytes + up_bytes
+    lo = down_at if mode == AXPY_ONLY else 0 if mode == GATED_DOTS else gate_bytes  # first byte this mode reads
     parts = np.empty((N_PARTS, dim), np.float32)
     chunk = (n + N_PARTS - 1) // N_PARTS
     for c in prange(N_PARTS):
@@ -155,9 +106,14 @@ def pack_ffn(u, unit_bytes, up_bytes, up_qtype, vnni, down_kind, dim, idx, n, co
                 if mode == AXPY_ONLY:
                     h[g] = coef[j + g]
                 else:
-                    d = _up_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xs, scratch)
-                    h[g] = coef[j + g] * d if mode == COEF_TIMES_DOT else activate(d, act_id)
-                offs[g] = base + up_bytes
+                    d = _row_dot(u, base + gate_bytes, up_qtype, vnni, x, xq, xd, x8, xs, scratch)
+                    if mode == COEF_TIMES_DOT:
+                        h[g] = coef[j + g] * d
+                    elif mode == ACT_OF_DOT:
+                        h[g] = activate(d, act_id)
+                    else:
+                        h[g] = activate(_row_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xs, scratch), act_id) * d
+                offs[g] = base + down_at
             if down_kind == DOWN_Q4:
                 axpy_units_q4(acc, u, offs, h, cnt, nbo)
             elif down_kind == DOWN_Q8:
