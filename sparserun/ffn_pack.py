@@ -88,15 +88,32 @@ class NeuronPack:
 
     def run(self, acts, idx, n, coef, mode, act_id, out):
         """out (dim,) = the FFN of one token over neurons idx[:n] (global ids); see kernels.sparse.pack_ffn."""
-        empty_i8, empty_f = np.empty((1, 0), np.int8), np.empty((1, 0), np.float32)
-        xq, xd, x8, xs = np.empty((1, 0), np.int16), empty_f, empty_i8, empty_f
         if mode == S.GATED_DOTS and not self.has_gate:
             raise ValueError("this neuron pack holds no gate rows")
         dotted = [] if mode == S.AXPY_ONLY else [self.up_qtype] + ([self.gate_qtype] if mode == S.GATED_DOTS else [])
-        if any(t == K.Q4_0 and K.HAS_VNNI for t in dotted):
-            x8, xd, xs = acts.int8_vnni()
-        if any(t in K.INT8_MATMUL and not (t == K.Q4_0 and K.HAS_VNNI) for t in dotted):
-            xq, xd = acts.int8()  # the same block scales xd as the VNNI form
         S.pack_ffn(self.units, self.unit_bytes, self.gate_bytes, self.gate_qtype, self.up_bytes, self.up_qtype,
-                   K.HAS_VNNI, self.kind, self.dim, idx, n, coef, mode, act_id, acts.x, xq, xd, x8, xs, out)
+                   K.HAS_VNNI, self.kind, self.dim, idx, n, coef, mode, act_id, acts.x, *x_forms(acts, dotted), out)
         return out
+
+    def run_selected(self, acts, w, gid, t, act_id, gated, out, counts):
+        """out (dim,) = the FFN of one token under a threshold: rows w (the gate if gated, else up; row r is
+        neuron gid[r]) are computed densely and neuron r is kept when |act(w_r . x)| > t; see
+        kernels.sparse.select_pack_ffn. Returns the number kept."""
+        if self.has_gate:
+            raise ValueError("select_pack_ffn takes a pack without gate rows")
+        xs = x_forms(acts, [w.qtype] + ([self.up_qtype] if gated else []))
+        S.select_pack_ffn(w.raw, w.row_bytes, w.qtype, w.rows, gid, np.float32(t), act_id, gated, self.units,
+                          self.unit_bytes, self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim, acts.x,
+                          *xs, out, counts)
+        return int(counts.sum())
+
+
+def x_forms(acts, qtypes):
+    """(xq, xd, x8, xs): the int8 activation forms the row dots of these weight types read (empty otherwise)."""
+    xq, xd = np.empty((1, 0), np.int16), np.empty((1, 0), np.float32)
+    x8, xs = np.empty((1, 0), np.int8), np.empty((1, 0), np.float32)
+    if any(t == K.Q4_0 and K.HAS_VNNI for t in qtypes):
+        x8, xd, xs = acts.int8_vnni()
+    if any(t in K.INT8_MATMUL and not (t == K.Q4_0 and K.HAS_VNNI) for t in qtypes):
+        xq, xd = acts.int8()  # the same block scales xd as the VNNI form
+    return xq, xd, x8, xs

@@ -62,12 +62,15 @@ class SparseFFN:
         self.local = [None] * a.n_layer  # None: identity; else (n_ff,) global id -> position in own, -1 if not owned
         self.gate_w = [L.w_gate for L in model.layers]
         self.up_w = [L.w_up for L in model.layers]
+        self.gid = [np.arange(a.n_ff, dtype=np.int64)] * a.n_layer  # global neuron id of each owned row
+        self.last_kept = np.zeros(a.n_layer)  # kept fraction of the previous decode token, per layer
+        self.counts = np.zeros(S.N_PARTS, np.int64)
         if cpu_neurons is not None:
             for li, (L, ids) in enumerate(zip(model.layers, cpu_neurons)):
                 ids = np.ascontiguousarray(ids, np.int64)
                 if len(ids) == a.n_ff:
                     continue
-                self.own[li] = ids
+                self.own[li] = self.gid[li] = ids
                 self.local[li] = np.full(a.n_ff, -1, np.int64)
                 self.local[li][ids] = np.arange(len(ids))
                 self.gate_w[li] = row_subset(L.w_gate, ids) if L.w_gate is not None else None
@@ -108,6 +111,8 @@ class SparseFFN:
         if T > 1 or self.policy.is_dense and predicted is None or (
                 predicted is not None and len(predicted[0]) > DENSE_ABOVE * self.n_ff):
             return self._masked(li, L, acts, predicted)
+        if predicted is None and self.policy.kind == "threshold" and self.last_kept[li] <= DENSE_ABOVE:
+            return self._selected(li, L, acts)
         idx = self.idx
         mode = S.COEF_TIMES_DOT
         coef = self.buf[:0]
@@ -125,10 +130,25 @@ class SparseFFN:
             if L.w_gate is None:
                 mode = S.AXPY_ONLY
             self._to_global(li, idx, n)
-        self.kept[li] += n / self.n_ff
-        self.tokens[li] += 1
+        self._count(li, n)
         out = np.empty((1, L.w_down.rows), np.float32)
         self.pack[li].run(acts, idx, n, np.ascontiguousarray(coef, np.float32), mode, self.act_id, out[0])
+        return out
+
+    def _count(self, li, n):
+        self.last_kept[li] = n / self.n_ff
+        self.kept[li] += n / self.n_ff
+        self.tokens[li] += 1
+
+    def _selected(self, li, L, acts):
+        """A threshold policy's decode token: selection rows, keep rule and pack in one kernel. Used while the
+        layer's previous token kept at most DENSE_ABOVE; above that the unfused path decides per token, and
+        the masked dense kernels run when they are cheaper."""
+        gated = L.w_gate is not None
+        out = np.empty((1, L.w_down.rows), np.float32)
+        n = self.pack[li].run_selected(acts, self.gate_w[li] if gated else self.up_w[li], self.gid[li], self.t[li],
+                                       self.act_id, gated, out[0], self.counts)
+        self._count(li, n)
         return out
 
     def _scatter(self, li, h):
@@ -143,8 +163,7 @@ class SparseFFN:
         """One token keeping many neurons: up and down densely, dropped ones zeroed (a, keep, u: owned space)."""
         h = np.zeros_like(a)
         h[keep] = a[keep] if u is None else a[keep] * u[keep]  # non-gated: h = act(up), already in a
-        self.kept[li] += len(keep) / self.n_ff
-        self.tokens[li] += 1
+        self._count(li, len(keep))
         return L.w_down.matmul(Acts(self._scatter(li, h[None])))
 
     def _masked(self, li, L, acts, predicted):
@@ -160,14 +179,12 @@ class SparseFFN:
             if predicted is not None:
                 keep = predicted[t] if self.local[li] is None else self.local[li][predicted[t]]
             elif self.policy.is_dense:
-                self.kept[li] += n_own / self.n_ff
-                self.tokens[li] += 1
+                self._count(li, n_own)
                 continue
             else:
                 keep = idx[:self._select(li, a[t], idx)]
             mask[:] = False
             mask[keep] = True
             h[t, ~mask] = 0.0
-            self.kept[li] += len(keep) / self.n_ff
-            self.tokens[li] += 1
+            self._count(li, len(keep))
         return L.w_down.matmul(Acts(self._scatter(li, h)))

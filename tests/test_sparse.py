@@ -162,6 +162,29 @@ def test_relu_natural_zeros_are_skipped_exactly(make_model):
     assert (kept > 0.05).all() and (kept < 0.5).all(), kept  # planted: most neurons are zero
 
 
+@pytest.mark.parametrize("qtype", ["F32", "Q4_0", "Q8_0"])
+def test_fused_threshold_kernel_equals_the_unfused_path(make_model, qtype):
+    """select_pack_ffn (selection rows, keep rule and pack in one kernel) against gate matmul + select +
+    pack_ffn on the same token: the same neurons and the same arithmetic, summed in another order."""
+    from sparserun.weights import Acts
+
+    from sparserun.sparse_ffn import DENSE_ABOVE
+
+    m = sparserun.load(make_model(qtype, shape="tiny", planted=0.8), sparsity="threshold:0")
+    sp, ffn_inputs = m.sparse, {}
+    ids = m.tokenize("The quick brown fox jumps over the lazy dog")
+    m.eval(ids[:-1])
+    m.ffn = lambda li, acts: ffn_inputs.setdefault(li, acts.x.copy()) is not None and sp(li, acts)
+    m.eval(ids)  # one decode token: record each layer's FFN input
+    for li, L in enumerate(m.layers):
+        fused = sp._selected(li, L, Acts(ffn_inputs[li]))[0]
+        n_fused = sp.last_kept[li]
+        sp.last_kept[li] = 1.0  # above DENSE_ABOVE: the next token takes the unfused path
+        unfused = sp(li, Acts(ffn_inputs[li]))[0]
+        assert sp.last_kept[li] == n_fused and 0.02 < n_fused <= DENSE_ABOVE, n_fused  # the same few neurons
+        np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-5 * np.abs(unfused).max())
+
+
 def test_topk_keeps_k_and_degrades_gracefully(stories):
     ids = sparserun.load(stories).tokenize("Once upon a time, there was a little girl named Lily. She loved to play")
     dense = sparserun.load(stories).logits(ids)
