@@ -170,21 +170,28 @@ class SparseFFN:
         """Prompt batch (or the dense policy): dense matmuls over the owned neurons, dropped neurons zeroed per
         token (the same selection as decode)."""
         u = self.up_w[li].matmul(acts)  # (T, n_own)
-        a = self._act(self.gate_w[li].matmul(acts) if L.w_gate is not None else u)  # (T, n_own) act(gate) or act(up)
-        h = a * u if L.w_gate is not None else a
-        n_own = h.shape[1]
-        idx = np.empty(n_own, np.int64)
-        mask = np.zeros(n_own, bool)
-        for t in range(h.shape[0]):
-            if predicted is not None:
-                keep = predicted[t] if self.local[li] is None else self.local[li][predicted[t]]
-            elif self.policy.is_dense:
-                self._count(li, n_own)
-                continue
-            else:
-                keep = idx[:self._select(li, a[t], idx)]
-            mask[:] = False
-            mask[keep] = True
-            h[t, ~mask] = 0.0
-            self._count(li, len(keep))
+        g = self.gate_w[li].matmul(acts) if L.w_gate is not None else u[:0]  # (T, n_own) or empty
+        h = np.empty_like(u)  # (T, n_own)
+        if predicted is None and self.policy.kind == "threshold":  # activation and mask in one pass
+            counts = np.empty(h.shape[0], np.int64)
+            S.activate_threshold(g, u, self.act_id, np.float32(self.t[li]), h, counts)
+            for n in counts:
+                self._count(li, int(n))
+            return L.w_down.matmul(Acts(self._scatter(li, h)))
+        ops.ffn_activate(g, u, self.act_id, h)
+        if predicted is None and self.policy.is_dense:
+            for _ in range(h.shape[0]):
+                self._count(li, h.shape[1])
+        else:
+            a = self._act(g if L.w_gate is not None else u) if predicted is None else None  # selection values
+            idx = np.empty(h.shape[1], np.int64)
+            for t in range(h.shape[0]):
+                if predicted is not None:
+                    keep = predicted[t] if self.local[li] is None else self.local[li][predicted[t]]
+                else:
+                    keep = idx[:self._select(li, a[t], idx)]
+                kept = h[t, keep]
+                h[t] = 0.0
+                h[t, keep] = kept
+                self._count(li, len(keep))
         return L.w_down.matmul(Acts(self._scatter(li, h)))

@@ -29,6 +29,24 @@ def select_threshold(a, t, idx):
 
 
 @njit(cache=True)
+def activate_threshold(g, u, act, t, h, counts):
+    """Prompt batches under a threshold policy: h = act(g) * u (gated; act(u) when g is empty) where
+    |act| > t, else 0; counts[token] = neurons kept. The dense FFN's activation step plus the mask."""
+    T, n = h.shape
+    gated = g.shape[0] > 0
+    for r in range(T):
+        kept = 0
+        for i in range(n):
+            a = activate(g[r, i] if gated else u[r, i], act)
+            if abs(a) > t:
+                h[r, i] = a * u[r, i] if gated else a
+                kept += 1
+            else:
+                h[r, i] = 0.0
+        counts[r] = kept
+
+
+@njit(cache=True)
 def select_topk(a, k, idx):
     """The k largest |a[i]| (fewer if fewer are non-zero) into idx, in index order; returns the count."""
     m = a.shape[0]
