@@ -172,9 +172,11 @@ class SparseFFN:
         u = self.up_w[li].matmul(acts)  # (T, n_own)
         g = self.gate_w[li].matmul(acts) if L.w_gate is not None else u[:0]  # (T, n_own) or empty
         h = np.empty_like(u)  # (T, n_own)
-        if predicted is None and self.policy.kind == "threshold":  # activation and mask in one pass
+        if predicted is None and not self.policy.is_dense:  # activation and mask in one pass
             counts = np.empty(h.shape[0], np.int64)
-            S.activate_threshold(g, u, self.act_id, np.float32(self.t[li]), h, counts)
+            topk = self.policy.kind == "topk"
+            S.activate_masked(g, u, self.act_id, self.k[li] if topk else 0, np.float32(0 if topk else self.t[li]), h,
+                              counts)
             for n in counts:
                 self._count(li, int(n))
             return L.w_down.matmul(Acts(self._scatter(li, h)))
@@ -182,14 +184,9 @@ class SparseFFN:
         if predicted is None and self.policy.is_dense:
             for _ in range(h.shape[0]):
                 self._count(li, h.shape[1])
-        else:
-            a = self._act(g if L.w_gate is not None else u) if predicted is None else None  # selection values
-            idx = np.empty(h.shape[1], np.int64)
+        else:  # predicted neuron sets
             for t in range(h.shape[0]):
-                if predicted is not None:
-                    keep = predicted[t] if self.local[li] is None else self.local[li][predicted[t]]
-                else:
-                    keep = idx[:self._select(li, a[t], idx)]
+                keep = predicted[t] if self.local[li] is None else self.local[li][predicted[t]]
                 kept = h[t, keep]
                 h[t] = 0.0
                 h[t, keep] = kept

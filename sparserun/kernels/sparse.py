@@ -29,24 +29,6 @@ def select_threshold(a, t, idx):
 
 
 @njit(cache=True)
-def activate_threshold(g, u, act, t, h, counts):
-    """Prompt batches under a threshold policy: h = act(g) * u (gated; act(u) when g is empty) where
-    |act| > t, else 0; counts[token] = neurons kept. The dense FFN's activation step plus the mask."""
-    T, n = h.shape
-    gated = g.shape[0] > 0
-    for r in range(T):
-        kept = 0
-        for i in range(n):
-            a = activate(g[r, i] if gated else u[r, i], act)
-            if abs(a) > t:
-                h[r, i] = a * u[r, i] if gated else a
-                kept += 1
-            else:
-                h[r, i] = 0.0
-        counts[r] = kept
-
-
-@njit(cache=True)
 def select_topk(a, k, idx):
     """The k largest |a[i]| (fewer if fewer are non-zero) into idx, in index order; returns the count."""
     m = a.shape[0]
@@ -68,6 +50,26 @@ def select_topk(a, k, idx):
                 n += 1
         idx[:n].sort()
     return n
+
+
+@njit(cache=True)
+def activate_masked(g, u, act, k, t, h, counts):
+    """Prompt batches: h = act(g) * u (gated; act(u) when g is empty) for the neurons a policy keeps per
+    token, 0 elsewhere: the k largest |act| when k > 0 (select_topk), else |act| > t. counts[token] =
+    neurons kept. The dense FFN's activation step plus the mask, in one pass over the batch."""
+    T, n = h.shape
+    gated = g.shape[0] > 0
+    a = np.empty(n, np.float32)
+    idx = np.empty(n, np.int64)
+    for r in range(T):
+        for i in range(n):
+            a[i] = activate(g[r, i] if gated else u[r, i], act)
+        kept = select_topk(a, k, idx) if k > 0 else select_threshold(a, t, idx)
+        h[r, :] = 0.0
+        for j in range(kept):
+            i = idx[j]
+            h[r, i] = a[i] * u[r, i] if gated else a[i]
+        counts[r] = kept
 
 
 DOWN_F32, DOWN_Q4, DOWN_Q8 = 0, 1, 2  # down-column formats of a neuron pack (see ffn_pack.py)
