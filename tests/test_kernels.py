@@ -112,3 +112,16 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T):
     ref = (np.maximum(d, 0) * d) @ down[idx]  # relu(gate . x) * (up . x)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     np.testing.assert_allclose(outs[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("n", [1, 8, 37, 64])
+def test_f32_row_dot_any_length_and_offset(n):
+    """dot_row_f32 reads float32 at any byte offset (pack units are byte arrays) and handles a tail under 8."""
+    from sparserun.kernels.simd import dot_row_f32
+    from numba import njit
+
+    rng = np.random.default_rng(n)
+    w, x = rng.standard_normal(n).astype(np.float32), rng.standard_normal((1, n)).astype(np.float32)
+    raw = np.concatenate([np.zeros(3, np.uint8), w.view(np.uint8)])  # off by 3 bytes: unaligned
+    got = njit(lambda raw, x: dot_row_f32(raw, 3, x.shape[1], x))(raw, x)
+    assert abs(got - float(w @ x[0])) <= 1e-5 * (1 + np.abs(w * x[0]).sum())

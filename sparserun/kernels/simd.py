@@ -203,6 +203,39 @@ def prefetch(typingctx, arr, off, nbytes):
     return sig, codegen
 
 
+@intrinsic
+def dot_row_f32(typingctx, w, woff, n, x):
+    """Dot of the n float32 values at w's byte offset woff (any alignment) with x's first n values (a
+    float32 array, C-contiguous): <8 x float> loads and accumulator, one horizontal sum, a scalar tail."""
+    sig = types.float32(w, woff, n, x)
+
+    def codegen(context, builder, signature, args):
+        w_a, woff_v, n_v, x_a = args
+        f32, v8f = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+        i64 = ir.IntType(64)
+        wp = builder.bitcast(_ptr(context, builder, signature.args[0], w_a, woff_v), f32.as_pointer())
+        xp = builder.bitcast(context.make_array(signature.args[3])(context, builder, x_a).data, f32.as_pointer())
+        n = builder.sext(n_v, i64) if n_v.type.width < 64 else n_v
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+        with cgutils.for_range(builder, builder.udiv(n, ir.Constant(i64, 8))) as loop:
+            k = builder.mul(loop.index, ir.Constant(i64, 8))
+            wv = builder.load(builder.bitcast(builder.gep(wp, [k]), v8f.as_pointer()), align=1)
+            xv = builder.load(builder.bitcast(builder.gep(xp, [k]), v8f.as_pointer()), align=4)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(wv, xv)), acc)
+        total = builder.load(acc)
+        s = builder.extract_element(total, ir.Constant(_i32, 0))
+        for i in range(1, 8):
+            s = builder.fadd(s, builder.extract_element(total, ir.Constant(_i32, i)))
+        out = cgutils.alloca_once_value(builder, s)
+        with cgutils.for_range_slice(builder, builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8)), n,
+                                     ir.Constant(i64, 1)) as (i, _):
+            wv = builder.load(builder.gep(wp, [i]), align=1)
+            builder.store(builder.fadd(builder.load(out), builder.fmul(wv, builder.load(builder.gep(xp, [i])))), out)
+        return builder.load(out)
+
+    return sig, codegen
+
+
 def _i8x32_floats(builder, qp):
     """32 int8 at qp as <32 x float>."""
     return builder.sitofp(_vload(builder, qp, 32), ir.VectorType(ir.FloatType(), 32))

@@ -8,8 +8,9 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate
-from .quant import Q4_0, Q8_0, QK, dequant_row
-from .simd import axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q8_0, prefetch
+from .quant import F32, Q4_0, Q8_0, QK, dequant_row
+from .simd import (axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni,
+                   dot_row_q8_0, prefetch)
 
 N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
 AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
@@ -86,6 +87,8 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xs, scratch):
         return dot_row_q4_0(u, off, cols // QK, xq, 0, xd, 0)
     if qtype == Q8_0:
         return dot_row_q8_0(u, off, cols // QK, xq, 0, xd, 0)
+    if qtype == F32:
+        return dot_row_f32(u, off, cols, x)
     dequant_row(u, off, qtype, cols, scratch)
     acc = np.float32(0.0)
     for i in range(cols):
