@@ -5,13 +5,15 @@ Decode (one token), gated FFN (SwiGLU / ReGLU), CATS-style:
     idx = select(|a|)                      policy                         (n,)
     h = a[idx] * (W_up[idx] x)             } one kernel over the neuron   (n,)
     y = sum_j h[j] * W_down[:, idx[j]]     } pack (ffn_pack.py)           (dim,)
-Non-gated FFN: a = act(W_up x), h = a[idx], and the kernel reads only the down columns. With a predicted
-neuron set (predictor policies) the pack holds the gate rows too, so all three matrices are read for the
-predicted neurons alone, in one pass. A predictor is a callable (layer, x (T, dim)) -> list of T int arrays of ids.
+Non-gated FFN: a = act(W_up x), h = a[idx], and the kernel reads only the down columns. Threshold policies
+run all four steps in one kernel (select_pack_ffn: the dense gate stream hides the kept units' latency).
+With a predicted neuron set (predictor policies) the pack holds the gate rows too, so all three matrices are
+read for the predicted neurons alone, in one pass. A predictor is a callable (layer, x (T, dim)) -> list of
+T int arrays of ids.
 
 Prompt batches (T > 1), and decode tokens that keep more than DENSE_ABOVE of the neurons (where the
-gathered kernels stop paying: benchmarks/ffn_kernels.py), run the dense kernels and zero the dropped
-neurons per token: the same selection, exact, with the original weights.
+pack kernels stop paying: benchmarks/ffn_kernels.py), run the dense kernels and zero the dropped
+neurons per token (activate_masked): the same selection, exact, with the original weights.
 
 With `cpu_neurons` (the CPU/GPU hybrid, hybrid.py) the FFN computes only the neurons it owns: its gate
 (and, for the dense paths, up) rows are gathered once into contiguous copies, selection runs over the owned
@@ -27,7 +29,7 @@ from .kernels import ops
 from .kernels import sparse as S
 from .weights import Acts, Weight
 
-DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than gathering
+DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than the pack
 
 
 def row_subset(w, ids):
