@@ -2,8 +2,8 @@
 
     python benchmarks/ffn_kernels.py /tmp/tl-Q4_0.gguf [--fractions 1,0.5,0.25,0.1,0.05] [-r 7]
 
-Each sparse row computes a fixed random neuron set per layer the way a predictor policy does (gate
-and up rows gathered, down as the neuron-major axpy); the dense row is the dense FFN (gate and up
+Each sparse row computes a fixed random neuron set per layer the way a predictor policy does (one pass
+of the pack kernel over the neurons' gate, up and down; see sparserun/ffn_pack.py); the dense row is the dense FFN (gate and up
 matmuls, activation, down matmul). Repetitions are interleaved across rows; medians are reported.
 Target (issue 3): at fraction f the FFN costs at most f + 0.05 of the dense FFN.
 """
