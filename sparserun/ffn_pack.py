@@ -28,6 +28,7 @@ import os
 
 import numpy as np
 
+from .errors import SparserunError
 from .kernels import quant as K
 from .kernels import sparse as S
 
@@ -71,18 +72,27 @@ class NeuronPack:
         parts = ([gate.type_name] if self.has_gate else []) + [up.type_name, DOWN_KINDS[self.kind]]
         path = os.path.join(cache_dir, f"pack.{layer}.{'-'.join(parts)}.npy")
         if not os.path.exists(path):
-            os.makedirs(cache_dir, exist_ok=True)
             rows = [w.raw.reshape(w.rows, w.row_bytes) for w in ([gate] if self.has_gate else []) + [up]]
             units = np.concatenate(rows + [down_columns(down, self.kind)], axis=1)
             tmp = path + f".tmp{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                np.save(fh, units, allow_pickle=False)
-            os.replace(tmp, path)  # atomic: a half-written cache file is never read
-        units = np.load(path, mmap_mode="r", allow_pickle=False)
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                with open(tmp, "wb") as fh:
+                    np.save(fh, units, allow_pickle=False)
+                os.replace(tmp, path)  # atomic: a half-written cache file is never read
+            except OSError as e:
+                if os.path.exists(tmp):  # e.g. a full disk: leave no partial file behind
+                    os.remove(tmp)
+                raise SparserunError(f"cannot write the neuron-pack cache {path}: {e.strerror or e} "
+                                     "(set $SPARSERUN_CACHE to a writable directory)") from None
+        try:
+            units = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SparserunError(f"{path}: unreadable neuron-pack cache ({e}); remove it to rebuild") from None
         down_bytes = {S.DOWN_F32: 4 * self.dim, S.DOWN_Q4: self.dim // 2 + self.dim // 8,
                       S.DOWN_Q8: self.dim + self.dim // 8}[self.kind]
         if units.dtype != np.uint8 or units.shape != (self.n_ff, self.gate_bytes + self.up_bytes + down_bytes):
-            raise ValueError(f"stale FFN pack cache {path}: remove {cache_dir}")
+            raise SparserunError(f"{path}: stale neuron-pack cache (shape {units.shape}); remove it to rebuild")
         self.unit_bytes = units.shape[1]
         self.units = units.reshape(-1)
 

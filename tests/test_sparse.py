@@ -242,3 +242,22 @@ def test_calibrate_cli_writes_a_thresholds_file(stories, tmp_path):
                         "--target-sparsity", "0.3", "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert len(parse_sparsity(f"threshold:{out}").values) == 5
+
+
+def test_neuron_pack_cache_problems_are_one_line_errors(make_model, tmp_path, monkeypatch):
+    path = make_model("Q4_0", shape="tiny", planted=0.8)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("SPARSERUN_CACHE", str(blocker / "cache"))  # a directory inside a file: cannot exist
+    with pytest.raises(SparserunError, match="cannot write the neuron-pack cache .*SPARSERUN_CACHE"):
+        sparserun.load(path, sparsity="threshold:0")
+    monkeypatch.setenv("SPARSERUN_CACHE", str(tmp_path / "cache"))
+    sparserun.load(path, sparsity="threshold:0")  # builds the packs
+    packs = sorted((tmp_path / "cache").glob("*/pack.0.*.npy"))
+    assert len(packs) == 1
+    packs[0].write_bytes(packs[0].read_bytes()[:200])  # truncated
+    with pytest.raises(SparserunError, match="pack.0.*unreadable neuron-pack cache.*remove it"):
+        sparserun.load(path, sparsity="threshold:0")
+    np.save(packs[0], np.zeros((3, 5), np.uint8))  # a valid .npy of the wrong shape
+    with pytest.raises(SparserunError, match="pack.0.*stale neuron-pack cache"):
+        sparserun.load(path, sparsity="threshold:0")
