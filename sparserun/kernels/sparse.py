@@ -250,6 +250,17 @@ def quantize_rows_q4(w, q, s):
                 q[i, b * 16 + j] = np.uint8(lo | (hi << 4))
 
 
+@njit(inline="always")
+def _ids_above(z, t, idx):
+    """The ids j with z[j] > t into idx, in order; returns the count."""
+    n = 0
+    for j in range(z.shape[0]):
+        if z[j] > t:
+            idx[n] = j
+            n += 1
+    return n
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def predict_active_i8(x, q1, s1, b1, q2, s2, b2, t, idx):
     """predict_active with int8 weights and a float32 scale per output row (q1 (r, dim), q2 (n_ff, r)): a
@@ -267,12 +278,7 @@ def predict_active_i8(x, q1, s1, b1, q2, s2, b2, t, idx):
         for k in range(r):
             acc += np.float32(q2[j, k]) * h[k]
         z[j] = acc * s2[j] + b2[j]
-    n = 0
-    for j in range(n_ff):
-        if z[j] > t:
-            idx[n] = j
-            n += 1
-    return n
+    return _ids_above(z, t, idx)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -292,9 +298,4 @@ def predict_active(x, w1t, b1, w2t, b2, t, idx):
         for k in range(r):
             acc += w2t[j, k] * h[k]
         z[j] = acc
-    n = 0
-    for j in range(n_ff):
-        if z[j] > t:
-            idx[n] = j
-            n += 1
-    return n
+    return _ids_above(z, t, idx)
