@@ -30,6 +30,7 @@ from .kernels import sparse as S
 from .weights import Acts, Weight
 
 DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than the pack
+NO_COEF = np.empty(0, np.float32)  # the pack kernel's coef for modes that take none
 
 
 def row_subset(w, ids):
@@ -56,7 +57,6 @@ class SparseFFN:
         self.pack = [NeuronPack(L.w_gate if predictor is not None else None, L.w_up, L.w_down, self.cache_dir, i)
                      for i, L in enumerate(model.layers)]
         self.idx = np.empty(a.n_ff, np.int64)  # (n_ff,) kept neuron ids, first n valid
-        self.buf = np.empty(0, np.float32)  # coef for the modes that take none
         self.kept = np.zeros(a.n_layer)  # sum over tokens of the kept fraction, per layer
         self.tokens = np.zeros(a.n_layer)
         # the neurons this FFN owns, per layer: all of them, or the hybrid's CPU share
@@ -117,7 +117,7 @@ class SparseFFN:
             return self._selected(li, L, acts)
         idx = self.idx
         mode = S.COEF_TIMES_DOT
-        coef = self.buf[:0]
+        coef = NO_COEF
         if predicted is not None:
             n = len(predicted[0])
             idx[:n] = predicted[0]

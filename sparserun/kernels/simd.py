@@ -95,18 +95,23 @@ def _half_splat(builder, p, n=8):
     the caller, so LLVM cannot narrow it to a scalar half load, which it lowers to vpinsrw into whatever
     register is free, often the loop's accumulator: that false dependency chained every block to the
     previous one (3x slower row dots in a fused kernel, 5% in the dense matmul; A/B in one process)."""
-    vh = ir.VectorType(ir.HalfType(), n)
     h = builder.load(builder.bitcast(p, ir.HalfType().as_pointer()), align=1)
-    splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vh, ir.Undefined), h, ir.Constant(_i32, 0)),
-                                   ir.Constant(vh, ir.Undefined), ir.Constant(ir.VectorType(_i32, n), [0] * n))
-    return builder.fpext(splat, ir.VectorType(ir.FloatType(), n))
+    return builder.fpext(_splat_f(builder, h, n), ir.VectorType(ir.FloatType(), n))
 
 
 def _splat_f(builder, value, n=8):
-    """A float as an <n x float> splat."""
-    v = ir.VectorType(ir.FloatType(), n)
+    """A scalar (float or half) as an <n x same type> splat."""
+    v = ir.VectorType(value.type, n)
     return builder.shuffle_vector(builder.insert_element(ir.Constant(v, ir.Undefined), value, ir.Constant(_i32, 0)),
                                   ir.Constant(v, ir.Undefined), ir.Constant(ir.VectorType(_i32, n), [0] * n))
+
+
+def _hsum8(builder, v):
+    """The sum of an <8 x float>'s lanes (once per row, after the block loop)."""
+    s = builder.extract_element(v, ir.Constant(_i32, 0))
+    for i in range(1, 8):
+        s = builder.fadd(s, builder.extract_element(v, ir.Constant(_i32, i)))
+    return s
 
 
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
@@ -128,11 +133,7 @@ def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
         splat = builder.fmul(_half_splat(builder, pb), _splat_f(builder, d_x))  # d_w * d_x in every lane
         prod = builder.fmul(builder.sitofp(lanes, v8f), splat)
         builder.store(builder.fadd(builder.load(acc), prod), acc)
-    total = builder.load(acc)
-    s = builder.extract_element(total, ir.Constant(_i32, 0))
-    for i in range(1, 8):
-        s = builder.fadd(s, builder.extract_element(total, ir.Constant(_i32, i)))
-    return s
+    return _hsum8(builder, builder.load(acc))
 
 
 def _x_halves(builder, xp):
@@ -222,11 +223,7 @@ def dot_row_f32(typingctx, w, woff, n, x):
             wv = builder.load(builder.bitcast(builder.gep(wp, [k]), v8f.as_pointer()), align=1)
             xv = builder.load(builder.bitcast(builder.gep(xp, [k]), v8f.as_pointer()), align=4)
             builder.store(builder.fadd(builder.load(acc), builder.fmul(wv, xv)), acc)
-        total = builder.load(acc)
-        s = builder.extract_element(total, ir.Constant(_i32, 0))
-        for i in range(1, 8):
-            s = builder.fadd(s, builder.extract_element(total, ir.Constant(_i32, i)))
-        out = cgutils.alloca_once_value(builder, s)
+        out = cgutils.alloca_once_value(builder, _hsum8(builder, builder.load(acc)))
         with cgutils.for_range_slice(builder, builder.mul(builder.udiv(n, ir.Constant(i64, 8)), ir.Constant(i64, 8)), n,
                                      ir.Constant(i64, 1)) as (i, _):
             wv = builder.load(builder.gep(wp, [i]), align=1)
@@ -334,10 +331,7 @@ def _row_dot_q4_0_vnni(context, builder, sig, args):
         builder.store(builder.fadd(builder.load(acc), builder.fmul(builder.sitofp(lanes, v8f), splat)), acc)
         builder.store(builder.fadd(builder.load(bias), builder.fmul(scale, builder.load(builder.gep(xsp, [b]), align=4))),
                       bias)
-    total = builder.load(acc)
-    s = builder.extract_element(total, ir.Constant(_i32, 0))
-    for i in range(1, 8):
-        s = builder.fadd(s, builder.extract_element(total, ir.Constant(_i32, i)))
+    s = _hsum8(builder, builder.load(acc))
     return builder.fsub(s, builder.fmul(ir.Constant(f32, 8.0), builder.load(bias)))
 
 
