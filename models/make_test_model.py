@@ -143,20 +143,26 @@ def random_weights(shape, n_vocab, rng):
     return w
 
 
+def add_llama_hparams(writer, ctx, dim, layers, ff, heads, kv_heads, rope_base, eps):
+    """The llama.* hyperparameters every generated model writes (this generator and the storyteller's export)."""
+    writer.add_context_length(ctx)
+    writer.add_embedding_length(dim)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(dim // heads)
+    writer.add_rope_freq_base(rope_base)
+    writer.add_layer_norm_rms_eps(eps)
+
+
 def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None, planted_rank=None):
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), "llama")
     writer.add_name(f"sparserun-test-{shape.dim}x{shape.layers}")
     n_vocab = copy_vocab(writer, n_vocab_path)
-    writer.add_context_length(shape.ctx)
-    writer.add_embedding_length(shape.dim)
-    writer.add_block_count(shape.layers)
-    writer.add_feed_forward_length(shape.ff)
-    writer.add_head_count(shape.heads)
-    writer.add_head_count_kv(shape.kv_heads)
-    writer.add_rope_dimension_count(shape.dim // shape.heads)
-    writer.add_rope_freq_base(shape.rope_base)
-    writer.add_layer_norm_rms_eps(1e-5)
+    add_llama_hparams(writer, shape.ctx, shape.dim, shape.layers, shape.ff, shape.heads, shape.kv_heads,
+                      shape.rope_base, 1e-5)
     writer.add_file_type({GGMLQuantizationType.F32: 0, GGMLQuantizationType.F16: 1, GGMLQuantizationType.Q4_0: 2,
                           GGMLQuantizationType.Q8_0: 7, GGMLQuantizationType.BF16: 32}[qtype])
     if activation != "silu":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.make_test_model import add_llama_hparams
 from models.storyworld import documents
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,15 +63,7 @@ def export_gguf(path, cfg, weights, sp, extra=None):
     w.add_description("A small gated-ReLU llama trained by sparserun's models/train_storyteller.py on "
                       "generated children's stories (models/storyworld.py).")
     w.add_license("MIT")
-    w.add_context_length(cfg.ctx)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.layers)
-    w.add_feed_forward_length(cfg.ff)
-    w.add_head_count(cfg.heads)
-    w.add_head_count_kv(cfg.heads)
-    w.add_rope_dimension_count(cfg.dim // cfg.heads)
-    w.add_rope_freq_base(cfg.rope_base)
-    w.add_layer_norm_rms_eps(cfg.eps)
+    add_llama_hparams(w, cfg.ctx, cfg.dim, cfg.layers, cfg.ff, cfg.heads, cfg.heads, cfg.rope_base, cfg.eps)
     w.add_file_type(0)
     w.add_string("llama.ffn_activation", "relu")
     tokens, scores, types = vocab_fields(sp)
