@@ -111,19 +111,19 @@ class NeuronPack:
         kernels.sparse.select_pack_ffn. Returns the number kept."""
         if self.has_gate:
             raise ValueError("select_pack_ffn takes a pack without gate rows")
-        xs = x_forms(acts, [w.qtype] + ([self.up_qtype] if gated else []))
+        forms = x_forms(acts, [w.qtype] + ([self.up_qtype] if gated else []))
         S.select_pack_ffn(w.raw, w.row_bytes, w.qtype, w.rows, gid, np.float32(t), act_id, gated, self.units,
                           self.unit_bytes, self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim, acts.x,
-                          *xs, out, counts)
+                          *forms, out, counts)
         return int(counts.sum())
 
 
 def x_forms(acts, qtypes):
-    """(xq, xd, x8, xs): the int8 activation forms the row dots of these weight types read (empty otherwise)."""
+    """(xq, xd, x8, xb): the int8 activation forms the row dots of these weight types read (empty otherwise)."""
     xq, xd = np.empty((1, 0), np.int16), np.empty((1, 0), np.float32)
-    x8, xs = np.empty((1, 0), np.int8), np.empty((1, 0), np.float32)
+    x8, xb = np.empty((1, 0), np.int8), np.empty((1, 0), np.int32)
     if any(t == K.Q4_0 and K.HAS_VNNI for t in qtypes):
-        x8, xd, xs = acts.int8_vnni()
+        x8, xd, xb = acts.int8_vnni()
     if any(t in K.INT8_MATMUL and not (t == K.Q4_0 and K.HAS_VNNI) for t in qtypes):
         xq, xd = acts.int8()  # the same block scales xd as the VNNI form
-    return xq, xd, x8, xs
+    return xq, xd, x8, xb

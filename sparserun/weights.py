@@ -25,13 +25,14 @@ class Acts:
         return self._q
 
     def int8_vnni(self):
-        """The same blocks as int8 values plus per-block sums (x8 (T, n) int8, xd, xs (T, n/32)): the VNNI kernels'
-        format."""
+        """The same blocks as int8 values (x8 (T, n) int8), their scales xd, and xb (T, n/4) int32: the VNNI kernels'
+        format (see quant.pack_acts_i8)."""
         if self._q8 is None:
             xq, xd = self.int8()
-            x8, xs = np.empty(xq.shape, np.int8), np.empty(xd.shape, np.float32)
-            K.pack_acts_i8(xq, x8, xs)
-            self._q8 = (x8, xd, xs)
+            T, n = xq.shape
+            x8, xb = np.empty((T, n), np.int8), np.empty((T, n // 4), np.int32)
+            K.pack_acts_i8(xq, x8, xb)
+            self._q8 = (x8, xd, xb)
         return self._q8
 
 
@@ -54,8 +55,8 @@ class Weight:
         if out is None:
             out = np.empty((T, self.rows), np.float32)
         if self.qtype == K.Q4_0 and K.HAS_VNNI:
-            x8, xd, xs = acts.int8_vnni()
-            K.matmul_q4_0_vnni(self.raw, self.row_bytes, self.rows, x8, xd, xs, out)
+            x8, xd, xb = acts.int8_vnni()
+            K.matmul_q4_0_vnni(self.raw, self.row_bytes, self.rows, x8, xd, xb, out)
         elif self.qtype in K.INT8_MATMUL:
             xq, xd = acts.int8()
             K.INT8_MATMUL[self.qtype](self.raw, self.row_bytes, self.rows, xq, xd, out)

@@ -78,23 +78,24 @@ def test_activation_quantization_is_llama_cpp_q8_0():
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
                     reason="this CPU has no AVX512-VNNI (the generic kernels run instead)")
-@pytest.mark.parametrize("T", [1, 3])
-def test_vnni_q4_0_kernels_equal_the_generic_ones(T):
+@pytest.mark.parametrize("T,cols", [(1, 1024), (3, 1024), (1, 1056)])
+def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     """The VNNI matmul and neuron-pack dots (used on this CPU) against the generic vpmaddwd kernels on the
-    same int8 activations: the same integer dot products, so equal up to float summation order."""
+    same int8 activations: the same integer dot products, so equal up to float summation order. 1056
+    columns: an odd block count (the VNNI dot runs blocks in pairs, then a tail)."""
     from sparserun.kernels import quant as K
     from sparserun.kernels import sparse as S
 
     rng = np.random.default_rng(3)
-    rows, cols = 200, 1024
+    rows = 200
     w = weight(Q.Q4_0, rows, cols, rng)
     acts = Acts(rng.standard_normal((T, cols)).astype(np.float32) * 3)
     xq, xd = acts.int8()
-    x8, _, xs = acts.int8_vnni()
+    x8, _, xb = acts.int8_vnni()
     want = np.empty((T, rows), np.float32)
     K.matmul_q4_0(w.raw, w.row_bytes, rows, xq, xd, want)
     got = np.empty((T, rows), np.float32)
-    K.matmul_q4_0_vnni(w.raw, w.row_bytes, rows, x8, xd, xs, got)
+    K.matmul_q4_0_vnni(w.raw, w.row_bytes, rows, x8, xd, xb, got)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # a neuron pack with w as the gate and up rows and float32 down columns, gate . x and up . x by both kernels
     dim = 64
@@ -106,7 +107,7 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T):
         out = np.empty(dim, np.float32)
         S.pack_ffn(units.reshape(-1), units.shape[1], w.row_bytes, Q.Q4_0, w.row_bytes, Q.Q4_0, vnni, S.DOWN_F32,
                    dim, idx, 37, np.empty(0, np.float32), S.GATED_DOTS, 1, acts.x[:1], xq[:1], xd[:1], x8[:1],
-                   xs[:1], out)
+                   xb[:1], out)
         outs.append(out)
     d = want[0, idx]
     ref = (np.maximum(d, 0) * d) @ down[idx]  # relu(gate . x) * (up . x)

@@ -138,28 +138,28 @@ HAS_VNNI = _has_vnni()
 
 
 @njit(cache=True)
-def pack_acts_i8(xq, x8, xs):
-    """The VNNI kernels' activation format from quantize_acts' int16 values: x8 (T, n) int8 and xs (T, n/32) the
-    sum of each block's values (float32)."""
+def pack_acts_i8(xq, x8, xb):
+    """The VNNI kernels' activation format from quantize_acts' int16 values: x8 (T, n) int8 and xb (T, n/4) int32,
+    -8 times the sum of each run of 4 values (a vpdpbusd lane's), which cancels Q4_0's +8 nibble offset."""
     T, n = xq.shape
     for t in range(T):
-        for b in range(n // QK):
+        for l in range(n // 4):
             acc = 0
-            for j in range(b * QK, (b + 1) * QK):
+            for j in range(4 * l, 4 * l + 4):
                 x8[t, j] = np.int8(xq[t, j])
                 acc += xq[t, j]
-            xs[t, b] = np.float32(acc)
+            xb[t, l] = -8 * acc
 
 
 @njit(parallel=True, cache=True)
-def matmul_q4_0_vnni(raw, row_bytes, rows, x8, xd, xs, out):
+def matmul_q4_0_vnni(raw, row_bytes, rows, x8, xd, xb, out):
     """matmul_q4_0 through dot_row_q4_0_vnni (HAS_VNNI only)."""
     T, n = x8.shape
     nb = n // QK
     for r in prange(rows):
         base = r * row_bytes
         for t in range(T):
-            out[t, r] = dot_row_q4_0_vnni(raw, base, nb, x8, t * n, xd, xs, t * nb)
+            out[t, r] = dot_row_q4_0_vnni(raw, base, nb, x8, t * n, xd, xb, t * nb)
 
 
 def _make_matmul_int8(row_dot):
