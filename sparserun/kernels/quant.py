@@ -13,7 +13,7 @@ Two matmul paths:
 import numpy as np
 from numba import njit, prange
 
-from .simd import dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q8_0, load_bf16, load_f16, load_f32, round_f16
+from .simd import HAS_X86_VNNI, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q8_0, load_bf16, load_f16, load_f32, round_f16
 
 # ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
 F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
@@ -119,22 +119,7 @@ def quantize_acts(x, xq, xd):
                 xq[t, b * QK + j] = np.int16(np.rint(x[t, b * QK + j] * inv))
 
 
-def _has_vnni():
-    """AVX512-VNNI (with VL for 256-bit forms) on this CPU, unless SPARSERUN_NO_VNNI=1 (A/B runs, or a fallback)."""
-    import os
-
-    import llvmlite.binding as llvm
-
-    if os.environ.get("SPARSERUN_NO_VNNI") == "1":
-        return False
-    try:
-        f = llvm.get_host_cpu_features()
-        return bool(f.get("avx512vnni") and f.get("avx512vl"))
-    except Exception:
-        return False
-
-
-HAS_VNNI = _has_vnni()
+HAS_VNNI = HAS_X86_VNNI  # AVX512-VNNI kernels in use (detected in simd; SPARSERUN_NO_VNNI=1 turns them off)
 
 
 @njit(cache=True)

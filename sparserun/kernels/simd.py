@@ -1,10 +1,13 @@
 """LLVM vector-IR intrinsics for the block dot products numba will not vectorize on its own.
 
 numba's loops over quantized blocks (a scale per 32 weights, nibbles to split) stay scalar. These
-intrinsics emit generic LLVM vector IR (so they also build for ARM; the one x86-only exception,
-dot_row_q4_0_vnni, is compiled only where quant.HAS_VNNI says the CPU has it): load a
-block's packed quants, widen to int32 lanes, multiply with an int8-quantized activation block and
-reduce. On AVX2 LLVM lowers the widen+multiply+pairwise-add pattern to vpmaddwd.
+intrinsics emit generic LLVM vector IR (so they also build for ARM): load a block's packed quants, widen
+to int32 lanes, multiply with an int8-quantized activation block and reduce. On AVX2 LLVM lowers the
+widen+multiply+pairwise-add pattern to vpmaddwd.
+
+The x86 exceptions (dot_row_q4_0_vnni, axpy4_q4_vnni) call AVX512-VNNI's vpdpbusd. Kernels compile them
+into a branch taken only when HAS_X86_VNNI; on any other CPU their body is a trap, so the kernels still
+compile there (an x86 intrinsic would not) and the branch is never taken.
 
 All pointers are (array, byte offset) pairs: callers validate offsets before any kernel runs
 (see sparserun.gguf_file), so these do no bounds checks of their own.
@@ -15,6 +18,38 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+def _has_x86_vnni():
+    """AVX512-VNNI (with VL for 256-bit forms) on this CPU, unless SPARSERUN_NO_VNNI=1 (A/B runs, or a fallback)."""
+    import os
+
+    import llvmlite.binding as llvm
+
+    if os.environ.get("SPARSERUN_NO_VNNI") == "1":
+        return False
+    try:
+        f = llvm.get_host_cpu_features()
+        return bool(f.get("avx512vnni") and f.get("avx512vl"))
+    except Exception:
+        return False
+
+
+HAS_X86_VNNI = _has_x86_vnni()
+
+
+def _vnni_or_trap(codegen):
+    """codegen where HAS_X86_VNNI, else a body that traps (callers only reach it when HAS_X86_VNNI)."""
+    if HAS_X86_VNNI:
+        return codegen
+
+    def trap(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
+        builder.call(fn, [])
+        return context.get_constant_null(signature.return_type) if signature.return_type != types.void \
+            else context.get_dummy_value()
+
+    return trap
 
 
 def _ptr(context, builder, arrty, arr, off):
@@ -100,7 +135,7 @@ def _half_splat(builder, p, n=8):
 
 
 def _splat_f(builder, value, n=8):
-    """A scalar (float or half) as an <n x same type> splat."""
+    """A scalar (float, half or int) as an <n x same type> splat."""
     v = ir.VectorType(value.type, n)
     return builder.shuffle_vector(builder.insert_element(ir.Constant(v, ir.Undefined), value, ir.Constant(_i32, 0)),
                                   ir.Constant(v, ir.Undefined), ir.Constant(ir.VectorType(_i32, n), [0] * n))
@@ -368,4 +403,50 @@ def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
     def codegen(context, builder, signature, args):
         return _row_dot_q4_0_vnni(context, builder, signature, args)
 
-    return sig, codegen
+    return sig, _vnni_or_trap(codegen)
+
+
+@intrinsic
+def axpy4_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb):
+    """axpy_units_q4 for 4 neurons at once through vpdpbusd (x86 AVX512-VNNI only, see the module note):
+    acc[32b : 32b+32] += cs[b] * sum_g cq[g, b] * (nibbles of column g, block b), where the int8 cq[g, b] (h_g
+    times the column's block scale, rounded with one scale cs[b] per block: see sparse._coefs_i8) are packed
+    in cw[b] (int32) and cz[b] = -8 * sum_g cq[g, b] takes Q4_0's nibble offset back out. Per block, the four
+    columns' 16 bytes are transposed into one 64-byte register (byte 4k+g = column g's byte k: vpermb) so
+    each int32 lane holds one output's 4 weights, the nibbles are split, and two vpdpbusd + two FMAs add 32
+    outputs for 4 neurons. 2.5x faster than the float axpy from L1 (0.75 against 1.95 ns a neuron-block);
+    the rounding adds at most 1/254 of the group's largest term to each output per block."""
+    sig = types.void(acc, u, offs, cw, cz, cs, nb)
+
+    def codegen(context, builder, signature, args):
+        acc_a, u_a, o_a, cw_a, cz_a, cs_a, nb_v = args
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        v16f, v16i = ir.VectorType(f32, 16), ir.VectorType(_i32, 16)
+        arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+        A, U, O, CW, CZ, CS = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(3, cw_a), arr(4, cz_a), arr(5, cs_a)
+        accp = builder.bitcast(A.data, v16f.as_pointer())
+        ub = builder.bitcast(U.data, _i8.as_pointer())
+        nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        cols = [builder.gep(ub, [builder.load(builder.gep(O.data, [ir.Constant(i64, g)]))]) for g in range(4)]
+        transpose = ir.Constant(ir.VectorType(_i32, 64), [16 * (j % 4) + j // 4 for j in range(64)])
+        cat = lambda a, b: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, 2 * a.type.count),
+                                                                    list(range(2 * a.type.count))))
+        with cgutils.for_range(builder, nb) as blk:
+            b = blk.index
+            q = [_vload(builder, builder.gep(c, [builder.mul(b, ir.Constant(i64, 16))]), 16) for c in cols]
+            t = builder.shuffle_vector(cat(cat(q[0], q[1]), cat(q[2], q[3])), ir.Constant(ir.VectorType(_i8, 64), None),
+                                       transpose)
+            coef = builder.bitcast(_splat_f(builder, builder.load(builder.gep(CW.data, [b])), 16), v16i)
+            init = _splat_f(builder, builder.load(builder.gep(CZ.data, [b])), 16)
+            scale = _splat_f(builder, builder.load(builder.gep(CS.data, [b])), 16)
+            for k, nib in enumerate((builder.and_(t, _splat(64, 15)),
+                                     builder.and_(builder.lshr(t, _splat(64, 4)), _splat(64, 15)))):
+                lanes = builder.call(dp, [init, builder.bitcast(nib, v16i), coef])  # outputs 32b + 16k + (0..15)
+                ap = builder.gep(accp, [builder.add(builder.mul(b, ir.Constant(i64, 2)), ir.Constant(i64, k))])
+                builder.store(builder.fadd(builder.load(ap, align=4), builder.fmul(builder.sitofp(lanes, v16f), scale)),
+                              ap, align=4)
+        return context.get_dummy_value()
+
+    return sig, _vnni_or_trap(codegen)

@@ -9,11 +9,11 @@ from numba import njit, prange
 
 from .ops import activate
 from .quant import F32, Q4_0, Q8_0, QK, dequant_row
-from .simd import (axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni,
-                   dot_row_q8_0, prefetch)
+from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
+                   dot_row_q4_0_vnni, dot_row_q8_0, load_f32, prefetch)
 
 N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
-AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
+AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8; axpy4_q4_vnni takes 4)
 PREFETCH_UNITS = 8  # how far ahead pack_ffn prefetches, in neurons (A/B on Q4_0 packs: 8 best of 4, 8, 16, 32)
 PACK_QUEUE = 4  # kept neurons select_pack_ffn holds back while their units load (A/B: 4 and 8 best of 4-16)
 SELECT_PREFETCH_ROWS = 32  # how far ahead select_pack_ffn prefetches its dense selection rows (A/B below)
@@ -98,9 +98,45 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, scratch):
 
 
 @njit(inline="always")
-def _axpy(acc, u, offs, h, cnt, nbo, down_kind):
-    """acc += sum_g h[g] * the down column at u[offs[g]:], in the pack's down format."""
-    if down_kind == DOWN_Q4:
+def _coefs_i8(u, offs, h, cnt, nb, qbytes, co):
+    """axpy4_q4_vnni's coefficients for the group's down columns at u[offs[g]:] (nb blocks of 16 quant bytes,
+    then nb float32 scales): per block b, c_g = h_g * scale(g, b) rounded to int8 with one scale per block,
+    co.cw[b] the four packed, co.cz[b] = -8 * their sum, co.cs[b] the scale (max |c_g| / 127). A group of
+    fewer than 4 is padded with coefficient 0 on the first column."""
+    cw, cz, cs = co
+    for g in range(cnt, 4):
+        offs[g] = offs[0]
+    h0 = h[0]
+    h1 = h[1] if cnt > 1 else np.float32(0.0)
+    h2 = h[2] if cnt > 2 else np.float32(0.0)
+    h3 = h[3] if cnt > 3 else np.float32(0.0)
+    s0, s1, s2, s3 = offs[0] + qbytes, offs[1] + qbytes, offs[2] + qbytes, offs[3] + qbytes
+    for b in range(nb):
+        c0 = h0 * load_f32(u, s0 + 4 * b)
+        c1 = h1 * load_f32(u, s1 + 4 * b)
+        c2 = h2 * load_f32(u, s2 + 4 * b)
+        c3 = h3 * load_f32(u, s3 + 4 * b)
+        m = max(max(abs(c0), abs(c1)), max(abs(c2), abs(c3)))
+        inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
+        q0, q1 = np.int32(np.rint(c0 * inv)), np.int32(np.rint(c1 * inv))
+        q2, q3 = np.int32(np.rint(c2 * inv)), np.int32(np.rint(c3 * inv))
+        cw[b] = (q0 & 255) | ((q1 & 255) << 8) | ((q2 & 255) << 16) | (q3 << 24)
+        cz[b] = -8 * (q0 + q1 + q2 + q3)
+        cs[b] = m / np.float32(127.0)
+
+
+@njit(inline="always")
+def _coef_scratch(nb):
+    return np.empty(nb, np.int32), np.empty(nb, np.int32), np.empty(nb, np.float32)
+
+
+@njit(inline="always")
+def _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co):
+    """acc += sum_g h[g] * the down column at u[offs[g]:], in the pack's down format (co: _coef_scratch)."""
+    if down_kind == DOWN_Q4 and vnni:
+        _coefs_i8(u, offs, h, cnt, nbo, nbo * 16, co)
+        axpy4_q4_vnni(acc, u, offs, co[0], co[1], co[2], nbo)
+    elif down_kind == DOWN_Q4:
         axpy_units_q4(acc, u, offs, h, cnt, nbo)
     elif down_kind == DOWN_Q8:
         axpy_units_i8(acc, u, offs, h, cnt, nbo)
@@ -140,6 +176,7 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
         acc[:] = 0.0
         offs = np.empty(AXPY_GROUP, np.int64)
         h = np.empty(AXPY_GROUP, np.float32)
+        co = _coef_scratch(nbo)
         scratch = np.empty(x.shape[1], np.float32)
         end = min(n, (c + 1) * chunk)
         for j in range(c * chunk, end, AXPY_GROUP):
@@ -159,7 +196,7 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
                     else:
                         h[g] = activate(_row_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, scratch), act_id) * d
                 offs[g] = base + down_at
-            _axpy(acc, u, offs, h, cnt, nbo, down_kind)
+            _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co)
     _sum_parts(parts, out)
 
 
@@ -184,6 +221,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
         acc[:] = 0.0
         offs = np.empty(AXPY_GROUP, np.int64)
         h = np.empty(AXPY_GROUP, np.float32)
+        co = _coef_scratch(nbo)
         q_id = np.empty(PACK_QUEUE + AXPY_GROUP, np.int64)  # kept neurons waiting for their prefetched units
         q_a = np.empty(PACK_QUEUE + AXPY_GROUP, np.float32)
         scratch = np.empty(x.shape[1], np.float32)
@@ -211,7 +249,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                     base = q_id[g] * unit_bytes
                     h[g] = q_a[g] * _row_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, scratch) if gated else q_a[g]
                     offs[g] = base + up_bytes
-                _axpy(acc, u, offs, h, cnt, nbo, down_kind)
+                _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co)
                 for g in range(queued - cnt):
                     q_id[g] = q_id[g + cnt]
                     q_a[g] = q_a[g + cnt]
