@@ -312,3 +312,31 @@ def test_neuron_pack_cache_problems_are_one_line_errors(make_model, tmp_path, mo
     np.save(packs[0], np.zeros((3, 5), np.uint8))  # a valid .npy of the wrong shape
     with pytest.raises(SparserunError, match="pack.0.*stale neuron-pack cache"):
         sparserun.load(path, sparsity="threshold:0")
+
+
+def test_non_vnni_build_runs_and_agrees(make_model, tmp_path):
+    """SPARSERUN_NO_VNNI=1 (as on a CPU without AVX512-VNNI): the VNNI intrinsics compile to traps the kernels
+    never reach, the generic dots and the float axpy run, and a sparse Q4_0 decode agrees with this process's.
+    Its own numba cache dir, whose stamp records the VNNI switch, so neither build reuses the other's kernels."""
+    import os
+    import subprocess
+    import sys
+
+    path = make_model("Q4_0", shape="tiny", planted=0.8)
+    m = sparserun.load(path, sparsity="threshold:0")
+    ids = m.tokenize("The quick brown fox jumps over the lazy dog")
+    here = decode_logits(m, ids)
+    out = tmp_path / "logits.npy"
+    script = ("import sys, numpy as np, sparserun; from sparserun.kernels import quant; "
+              "assert not quant.HAS_VNNI; m = sparserun.load(sys.argv[1], sparsity='threshold:0'); m.reset(); "
+              f"ids = {list(ids)}; "
+              "np.save(sys.argv[2], np.array([m.eval(ids[: i + 1])[-1] for i in range(len(ids))]))")
+    env = dict(os.environ, SPARSERUN_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"),
+               SPARSERUN_CACHE=str(tmp_path / "packs"))
+    r = subprocess.run([sys.executable, "-c", script, str(path), str(out)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    there = np.load(out)
+    d = np.abs(there - here) / here.std()
+    assert d.max() < 0.05, d.max()  # same int8 activations; the axpy rounds its coefficients on VNNI only
+    assert (there.argmax(-1) == here.argmax(-1)).mean() > 0.9

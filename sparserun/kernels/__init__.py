@@ -3,7 +3,9 @@
 numba's on-disk cache is invalidated only when the file defining a jitted function changes, not when
 a function or intrinsic it calls from another file does (an edit to simd.py would leave quant.py's
 kernels running stale machine code). So a hash of all kernel sources is stamped beside the cache,
-and a mismatch clears this package's cached kernels before any of them is imported.
+and a mismatch clears this package's cached kernels before any of them is imported. The hash also covers
+whether the VNNI intrinsics are real or traps (simd.HAS_X86_VNNI, which SPARSERUN_NO_VNNI=1 turns off):
+kernels cached with trap bodies must not run where the VNNI branch is taken.
 """
 import glob
 import hashlib
@@ -15,10 +17,8 @@ STAMP = "sparserun-kernels.sha256"
 
 
 def cache_dirs():
-    dirs = [os.path.join(HERE, "__pycache__")]
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        dirs.append(os.environ["NUMBA_CACHE_DIR"])
-    return dirs
+    """Where numba caches this package's kernels: NUMBA_CACHE_DIR when set (then only there), else __pycache__."""
+    return [os.environ["NUMBA_CACHE_DIR"]] if os.environ.get("NUMBA_CACHE_DIR") else [os.path.join(HERE, "__pycache__")]
 
 
 def _cache_files(d):
@@ -27,7 +27,9 @@ def _cache_files(d):
 
 
 def sources_digest(here=HERE):
-    h = hashlib.sha256()
+    from .simd import HAS_X86_VNNI  # intrinsics only: importing it loads no cached kernel
+
+    h = hashlib.sha256(b"vnni=%d;" % HAS_X86_VNNI)
     for name in SOURCES:
         with open(os.path.join(here, name), "rb") as fh:
             h.update(fh.read())
