@@ -13,7 +13,8 @@ from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, 
                    dot_row_q4_0_vnni, dot_row_q8_0, load_f32, prefetch)
 
 N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
-AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8; axpy4_q4_vnni takes 4)
+AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
+assert AXPY_GROUP == 4, "axpy4_q4_vnni adds exactly 4 columns per call (offs and the packed coefficients)"
 PREFETCH_UNITS = 8  # how far ahead pack_ffn prefetches, in neurons (A/B on Q4_0 packs: 8 best of 4, 8, 16, 32)
 PACK_QUEUE = 4  # kept neurons select_pack_ffn holds back while their units load (A/B: 4 and 8 best of 4-16)
 SELECT_PREFETCH_ROWS = 32  # how far ahead select_pack_ffn prefetches its dense selection rows (A/B below)
@@ -100,9 +101,9 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, scratch):
 @njit(inline="always")
 def _coefs_i8(u, offs, h, cnt, nb, qbytes, co):
     """axpy4_q4_vnni's coefficients for the group's down columns at u[offs[g]:] (nb blocks of 16 quant bytes,
-    then nb float32 scales): per block b, c_g = h_g * scale(g, b) rounded to int8 with one scale per block,
-    co.cw[b] the four packed, co.cz[b] = -8 * their sum, co.cs[b] the scale (max |c_g| / 127). A group of
-    fewer than 4 is padded with coefficient 0 on the first column."""
+    then nb float32 scales): per block b, c_g = h_g * scale(g, b) rounded to int8 with one scale per block.
+    co = (cw, cz, cs): cw[b] the four packed, cz[b] = -8 * their sum, cs[b] the scale (max |c_g| / 127). A
+    group of fewer than 4 is padded with coefficient 0 on the first column."""
     cw, cz, cs = co
     for g in range(cnt, 4):
         offs[g] = offs[0]
