@@ -102,7 +102,8 @@ class NeuronPack:
             raise ValueError("this neuron pack holds no gate rows")
         dotted = [] if mode == S.AXPY_ONLY else [self.up_qtype] + ([self.gate_qtype] if mode == S.GATED_DOTS else [])
         S.pack_ffn(self.units, self.unit_bytes, self.gate_bytes, self.gate_qtype, self.up_bytes, self.up_qtype,
-                   K.HAS_VNNI, self.kind, self.dim, idx, n, coef, mode, act_id, acts.x, *x_forms(acts, dotted), out)
+                   K.HAS_VNNI, self.kind, self.dim, idx, n, coef, mode, act_id, acts.x, *x_forms(acts, dotted),
+                   part_sums(self.dim), out)
         return out
 
     def run_selected(self, acts, w, gid, t, act_id, gated, out, counts):
@@ -114,8 +115,23 @@ class NeuronPack:
         forms = x_forms(acts, [w.qtype] + ([self.up_qtype] if gated else []))
         S.select_pack_ffn(w.raw, w.row_bytes, w.qtype, w.rows, gid, np.float32(t), act_id, gated, self.units,
                           self.unit_bytes, self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim, acts.x,
-                          *forms, out, counts)
+                          *forms, part_sums(self.dim), out, counts)
         return int(counts.sum())
+
+
+_PARTS = {}
+
+
+def part_sums(dim):
+    """The pack kernels' partial-sum buffer (threads, dim) float32, one row per numba thread (at most
+    kernels.sparse.MAX_PARTS), kept between calls: the kernels zero the rows they use."""
+    import numba
+
+    n = min(S.MAX_PARTS, numba.get_num_threads())
+    buf = _PARTS.get((n, dim))
+    if buf is None:
+        buf = _PARTS[(n, dim)] = np.empty((n, dim), np.float32)
+    return buf
 
 
 def x_forms(acts, qtypes):

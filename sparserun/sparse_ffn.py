@@ -66,7 +66,7 @@ class SparseFFN:
         self.up_w = [L.w_up for L in model.layers]
         self.gid = [np.arange(a.n_ff, dtype=np.int64)] * a.n_layer  # global neuron id of each owned row
         self.last_kept = np.zeros(a.n_layer)  # kept fraction of the previous decode token, per layer
-        self.counts = np.zeros(S.N_PARTS, np.int64)
+        self.counts = np.zeros(S.MAX_PARTS, np.int64)  # neurons kept per part (select_pack_ffn)
         if cpu_neurons is not None:
             for li, (L, ids) in enumerate(zip(model.layers, cpu_neurons)):
                 ids = np.ascontiguousarray(ids, np.int64)

@@ -103,11 +103,11 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     units = np.concatenate([w.raw.reshape(rows, -1), w.raw.reshape(rows, -1), down.view(np.uint8)], axis=1)
     idx = np.sort(rng.choice(rows, 37, replace=False)).astype(np.int64)
     outs = []
-    for vnni in (False, True):
+    for vnni, n_parts in ((False, 1), (True, 3)):  # any number of partial sums splits the neurons correctly
         out = np.empty(dim, np.float32)
         S.pack_ffn(units.reshape(-1), units.shape[1], w.row_bytes, Q.Q4_0, w.row_bytes, Q.Q4_0, vnni, S.DOWN_F32,
                    dim, idx, 37, np.empty(0, np.float32), S.GATED_DOTS, 1, acts.x[:1], xq[:1], xd[:1], x8[:1],
-                   xb[:1], out)
+                   xb[:1], np.full((n_parts, dim), np.nan, np.float32), out)
         outs.append(out)
     d = want[0, idx]
     ref = (np.maximum(d, 0) * d) @ down[idx]  # relu(gate . x) * (up . x)

@@ -12,7 +12,11 @@ from .quant import F32, Q4_0, Q8_0, QK, dequant_row
 from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
                    dot_row_q4_0_vnni, dot_row_q8_0, load_f32, prefetch)
 
-N_PARTS = 8  # private partial sums for the down axpy: threads split the kept neurons evenly
+# The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
+# buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
+# fixed 8 allocated per call: numba's static schedule gives each thread a run of parts anyway, and each
+# part costs a zeroed row and its share of the final sum.
+MAX_PARTS = 64
 AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
 assert AXPY_GROUP == 4, "axpy4_q4_vnni adds exactly 4 columns per call (offs and the packed coefficients)"
 # How far ahead pack_ffn prefetches, in neurons. The prefetch is spread over the compute, a third of a unit
@@ -175,7 +179,7 @@ def _sum_parts(parts, out):
 
 @njit(parallel=True, cache=True, fastmath=True)
 def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, down_kind, dim, idx, n, coef, mode,
-             act_id, x, xq, xd, x8, xb, out):
+             act_id, x, xq, xd, x8, xb, parts, out):
     """One decode token's FFN over the kept neurons of a neuron pack. u: flat uint8, n_ff units of unit_bytes,
     each the neuron's gate row (gate_bytes, 0 when the pack has none), up row (up_bytes), then down column.
     out (dim,) = sum_j h_j * down_{idx[j]}, with h_j formed by mode:
@@ -186,14 +190,14 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
     Each mode reads one contiguous run of a unit (prefetched PREFETCH_UNITS neurons ahead, spread over the
     compute), so a kept neuron costs one 2.4-3.6 KB stream rather than two or three random rows, all in one
     parallel region.
-    Threads split the kept neurons evenly (N_PARTS private partial sums)."""
+    Threads split the kept neurons evenly (parts: one private partial sum per thread)."""
     nbo = dim // QK
     down_at = gate_bytes + up_bytes
     lo = down_at if mode == AXPY_ONLY else 0 if mode == GATED_DOTS else gate_bytes  # first byte this mode reads
     step = ((unit_bytes - lo + 191) // 192) * 64  # a third of the bytes read per unit, in whole cache lines
-    parts = np.empty((N_PARTS, dim), np.float32)
-    chunk = (n + N_PARTS - 1) // N_PARTS
-    for c in prange(N_PARTS):
+    n_parts = parts.shape[0]
+    chunk = (n + n_parts - 1) // n_parts
+    for c in prange(n_parts):
         acc = parts[c]
         acc[:] = 0.0
         offs = np.empty(AXPY_GROUP, np.int64)
@@ -232,7 +236,7 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
 
 @njit(parallel=True, cache=True, fastmath=True)
 def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_bytes, up_bytes, up_qtype, vnni,
-                    down_kind, dim, x, xq, xd, x8, xb, out, counts):
+                    down_kind, dim, x, xq, xd, x8, xb, parts, out, counts):
     """A threshold policy's whole decode FFN in one parallel region: each thread computes its share of the
     selection rows w (the gate of a gated FFN, else up; rows of any type, row r is neuron gid[r]), keeps
     neuron r when |act(w_r . x)| > t, prefetches its pack unit at once, and PACK_QUEUE kept neurons later
@@ -244,9 +248,10 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     32 alike, 64 slower; it costs 2% when nothing is kept). The pack holds no gate rows. counts[c]: neurons kept
     by part c."""
     nbo = dim // QK
-    parts = np.empty((N_PARTS, dim), np.float32)
-    chunk = (rows + N_PARTS - 1) // N_PARTS
-    for c in prange(N_PARTS):
+    n_parts = parts.shape[0]
+    counts[:] = 0
+    chunk = (rows + n_parts - 1) // n_parts
+    for c in prange(n_parts):
         acc = parts[c]
         acc[:] = 0.0
         offs = np.empty(AXPY_GROUP, np.int64)
