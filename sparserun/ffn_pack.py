@@ -21,9 +21,16 @@ Why one unit: a kept neuron's rows are read together, and random 1.2 KB rows str
 than one 2.4 or 3.6 KB run (measured on 2 cores: 12.5 GB/s for random 1152-byte rows, 18 for 2304-byte
 ones), and one parallel kernel replaces two or three.
 
-The packs are cached as .npy files (no pickle) under $SPARSERUN_CACHE (default ~/.cache/sparserun), keyed
-by the model's tensor fingerprint, and memory-mapped on the next load.
+Page-sized units: a unit whose padding to a multiple of 4096 bytes costs at most PAD_AT_MOST of its size
+(the 3.5 KB units of a 2048-wide Q4_0 predictor pack) is padded, and the data starts on a page boundary,
+so no unit straddles two pages (A/B from DRAM on random neuron sets, 2 threads: 14-15% faster at kept
+fractions 0.1 and 0.25; one TLB entry and one DRAM page per unit). The padding is never read.
+
+The packs are cached as .npy files (no pickle; the header padded so the data starts at byte 4096) under
+$SPARSERUN_CACHE (default ~/.cache/sparserun), keyed by the model's tensor fingerprint, and memory-mapped
+on the next load.
 """
+import struct
 import os
 
 import numpy as np
@@ -33,6 +40,9 @@ from .kernels import quant as K
 from .kernels import sparse as S
 
 FOUR_BIT = (K.Q4_0, K.Q4_K)
+PAGE = 4096
+PAD_AT_MOST = 0.15  # padding a unit to whole pages is worth this much of its size
+FORMAT = "p"  # in the cache file names: packs written before page padding (no tag) are not read
 DOWN_KINDS = {S.DOWN_F32: "f32", S.DOWN_Q4: "q4", S.DOWN_Q8: "q8"}
 
 
@@ -42,6 +52,21 @@ def cache_root():
 
 def down_kind(qtype):
     return S.DOWN_F32 if qtype == K.F32 else S.DOWN_Q4 if qtype in FOUR_BIT else S.DOWN_Q8
+
+
+def unit_stride(used):
+    """Bytes between units of `used` bytes: whole pages when that pads by at most PAD_AT_MOST, else used."""
+    padded = -(-used // PAGE) * PAGE
+    return padded if padded - used <= PAD_AT_MOST * used else used
+
+
+def save_aligned(path, units):
+    """units (n, stride) uint8 as a .npy file whose data starts at byte PAGE (np.load reads it as any .npy)."""
+    header = repr({"descr": "|u1", "fortran_order": False, "shape": units.shape}).encode("latin1")
+    pad = PAGE - 10 - len(header) - 1
+    with open(path, "wb") as fh:
+        fh.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header) + pad + 1) + header + b" " * pad + b"\n")
+        fh.write(np.ascontiguousarray(units).data)
 
 
 def down_columns(down, kind):
@@ -70,15 +95,16 @@ class NeuronPack:
         self.up_qtype, self.up_bytes = up.qtype, up.row_bytes
         self.kind = down_kind(down.qtype)
         parts = ([gate.type_name] if self.has_gate else []) + [up.type_name, DOWN_KINDS[self.kind]]
-        path = os.path.join(cache_dir, f"pack.{layer}.{'-'.join(parts)}.npy")
+        used = self.gate_bytes + self.up_bytes + S.down_bytes.py_func(self.kind, self.dim)
+        path = os.path.join(cache_dir, f"pack.{layer}.{'-'.join(parts)}.{FORMAT}.npy")
         if not os.path.exists(path):
             rows = [w.raw.reshape(w.rows, w.row_bytes) for w in ([gate] if self.has_gate else []) + [up]]
-            units = np.concatenate(rows + [down_columns(down, self.kind)], axis=1)
+            units = np.zeros((self.n_ff, unit_stride(used)), np.uint8)  # (n_ff, stride)
+            units[:, :used] = np.concatenate(rows + [down_columns(down, self.kind)], axis=1)
             tmp = path + f".tmp{os.getpid()}"
             try:
                 os.makedirs(cache_dir, exist_ok=True)
-                with open(tmp, "wb") as fh:
-                    np.save(fh, units, allow_pickle=False)
+                save_aligned(tmp, units)
                 os.replace(tmp, path)  # atomic: a half-written cache file is never read
             except OSError as e:
                 if os.path.exists(tmp):  # e.g. a full disk: leave no partial file behind
@@ -89,9 +115,7 @@ class NeuronPack:
             units = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise SparserunError(f"{path}: unreadable neuron-pack cache ({e}); remove it to rebuild") from None
-        down_bytes = {S.DOWN_F32: 4 * self.dim, S.DOWN_Q4: self.dim // 2 + self.dim // 8,
-                      S.DOWN_Q8: self.dim + self.dim // 8}[self.kind]
-        if units.dtype != np.uint8 or units.shape != (self.n_ff, self.gate_bytes + self.up_bytes + down_bytes):
+        if units.dtype != np.uint8 or units.shape != (self.n_ff, unit_stride(used)):
             raise SparserunError(f"{path}: stale neuron-pack cache (shape {units.shape}); remove it to rebuild")
         self.unit_bytes = units.shape[1]
         self.units = units.reshape(-1)

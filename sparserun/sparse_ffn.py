@@ -11,9 +11,10 @@ With a predicted neuron set (predictor policies) the pack holds the gate rows to
 read for the predicted neurons alone, in one pass. A predictor is a callable (layer, x (T, dim)) -> list of
 T int arrays of ids.
 
-Prompt batches (T > 1), and decode tokens that keep more than DENSE_ABOVE of the neurons (where the
-pack kernels stop paying: benchmarks/ffn_kernels.py), run the dense kernels and zero the dropped
-neurons per token (activate_masked): the same selection, exact, with the original weights.
+Prompt batches (T > 1), and decode tokens that keep more than DENSE_ABOVE (predicted sets:
+PREDICTED_DENSE_ABOVE) of the neurons (where the pack kernels stop paying: benchmarks/ffn_kernels.py),
+run the dense kernels and zero the dropped neurons per token (activate_masked): the same selection,
+exact, with the original weights.
 
 With `cpu_neurons` (the CPU/GPU hybrid, hybrid.py) the FFN computes only the neurons it owns: its gate
 (and, for the dense paths, up) rows are gathered once into contiguous copies, selection runs over the owned
@@ -30,6 +31,9 @@ from .kernels import sparse as S
 from .weights import Acts, Weight
 
 DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than the pack
+# The same for a predicted set (gate, up and down all read from the pack, page-sized units): the pack costs
+# 0.57 of the dense FFN at 0.5 kept, 0.82 at 0.75, 1.03 at 0.9 (benchmarks/ffn_kernels.py, TinyLlama Q4_0)
+PREDICTED_DENSE_ABOVE = 0.85
 NO_COEF = np.empty(0, np.float32)  # the pack kernel's coef for modes that take none
 
 
@@ -111,7 +115,7 @@ class SparseFFN:
         if predicted is not None:
             predicted = [self._owned(li, p) for p in predicted]
         if T > 1 or self.policy.is_dense and predicted is None or (
-                predicted is not None and len(predicted[0]) > DENSE_ABOVE * self.n_ff):
+                predicted is not None and len(predicted[0]) > PREDICTED_DENSE_ABOVE * self.n_ff):
             return self._masked(li, L, acts, predicted)
         if predicted is None and self.policy.kind == "threshold" and self.last_kept[li] <= DENSE_ABOVE:
             return self._selected(li, L, acts)

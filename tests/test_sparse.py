@@ -98,6 +98,31 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
     check(g / (1 + np.exp(-g)) * u)
 
 
+def test_pack_units_page_padded(tmp_path):
+    """Units that pad to a page at small cost are page-sized and page-aligned in the cached file and in memory
+    (none straddles two pages), the kernels read them through the padding, and a reload finds the same file;
+    units that would waste more stay packed tight."""
+    from sparserun.ffn_pack import NeuronPack, unit_stride
+    from sparserun.weights import Acts
+
+    assert unit_stride(3584) == 4096 and unit_stride(2432) == 2432 and unit_stride(7168) == 8192
+    rng = np.random.default_rng(5)
+    up, down = rng.standard_normal((40, 960)).astype(np.float32), rng.standard_normal((32, 40)).astype(np.float32)
+    pack = NeuronPack(None, _Tensor(up), _Tensor(down), str(tmp_path), 0)  # 3840 + 128 bytes a unit
+    assert pack.unit_bytes == 4096 and pack.units.ctypes.data % 4096 == 0
+    x = rng.standard_normal((1, 960)).astype(np.float32)
+    idx = np.array([0, 3, 17, 18, 39], np.int64)
+    out = np.empty(32, np.float32)
+    pack.run(Acts(x), idx, 5, np.empty(0, np.float32), S.ACT_OF_DOT, 1, out)
+    want = np.maximum(up[idx] @ x[0], 0) @ down.T[idx]
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    again = NeuronPack(None, _Tensor(up), _Tensor(down), str(tmp_path), 0)  # the cached file, memory-mapped
+    assert again.unit_bytes == 4096 and again.units.ctypes.data % 4096 == 0
+    np.testing.assert_array_equal(again.units, pack.units)
+    small = NeuronPack(None, _Tensor(up[:, :128].copy()), _Tensor(down), str(tmp_path), 1)
+    assert small.unit_bytes == 128 * 4 + 32 * 4
+
+
 @pytest.mark.skipif(not K.HAS_VNNI, reason="this CPU has no AVX512-VNNI (the float axpy runs instead)")
 @pytest.mark.parametrize("cnt", [4, 3, 1])
 def test_int8_coefficient_axpy_equals_its_rounding(cnt):

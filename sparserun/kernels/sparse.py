@@ -85,6 +85,12 @@ def activate_masked(g, u, act, k, t, h, counts):
 
 
 DOWN_F32, DOWN_Q4, DOWN_Q8 = 0, 1, 2  # down-column formats of a neuron pack (see ffn_pack.py)
+
+
+@njit(inline="always")
+def down_bytes(kind, dim):
+    """Bytes of one neuron's down column in a pack: quants then a float32 scale per 32 (float32 columns: 4 dim)."""
+    return 4 * dim if kind == DOWN_F32 else (dim // 2 if kind == DOWN_Q4 else dim) + dim // 8
 AXPY_ONLY, COEF_TIMES_DOT, ACT_OF_DOT, GATED_DOTS = 0, 1, 2, 3  # how a kept neuron's weight h is formed
 
 
@@ -155,14 +161,14 @@ def _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co):
 
 
 @njit(inline="always")
-def _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, step):
-    """Prefetch the next `step` bytes of kept unit idx[pu] from byte pb (its bytes [lo, unit_bytes) are read);
-    returns the advanced cursor (pu, pb). Nothing once pu reaches end."""
+def _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step):
+    """Prefetch the next `step` bytes of kept unit idx[pu] from byte pb (its bytes [lo, hi) are read; units are
+    unit_bytes apart); returns the advanced cursor (pu, pb). Nothing once pu reaches end."""
     if pu < end:
-        nb = min(step, unit_bytes - pb)
+        nb = min(step, hi - pb)
         prefetch(u, idx[pu] * unit_bytes + pb, nb)
         pb += nb
-        if pb >= unit_bytes:
+        if pb >= hi:
             pu += 1
             pb = lo
     return pu, pb
@@ -180,8 +186,8 @@ def _sum_parts(parts, out):
 @njit(parallel=True, cache=True, fastmath=True)
 def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, down_kind, dim, idx, n, coef, mode,
              act_id, x, xq, xd, x8, xb, parts, out):
-    """One decode token's FFN over the kept neurons of a neuron pack. u: flat uint8, n_ff units of unit_bytes,
-    each the neuron's gate row (gate_bytes, 0 when the pack has none), up row (up_bytes), then down column.
+    """One decode token's FFN over the kept neurons of a neuron pack. u: flat uint8, n_ff units unit_bytes apart
+    (the stride may include page padding: ffn_pack.unit_stride), each the neuron's gate row (gate_bytes, 0 when the pack has none), up row (up_bytes), then down column.
     out (dim,) = sum_j h_j * down_{idx[j]}, with h_j formed by mode:
       AXPY_ONLY       coef[j]                          non-gated FFN, activation computed densely
       COEF_TIMES_DOT  coef[j] * (up . x)               CATS: coef = act(gate) from the dense gate
@@ -194,7 +200,8 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
     nbo = dim // QK
     down_at = gate_bytes + up_bytes
     lo = down_at if mode == AXPY_ONLY else 0 if mode == GATED_DOTS else gate_bytes  # first byte this mode reads
-    step = ((unit_bytes - lo + 191) // 192) * 64  # a third of the bytes read per unit, in whole cache lines
+    hi = down_at + down_bytes(down_kind, dim)  # the unit's end; the rest of its stride is page padding
+    step = ((hi - lo + 191) // 192) * 64  # a third of the bytes read per unit, in whole cache lines
     n_parts = parts.shape[0]
     chunk = (n + n_parts - 1) // n_parts
     for c in prange(n_parts):
@@ -209,17 +216,17 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
         # unit at each of three steps per neuron computed, so it stays PREFETCH_UNITS ahead
         pu, pb = c * chunk + PREFETCH_UNITS, lo
         for k in range(c * chunk, min(end, pu)):
-            prefetch(u, idx[k] * unit_bytes + lo, unit_bytes - lo)
+            prefetch(u, idx[k] * unit_bytes + lo, hi - lo)
         for j in range(c * chunk, end, AXPY_GROUP):
             cnt = min(AXPY_GROUP, end - j)
             for g in range(cnt):
                 base = idx[j + g] * unit_bytes
-                pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, step)
+                pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 if mode == AXPY_ONLY:
                     h[g] = coef[j + g]
                 else:
                     d = _row_dot(u, base + gate_bytes, up_qtype, vnni, x, xq, xd, x8, xb, scratch)
-                    pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, step)
+                    pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     if mode == COEF_TIMES_DOT:
                         h[g] = coef[j + g] * d
                     elif mode == ACT_OF_DOT:
@@ -227,8 +234,8 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
                     else:
                         h[g] = activate(_row_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, scratch), act_id) * d
                 if mode == AXPY_ONLY:
-                    pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, step)
-                pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, step)
+                    pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
+                pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 offs[g] = base + down_at
             _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co)
     _sum_parts(parts, out)
@@ -248,6 +255,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     32 alike, 64 slower; it costs 2% when nothing is kept). The pack holds no gate rows. counts[c]: neurons kept
     by part c."""
     nbo = dim // QK
+    lo, hi = (0 if gated else up_bytes), up_bytes + down_bytes(down_kind, dim)  # the bytes of a unit it reads
     n_parts = parts.shape[0]
     counts[:] = 0
     chunk = (rows + n_parts - 1) // n_parts
@@ -271,7 +279,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                 if abs(a) <= t:
                     continue
                 i = gid[r]
-                prefetch(u, i * unit_bytes + (0 if gated else up_bytes), unit_bytes - (0 if gated else up_bytes))
+                prefetch(u, i * unit_bytes + lo, hi - lo)
                 q_id[queued] = i
                 q_a[queued] = a
                 queued += 1
