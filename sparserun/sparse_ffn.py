@@ -193,8 +193,10 @@ class SparseFFN:
         else:  # predicted neuron sets
             for t in range(h.shape[0]):
                 keep = predicted[t] if self.local[li] is None else self.local[li][predicted[t]]
+                self._count(li, len(keep))
+                if len(keep) == h.shape[1]:  # every owned neuron: nothing to zero
+                    continue
                 kept = h[t, keep]
                 h[t] = 0.0
                 h[t, keep] = kept
-                self._count(li, len(keep))
         return L.w_down.matmul(Acts(self._scatter(li, h)))
