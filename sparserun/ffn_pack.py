@@ -30,8 +30,8 @@ The packs are cached as .npy files (no pickle; the header padded so the data sta
 $SPARSERUN_CACHE (default ~/.cache/sparserun), keyed by the model's tensor fingerprint, and memory-mapped
 on the next load.
 """
-import struct
 import os
+import struct
 
 import numpy as np
 
@@ -96,10 +96,11 @@ class NeuronPack:
         self.kind = down_kind(down.qtype)
         parts = ([gate.type_name] if self.has_gate else []) + [up.type_name, DOWN_KINDS[self.kind]]
         used = self.gate_bytes + self.up_bytes + S.down_bytes.py_func(self.kind, self.dim)
+        stride = unit_stride(used)
         path = os.path.join(cache_dir, f"pack.{layer}.{'-'.join(parts)}.{FORMAT}.npy")
         if not os.path.exists(path):
             rows = [w.raw.reshape(w.rows, w.row_bytes) for w in ([gate] if self.has_gate else []) + [up]]
-            units = np.zeros((self.n_ff, unit_stride(used)), np.uint8)  # (n_ff, stride)
+            units = np.zeros((self.n_ff, stride), np.uint8)  # (n_ff, stride)
             units[:, :used] = np.concatenate(rows + [down_columns(down, self.kind)], axis=1)
             tmp = path + f".tmp{os.getpid()}"
             try:
@@ -115,7 +116,7 @@ class NeuronPack:
             units = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as e:
             raise SparserunError(f"{path}: unreadable neuron-pack cache ({e}); remove it to rebuild") from None
-        if units.dtype != np.uint8 or units.shape != (self.n_ff, unit_stride(used)):
+        if units.dtype != np.uint8 or units.shape != (self.n_ff, stride):
             raise SparserunError(f"{path}: stale neuron-pack cache (shape {units.shape}); remove it to rebuild")
         self.unit_bytes = units.shape[1]
         self.units = units.reshape(-1)
@@ -148,7 +149,8 @@ _PARTS = {}
 
 def part_sums(dim):
     """The pack kernels' partial-sum buffer (threads, dim) float32, one row per numba thread (at most
-    kernels.sparse.MAX_PARTS), kept between calls: the kernels zero the rows they use."""
+    kernels.sparse.MAX_PARTS), kept between calls: the kernels zero the rows they use. One buffer serves
+    every layer and model: the kernels hold the GIL, so two never run at once."""
     import numba
 
     n = min(S.MAX_PARTS, numba.get_num_threads())
