@@ -131,17 +131,16 @@ class NeuronPack:
                    part_sums(self.dim), out)
         return out
 
-    def run_selected(self, acts, w, gid, t, act_id, gated, out, counts):
+    def run_selected(self, acts, w, gid, t, act_id, gated, out):
         """out (dim,) = the FFN of one token under a threshold: rows w (the gate if gated, else up; row r is
         neuron gid[r]) are computed densely and neuron r is kept when |act(w_r . x)| > t; see
         kernels.sparse.select_pack_ffn. Returns the number kept."""
         if self.has_gate:
             raise ValueError("select_pack_ffn takes a pack without gate rows")
         forms = x_forms(acts, [w.qtype] + ([self.up_qtype] if gated else []))
-        S.select_pack_ffn(w.raw, w.row_bytes, w.qtype, w.rows, gid, np.float32(t), act_id, gated, self.units,
-                          self.unit_bytes, self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim, acts.x,
-                          *forms, part_sums(self.dim), out, counts)
-        return int(counts.sum())
+        return S.select_pack_ffn(w.raw, w.row_bytes, w.qtype, w.rows, gid, t, act_id, gated, self.units,
+                                 self.unit_bytes, self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim, acts.x,
+                                 *forms, part_sums(self.dim), out)
 
 
 _PARTS = {}
@@ -160,12 +159,11 @@ def part_sums(dim):
     return buf
 
 
+NO_FORMS = (np.empty((1, 0), np.int16), np.empty((1, 0), np.float32), np.empty((1, 0), np.int8),
+            np.empty((1, 0), np.int32))
+
+
 def x_forms(acts, qtypes):
-    """(xq, xd, x8, xb): the int8 activation forms the row dots of these weight types read (empty otherwise)."""
-    xq, xd = np.empty((1, 0), np.int16), np.empty((1, 0), np.float32)
-    x8, xb = np.empty((1, 0), np.int8), np.empty((1, 0), np.int32)
-    if any(t == K.Q4_0 and K.HAS_VNNI for t in qtypes):
-        x8, xd, xb = acts.int8_vnni()
-    if any(t in K.INT8_MATMUL and not (t == K.Q4_0 and K.HAS_VNNI) for t in qtypes):
-        xq, xd = acts.int8()  # the same block scales xd as the VNNI form
-    return xq, xd, x8, xb
+    """(xq, xd, x8, xb): the int8 activation forms (weights.Acts.forms) when a row dot of these weight types reads
+    them, else empty arrays."""
+    return acts.forms() if any(t in K.INT8_MATMUL for t in qtypes) else NO_FORMS

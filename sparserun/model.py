@@ -16,7 +16,7 @@ from . import arch
 from .errors import SparserunError
 from .gguf_file import GGUFFile
 from .kernels import ops
-from .weights import Acts, Weight
+from .weights import Acts, Matmuls, Weight
 
 ACT_IDS = {"silu": 0, "relu": 1, "gelu": 2}
 
@@ -33,6 +33,10 @@ class Layer:
     w_up: Weight  # (n_ff, dim)
     w_down: Weight  # (dim, n_ff)
     gpu_attn: object = None  # hybrid.GPUAttention when the placement put this layer's attention on the GPU
+
+    def __post_init__(self):
+        self.qkv = Matmuls([self.wq, self.wk, self.wv])  # one kernel call when the three share a type
+        self.up_gate = Matmuls([self.w_up] + ([self.w_gate] if self.w_gate is not None else []))
 
 
 def default_threads():
@@ -116,8 +120,8 @@ class Model:
         if self.sparse is not None:
             return self.sparse(layer_index, acts)
         L = self.layers[layer_index]
-        u = L.w_up.matmul(acts)  # (T, n_ff)
-        g = L.w_gate.matmul(acts) if L.w_gate is not None else u[:0]  # (T, n_ff)
+        u, *g = L.up_gate(acts)  # (T, n_ff) each
+        g = g[0] if g else u[:0]
         h = np.empty_like(u)  # (T, n_ff)
         ops.ffn_activate(g, u, self.act_id, h)
         return L.w_down.matmul(Acts(h))  # (T, dim)
@@ -137,9 +141,7 @@ class Model:
                 ops.add_inplace(x, L.gpu_attn(xn, pos0))
             else:
                 acts = Acts(xn)
-                q = L.wq.matmul(acts)  # (T, n_head*head_dim)
-                k = L.wk.matmul(acts)  # (T, kv_dim)
-                v = L.wv.matmul(acts)  # (T, kv_dim)
+                q, k, v = L.qkv(acts)  # (T, n_head*head_dim), (T, kv_dim), (T, kv_dim)
                 ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
                 ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
                 self.k_cache[li, pos0:pos0 + T] = k

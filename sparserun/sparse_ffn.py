@@ -28,7 +28,7 @@ from .ffn_pack import NeuronPack, cache_root
 from .gguf_file import RawTensor
 from .kernels import ops
 from .kernels import sparse as S
-from .weights import Acts, Weight
+from .weights import Acts, Matmuls, Weight
 
 DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than the pack
 # The same for a predicted set (gate, up and down all read from the pack, page-sized units): the pack costs
@@ -56,6 +56,8 @@ class SparseFFN:
             self.k = policy.topk_counts(a.n_layer, a.n_ff)
         elif policy.kind == "threshold":
             self.t = np.array(policy.per_layer(a.n_layer), np.float32)
+        # decode tokens of a threshold policy go straight to the fused kernel (_selected)
+        self.fused = policy.kind == "threshold" and predictor is None
         self.cache_dir = os.path.join(cache_root(), model.gguf.fingerprint()[:32])
         # predictor policies gather the gate too, so their packs hold it; CATS computes it densely
         self.pack = [NeuronPack(L.w_gate if predictor is not None else None, L.w_up, L.w_down, self.cache_dir, i)
@@ -70,7 +72,6 @@ class SparseFFN:
         self.up_w = [L.w_up for L in model.layers]
         self.gid = [np.arange(a.n_ff, dtype=np.int64)] * a.n_layer  # global neuron id of each owned row
         self.last_kept = np.zeros(a.n_layer)  # kept fraction of the previous decode token, per layer
-        self.counts = np.zeros(S.MAX_PARTS, np.int64)  # neurons kept per part (select_pack_ffn)
         if cpu_neurons is not None:
             for li, (L, ids) in enumerate(zip(model.layers, cpu_neurons)):
                 ids = np.ascontiguousarray(ids, np.int64)
@@ -81,6 +82,7 @@ class SparseFFN:
                 self.local[li][ids] = np.arange(len(ids))
                 self.gate_w[li] = row_subset(L.w_gate, ids) if L.w_gate is not None else None
                 self.up_w[li] = row_subset(L.w_up, ids)
+        self.up_gate = [Matmuls([u] + ([g] if g is not None else [])) for u, g in zip(self.up_w, self.gate_w)]
 
     def reset_stats(self):
         self.kept[:] = 0
@@ -111,14 +113,14 @@ class SparseFFN:
     def __call__(self, li, acts):
         L = self.model.layers[li]
         T = acts.x.shape[0]
+        if self.fused and T == 1 and self.last_kept[li] <= DENSE_ABOVE:
+            return self._selected(li, L, acts)
         predicted = self.predictor(li, acts.x) if self.predictor is not None else None
         if predicted is not None:
             predicted = [self._owned(li, p) for p in predicted]
         if T > 1 or self.policy.is_dense and predicted is None or (
                 predicted is not None and len(predicted[0]) > PREDICTED_DENSE_ABOVE * self.n_ff):
             return self._masked(li, L, acts, predicted)
-        if predicted is None and self.policy.kind == "threshold" and self.last_kept[li] <= DENSE_ABOVE:
-            return self._selected(li, L, acts)
         idx = self.idx
         mode = S.COEF_TIMES_DOT
         coef = NO_COEF
@@ -153,7 +155,7 @@ class SparseFFN:
         gated = L.w_gate is not None
         out = np.empty((1, L.w_down.rows), np.float32)
         n = self.pack[li].run_selected(acts, self.gate_w[li] if gated else self.up_w[li], self.gid[li], self.t[li],
-                                       self.act_id, gated, out[0], self.counts)
+                                       self.act_id, gated, out[0])
         self._count(li, n)
         return out
 
@@ -175,8 +177,8 @@ class SparseFFN:
     def _masked(self, li, L, acts, predicted):
         """Prompt batch (or the dense policy): dense matmuls over the owned neurons, dropped neurons zeroed per
         token (the same selection as decode)."""
-        u = self.up_w[li].matmul(acts)  # (T, n_own)
-        g = self.gate_w[li].matmul(acts) if L.w_gate is not None else u[:0]  # (T, n_own) or empty
+        u, *g = self.up_gate[li](acts)  # (T, n_own) each
+        g = g[0] if g else u[:0]
         h = np.empty_like(u)  # (T, n_own)
         if predicted is None and not self.policy.is_dense:  # activation and mask in one pass
             counts = np.empty(h.shape[0], np.int64)

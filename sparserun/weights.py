@@ -1,7 +1,8 @@
 """Weight matrices as the engine uses them: a RawTensor plus the matmul path its type takes.
 
 Acts carries one activation matrix and, computed once on demand, its int8 block quantization, so
-the weights that read the same input (q/k/v, gate/up) share one quantization pass.
+the weights that read the same input (q/k/v, gate/up) share one quantization pass. Matmuls runs such
+weights together: one kernel call over the stacked rows of each run of weights of one type and width.
 """
 import numpy as np
 
@@ -9,31 +10,30 @@ from .kernels import quant as K
 
 
 class Acts:
-    """An activation matrix x (T, n) float32 and its lazily computed int8 blocks (values int16-stored)."""
+    """An activation matrix x (T, n) float32 and its lazily computed int8 blocks (quant.quantize_acts)."""
 
     def __init__(self, x):
         self.x = x
-        self._q = None
-        self._q8 = None
+        self._forms = None
+
+    def forms(self):
+        """(xq, xd, x8, xb): the int8 blocks as int16 values, their scales, as int8 values, and the VNNI kernels'
+        offset terms (see quant.quantize_acts)."""
+        if self._forms is None:
+            T, n = self.x.shape
+            self._forms = (np.empty((T, n), np.int16), np.empty((T, n // K.QK), np.float32),
+                           np.empty((T, n), np.int8), np.empty((T, n // 4), np.int32))
+            K.quantize_acts(self.x, *self._forms)
+        return self._forms
 
     def int8(self):
-        if self._q is None:
-            T, n = self.x.shape
-            xq, xd = np.empty((T, n), np.int16), np.empty((T, n // K.QK), np.float32)
-            K.quantize_acts(self.x, xq, xd)
-            self._q = (xq, xd)
-        return self._q
+        """(xq, xd): the generic int8 kernels' form."""
+        return self.forms()[:2]
 
     def int8_vnni(self):
-        """The same blocks as int8 values (x8 (T, n) int8), their scales xd, and xb (T, n/4) int32: the VNNI kernels'
-        format (see quant.pack_acts_i8)."""
-        if self._q8 is None:
-            xq, xd = self.int8()
-            T, n = xq.shape
-            x8, xb = np.empty((T, n), np.int8), np.empty((T, n // 4), np.int32)
-            K.pack_acts_i8(xq, x8, xb)
-            self._q8 = (x8, xd, xb)
-        return self._q8
+        """(x8, xd, xb): the VNNI kernels' form."""
+        xq, xd, x8, xb = self.forms()
+        return x8, xd, xb
 
 
 class Weight:
@@ -42,8 +42,12 @@ class Weight:
     def __init__(self, t):
         self.name, self.qtype, self.rows, self.cols = t.name, t.qtype, t.rows, t.cols
         self.raw, self.row_bytes = t.raw, t.row_bytes
+        if self.raw.flags.writeable:  # every weight readonly: one array type, so any of them stack (matmul)
+            self.raw = self.raw.view()
+            self.raw.flags.writeable = False
         self.type_name = t.type_name
-        self.f32 = t.raw.view(np.float32).reshape(t.rows, t.cols) if t.qtype == K.F32 else None
+        self.f32 = self.raw.view(np.float32).reshape(t.rows, t.cols) if t.qtype == K.F32 else None
+        self._stack = None
 
     @property
     def n_bytes(self):
@@ -51,20 +55,9 @@ class Weight:
 
     def matmul(self, acts, out=None):
         """out (T, rows) = acts.x (T, cols) @ W.T"""
-        T = acts.x.shape[0]
-        if out is None:
-            out = np.empty((T, self.rows), np.float32)
-        if self.qtype == K.Q4_0 and K.HAS_VNNI:
-            x8, xd, xb = acts.int8_vnni()
-            K.matmul_q4_0_vnni(self.raw, self.row_bytes, self.rows, x8, xd, xb, out)
-        elif self.qtype in K.INT8_MATMUL:
-            xq, xd = acts.int8()
-            K.INT8_MATMUL[self.qtype](self.raw, self.row_bytes, self.rows, xq, xd, out)
-        elif self.f32 is not None:
-            K.matmul_f32(self.f32, acts.x, out)
-        else:
-            K.matmul_dequant(self.raw, self.row_bytes, self.qtype, self.rows, acts.x, out)
-        return out
+        if self._stack is None:
+            self._stack = Matmuls([self])
+        return self._stack.run(0, acts, out)
 
     def rows_f32(self, ids):
         """Dequantized rows ids (len(ids), cols): embedding lookup."""
@@ -79,3 +72,55 @@ class Weight:
     def vector(self):
         """A 1-row weight (norm gains, rope factors) as a float32 vector."""
         return self.rows_f32(np.zeros(1, np.int64))[0]
+
+
+
+def stackable(a, b):
+    """Whether weights a and b can share one matmul call (same type and row layout)."""
+    return (a.qtype, a.cols, a.row_bytes) == (b.qtype, b.cols, b.row_bytes)
+
+
+class Matmuls:
+    """Weights that read one input (q, k, v; gate, up), each run of stackable ones computed by one kernel
+    call over their stacked rows: one parallel region and one memory stream instead of one per weight.
+    Built once per layer: the stacks' row offsets and raw tuples are computed here, not per token."""
+
+    def __init__(self, ws):
+        self.weights = list(ws)
+        self.groups = []  # (first weight, raws, f32 matrices or None, row0: each weight's first row, then the total)
+        i = 0
+        while i < len(ws):
+            j = i + 1
+            while j < len(ws) and stackable(ws[i], ws[j]):
+                j += 1
+            g = ws[i:j]
+            f32 = tuple(w.f32 for w in g) if g[0].f32 is not None else None
+            self.groups.append((g[0], tuple(w.raw for w in g), f32, np.cumsum([0] + [w.rows for w in g])))
+            i = j
+
+    def run(self, k, acts, out=None):
+        """out (T, rows of group k's stack) = acts.x @ [W_1; W_2; ...].T"""
+        w, raws, f32, row0 = self.groups[k]
+        if out is None:
+            out = np.empty((acts.x.shape[0], row0[-1]), np.float32)
+        if w.qtype == K.Q4_0 and K.HAS_VNNI:
+            xq, xd, x8, xb = acts.forms()
+            K.matmul_q4_0_vnni(raws, w.row_bytes, row0, x8, xd, xb, out)
+        elif w.qtype in K.INT8_MATMUL:
+            xq, xd, x8, xb = acts.forms()
+            K.INT8_MATMUL[w.qtype](raws, w.row_bytes, row0, xq, xd, out)
+        elif f32 is not None:
+            K.matmul_f32(f32, row0, acts.x, out)
+        else:
+            K.matmul_dequant(raws, w.row_bytes, w.qtype, row0, acts.x, out)
+        return out
+
+    def __call__(self, acts):
+        """[acts.x @ W.T for W in the weights], C-contiguous (T == 1: slices of a group's output; a batch:
+        copies of its column blocks, which the attention and RoPE kernels read as rows)."""
+        outs = []
+        for k, (_, _, _, row0) in enumerate(self.groups):
+            y = self.run(k, acts)
+            for a, b in zip(row0[:-1], row0[1:]):
+                outs.append(y[:, a:b] if y.shape[0] == 1 else np.ascontiguousarray(y[:, a:b]))
+        return outs

@@ -64,6 +64,27 @@ def test_matmul_matches_numpy(qtype, T):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_stacked_matmul_equals_one_call_per_weight(qtype):
+    """Matmuls runs q/k/v-like stacks (same type and width, different heights) in one kernel call: each output
+    equals that weight's own matmul exactly; a weight of another type in the list gets a call of its own."""
+    from sparserun.weights import Matmuls
+
+    rng = np.random.default_rng(11)
+    other = Q.Q8_0 if qtype != Q.Q8_0 else Q.F16
+    ws = [weight(qtype, 64, 256, rng), weight(qtype, 32, 256, rng), weight(qtype, 32, 256, rng),
+          weight(other, 16, 256, rng)]
+    for T in (1, 3):
+        acts = Acts(rng.standard_normal((T, 256)).astype(np.float32))
+        stack = Matmuls(ws)
+        assert len(stack.groups) == 2
+        outs = stack(acts)
+        assert [o.shape for o in outs] == [(T, 64), (T, 32), (T, 32), (T, 16)]
+        for w, o in zip(ws, outs):
+            assert o.flags.c_contiguous
+            np.testing.assert_array_equal(o, w.matmul(acts))
+
+
 def test_activation_quantization_is_llama_cpp_q8_0():
     """quantize_acts produces what gguf-py's Q8_0 quantizer (a port of llama.cpp's) produces."""
     rng = np.random.default_rng(3)
@@ -93,9 +114,9 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     xq, xd = acts.int8()
     x8, _, xb = acts.int8_vnni()
     want = np.empty((T, rows), np.float32)
-    K.matmul_q4_0(w.raw, w.row_bytes, rows, xq, xd, want)
+    K.matmul_q4_0((w.raw,), w.row_bytes, np.array([0, rows]), xq, xd, want)
     got = np.empty((T, rows), np.float32)
-    K.matmul_q4_0_vnni(w.raw, w.row_bytes, rows, x8, xd, xb, got)
+    K.matmul_q4_0_vnni((w.raw,), w.row_bytes, np.array([0, rows]), x8, xd, xb, got)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # a neuron pack with w as the gate and up rows and float32 down columns, gate . x and up . x by both kernels
     dim = 64

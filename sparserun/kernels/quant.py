@@ -96,53 +96,63 @@ def dequant_row(raw, off, qtype, n, out):
                 out[b * QK_K + v] = d * np.float32(s) * np.float32(np.int32(lo | (hi << 4)) - 32)
 
 
+MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding then subtracting it rounds a float32 to an integer, ties to even
+
+
 @njit(cache=True)
-def quantize_acts(x, xq, xd):
-    """Round activations x (T, n) to int8 blocks of 32: xq (T, n) int16 holding int8 values (widened once
-    here rather than in every row's dot product), xd (T, n/32) float32 scales.
+def quantize_acts(x, xq, xd, x8, xb):
+    """Round activations x (T, n) to int8 blocks of 32, in every form a row dot reads, in one pass:
+    xq (T, n) int16 holding the int8 values (widened once here rather than in every row's dot product),
+    xd (T, n/32) float32 scales, x8 (T, n) the same values as int8 and xb (T, n/4) int32, -8 times the sum
+    of each run of 4 values (a vpdpbusd lane's), which cancels Q4_0's +8 nibble offset in the VNNI kernels.
 
     Mirrors llama.cpp's quantize_row_q8_0: scale = amax/127 kept at fp16 precision, values rounded to
-    nearest (ties to even, as its AVX path does).
+    nearest (ties to even, as its AVX path does). No fastmath here: it would fold the MAGIC rounding away.
     """
     T, n = x.shape
     for t in range(T):
         for b in range(n // QK):
+            blk = x[t, b * QK:(b + 1) * QK]
             amax = np.float32(0.0)
             for j in range(QK):
-                a = abs(x[t, b * QK + j])
-                if a > amax:
-                    amax = a
+                amax = max(amax, abs(blk[j]))
             d = amax / np.float32(127.0)
             inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
             xd[t, b] = round_f16(d)
+            q16, q8 = xq[t, b * QK:(b + 1) * QK], x8[t, b * QK:(b + 1) * QK]
             for j in range(QK):
-                xq[t, b * QK + j] = np.int16(np.rint(x[t, b * QK + j] * inv))
+                v = np.int32((blk[j] * inv + MAGIC) - MAGIC)  # |v| <= 127
+                q16[j] = v
+                q8[j] = v
+            for l in range(QK // 4):
+                xb[t, b * 8 + l] = -8 * (np.int32(q16[4 * l]) + q16[4 * l + 1] + q16[4 * l + 2] + q16[4 * l + 3])
 
 
 HAS_VNNI = HAS_X86_VNNI  # AVX512-VNNI kernels in use (detected in simd; SPARSERUN_NO_VNNI=1 turns them off)
 
 
-@njit(cache=True)
-def pack_acts_i8(xq, x8, xb):
-    """The VNNI kernels' activation format from quantize_acts' int16 values: x8 (T, n) int8 and xb (T, n/4) int32,
-    -8 times the sum of each run of 4 values (a vpdpbusd lane's), which cancels Q4_0's +8 nibble offset."""
-    T, n = xq.shape
-    for t in range(T):
-        for l in range(n // 4):
-            acc = 0
-            for j in range(4 * l, 4 * l + 4):
-                x8[t, j] = np.int8(xq[t, j])
-                acc += xq[t, j]
-            xb[t, l] = -8 * acc
+@njit(cache=True, inline="always")
+def _part(row0, r):
+    """The weight of a stack that holds output row r (row0: each weight's first output row, then the total)."""
+    p = 0
+    while r >= row0[p + 1]:
+        p += 1
+    return p
+
+
+# The matmul kernels take a stack of weights of one type and width: raws, a tuple of their bytes, and row0
+# (above). One call computes q, k and v (or gate and up) over their rows together: one parallel region and
+# one memory stream instead of three (A/B, TinyLlama Q4_0 q/k/v of 22 layers from DRAM: 3.03 -> 2.67 ms).
 
 
 @njit(parallel=True, cache=True)
-def matmul_q4_0_vnni(raw, row_bytes, rows, x8, xd, xb, out):
+def matmul_q4_0_vnni(raws, row_bytes, row0, x8, xd, xb, out):
     """matmul_q4_0 through dot_row_q4_0_vnni (HAS_VNNI only)."""
     T, n = x8.shape
     nb = n // QK
-    for r in prange(rows):
-        base = r * row_bytes
+    for r in prange(row0[-1]):
+        p = _part(row0, r)
+        raw, base = raws[p], (r - row0[p]) * row_bytes
         for t in range(T):
             out[t, r] = dot_row_q4_0_vnni(raw, base, nb, x8, t * n, xd, xb, t * nb)
 
@@ -150,11 +160,12 @@ def matmul_q4_0_vnni(raw, row_bytes, rows, x8, xd, xb, out):
 def _make_matmul_int8(row_dot):
     # One compiled kernel per weight type, so the row loop carries no per-row type branch.
     @njit(parallel=True, cache=True)
-    def matmul(raw, row_bytes, rows, xq, xd, out):
+    def matmul(raws, row_bytes, row0, xq, xd, out):
         T, n = xq.shape
         nb = n // QK
-        for r in prange(rows):
-            base = r * row_bytes
+        for r in prange(row0[-1]):
+            p = _part(row0, r)
+            raw, base = raws[p], (r - row0[p]) * row_bytes
             for t in range(T):
                 out[t, r] = row_dot(raw, base, nb, xq, t * n, xd, t * nb)
 
@@ -168,27 +179,31 @@ INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0}
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def matmul_f32(w, x, out):
-    """out[t, r] = w[r] . x[t] for a float32 weight matrix w (rows, n)."""
+def matmul_f32(ws, row0, x, out):
+    """out[t, r] = W[r] . x[t] for float32 weight matrices ws (rows, n)."""
     T, n = x.shape
-    for r in prange(w.shape[0]):
+    for r in prange(row0[-1]):
+        p = _part(row0, r)
+        w, i0 = ws[p], r - row0[p]
         for t in range(T):
             acc = np.float32(0.0)
             for i in range(n):
-                acc += w[r, i] * x[t, i]
+                acc += w[i0, i] * x[t, i]
             out[t, r] = acc
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def matmul_dequant(raw, row_bytes, qtype, rows, x, out):
+def matmul_dequant(raws, row_bytes, qtype, row0, x, out):
     """out[t, r] = W[r] . x[t]: each row dequantized once into an L1-resident scratch row."""
     T, n = x.shape
+    rows = row0[-1]
     nthreads = 64
     chunk = (rows + nthreads - 1) // nthreads
     for c in prange(nthreads):
         scratch = np.empty(n, dtype=np.float32)
         for r in range(c * chunk, min(rows, (c + 1) * chunk)):
-            dequant_row(raw, r * row_bytes, qtype, n, scratch)
+            p = _part(row0, r)
+            dequant_row(raws[p], (r - row0[p]) * row_bytes, qtype, n, scratch)
             for t in range(T):
                 acc = np.float32(0.0)
                 for i in range(n):

@@ -395,7 +395,7 @@ def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
     """dot_row_q4_0 for CPUs with AVX512-VNNI (x86 only; callers check quant.HAS_VNNI first): vpdpbusd multiplies
     the 32 unsigned nibbles of a block (0..15, no -8 offset) by 32 int8 activations at x8[xoff:] in one
     instruction, accumulating onto xb[8 xdoff + 8 b:][:8] (int32, -8 times each lane's 4 activations; see
-    quant.pack_acts_i8), which takes the offset back out. Block scales d_w * xd[xdoff + b]. Two FMA accumulators.
+    quant.quantize_acts), which takes the offset back out. Block scales d_w * xd[xdoff + b]. Two FMA accumulators.
     In one process against the form with a per-block scalar bias term: 23% faster from cache, 6% on a
     TinyLlama-sized matvec from DRAM; that form was 12% faster than the generic vpmaddwd one."""
     sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)

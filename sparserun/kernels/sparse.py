@@ -176,11 +176,13 @@ def _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step):
 
 @njit(inline="always")
 def _sum_parts(parts, out):
-    for k in range(out.shape[0]):
-        t = np.float32(0.0)
-        for c in range(parts.shape[0]):
-            t += parts[c, k]
-        out[k] = t
+    """out = the sum of the partial-sum rows, row by row (contiguous, vectorized: 0.2 us for 2 x 2048 where
+    summing each column across the rows took 4 us)."""
+    out[:] = parts[0]
+    for c in range(1, parts.shape[0]):
+        row = parts[c]
+        for k in range(out.shape[0]):
+            out[k] += row[k]
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -243,7 +245,7 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
 
 @njit(parallel=True, cache=True, fastmath=True)
 def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_bytes, up_bytes, up_qtype, vnni,
-                    down_kind, dim, x, xq, xd, x8, xb, parts, out, counts):
+                    down_kind, dim, x, xq, xd, x8, xb, parts, out):
     """A threshold policy's whole decode FFN in one parallel region: each thread computes its share of the
     selection rows w (the gate of a gated FFN, else up; rows of any type, row r is neuron gid[r]), keeps
     neuron r when |act(w_r . x)| > t, prefetches its pack unit at once, and PACK_QUEUE kept neurons later
@@ -252,12 +254,11 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     planted TinyLlama at threshold:0: FFN 7.6% faster than matmul + select + pack_ffn). The selection rows are
     prefetched SELECT_PREFETCH_ROWS ahead: the hardware prefetcher's stream stalls while a kept unit is
     computed (A/B on real decode inputs of the planted TinyLlama, 22 layers: 9.1 -> 8.1 ms; distances 16 and
-    32 alike, 64 slower; it costs 2% when nothing is kept). The pack holds no gate rows. counts[c]: neurons kept
-    by part c."""
+    32 alike, 64 slower; it costs 2% when nothing is kept). The pack holds no gate rows. Returns the number kept."""
     nbo = dim // QK
     lo, hi = (0 if gated else up_bytes), up_bytes + down_bytes(down_kind, dim)  # the bytes of a unit it reads
     n_parts = parts.shape[0]
-    counts[:] = 0
+    counts = np.zeros(n_parts, np.int64)  # neurons kept by each part
     chunk = (rows + n_parts - 1) // n_parts
     for c in prange(n_parts):
         acc = parts[c]
@@ -299,6 +300,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                 queued -= cnt
         counts[c] = kept
     _sum_parts(parts, out)
+    return counts.sum()
 
 
 @njit(parallel=True, cache=True)
