@@ -147,3 +147,27 @@ def test_f32_row_dot_any_length_and_offset(n):
     raw = np.concatenate([np.zeros(3, np.uint8), w.view(np.uint8)])  # off by 3 bytes: unaligned
     got = njit(lambda raw, x: dot_row_f32(raw, 3, x.shape[1], x))(raw, x)
     assert abs(got - float(w @ x[0])) <= 1e-5 * (1 + np.abs(w * x[0]).sum())
+
+
+def test_fast_exp_and_activations_match_float64():
+    """ops.fast_exp (a polynomial, so loops over it vectorize) within 2e-7 relative of exp on its range, and the
+    FFN activations built on it against float64 formulas, extremes included."""
+    from numba import njit
+
+    from sparserun.kernels import ops
+
+    x = np.linspace(-87, 88, 200_001).astype(np.float32)
+    got = njit(lambda x: np.array([ops.fast_exp(v) for v in x]))(x)
+    ref = np.exp(x.astype(np.float64))
+    assert (np.abs(got - ref) / ref).max() < 2e-7
+    g = (np.random.default_rng(0).standard_normal((2, 999)) * 3).astype(np.float32)
+    g[0, :6] = [0, 1e-6, -1e-6, 40, -40, -100]
+    u = np.random.default_rng(1).standard_normal((2, 999)).astype(np.float32)
+    gd = g.astype(np.float64)
+    refs = {0: gd / (1 + np.exp(-gd)), 1: np.maximum(gd, 0), 2: 0.5 * gd * (1 + np.tanh(0.7978845608 * (gd + 0.044715 * gd ** 3)))}
+    for act, r in refs.items():
+        out = np.empty_like(g)
+        ops.ffn_activate(g, u, act, out)
+        np.testing.assert_allclose(out, r * u, rtol=1e-5, atol=1e-6)
+        ops.ffn_activate(g[:0], g, act, out)  # non-gated: act(u) with u = g
+        np.testing.assert_allclose(out, r, rtol=1e-5, atol=1e-6)

@@ -94,6 +94,17 @@ def load_bf16(typingctx, arr, off):
 
 
 @intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits` (builds 2**n for ops.fast_exp; vectorizes)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
 def round_f16(typingctx, value):
     """value rounded to the nearest IEEE half, as float32 (llama.cpp stores block scales as fp16)."""
     sig = types.float32(types.float32)

@@ -7,7 +7,7 @@ Decode only (one token): prompt batches use the dense kernels with per-token mas
 import numpy as np
 from numba import njit, prange
 
-from .ops import activate
+from .ops import activate, activate_row
 from .quant import F32, Q4_0, Q8_0, QK, dequant_row
 from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
                    dot_row_q4_0_vnni, dot_row_q8_0, load_f32, prefetch)
@@ -64,7 +64,7 @@ def select_topk(a, k, idx):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def activate_masked(g, u, act, k, t, h, counts):
     """Prompt batches: h = act(g) * u (gated; act(u) when g is empty) for the neurons a policy keeps per
     token, 0 elsewhere: the k largest |act| when k > 0 (select_topk), else |act| > t. counts[token] =
@@ -74,8 +74,7 @@ def activate_masked(g, u, act, k, t, h, counts):
     a = np.empty(n, np.float32)
     idx = np.empty(n, np.int64)
     for r in range(T):
-        for i in range(n):
-            a[i] = activate(g[r, i] if gated else u[r, i], act)
+        activate_row(g[r] if gated else u[r], act, a)
         kept = select_topk(a, k, idx) if k > 0 else select_threshold(a, t, idx)
         h[r, :] = 0.0
         for j in range(kept):
@@ -272,19 +271,24 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
         queued = 0
         kept = 0
         end = min(rows, (c + 1) * chunk)
-        for r in range(c * chunk, end + 1):
-            if r < end:
+        r = c * chunk
+        while True:
+            a = np.float32(0.0)
+            while r < end:  # the dense scan, to the next kept row: a tight loop of row dots (A/B: 2% faster)
                 if r + SELECT_PREFETCH_ROWS < end:
                     prefetch(w, (r + SELECT_PREFETCH_ROWS) * row_bytes, row_bytes)
                 a = activate(_row_dot(w, r * row_bytes, qtype, vnni, x, xq, xd, x8, xb, scratch), act_id)
-                if abs(a) <= t:
-                    continue
+                if abs(a) > t:
+                    break
+                r += 1
+            if r < end:  # row r is kept: prefetch its unit and queue it
                 i = gid[r]
                 prefetch(u, i * unit_bytes + lo, hi - lo)
                 q_id[queued] = i
                 q_a[queued] = a
                 queued += 1
                 kept += 1
+                r += 1
                 if queued < PACK_QUEUE + AXPY_GROUP:
                     continue
             while queued > (PACK_QUEUE if r < end else 0):  # the oldest group (all of them at the end)
@@ -298,6 +302,8 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                     q_id[g] = q_id[g + cnt]
                     q_a[g] = q_a[g + cnt]
                 queued -= cnt
+            if r >= end:
+                break
         counts[c] = kept
     _sum_parts(parts, out)
     return counts.sum()
