@@ -28,9 +28,10 @@ def fast_exp(x):
     return p * f32_from_bits((k + np.int32(127)) << np.int32(23))
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def rmsnorm(x, w, eps, out):
-    """out[t] = x[t] / rms(x[t]) * w   x, out: (T, n); w: (n,)"""
+    """out[t] = x[t] / rms(x[t]) * w   x, out: (T, n); w: (n,). The sum of squares in float64 (as ggml), in
+    any order (fastmath: the loop vectorizes)."""
     T, n = x.shape
     for t in range(T):
         ss = 0.0
