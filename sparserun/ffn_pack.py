@@ -166,4 +166,4 @@ NO_FORMS = (np.empty((1, 0), np.int16), np.empty((1, 0), np.float32), np.empty((
 def x_forms(acts, qtypes):
     """(xq, xd, x8, xb): the int8 activation forms (weights.Acts.forms) when a row dot of these weight types reads
     them, else empty arrays."""
-    return acts.forms() if any(t in K.INT8_MATMUL for t in qtypes) else NO_FORMS
+    return acts.forms() if any(t in K.INT8_TYPES for t in qtypes) else NO_FORMS

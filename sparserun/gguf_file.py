@@ -72,7 +72,20 @@ class GGUFFile:
         self._tensors = {t.name: (int(t.tensor_type), [int(x) for x in t.shape], int(t.data_offset))
                          for t in reader.tensors}
         self._data = reader.data.view(np.ndarray)  # plain ndarray view of the memory map: numba does not take np.memmap
+        self._mmap = getattr(reader.data, "_mmap", None)
         del reader
+
+    def release_pages(self):
+        """Drop this process's mapping of the file's pages read so far (they stay in the page cache, and are
+        mapped again if read again): after the engine has copied the weights it computes with, the RSS then
+        counts the copies, not both."""
+        import mmap
+
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # not supported here: only the RSS figure is affected
+                pass
 
     # ---- metadata ----
     def get(self, key, default=None):

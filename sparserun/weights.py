@@ -6,6 +6,7 @@ weights together: one kernel call over the stacked rows of each run of weights o
 """
 import numpy as np
 
+from .gguf_file import RawTensor
 from .kernels import quant as K
 
 
@@ -59,6 +60,16 @@ class Weight:
             self._stack = Matmuls([self])
         return self._stack.run(0, acts, out)
 
+    def repacked(self):
+        """This Q4_0 weight with its rows in the VNNI kernels' layout (quant.repack_q4_0), as an in-memory copy:
+        the same bytes per row, so row offsets and row subsets work unchanged; dequantize() still gives the
+        same values (the GPU placement uploads from it)."""
+        raw = np.empty_like(self.raw)
+        K.repack_q4_0(self.raw, self.rows, self.row_bytes, raw)
+        w = Weight(RawTensor(self.name, K.Q4_0R, self.rows, self.cols, raw, self.row_bytes))
+        w.type_name = "Q4_0R"
+        return w
+
     def rows_f32(self, ids):
         """Dequantized rows ids (len(ids), cols): embedding lookup."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -103,7 +114,10 @@ class Matmuls:
         w, raws, f32, row0 = self.groups[k]
         if out is None:
             out = np.empty((acts.x.shape[0], row0[-1]), np.float32)
-        if w.qtype == K.Q4_0 and K.HAS_VNNI:
+        if w.qtype == K.Q4_0R:
+            xq, xd, x8, xb = acts.forms()
+            K.matmul_q4_0r_vnni(raws, w.row_bytes, row0, x8, xd, xb, out)
+        elif w.qtype == K.Q4_0 and K.HAS_VNNI:
             xq, xd, x8, xb = acts.forms()
             K.matmul_q4_0_vnni(raws, w.row_bytes, row0, x8, xd, xb, out)
         elif w.qtype in K.INT8_MATMUL:

@@ -171,3 +171,38 @@ def test_fast_exp_and_activations_match_float64():
         np.testing.assert_allclose(out, r * u, rtol=1e-5, atol=1e-6)
         ops.ffn_activate(g[:0], g, act, out)  # non-gated: act(u) with u = g
         np.testing.assert_allclose(out, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
+                    reason="the repacked Q4_0 layout is used only with the VNNI kernels")
+@pytest.mark.parametrize("cols", [256, 1056, 96])
+def test_repacked_q4_0_equals_the_gguf_layout(cols):
+    """Weight.repacked (8 blocks' scales, then their quants; 1056 and 96 columns end in a shorter group): the
+    same dequantized values, exactly the same matmul (the same products summed in the same order), row
+    subsets included, and the same neuron-pack up dots."""
+    from sparserun.kernels import sparse as S
+    from sparserun.sparse_ffn import row_subset
+
+    rng = np.random.default_rng(cols)
+    w = weight(Q.Q4_0, 40, cols, rng)
+    r = w.repacked()
+    assert r.type_name == "Q4_0R" and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
+    np.testing.assert_array_equal(r.dequantize(), w.dequantize())
+    for T in (1, 3):
+        acts = Acts(rng.standard_normal((T, cols)).astype(np.float32))
+        np.testing.assert_array_equal(r.matmul(acts), w.matmul(acts))
+    ids = np.array([3, 0, 39, 17])
+    acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
+    np.testing.assert_array_equal(row_subset(r, ids).matmul(acts), w.matmul(acts)[:, ids])
+    # a pack whose up rows are the repacked rows: COEF_TIMES_DOT gives the GGUF rows' result
+    down = rng.standard_normal((40, 32)).astype(np.float32)
+    idx = np.array([1, 5, 6, 30], np.int64)
+    outs = []
+    for src in (w, r):
+        units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
+        out = np.empty(32, np.float32)
+        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.qtype, src.row_bytes, src.qtype, True, S.DOWN_F32, 32,
+                   idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, *acts.forms(),
+                   np.empty((2, 32), np.float32), out)
+        outs.append(out)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())

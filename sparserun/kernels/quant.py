@@ -13,10 +13,12 @@ Two matmul paths:
 import numpy as np
 from numba import njit, prange
 
-from .simd import HAS_X86_VNNI, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q8_0, load_bf16, load_f16, load_f32, round_f16
+from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_bf16,
+                   load_f16, load_f32, round_f16)
 
 # ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
 F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
+Q4_0R = 1002  # not a ggml type: Q4_0 rows repacked at load for the VNNI kernels (repack_q4_0)
 QK = 32  # block size of Q4_0 / Q8_0 and of the int8 activation blocks
 QK_K = 256  # super-block size of the K-quants
 
@@ -53,6 +55,17 @@ def dequant_row(raw, off, qtype, n, out):
             d = load_f16(raw, p)
             for j in range(16):
                 q = raw[p + 2 + j]
+                out[b * 32 + j] = d * np.float32((q & 15) - 8)
+                out[b * 32 + j + 16] = d * np.float32((q >> 4) - 8)
+    elif qtype == Q4_0R:
+        nb = n // 32
+        for b in range(nb):
+            g, k = b // Q4_0R_GROUP, b % Q4_0R_GROUP
+            m = min(Q4_0R_GROUP, nb - g * Q4_0R_GROUP)
+            p = off + g * 18 * Q4_0R_GROUP
+            d = load_f16(raw, p + 2 * k)
+            for j in range(16):
+                q = raw[p + 2 * m + 16 * k + j]
                 out[b * 32 + j] = d * np.float32((q & 15) - 8)
                 out[b * 32 + j + 16] = d * np.float32((q >> 4) - 8)
     elif qtype == Q8_0:
@@ -157,6 +170,36 @@ def matmul_q4_0_vnni(raws, row_bytes, row0, x8, xd, xb, out):
             out[t, r] = dot_row_q4_0_vnni(raw, base, nb, x8, t * n, xd, xb, t * nb)
 
 
+@njit(parallel=True, cache=True)
+def matmul_q4_0r_vnni(raws, row_bytes, row0, x8, xd, xb, out):
+    """matmul_q4_0_vnni for weights in the repacked layout (repack_q4_0)."""
+    T, n = x8.shape
+    nb = n // QK
+    for r in prange(row0[-1]):
+        p = _part(row0, r)
+        raw, base = raws[p], (r - row0[p]) * row_bytes
+        for t in range(T):
+            out[t, r] = dot_row_q4_0r_vnni(raw, base, nb, x8, t * n, xd, xb, t * nb)
+
+
+@njit(parallel=True, cache=True)
+def repack_q4_0(raw, rows, row_bytes, out):
+    """Q4_0 rows (blocks of an fp16 scale and 16 quant bytes) -> the same bytes per row, regrouped: for each run
+    of Q4_0R_GROUP blocks, their scales, then their quants (a shorter run at the row's end). Kernels then load a
+    run's scales as one vector (simd.dot_row_q4_0r_vnni)."""
+    nb = row_bytes // 18
+    for r in prange(rows):
+        base = r * row_bytes
+        for b in range(nb):
+            g, k = b // Q4_0R_GROUP, b % Q4_0R_GROUP
+            m = min(Q4_0R_GROUP, nb - g * Q4_0R_GROUP)
+            src, dst = base + 18 * b, base + g * 18 * Q4_0R_GROUP
+            out[dst + 2 * k] = raw[src]
+            out[dst + 2 * k + 1] = raw[src + 1]
+            for j in range(16):
+                out[dst + 2 * m + 16 * k + j] = raw[src + 2 + j]
+
+
 def _make_matmul_int8(row_dot):
     # One compiled kernel per weight type, so the row loop carries no per-row type branch.
     @njit(parallel=True, cache=True)
@@ -176,6 +219,7 @@ matmul_q4_0 = _make_matmul_int8(dot_row_q4_0)
 matmul_q8_0 = _make_matmul_int8(dot_row_q8_0)
 INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 weights W, activations as int8 blocks (quantize_acts)."""
+INT8_TYPES = (Q4_0, Q8_0, Q4_0R)  # weight types whose row dots read the int8 activation forms
 
 
 @njit(parallel=True, cache=True, fastmath=True)

@@ -8,9 +8,9 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate, activate_row
-from .quant import F32, Q4_0, Q8_0, QK, dequant_row
+from .quant import F32, Q4_0, Q4_0R, Q8_0, QK, dequant_row
 from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
-                   dot_row_q4_0_vnni, dot_row_q8_0, load_f32, prefetch)
+                   dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f32, prefetch)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -97,6 +97,8 @@ AXPY_ONLY, COEF_TIMES_DOT, ACT_OF_DOT, GATED_DOTS = 0, 1, 2, 3  # how a kept neu
 def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, scratch):
     """The row at u[off:] (GGUF row format of qtype) dotted with the token's activations."""
     cols = x.shape[1]
+    if qtype == Q4_0R:  # exists only where VNNI does (weights.Weight.repacked)
+        return dot_row_q4_0r_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q4_0 and vnni:
         return dot_row_q4_0_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q4_0:
