@@ -39,7 +39,7 @@ from .errors import SparserunError
 from .kernels import quant as K
 from .kernels import sparse as S
 
-FOUR_BIT = (K.Q4_0, K.Q4_K)
+FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K)
 PAGE = 4096
 PAD_AT_MOST = 0.15  # padding a unit to whole pages is worth this much of its size
 FORMAT = "p"  # in the cache file names: packs written before page padding (no tag) are not read

@@ -180,9 +180,12 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
     """Weight.repacked (8 blocks' scales, then their quants; 1056 and 96 columns end in a shorter group): the
     same dequantized values, exactly the same matmul (the same products summed in the same order), row
     subsets included, and the same neuron-pack up dots."""
+    from sparserun.ffn_pack import down_kind
+    from sparserun.kernels import quant as K
     from sparserun.kernels import sparse as S
     from sparserun.sparse_ffn import row_subset
 
+    assert down_kind(K.Q4_0R) == down_kind(K.Q4_0) == S.DOWN_Q4  # a repacked down matrix still packs 4-bit columns
     rng = np.random.default_rng(cols)
     w = weight(Q.Q4_0, 40, cols, rng)
     r = w.repacked()
