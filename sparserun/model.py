@@ -63,15 +63,14 @@ class Model:
         def w(name, shape):
             return Weight(f.tensor(name, shape))
 
-        repacked = []
-
         def mat(name, shape):
             """A matrix the matmuls read: Q4_0 repacked for the VNNI kernels where they run (weights.Weight.repacked;
             11% faster from DRAM), else read in place."""
             m = w(name, shape)
             if m.qtype == K.Q4_0 and K.HAS_VNNI and m.rows > 1:
-                m = m.repacked()
-                repacked.append(name)
+                r = m.repacked()
+                f.release_pages(m.raw)  # the file's copy is no longer read
+                return r
             return m
 
         self.tok_embd = w("token_embd.weight", (a.n_vocab, a.dim))
@@ -82,8 +81,6 @@ class Model:
             t = {k: mat(name, shape) for k, (name, shape) in a.layer_tensors(i).items()}
             self.layers.append(Layer(t["attn_norm"].vector(), t["attn_q"], t["attn_k"], t["attn_v"], t["attn_output"],
                                      t["ffn_norm"].vector(), t.get("ffn_gate"), t["ffn_up"], t["ffn_down"]))
-        if repacked:  # the file's copies of those are no longer read: unmap the pages the repacking touched
-            f.release_pages()
         self.rope_inv_freq = a.rope_inv_freq(f)
         self.act_id = ACT_IDS[a.activation]
         # KV cache, preallocated: (layer, position, kv_dim)
