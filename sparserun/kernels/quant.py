@@ -158,28 +158,23 @@ def _part(row0, r):
 # one memory stream instead of three (A/B, TinyLlama Q4_0 q/k/v of 22 layers from DRAM: 3.03 -> 2.67 ms).
 
 
-@njit(parallel=True, cache=True)
-def matmul_q4_0_vnni(raws, row_bytes, row0, x8, xd, xb, out):
-    """matmul_q4_0 through dot_row_q4_0_vnni (HAS_VNNI only)."""
-    T, n = x8.shape
-    nb = n // QK
-    for r in prange(row0[-1]):
-        p = _part(row0, r)
-        raw, base = raws[p], (r - row0[p]) * row_bytes
-        for t in range(T):
-            out[t, r] = dot_row_q4_0_vnni(raw, base, nb, x8, t * n, xd, xb, t * nb)
+def _make_matmul_vnni(row_dot):
+    # matmul_q4_0 through a VNNI row dot (HAS_VNNI only), one compiled kernel per row layout
+    @njit(parallel=True, cache=True)
+    def matmul(raws, row_bytes, row0, x8, xd, xb, out):
+        T, n = x8.shape
+        nb = n // QK
+        for r in prange(row0[-1]):
+            p = _part(row0, r)
+            raw, base = raws[p], (r - row0[p]) * row_bytes
+            for t in range(T):
+                out[t, r] = row_dot(raw, base, nb, x8, t * n, xd, xb, t * nb)
+
+    return matmul
 
 
-@njit(parallel=True, cache=True)
-def matmul_q4_0r_vnni(raws, row_bytes, row0, x8, xd, xb, out):
-    """matmul_q4_0_vnni for weights in the repacked layout (repack_q4_0)."""
-    T, n = x8.shape
-    nb = n // QK
-    for r in prange(row0[-1]):
-        p = _part(row0, r)
-        raw, base = raws[p], (r - row0[p]) * row_bytes
-        for t in range(T):
-            out[t, r] = dot_row_q4_0r_vnni(raw, base, nb, x8, t * n, xd, xb, t * nb)
+matmul_q4_0_vnni = _make_matmul_vnni(dot_row_q4_0_vnni)
+matmul_q4_0r_vnni = _make_matmul_vnni(dot_row_q4_0r_vnni)  # weights in the repacked layout (repack_q4_0)
 
 
 @njit(parallel=True, cache=True)

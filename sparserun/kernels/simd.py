@@ -366,10 +366,11 @@ def _nibbles32(builder, qp):
     return builder.and_(builder.bitcast(both, ir.VectorType(_i8, 32)), _splat(32, 15))
 
 
-def _row_dot_q4_0_vnni(context, builder, sig, args):
+def _vnni_dot_setup(context, builder, sig, args):
+    """The VNNI row dots' pointers (weights, x8, xd as float*, xb as <8 x i32>*), vpdpbusd and two zeroed
+    <8 x float> accumulators."""
     w, woff, nb, x8, xoff, xd, xb, xdoff = args
     f32, v8f, v8i = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
-    v32i8 = ir.VectorType(_i8, 32)
     wp = _ptr(context, builder, sig.args[0], w, woff)
     xp = _ptr(context, builder, sig.args[3], x8, xoff)
     xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
@@ -379,6 +380,14 @@ def _row_dot_q4_0_vnni(context, builder, sig, args):
     dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
                                         "llvm.x86.avx512.vpdpbusd.256")
     accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)]
+    return wp, xp, xdp, xbp, dp, accs
+
+
+def _row_dot_q4_0_vnni(context, builder, sig, args):
+    nb = args[2]
+    v8f, v8i = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
+    v32i8 = ir.VectorType(_i8, 32)
+    wp, xp, xdp, xbp, dp, accs = _vnni_dot_setup(context, builder, sig, args)
 
     def block(b, acc):
         pb = builder.gep(wp, [builder.mul(b, ir.Constant(b.type, 18))])
@@ -421,21 +430,10 @@ Q4_0R_GROUP = 8  # blocks per group of the repacked Q4_0 row layout (quant.repac
 
 
 def _row_dot_q4_0r_vnni(context, builder, sig, args):
-    w, woff, nb, x8, xoff, xd, xb, xdoff = args
-    G = Q4_0R_GROUP
-    f32, v8f, v8i = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
-    i64 = ir.IntType(64)
-    as64 = lambda v: builder.sext(v, i64) if v.type.width < 64 else v
-    nb = as64(nb)
-    wp = _ptr(context, builder, sig.args[0], w, woff)
-    xp = _ptr(context, builder, sig.args[3], x8, xoff)
-    xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
-                          f32.as_pointer())
-    xbp = builder.bitcast(_ptr(context, builder, sig.args[6], xb, builder.mul(xdoff, ir.Constant(xdoff.type, 32))),
-                          v8i.as_pointer())
-    dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
-                                        "llvm.x86.avx512.vpdpbusd.256")
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)]
+    G, nb = Q4_0R_GROUP, args[2]
+    v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
+    nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
+    wp, xp, xdp, xbp, dp, accs = _vnni_dot_setup(context, builder, sig, args)
     c = lambda v: ir.Constant(i64, v)
 
     def block(b, qp, scale, acc):
