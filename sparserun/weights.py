@@ -27,15 +27,6 @@ class Acts:
             K.quantize_acts(self.x, *self._forms)
         return self._forms
 
-    def int8(self):
-        """(xq, xd): the generic int8 kernels' form."""
-        return self.forms()[:2]
-
-    def int8_vnni(self):
-        """(x8, xd, xb): the VNNI kernels' form."""
-        xq, xd, x8, xb = self.forms()
-        return x8, xd, xb
-
 
 class Weight:
     """A (rows, cols) weight matrix read in place from the GGUF memory map."""
@@ -86,7 +77,6 @@ class Weight:
         return self.rows_f32(np.zeros(1, np.int64))[0]
 
 
-
 def stackable(a, b):
     """Whether weights a and b can share one matmul call (same type and row layout)."""
     return (a.qtype, a.cols, a.row_bytes) == (b.qtype, b.cols, b.row_bytes)
@@ -98,7 +88,6 @@ class Matmuls:
     Built once per layer: the stacks' row offsets and raw tuples are computed here, not per token."""
 
     def __init__(self, ws):
-        self.weights = list(ws)
         self.groups = []  # (first weight, raws, f32 matrices or None, row0: each weight's first row, then the total)
         i = 0
         while i < len(ws):

@@ -54,7 +54,7 @@ def test_matmul_matches_numpy(qtype, T):
     assert got.shape == (T, rows) and got.dtype == np.float32
     if qtype in (Q.Q4_0, Q.Q8_0):
         # the int8 path sees x rounded to int8 blocks: exact against that, close to the float product
-        xq, xd = Acts(x).int8()
+        xq, xd, _, _ = Acts(x).forms()
         xr = (xq.reshape(T, -1, 32).astype(np.float64) * xd[:, :, None]).reshape(T, cols)
         np.testing.assert_allclose(got, xr @ W.T, rtol=1e-4, atol=1e-4 * np.abs(xr @ W.T).max())
         exact = x.astype(np.float64) @ W.T
@@ -89,7 +89,7 @@ def test_activation_quantization_is_llama_cpp_q8_0():
     """quantize_acts produces what gguf-py's Q8_0 quantizer (a port of llama.cpp's) produces."""
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((3, 256)) * 4).astype(np.float32)
-    xq, xd = Acts(x).int8()
+    xq, xd, _, _ = Acts(x).forms()
     ref = quants.quantize(x, Q.Q8_0).reshape(3, 8, 34)
     np.testing.assert_array_equal(xd, ref[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32))
     # gguf-py rounds half away from zero, llama.cpp's AVX path (and ours) to even: ties are rare
@@ -111,8 +111,7 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     rows = 200
     w = weight(Q.Q4_0, rows, cols, rng)
     acts = Acts(rng.standard_normal((T, cols)).astype(np.float32) * 3)
-    xq, xd = acts.int8()
-    x8, _, xb = acts.int8_vnni()
+    xq, xd, x8, xb = acts.forms()
     want = np.empty((T, rows), np.float32)
     K.matmul_q4_0((w.raw,), w.row_bytes, np.array([0, rows]), xq, xd, want)
     got = np.empty((T, rows), np.float32)
