@@ -131,16 +131,14 @@ class NeuronPack:
                    part_sums(self.dim), out)
         return out
 
-    def run_selected(self, acts, w, gid, t, act_id, gated, out):
-        """out (dim,) = the FFN of one token under a threshold: rows w (the gate if gated, else up; row r is
-        neuron gid[r]) are computed densely and neuron r is kept when |act(w_r . x)| > t; see
-        kernels.sparse.select_pack_ffn. Returns the number kept."""
+    def selected_args(self, w, gid, t, act_id, gated):
+        """The arguments of kernels.sparse.select_pack_ffn before x, parts and out, for a threshold t: rows w (the
+        gate if gated, else up; row r is neuron gid[r]) are computed densely and neuron r is kept when
+        |act(w_r . x)| > t. Built once per layer, so a decode token's FFN is one kernel call."""
         if self.has_gate:
             raise ValueError("select_pack_ffn takes a pack without gate rows")
-        forms = x_forms(acts, [w.qtype] + ([self.up_qtype] if gated else []))
-        return S.select_pack_ffn(w.raw, w.row_bytes, w.qtype, w.rows, gid, t, act_id, gated, self.units,
-                                 self.unit_bytes, self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim, acts.x,
-                                 *forms, part_sums(self.dim), out)
+        return (w.raw, w.row_bytes, w.qtype, w.rows, gid, np.float32(t), act_id, gated, self.units, self.unit_bytes,
+                self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim)
 
 
 _PARTS = {}

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from .ffn_pack import NeuronPack, cache_root
+from .ffn_pack import NeuronPack, cache_root, part_sums
 from .gguf_file import RawTensor
 from .kernels import ops
 from .kernels import sparse as S
@@ -83,6 +83,9 @@ class SparseFFN:
                 self.gate_w[li] = row_subset(L.w_gate, ids) if L.w_gate is not None else None
                 self.up_w[li] = row_subset(L.w_up, ids)
         self.up_gate = [Matmuls([u] + ([g] if g is not None else [])) for u, g in zip(self.up_w, self.gate_w)]
+        if self.fused:  # select_pack_ffn's per-layer arguments: selection rows (gate, or up when not gated)
+            self.sel = [P.selected_args(g if g is not None else u, gid, t, self.act_id, g is not None)
+                        for P, g, u, gid, t in zip(self.pack, self.gate_w, self.up_w, self.gid, self.t)]
 
     def reset_stats(self):
         self.kept[:] = 0
@@ -152,11 +155,9 @@ class SparseFFN:
         """A threshold policy's decode token: selection rows, keep rule and pack in one kernel. Used while the
         layer's previous token kept at most DENSE_ABOVE; above that the unfused path decides per token, and
         the masked dense kernels run when they are cheaper."""
-        gated = L.w_gate is not None
-        out = np.empty((1, L.w_down.rows), np.float32)
-        n = self.pack[li].run_selected(acts, self.gate_w[li] if gated else self.up_w[li], self.gid[li], self.t[li],
-                                       self.act_id, gated, out[0])
-        self._count(li, n)
+        dim = L.w_down.rows
+        out = np.empty((1, dim), np.float32)
+        self._count(li, S.select_pack_ffn(*self.sel[li], acts.x, part_sums(dim), out[0]))
         return out
 
     def _scatter(self, li, h):

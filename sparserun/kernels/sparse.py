@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate, activate_row
-from .quant import F32, Q4_0, Q4_0R, Q8_0, QK, dequant_row
+from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q8_0, QK, dequant_row, quantize_acts
 from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
                    dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f32, prefetch)
 
@@ -244,9 +244,22 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
     _sum_parts(parts, out)
 
 
+@njit(cache=True)
+def _x_forms(x, needed):
+    """quantize_acts' forms of x (T, n) when needed, else empty arrays."""
+    T, n = x.shape
+    if not needed:
+        T = n = 0
+    forms = (np.empty((T, n), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
+             np.empty((T, n // 4), np.int32))
+    if needed:
+        quantize_acts(x, *forms)
+    return forms
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_bytes, up_bytes, up_qtype, vnni,
-                    down_kind, dim, x, xq, xd, x8, xb, parts, out):
+                    down_kind, dim, x, parts, out):
     """A threshold policy's whole decode FFN in one parallel region: each thread computes its share of the
     selection rows w (the gate of a gated FFN, else up; rows of any type, row r is neuron gid[r]), keeps
     neuron r when |act(w_r . x)| > t, prefetches its pack unit at once, and PACK_QUEUE kept neurons later
@@ -255,8 +268,11 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     planted TinyLlama at threshold:0: FFN 7.6% faster than matmul + select + pack_ffn). The selection rows are
     prefetched SELECT_PREFETCH_ROWS ahead: the hardware prefetcher's stream stalls while a kept unit is
     computed (A/B on real decode inputs of the planted TinyLlama, 22 layers: 9.1 -> 8.1 ms; distances 16 and
-    32 alike, 64 slower; it costs 2% when nothing is kept). The pack holds no gate rows. Returns the number kept."""
+    32 alike, 64 slower; it costs 2% when nothing is kept). The pack holds no gate rows. Returns the number kept.
+    x (1, cols) is quantized here when the rows' dots read int8 blocks: one call per layer and token carries the
+    whole FFN (the Python around it measured ~15 us a layer)."""
     nbo = dim // QK
+    xq, xd, x8, xb = _x_forms(x, qtype in INT8_TYPES or (gated and up_qtype in INT8_TYPES))
     lo, hi = (0 if gated else up_bytes), up_bytes + down_bytes(down_kind, dim)  # the bytes of a unit it reads
     n_parts = parts.shape[0]
     counts = np.zeros(n_parts, np.int64)  # neurons kept by each part
