@@ -208,3 +208,36 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
                    np.empty((2, 32), np.float32), out)
         outs.append(out)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
+
+
+def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
+    """numba compiles a kernel's callees with the caller's flags: quantize_acts first compiled inside a fastmath
+    kernel (as select_pack_ffn calls it) must still round to nearest, there and in later direct calls. A
+    fresh process and numba cache, so the first compilation is the fastmath one (an add-and-subtract rounding
+    trick was folded into truncation there)."""
+    import os
+    import subprocess
+    import sys
+
+    script = """if True:
+        import numpy as np
+        from numba import njit
+        from sparserun.kernels import quant as K
+        x = (np.random.default_rng(0).standard_normal((1, 1024)) * 3).astype(np.float32)
+        forms = lambda: [np.empty((1, 1024), np.int16), np.empty((1, 32), np.float32), np.empty((1, 1024), np.int8),
+                         np.empty((1, 256), np.int32)]
+        @njit(fastmath=True)
+        def caller(x, a, b, c, d):
+            K.quantize_acts(x, a, b, c, d)
+        inside, direct = forms(), forms()
+        caller(x, *inside)
+        K.quantize_acts(x, *direct)
+        xb = x.reshape(32, 32)
+        ref = np.rint(xb * (np.float32(1) / (np.abs(xb).max(1, keepdims=True) / np.float32(127)))).reshape(1, 1024)
+        print((inside[0] != ref).mean(), (direct[0] != ref).mean())
+    """
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    inside, direct = map(float, r.stdout.split())
+    assert inside < 0.005 and direct < 0.005, (inside, direct)  # ties and the fp16-rounded scale aside

@@ -109,9 +109,6 @@ def dequant_row(raw, off, qtype, n, out):
                 out[b * QK_K + v] = d * np.float32(s) * np.float32(np.int32(lo | (hi << 4)) - 32)
 
 
-MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding then subtracting it rounds a float32 to an integer, ties to even
-
-
 @njit(cache=True)
 def quantize_acts(x, xq, xd, x8, xb):
     """Round activations x (T, n) to int8 blocks of 32, in every form a row dot reads, in one pass:
@@ -120,7 +117,8 @@ def quantize_acts(x, xq, xd, x8, xb):
     of each run of 4 values (a vpdpbusd lane's), which cancels Q4_0's +8 nibble offset in the VNNI kernels.
 
     Mirrors llama.cpp's quantize_row_q8_0: scale = amax/127 kept at fp16 precision, values rounded to
-    nearest (ties to even, as its AVX path does). No fastmath here: it would fold the MAGIC rounding away.
+    nearest (ties to even, as its AVX path does: np.rint, an LLVM intrinsic that no fastmath flag can rewrite;
+    this kernel is also compiled inside fastmath callers, where an add-and-subtract rounding trick was folded away).
     """
     T, n = x.shape
     for t in range(T):
@@ -134,7 +132,7 @@ def quantize_acts(x, xq, xd, x8, xb):
             xd[t, b] = round_f16(d)
             q16, q8 = xq[t, b * QK:(b + 1) * QK], x8[t, b * QK:(b + 1) * QK]
             for j in range(QK):
-                v = np.int32((blk[j] * inv + MAGIC) - MAGIC)  # |v| <= 127
+                v = np.int32(np.rint(blk[j] * inv))  # |v| <= 127
                 q16[j] = v
                 q8[j] = v
             for l in range(QK // 4):
