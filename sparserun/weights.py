@@ -104,12 +104,9 @@ class Matmuls:
         w, raws, f32, row0 = self.groups[k]
         if out is None:
             out = np.empty((acts.x.shape[0], row0[-1]), np.float32)
-        if w.qtype == K.Q4_0R:
+        if w.qtype in K.VNNI_MATMUL and K.HAS_VNNI:
             xq, xd, x8, xb = acts.forms()
-            K.matmul_q4_0r_vnni(raws, w.row_bytes, row0, x8, xd, xb, out)
-        elif w.qtype == K.Q4_0 and K.HAS_VNNI:
-            xq, xd, x8, xb = acts.forms()
-            K.matmul_q4_0_vnni(raws, w.row_bytes, row0, x8, xd, xb, out)
+            K.VNNI_MATMUL[w.qtype](raws, w.row_bytes, row0, x8, xd, xb, out)
         elif w.qtype in K.INT8_MATMUL:
             xq, xd, x8, xb = acts.forms()
             K.INT8_MATMUL[w.qtype](raws, w.row_bytes, row0, xq, xd, out)
