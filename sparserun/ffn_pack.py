@@ -27,17 +27,19 @@ so no unit straddles two pages (A/B from DRAM on random neuron sets, 2 threads: 
 fractions 0.1 and 0.25; one TLB entry and one DRAM page per unit). The padding is never read.
 
 The packs are cached as .npy files (no pickle; the header padded so the data starts at byte 4096) under
-$SPARSERUN_CACHE (default ~/.cache/sparserun), keyed by the model's tensor fingerprint, and memory-mapped
-on the next load.
+$SPARSERUN_CACHE (default ~/.cache/sparserun), keyed by the model's tensor fingerprint, and read on the next
+load into transparent huge pages (load_units; memory.py says why).
 """
 import os
 import struct
+import weakref
 
 import numpy as np
 
 from .errors import SparserunError
 from .kernels import quant as K
 from .kernels import sparse as S
+from .memory import huge_page_buffer
 
 FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K)
 PAGE = 4096
@@ -84,6 +86,39 @@ def down_columns(down, kind):
     return np.concatenate([q.view(np.uint8), s.view(np.uint8)], axis=1)
 
 
+_LOADED = weakref.WeakValueDictionary()  # (path, file identity) -> units alive in this process (a bench's models)
+
+
+def load_units(path, shape):
+    """A pack cache file's units (shape (n, stride) uint8) as one flat array in transparent huge pages
+    (memory.huge_page_buffer: the kernels read units at random, and 4 KiB pages cost them a TLB miss each;
+    A/B below). The file is read, not mapped: a file mapping gets no huge pages. A file already loaded in this
+    process and still in use is shared, not read twice."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise SparserunError(f"{path}: unreadable neuron-pack cache ({e.strerror or e}); remove it to rebuild") from None
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file is read again
+    units = _LOADED.get(key)
+    if units is not None and units.size == shape[0] * shape[1]:
+        return units
+    try:
+        with open(path, "rb") as fh:
+            fmt = np.lib.format
+            read_header = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) else fmt.read_array_header_2_0
+            fshape, fortran, dtype = read_header(fh)
+            if dtype != np.uint8 or fortran or tuple(fshape) != tuple(shape):
+                raise SparserunError(f"{path}: stale neuron-pack cache (shape {fshape}, {dtype}); remove it to rebuild")
+            units = huge_page_buffer(shape[0] * shape[1])
+            if fh.readinto(memoryview(units)) != units.nbytes:
+                raise SparserunError(f"{path}: truncated neuron-pack cache; remove it to rebuild")
+    except (OSError, ValueError) as e:
+        raise SparserunError(f"{path}: unreadable neuron-pack cache ({e}); remove it to rebuild") from None
+    units.flags.writeable = False
+    _LOADED[key] = units
+    return units
+
+
 class NeuronPack:
     """One layer's neuron-major units (gate row if given, up row, down column); run() computes one decode
     token's FFN over its kept neurons."""
@@ -112,14 +147,8 @@ class NeuronPack:
                     os.remove(tmp)
                 raise SparserunError(f"cannot write the neuron-pack cache {path}: {e.strerror or e} "
                                      "(set $SPARSERUN_CACHE to a writable directory)") from None
-        try:
-            units = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise SparserunError(f"{path}: unreadable neuron-pack cache ({e}); remove it to rebuild") from None
-        if units.dtype != np.uint8 or units.shape != (self.n_ff, stride):
-            raise SparserunError(f"{path}: stale neuron-pack cache (shape {units.shape}); remove it to rebuild")
-        self.unit_bytes = units.shape[1]
-        self.units = units.reshape(-1)
+        self.unit_bytes = stride
+        self.units = load_units(path, (self.n_ff, stride))  # (n_ff * stride,) uint8, in huge pages
 
     def run(self, acts, idx, n, coef, mode, act_id, out):
         """out (dim,) = the FFN of one token over neurons idx[:n] (global ids); see kernels.sparse.pack_ffn."""

@@ -210,6 +210,30 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
 
 
+@pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
+                    reason="the repacked Q4_0 layout is used only with the VNNI kernels")
+def test_weights_repacked_together_run_as_one_array():
+    """repacked_together puts q/k/v-like weights back to back in one buffer; Matmuls then hands the kernel one
+    array (weights.joined) and every output equals that weight's own repacked matmul exactly. Slices that are
+    not back to back, or not in order, stay separate arrays."""
+    from sparserun.weights import Matmuls, joined, repacked_together
+
+    rng = np.random.default_rng(12)
+    ws = [weight(Q.Q4_0, 64, 256, rng), weight(Q.Q4_0, 32, 256, rng), weight(Q.Q4_0, 16, 256, rng)]
+    together = repacked_together(ws)
+    stack = Matmuls(together)
+    assert len(stack.groups) == 1 and len(stack.groups[0][1]) == 1  # one raw array for the kernel
+    for T in (1, 3):
+        acts = Acts(rng.standard_normal((T, 256)).astype(np.float32))
+        for w, got in zip(ws, stack(acts)):
+            np.testing.assert_array_equal(got, w.repacked().matmul(acts))
+    raws = [w.raw for w in together]
+    assert joined(raws[::-1]) is None and joined([raws[0], raws[2]]) is None and joined(raws[:1]) is None
+    assert joined([w.repacked().raw for w in ws]) is None  # separate buffers
+    one = joined(raws)
+    assert one.nbytes == sum(r.nbytes for r in raws) and not one.flags.writeable
+
+
 def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
     """numba compiles a kernel's callees with the caller's flags: quantize_acts first compiled inside a fastmath
     kernel (as select_pack_ffn calls it) must still round to nearest, there and in later direct calls. A

@@ -100,9 +100,10 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
 
 def test_pack_units_page_padded(tmp_path):
     """Units that pad to a page at small cost are page-sized and page-aligned in the cached file and in memory
-    (none straddles two pages), the kernels read them through the padding, and a reload finds the same file;
-    units that would waste more stay packed tight."""
+    (none straddles two pages), the kernels read them through the padding, and a reload finds the same file
+    (shared while loaded; else read into huge pages); units that would waste more stay packed tight."""
     from sparserun.ffn_pack import NeuronPack, unit_stride
+    from sparserun.memory import HUGE
     from sparserun.weights import Acts
 
     assert unit_stride(3584) == 4096 and unit_stride(2432) == 2432 and unit_stride(7168) == 8192
@@ -116,9 +117,15 @@ def test_pack_units_page_padded(tmp_path):
     pack.run(Acts(x), idx, 5, np.empty(0, np.float32), S.ACT_OF_DOT, 1, out)
     want = np.maximum(up[idx] @ x[0], 0) @ down.T[idx]
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    again = NeuronPack(None, _Tensor(up), _Tensor(down), str(tmp_path), 0)  # the cached file, memory-mapped
-    assert again.unit_bytes == 4096 and again.units.ctypes.data % 4096 == 0
-    np.testing.assert_array_equal(again.units, pack.units)
+    again = NeuronPack(None, _Tensor(up), _Tensor(down), str(tmp_path), 0)  # the cached file, already loaded
+    assert again.unit_bytes == 4096 and again.units is pack.units
+    del pack, again
+    fresh = NeuronPack(None, _Tensor(up), _Tensor(down), str(tmp_path), 0)  # read from the file again
+    assert fresh.units.ctypes.data % HUGE == 0 and not fresh.units.flags.writeable  # huge-page aligned (memory.py)
+    fresh.run(Acts(x), idx, 5, np.empty(0, np.float32), S.ACT_OF_DOT, 1, out)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    stored = np.load(next(tmp_path.glob("pack.0.*.npy")))  # the file is a plain .npy
+    np.testing.assert_array_equal(stored.reshape(-1), fresh.units)
     small = NeuronPack(None, _Tensor(up[:, :128].copy()), _Tensor(down), str(tmp_path), 1)
     assert small.unit_bytes == 128 * 4 + 32 * 4
 

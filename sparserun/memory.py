@@ -1,0 +1,51 @@
+"""Memory the sparse kernels read at random: anonymous buffers in 2 MiB transparent huge pages.
+
+A neuron pack is read a few KB here and there (one unit per kept neuron). With 4 KiB pages nearly every unit
+is a TLB miss, and the page walks cost a fifth of the bandwidth: on 2 cores, reading random 3.4 KB units
+of 460 MB ran at 22 GB/s in 4 KiB pages and 28.5 GB/s in huge pages, the speed of a sequential read, at
+every kept fraction from 0.1 to 1. A file mapping (the page cache) cannot get huge pages, so the packs are
+read into these buffers instead of being memory-mapped.
+"""
+import mmap
+
+import numpy as np
+
+HUGE = 2 << 20  # bytes in a transparent huge page (x86-64 and arm64 with 4 KiB base pages)
+
+
+def huge_page_buffer(nbytes):
+    """A zero-filled, writable uint8 array of nbytes starting on a 2 MiB boundary, in a private anonymous mapping
+    advised for transparent huge pages where the OS has them (elsewhere plain pages: the same array). The
+    mapping lives as long as the array (numpy keeps the mmap object as the array's base)."""
+    size = nbytes + HUGE  # room to start at the next 2 MiB boundary; the untouched slack never becomes resident
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    # Python's mmap(-1) is a shared mapping unless told otherwise, and shared memory gets no huge pages
+    mm = mmap.mmap(-1, size, flags=flags) if flags else mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # THP compiled out or disabled: plain pages
+            pass
+    buf = np.frombuffer(mm, np.uint8)
+    start = -buf.ctypes.data % HUGE
+    return buf[start:start + nbytes]
+
+
+def huge_pages_in(arr):
+    """Bytes of arr's memory backed by huge pages (Linux /proc/self/smaps; 0 where unknown): for tests and tools."""
+    lo = arr.ctypes.data
+    hi = lo + arr.nbytes
+    total = 0
+    try:
+        with open("/proc/self/smaps") as fh:
+            inside = False
+            for line in fh:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
+                    a, b = (int(v, 16) for v in head.split("-"))
+                    inside = a < hi and b > lo
+                elif inside and head == "AnonHugePages:":
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
