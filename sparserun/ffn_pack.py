@@ -92,7 +92,7 @@ _LOADED = weakref.WeakValueDictionary()  # (path, file identity) -> units alive 
 def load_units(path, shape):
     """A pack cache file's units (shape (n, stride) uint8) as one flat array in transparent huge pages
     (memory.huge_page_buffer: the kernels read units at random, and 4 KiB pages cost them a TLB miss each;
-    A/B below). The file is read, not mapped: a file mapping gets no huge pages. A file already loaded in this
+    memory.py gives the figures). The file is read, not mapped: a file mapping gets no huge pages. A file already loaded in this
     process and still in use is shared, not read twice."""
     try:
         st = os.stat(path)

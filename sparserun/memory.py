@@ -30,22 +30,3 @@ def huge_page_buffer(nbytes):
     start = -buf.ctypes.data % HUGE
     return buf[start:start + nbytes]
 
-
-def huge_pages_in(arr):
-    """Bytes of arr's memory backed by huge pages (Linux /proc/self/smaps; 0 where unknown): for tests and tools."""
-    lo = arr.ctypes.data
-    hi = lo + arr.nbytes
-    total = 0
-    try:
-        with open("/proc/self/smaps") as fh:
-            inside = False
-            for line in fh:
-                head = line.split(None, 1)[0]
-                if "-" in head and not head.endswith(":"):  # a mapping's first line: "start-end perms ..."
-                    a, b = (int(v, 16) for v in head.split("-"))
-                    inside = a < hi and b > lo
-                elif inside and head == "AnonHugePages:":
-                    total += int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return total
