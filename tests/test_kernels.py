@@ -208,6 +208,50 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
                    np.empty((2, 32), np.float32), out)
         outs.append(out)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
+    # predictor packs (gate and up rows): repacked rows take the paired dot (dot2_rows_q4_0r_vnni), the GGUF rows
+    # one dot each; silu(gate . x) * (up . x) alike
+    g = weight(Q.Q4_0, 40, cols, rng)
+    outs = []
+    for gate, up in ((g, w), (g.repacked(), r)):
+        units = np.concatenate([gate.raw.reshape(40, -1), up.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
+        out = np.empty(32, np.float32)
+        S.pack_ffn(units.reshape(-1), units.shape[1], gate.row_bytes, gate.qtype, up.row_bytes, up.qtype, True,
+                   S.DOWN_F32, 32, idx, 4, np.empty(0, np.float32), S.GATED_DOTS, 0, acts.x, *acts.forms(),
+                   np.empty((2, 32), np.float32), out)
+        outs.append(out)
+    gd, ud = g.matmul(acts)[0, idx], w.matmul(acts)[0, idx]
+    want = (gd / (1 + np.exp(-gd)) * ud) @ down[idx]
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
+    np.testing.assert_allclose(outs[1], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
+                    reason="dot2_rows_q4_0r_vnni runs only with the VNNI kernels")
+def test_paired_row_dots_equal_single_ones():
+    """dot2_rows_q4_0r_vnni: each of its two results is bit-identical to the one-row dot of that row (rows of
+    whole groups and with a tail group; the rows at any offsets, in either order)."""
+    from numba import njit
+
+    from sparserun.kernels.simd import dot2_rows_q4_0r_vnni, dot_row_q4_0r_vnni
+
+    @njit
+    def dots(raw, rows, rb, nb, x8, xd, xb):
+        out = np.empty((rows, 3), np.float32)  # (a of the pair, b of the pair, a alone)
+        for r in range(rows):
+            o = (rows - 1 - r) * rb  # the pair's second row runs backwards through the matrix
+            out[r, 0], out[r, 1] = dot2_rows_q4_0r_vnni(raw, r * rb, o, nb, x8, 0, xd, xb, 0)
+            out[r, 2] = dot_row_q4_0r_vnni(raw, r * rb, nb, x8, 0, xd, xb, 0)
+        return out
+
+    rng = np.random.default_rng(11)
+    for cols in (2048, 1056, 96):
+        w = weight(Q.Q4_0, 9, cols, rng).repacked()
+        acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
+        _, xd, x8, xb = acts.forms()
+        out = dots(w.raw, 9, w.row_bytes, cols // 32, x8, xd, xb)
+        np.testing.assert_array_equal(out[:, 2], w.matmul(acts)[0])  # the matmul's own row dots
+        np.testing.assert_array_equal(out[:, 0], out[:, 2])
+        np.testing.assert_array_equal(out[:, 1], out[::-1, 2])
 
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,

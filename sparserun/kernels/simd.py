@@ -429,40 +429,50 @@ def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
 Q4_0R_GROUP = 8  # blocks per group of the repacked Q4_0 row layout (quant.repack_q4_0)
 
 
-def _row_dot_q4_0r_vnni(context, builder, sig, args):
-    G, nb = Q4_0R_GROUP, args[2]
+def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp):
+    """Dots of the repacked Q4_0 rows at wps (byte pointers; one row or several) with the same activations: the
+    rows share each block's activation loads. Per row, two accumulators by block parity and one horizontal sum,
+    so a row's result does not depend on the rows beside it."""
+    G = Q4_0R_GROUP
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
-    wp, xp, xdp, xbp, dp, accs = _vnni_dot_setup(context, builder, sig, args)
     c = lambda v: ir.Constant(i64, v)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in wps]
 
-    def block(b, qp, scale, acc):
-        """acc += float(block b's int8 dot) * scale; qp: the block's 16 quant bytes."""
+    def block(b, qps, scales, accs_b):
+        """acc += float(block b's int8 dot) * scale, per row; qps: the rows' 16 quant bytes of block b."""
         xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
-        lanes = builder.call(dp, [builder.load(builder.gep(xbp, [b]), align=4),
-                                  builder.bitcast(_nibbles32(builder, qp), v8i), xv])
-        builder.store(_fma8(builder, builder.sitofp(lanes, v8f), scale, builder.load(acc)), acc)
+        xb = builder.load(builder.gep(xbp, [b]), align=4)
+        for qp, scale, acc in zip(qps, scales, accs_b):
+            lanes = builder.call(dp, [xb, builder.bitcast(_nibbles32(builder, qp), v8i), xv])
+            builder.store(_fma8(builder, builder.sitofp(lanes, v8f), scale, builder.load(acc)), acc)
 
     groups = builder.udiv(nb, c(G))
     with cgutils.for_range(builder, groups) as loop:  # whole groups: 8 scales in one load
         b0 = builder.mul(loop.index, c(G))
-        gp = builder.gep(wp, [builder.mul(loop.index, c(18 * G))])
-        dw = builder.fpext(builder.load(builder.bitcast(gp, ir.VectorType(ir.HalfType(), G).as_pointer()), align=1), v8f)
-        s8 = builder.fmul(dw, builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4))
+        xd8 = builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4)
+        gps = [builder.gep(wp, [builder.mul(loop.index, c(18 * G))]) for wp in wps]
+        s8s = [builder.fmul(builder.fpext(builder.load(builder.bitcast(gp, ir.VectorType(ir.HalfType(), G).as_pointer()),
+                                                       align=1), v8f), xd8) for gp in gps]
         for k in range(G):
-            block(builder.add(b0, c(k)), builder.gep(gp, [c(2 * G + 16 * k)]),
-                  builder.shuffle_vector(s8, s8, ir.Constant(v8i, [k] * 8)), accs[k % 2])
+            block(builder.add(b0, c(k)), [builder.gep(gp, [c(2 * G + 16 * k)]) for gp in gps],
+                  [builder.shuffle_vector(s8, s8, ir.Constant(v8i, [k] * 8)) for s8 in s8s], [a[k % 2] for a in accs])
     b0 = builder.mul(groups, c(G))  # the tail group, m < 8 blocks: m scales, then 16 m quant bytes
-    tp = builder.gep(wp, [builder.mul(groups, c(18 * G))])
+    tps = [builder.gep(wp, [builder.mul(groups, c(18 * G))]) for wp in wps]
     m = builder.sub(nb, b0)
     with cgutils.for_range(builder, m) as loop:
         b = builder.add(b0, loop.index)
-        scale = builder.fmul(_half_splat(builder, builder.gep(tp, [builder.mul(loop.index, c(2))])),
-                             _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4)))
+        xds = _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))
         odd = builder.trunc(loop.index, ir.IntType(1))  # block parity picks the accumulator, as in the GGUF-layout dot
-        block(b, builder.gep(tp, [builder.add(builder.mul(m, c(2)), builder.mul(loop.index, c(16)))]), scale,
-              builder.select(odd, accs[1], accs[0]))
-    return _hsum8(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
+        block(b, [builder.gep(tp, [builder.add(builder.mul(m, c(2)), builder.mul(loop.index, c(16)))]) for tp in tps],
+              [builder.fmul(_half_splat(builder, builder.gep(tp, [builder.mul(loop.index, c(2))])), xds) for tp in tps],
+              [builder.select(odd, a[1], a[0]) for a in accs])
+    return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+
+
+def _row_dot_q4_0r_vnni(context, builder, sig, args):
+    wp, xp, xdp, xbp, dp, _ = _vnni_dot_setup(context, builder, sig, args)
+    return _q4_0r_dots(builder, [wp], args[2], xp, xdp, xbp, dp)[0]
 
 
 @intrinsic
@@ -477,6 +487,24 @@ def dot_row_q4_0r_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
 
     def codegen(context, builder, signature, args):
         return _row_dot_q4_0r_vnni(context, builder, signature, args)
+
+    return sig, _vnni_or_trap(codegen)
+
+
+@intrinsic
+def dot2_rows_q4_0r_vnni(typingctx, w, off_a, off_b, nb, x8, xoff, xd, xb, xdoff):
+    """(dot_row_q4_0r_vnni of the row at off_a, of the row at off_b), both with the same activations (x8[xoff:],
+    block scales and sums from xdoff), in one block loop: each block's activations are loaded once for the two
+    rows, and the rows' independent chains interleave. Each result is bit-identical to the one-row dot's."""
+    sig = types.UniTuple(types.float32, 2)(w, off_a, off_b, nb, x8, xoff, xd, xb, xdoff)
+
+    def codegen(context, builder, signature, args):
+        w_a, oa, ob, nb_v, x8_a, xo, xd_a, xb_a, xdo = args
+        a = signature.args
+        one = types.float32(a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8])  # dot_row_q4_0r_vnni's signature
+        wp, xp, xdp, xbp, dp, _ = _vnni_dot_setup(context, builder, one, (w_a, oa, nb_v, x8_a, xo, xd_a, xb_a, xdo))
+        wpb = _ptr(context, builder, a[0], w_a, ob)
+        return context.make_tuple(builder, signature.return_type, _q4_0r_dots(builder, [wp, wpb], nb_v, xp, xdp, xbp, dp))
 
     return sig, _vnni_or_trap(codegen)
 

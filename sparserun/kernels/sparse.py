@@ -10,7 +10,7 @@ from numba import njit, prange
 from .ops import activate, activate_row
 from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q8_0, QK, dequant_row, quantize_acts
 from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
-                   dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f32, prefetch)
+                   dot2_rows_q4_0r_vnni, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f32, prefetch)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -200,7 +200,11 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
     compute), so a kept neuron costs one 2.4-3.6 KB stream rather than two or three random rows, all in one
     parallel region.
     Threads split the kept neurons evenly (parts: one private partial sum per thread)."""
-    nbo = dim // QK
+    nbo, nbi = dim // QK, x.shape[1] // QK
+    # gate and up dots in one block loop (dot2_rows_q4_0r_vnni). A/B, random sets of the TinyLlama Q4_0 pack, 22
+    # layers: from L2 299 against 319 ns a unit, from DRAM at f = 0.5 3-4% faster (11.27 -> 10.87, 10.71 -> 10.36 ms).
+    # The dense matmul does not pair rows: two interleaved row streams per thread ran 1.2-1.5x slower from DRAM.
+    paired = vnni and gate_qtype == Q4_0R and up_qtype == Q4_0R
     down_at = gate_bytes + up_bytes
     lo = down_at if mode == AXPY_ONLY else 0 if mode == GATED_DOTS else gate_bytes  # first byte this mode reads
     hi = down_at + down_bytes(down_kind, dim)  # the unit's end; the rest of its stride is page padding
@@ -227,6 +231,10 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
                 pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 if mode == AXPY_ONLY:
                     h[g] = coef[j + g]
+                elif mode == GATED_DOTS and paired:
+                    dg, d = dot2_rows_q4_0r_vnni(u, base, base + gate_bytes, nbi, x8, 0, xd, xb, 0)
+                    pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
+                    h[g] = activate(dg, act_id) * d
                 else:
                     d = _row_dot(u, base + gate_bytes, up_qtype, vnni, x, xq, xd, x8, xb, scratch)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
