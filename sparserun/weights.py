@@ -149,7 +149,7 @@ class Matmuls:
             K.VNNI_MATMUL[w.qtype](raws, w.row_bytes, row0, x8, xd, xb, out)
         elif w.qtype in K.INT8_MATMUL:
             xq, xd, x8, xb = acts.forms()
-            K.INT8_MATMUL[w.qtype](raws, w.row_bytes, row0, xq, xd, out)
+            K.INT8_MATMUL[w.qtype](raws, w.row_bytes, row0, xq, xd, xb, out)
         elif f32 is not None:
             K.matmul_f32(f32, row0, acts.x, out)
         else:

@@ -113,7 +113,7 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     acts = Acts(rng.standard_normal((T, cols)).astype(np.float32) * 3)
     xq, xd, x8, xb = acts.forms()
     want = np.empty((T, rows), np.float32)
-    K.matmul_q4_0((w.raw,), w.row_bytes, np.array([0, rows]), xq, xd, want)
+    K.matmul_q4_0((w.raw,), w.row_bytes, np.array([0, rows]), xq, xd, xb, want)
     got = np.empty((T, rows), np.float32)
     K.matmul_q4_0_vnni((w.raw,), w.row_bytes, np.array([0, rows]), x8, xd, xb, got)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -161,23 +161,34 @@ def _part(row0, r):
 # loader repacked into one buffer come as one array (weights.joined: 2.37 -> 2.24 ms in a later A/B).
 
 
-def _make_matmul_vnni(row_dot):
-    # matmul_q4_0 through a VNNI row dot (HAS_VNNI only), one compiled kernel per row layout
+def _make_matmul(row_dot):
+    """A matmul kernel over int8 activations through row_dot(raw, base, nb, x, xoff, xd, xb, xdoff), one compiled
+    kernel per row layout, so the row loop carries no per-row type branch. x is x8 for the VNNI dots, xq (int16)
+    for the generic ones (which ignore xb: _without_xb)."""
     @njit(parallel=True, cache=True)
-    def matmul(raws, row_bytes, row0, x8, xd, xb, out):
-        T, n = x8.shape
+    def matmul(raws, row_bytes, row0, x, xd, xb, out):
+        T, n = x.shape
         nb = n // QK
         for r in prange(row0[-1]):
             p = _part(row0, r)
             raw, base = raws[p], (r - row0[p]) * row_bytes
             for t in range(T):
-                out[t, r] = row_dot(raw, base, nb, x8, t * n, xd, xb, t * nb)
+                out[t, r] = row_dot(raw, base, nb, x, t * n, xd, xb, t * nb)
 
     return matmul
 
 
-matmul_q4_0_vnni = _make_matmul_vnni(dot_row_q4_0_vnni)
-matmul_q4_0r_vnni = _make_matmul_vnni(dot_row_q4_0r_vnni)  # weights in the repacked layout (repack_q4_0)
+def _without_xb(row_dot):
+    """A generic int8 row dot (no block-sum argument) in _make_matmul's row_dot signature."""
+    @njit(inline="always")
+    def dot(raw, base, nb, x, xoff, xd, xb, xdoff):
+        return row_dot(raw, base, nb, x, xoff, xd, xdoff)
+
+    return dot
+
+
+matmul_q4_0_vnni = _make_matmul(dot_row_q4_0_vnni)  # HAS_VNNI only
+matmul_q4_0r_vnni = _make_matmul(dot_row_q4_0r_vnni)  # weights in the repacked layout (repack_q4_0)
 VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni}  # used when HAS_VNNI (Q4_0R exists only then)
 
 
@@ -199,23 +210,8 @@ def repack_q4_0(raw, rows, row_bytes, out):
                 out[dst + 2 * m + 16 * k + j] = raw[src + 2 + j]
 
 
-def _make_matmul_int8(row_dot):
-    # One compiled kernel per weight type, so the row loop carries no per-row type branch.
-    @njit(parallel=True, cache=True)
-    def matmul(raws, row_bytes, row0, xq, xd, out):
-        T, n = xq.shape
-        nb = n // QK
-        for r in prange(row0[-1]):
-            p = _part(row0, r)
-            raw, base = raws[p], (r - row0[p]) * row_bytes
-            for t in range(T):
-                out[t, r] = row_dot(raw, base, nb, xq, t * n, xd, t * nb)
-
-    return matmul
-
-
-matmul_q4_0 = _make_matmul_int8(dot_row_q4_0)
-matmul_q8_0 = _make_matmul_int8(dot_row_q8_0)
+matmul_q4_0 = _make_matmul(_without_xb(dot_row_q4_0))
+matmul_q8_0 = _make_matmul(_without_xb(dot_row_q8_0))
 INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 weights W, activations as int8 blocks (quantize_acts)."""
 INT8_TYPES = (Q4_0, Q8_0, Q4_0R)  # weight types whose row dots read the int8 activation forms

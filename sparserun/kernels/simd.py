@@ -367,10 +367,9 @@ def _nibbles32(builder, qp):
 
 
 def _vnni_dot_setup(context, builder, sig, args):
-    """The VNNI row dots' pointers (weights, x8, xd as float*, xb as <8 x i32>*), vpdpbusd and two zeroed
-    <8 x float> accumulators."""
+    """The VNNI row dots' pointers (weights, x8, xd as float*, xb as <8 x i32>*) and vpdpbusd."""
     w, woff, nb, x8, xoff, xd, xb, xdoff = args
-    f32, v8f, v8i = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
+    f32, v8i = ir.FloatType(), ir.VectorType(_i32, 8)
     wp = _ptr(context, builder, sig.args[0], w, woff)
     xp = _ptr(context, builder, sig.args[3], x8, xoff)
     xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
@@ -379,15 +378,15 @@ def _vnni_dot_setup(context, builder, sig, args):
                           v8i.as_pointer())
     dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
                                         "llvm.x86.avx512.vpdpbusd.256")
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)]
-    return wp, xp, xdp, xbp, dp, accs
+    return wp, xp, xdp, xbp, dp
 
 
 def _row_dot_q4_0_vnni(context, builder, sig, args):
     nb = args[2]
     v8f, v8i = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
     v32i8 = ir.VectorType(_i8, 32)
-    wp, xp, xdp, xbp, dp, accs = _vnni_dot_setup(context, builder, sig, args)
+    wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args)
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)]
 
     def block(b, acc):
         pb = builder.gep(wp, [builder.mul(b, ir.Constant(b.type, 18))])
@@ -471,7 +470,7 @@ def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp):
 
 
 def _row_dot_q4_0r_vnni(context, builder, sig, args):
-    wp, xp, xdp, xbp, dp, _ = _vnni_dot_setup(context, builder, sig, args)
+    wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args)
     return _q4_0r_dots(builder, [wp], args[2], xp, xdp, xbp, dp)[0]
 
 
@@ -502,7 +501,7 @@ def dot2_rows_q4_0r_vnni(typingctx, w, off_a, off_b, nb, x8, xoff, xd, xb, xdoff
         w_a, oa, ob, nb_v, x8_a, xo, xd_a, xb_a, xdo = args
         a = signature.args
         one = types.float32(a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8])  # dot_row_q4_0r_vnni's signature
-        wp, xp, xdp, xbp, dp, _ = _vnni_dot_setup(context, builder, one, (w_a, oa, nb_v, x8_a, xo, xd_a, xb_a, xdo))
+        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, one, (w_a, oa, nb_v, x8_a, xo, xd_a, xb_a, xdo))
         wpb = _ptr(context, builder, a[0], w_a, ob)
         return context.make_tuple(builder, signature.return_type, _q4_0r_dots(builder, [wp, wpb], nb_v, xp, xdp, xbp, dp))
 
