@@ -78,7 +78,7 @@ def main(argv=None):
         return time.perf_counter() - t
 
     packs = next(iter(ffns.values())).pack  # every row's SparseFFN shares these units (ffn_pack.load_units)
-    used = [p.gate_bytes + p.up_bytes + S.down_bytes.py_func(p.kind, p.dim) for p in packs]
+    used = [p.used for p in packs]
 
     def read(f):
         t = time.perf_counter()

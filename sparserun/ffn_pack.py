@@ -1,9 +1,12 @@
 """A layer's FFN laid out neuron by neuron for the sparse decode kernels: one contiguous unit per neuron.
 
 Unit i (bytes) = [ gate row i | up row i | down column i ]
-- gate and up rows in the GGUF's own row formats. The gate is packed only for predictor policies, which
-  gather it with the rest; CATS / threshold policies compute the gate densely from the GGUF, and their
-  packs leave it out (smaller on disk and in RAM).
+- gate and up rows in the GGUF's own row formats (or repacked Q4_0, quant.repack_q4_0, where the VNNI
+  kernels use it). The gate is packed only for predictor policies, which gather it with the rest; CATS /
+  threshold policies compute the gate densely from the GGUF, and their packs leave it out (smaller on disk
+  and in RAM). A gate and an up row both repacked Q4_0 are interleaved group by group (interleave_rows), so
+  their paired dot reads one stream (from DRAM, against two rows 1152 bytes apart: 4.6% faster at kept
+  fraction 0.5, 2% at 0.25, alike below).
 - the down column in the format below.
 
 GGUF stores ffn_down as (dim rows, n_ff cols), so a neuron's down weights are a strided column. At first
@@ -12,13 +15,15 @@ use it is dequantized, transposed and re-quantized per 32 values, at the precisi
 - 4-bit (Q4_0's nibble order and rounding) for 4-bit sources (Q4_0, Q4_K): as many quant bytes per neuron
   as the original, so skipping neurons saves what it should;
 - int8 for everything else (Q8_0, Q5_K, Q6_K, F16, BF16).
-Quantized columns keep their quants first and then one float32 scale per 32 values (a float32 scale loads
-without the false dependency an fp16 one has in the kernel; 256 extra bytes of 2432 for a 2048-wide Q4_0).
+Quantized columns keep their quants first and then one float32 scale per 32 values: 256 extra bytes of 2432
+for a 2048-wide Q4_0, yet fp16 scales (formed into coefficients eight blocks at a time) measured 4-6% slower
+from DRAM at kept fractions 0.5 and 0.25 in spite of the 3.6% fewer bytes, and 10-20% slower with the scales
+before the quants (A/B in one process, TinyLlama Q4_0 predictor packs).
 Re-quantizing adds error; tests/test_sparse.py measures it against the dense path and `sparserun bench`
 reports the end-to-end fidelity.
 
 Why one unit: a kept neuron's rows are read together, and random 1.2 KB rows stream from DRAM more slowly
-than one 2.4 or 3.6 KB run (measured on 2 cores: 12.5 GB/s for random 1152-byte rows, 18 for 2304-byte
+than one 2.4 or 3.5 KB run (measured on 2 cores: 12.5 GB/s for random 1152-byte rows, 18 for 2304-byte
 ones), and one parallel kernel replaces two or three.
 
 Page-sized units: a unit whose padding to a multiple of 4096 bytes costs at most PAD_AT_MOST of its size
@@ -28,7 +33,8 @@ fractions 0.1 and 0.25; one TLB entry and one DRAM page per unit). The padding i
 
 The packs are cached as .npy files (no pickle; the header padded so the data starts at byte 4096) under
 $SPARSERUN_CACHE (default ~/.cache/sparserun), keyed by the model's tensor fingerprint, and read on the next
-load into transparent huge pages (load_units; memory.py says why).
+load into transparent huge pages (load_units; memory.py says why). Writing a pack removes that layer's packs of
+the same kinds in older formats.
 """
 import os
 import struct
@@ -44,7 +50,8 @@ from .memory import huge_page_buffer
 FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K)
 PAGE = 4096
 PAD_AT_MOST = 0.15  # padding a unit to whole pages is worth this much of its size
-FORMAT = "p"  # in the cache file names: packs written before page padding (no tag) are not read
+FORMAT = "p2"  # in the cache file names; older formats are not read: none (before page padding), "p" (gate and
+# up rows apart)
 DOWN_KINDS = {S.DOWN_F32: "f32", S.DOWN_Q4: "q4", S.DOWN_Q8: "q8"}
 
 
@@ -84,6 +91,29 @@ def down_columns(down, kind):
         q = np.empty(wt.shape, np.int8)  # (n_ff, dim)
         S.quantize_rows_q8(wt, q, s)
     return np.concatenate([q.view(np.uint8), s.view(np.uint8)], axis=1)
+
+
+def interleave_rows(gate, up):
+    """Repacked Q4_0 rows gate and up (n, row_bytes) uint8 -> (n, 2 row_bytes): for each whole group of
+    Q4_0R_GROUP blocks the gate's group, then the up row's; then the gate's shorter last group and the up
+    row's (the order simd.dot_gate_up_q4_0r_vnni reads)."""
+    n, rb = gate.shape
+    gb = 18 * K.Q4_0R_GROUP
+    head = rb // gb * gb  # the whole groups' bytes
+    pairs = np.stack([gate[:, :head].reshape(n, -1, gb), up[:, :head].reshape(n, -1, gb)], axis=2).reshape(n, 2 * head)
+    return np.concatenate([pairs, gate[:, head:], up[:, head:]], axis=1)
+
+
+def remove_older_formats(path, stem):
+    """Delete the cache files stem.*.npy other than path (the same layer and kinds in an older format; a
+    concurrent writer's temporary files are left alone)."""
+    folder = os.path.dirname(path)
+    for name in os.listdir(folder):
+        if name.startswith(stem + ".") and name.endswith(".npy") and os.path.join(folder, name) != path:
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
 
 
 _LOADED = weakref.WeakValueDictionary()  # (path, file identity) -> units alive in this process (a bench's models)
@@ -126,15 +156,22 @@ class NeuronPack:
     def __init__(self, gate, up, down, cache_dir, layer):
         self.dim, self.n_ff = down.rows, down.cols
         self.has_gate = gate is not None
-        self.gate_qtype, self.gate_bytes = (gate.qtype, gate.row_bytes) if self.has_gate else (up.qtype, 0)
-        self.up_qtype, self.up_bytes = up.qtype, up.row_bytes
+        self.gate_qtype = gate.qtype if self.has_gate else up.qtype
+        self.up_qtype = up.qtype
         self.kind = down_kind(down.qtype)
-        parts = ([gate.type_name] if self.has_gate else []) + [up.type_name, DOWN_KINDS[self.kind]]
-        used = self.gate_bytes + self.up_bytes + S.down_bytes.py_func(self.kind, self.dim)
+        self.interleaved = self.has_gate and gate.qtype == up.qtype == K.Q4_0R  # see pack_ffn
+        gate_bytes = gate.row_bytes if self.has_gate else 0
+        self.up_at = 18 * K.Q4_0R_GROUP if self.interleaved else gate_bytes
+        self.down_at = gate_bytes + up.row_bytes
+        used = self.down_at + S.down_bytes.py_func(self.kind, self.dim)
         stride = unit_stride(used)
-        path = os.path.join(cache_dir, f"pack.{layer}.{'-'.join(parts)}.{FORMAT}.npy")
+        parts = ([gate.type_name] if self.has_gate else []) + [up.type_name, DOWN_KINDS[self.kind]]
+        stem = f"pack.{layer}.{'-'.join(parts)}"
+        path = os.path.join(cache_dir, f"{stem}.{FORMAT}.npy")
         if not os.path.exists(path):
             rows = [w.raw.reshape(w.rows, w.row_bytes) for w in ([gate] if self.has_gate else []) + [up]]
+            if self.interleaved:
+                rows = [interleave_rows(*rows)]
             units = np.zeros((self.n_ff, stride), np.uint8)  # (n_ff, stride)
             units[:, :used] = np.concatenate(rows + [down_columns(down, self.kind)], axis=1)
             tmp = path + f".tmp{os.getpid()}"
@@ -147,17 +184,20 @@ class NeuronPack:
                     os.remove(tmp)
                 raise SparserunError(f"cannot write the neuron-pack cache {path}: {e.strerror or e} "
                                      "(set $SPARSERUN_CACHE to a writable directory)") from None
-        self.unit_bytes = stride
+            remove_older_formats(path, stem)
+        self.unit_bytes, self.used = stride, used
         self.units = load_units(path, (self.n_ff, stride))  # (n_ff * stride,) uint8, in huge pages
 
     def run(self, acts, idx, n, coef, mode, act_id, out):
         """out (dim,) = the FFN of one token over neurons idx[:n] (global ids); see kernels.sparse.pack_ffn."""
         if mode == S.GATED_DOTS and not self.has_gate:
             raise ValueError("this neuron pack holds no gate rows")
+        if self.has_gate and mode != S.GATED_DOTS:
+            raise ValueError("a neuron pack with gate rows runs GATED_DOTS only")
         dotted = [] if mode == S.AXPY_ONLY else [self.up_qtype] + ([self.gate_qtype] if mode == S.GATED_DOTS else [])
-        S.pack_ffn(self.units, self.unit_bytes, self.gate_bytes, self.gate_qtype, self.up_bytes, self.up_qtype,
-                   K.HAS_VNNI, self.kind, self.dim, idx, n, coef, mode, act_id, acts.x, *x_forms(acts, dotted),
-                   part_sums(self.dim), out)
+        S.pack_ffn(self.units, self.unit_bytes, self.up_at, self.down_at, self.gate_qtype, self.up_qtype, K.HAS_VNNI,
+                   self.kind, self.dim, idx, n, coef, mode, act_id, acts.x, *x_forms(acts, dotted), part_sums(self.dim),
+                   out)
         return out
 
     def selected_args(self, w, gid, t, act_id, gated):
@@ -167,7 +207,7 @@ class NeuronPack:
         if self.has_gate:
             raise ValueError("select_pack_ffn takes a pack without gate rows")
         return (w.raw, w.row_bytes, w.qtype, w.rows, gid, np.float32(t), act_id, gated, self.units, self.unit_bytes,
-                self.up_bytes, self.up_qtype, K.HAS_VNNI, self.kind, self.dim)
+                self.down_at, self.up_qtype, K.HAS_VNNI, self.kind, self.dim)
 
 
 _PARTS = {}

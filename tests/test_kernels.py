@@ -125,7 +125,7 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     outs = []
     for vnni, n_parts in ((False, 1), (True, 3)):  # any number of partial sums splits the neurons correctly
         out = np.empty(dim, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], w.row_bytes, Q.Q4_0, w.row_bytes, Q.Q4_0, vnni, S.DOWN_F32,
+        S.pack_ffn(units.reshape(-1), units.shape[1], w.row_bytes, 2 * w.row_bytes, Q.Q4_0, Q.Q4_0, vnni, S.DOWN_F32,
                    dim, idx, 37, np.empty(0, np.float32), S.GATED_DOTS, 1, acts.x[:1], xq[:1], xd[:1], x8[:1],
                    xb[:1], np.full((n_parts, dim), np.nan, np.float32), out)
         outs.append(out)
@@ -203,21 +203,26 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
     for src in (w, r):
         units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.qtype, src.row_bytes, src.qtype, True, S.DOWN_F32, 32,
+        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, True, S.DOWN_F32, 32,
                    idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, *acts.forms(),
                    np.empty((2, 32), np.float32), out)
         outs.append(out)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
-    # predictor packs (gate and up rows): repacked rows take the paired dot (dot2_rows_q4_0r_vnni), the GGUF rows
-    # one dot each; silu(gate . x) * (up . x) alike
+    # predictor packs (gate and up rows): repacked rows are interleaved (ffn_pack.interleave_rows) and take the
+    # paired dot (dot_gate_up_q4_0r_vnni), the GGUF rows one dot each; silu(gate . x) * (up . x) alike
+    from sparserun.ffn_pack import interleave_rows
+
     g = weight(Q.Q4_0, 40, cols, rng)
     outs = []
     for gate, up in ((g, w), (g.repacked(), r)):
-        units = np.concatenate([gate.raw.reshape(40, -1), up.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
+        rows = [gate.raw.reshape(40, -1), up.raw.reshape(40, -1)]
+        if gate.qtype == K.Q4_0R:
+            rows = [interleave_rows(*rows)]
+        units = np.concatenate(rows + [down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], gate.row_bytes, gate.qtype, up.row_bytes, up.qtype, True,
-                   S.DOWN_F32, 32, idx, 4, np.empty(0, np.float32), S.GATED_DOTS, 0, acts.x, *acts.forms(),
-                   np.empty((2, 32), np.float32), out)
+        S.pack_ffn(units.reshape(-1), units.shape[1], gate.row_bytes, gate.row_bytes + up.row_bytes, gate.qtype,
+                   up.qtype, True, S.DOWN_F32, 32, idx, 4, np.empty(0, np.float32), S.GATED_DOTS, 0, acts.x,
+                   *acts.forms(), np.empty((2, 32), np.float32), out)
         outs.append(out)
     gd, ud = g.matmul(acts)[0, idx], w.matmul(acts)[0, idx]
     want = (gd / (1 + np.exp(-gd)) * ud) @ down[idx]
@@ -226,29 +231,34 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
 
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
-                    reason="dot2_rows_q4_0r_vnni runs only with the VNNI kernels")
-def test_paired_row_dots_equal_single_ones():
-    """dot2_rows_q4_0r_vnni: each of its two results is bit-identical to the one-row dot of that row (rows of
-    whole groups and with a tail group; the rows at any offsets, in either order)."""
+                    reason="dot_gate_up_q4_0r_vnni runs only with the VNNI kernels")
+def test_interleaved_gate_up_dots_equal_single_ones():
+    """dot_gate_up_q4_0r_vnni on rows interleaved by ffn_pack.interleave_rows: each of its two results is
+    bit-identical to the one-row dot of that row (rows of whole groups, with a tail group, and of a tail group
+    only), and the interleaved bytes are the two rows' bytes."""
     from numba import njit
 
-    from sparserun.kernels.simd import dot2_rows_q4_0r_vnni, dot_row_q4_0r_vnni
+    from sparserun.ffn_pack import interleave_rows
+    from sparserun.kernels.simd import dot_gate_up_q4_0r_vnni, dot_row_q4_0r_vnni
 
     @njit
-    def dots(raw, rows, rb, nb, x8, xd, xb):
-        out = np.empty((rows, 3), np.float32)  # (a of the pair, b of the pair, a alone)
+    def dots(pairs, raw, rows, rb, nb, x8, xd, xb):
+        out = np.empty((rows, 3), np.float32)  # (gate of the pair, up of the pair, gate alone)
         for r in range(rows):
-            o = (rows - 1 - r) * rb  # the pair's second row runs backwards through the matrix
-            out[r, 0], out[r, 1] = dot2_rows_q4_0r_vnni(raw, r * rb, o, nb, x8, 0, xd, xb, 0)
+            out[r, 0], out[r, 1] = dot_gate_up_q4_0r_vnni(pairs, r * 2 * rb, nb, x8, 0, xd, xb, 0)
             out[r, 2] = dot_row_q4_0r_vnni(raw, r * rb, nb, x8, 0, xd, xb, 0)
         return out
 
     rng = np.random.default_rng(11)
     for cols in (2048, 1056, 96):
         w = weight(Q.Q4_0, 9, cols, rng).repacked()
+        rows = w.raw.reshape(9, w.row_bytes)
+        pairs = interleave_rows(rows, rows[::-1].copy())  # neuron r: gate row r, up row 8 - r
+        assert pairs.shape == (9, 2 * w.row_bytes)
+        np.testing.assert_array_equal(np.sort(pairs, axis=1), np.sort(np.concatenate([rows, rows[::-1]], 1), axis=1))
         acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
         _, xd, x8, xb = acts.forms()
-        out = dots(w.raw, 9, w.row_bytes, cols // 32, x8, xd, xb)
+        out = dots(pairs.reshape(-1), w.raw, 9, w.row_bytes, cols // 32, x8, xd, xb)
         np.testing.assert_array_equal(out[:, 2], w.matmul(acts)[0])  # the matmul's own row dots
         np.testing.assert_array_equal(out[:, 0], out[:, 2])
         np.testing.assert_array_equal(out[:, 1], out[::-1, 2])

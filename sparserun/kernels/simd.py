@@ -36,6 +36,7 @@ def _has_x86_vnni():
 
 
 HAS_X86_VNNI = _has_x86_vnni()
+Q4_0R_GROUP = 8  # blocks per group of the repacked Q4_0 row layout (quant.repack_q4_0)
 
 
 def _vnni_or_trap(codegen):
@@ -425,13 +426,12 @@ def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
     return sig, _vnni_or_trap(codegen)
 
 
-Q4_0R_GROUP = 8  # blocks per group of the repacked Q4_0 row layout (quant.repack_q4_0)
-
-
-def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp):
+def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp, gstride=18 * Q4_0R_GROUP, tail_at=None):
     """Dots of the repacked Q4_0 rows at wps (byte pointers; one row or several) with the same activations: the
     rows share each block's activation loads. Per row, two accumulators by block parity and one horizontal sum,
-    so a row's result does not depend on the rows beside it."""
+    so a row's result does not depend on the rows beside it. A row's groups lie gstride bytes apart (its own
+    groups back to back, or two rows' groups interleaved); tail_at(groups, m) gives the pointers of the rows'
+    last, shorter groups (default: where the next group would start)."""
     G = Q4_0R_GROUP
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
@@ -450,15 +450,15 @@ def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp):
     with cgutils.for_range(builder, groups) as loop:  # whole groups: 8 scales in one load
         b0 = builder.mul(loop.index, c(G))
         xd8 = builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4)
-        gps = [builder.gep(wp, [builder.mul(loop.index, c(18 * G))]) for wp in wps]
+        gps = [builder.gep(wp, [builder.mul(loop.index, c(gstride))]) for wp in wps]
         s8s = [builder.fmul(builder.fpext(builder.load(builder.bitcast(gp, ir.VectorType(ir.HalfType(), G).as_pointer()),
                                                        align=1), v8f), xd8) for gp in gps]
         for k in range(G):
             block(builder.add(b0, c(k)), [builder.gep(gp, [c(2 * G + 16 * k)]) for gp in gps],
                   [builder.shuffle_vector(s8, s8, ir.Constant(v8i, [k] * 8)) for s8 in s8s], [a[k % 2] for a in accs])
     b0 = builder.mul(groups, c(G))  # the tail group, m < 8 blocks: m scales, then 16 m quant bytes
-    tps = [builder.gep(wp, [builder.mul(groups, c(18 * G))]) for wp in wps]
     m = builder.sub(nb, b0)
+    tps = tail_at(groups, m) if tail_at else [builder.gep(wp, [builder.mul(groups, c(gstride))]) for wp in wps]
     with cgutils.for_range(builder, m) as loop:
         b = builder.add(b0, loop.index)
         xds = _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))
@@ -491,19 +491,24 @@ def dot_row_q4_0r_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
 
 
 @intrinsic
-def dot2_rows_q4_0r_vnni(typingctx, w, off_a, off_b, nb, x8, xoff, xd, xb, xdoff):
-    """(dot_row_q4_0r_vnni of the row at off_a, of the row at off_b), both with the same activations (x8[xoff:],
-    block scales and sums from xdoff), in one block loop: each block's activations are loaded once for the two
-    rows, and the rows' independent chains interleave. Each result is bit-identical to the one-row dot's."""
-    sig = types.UniTuple(types.float32, 2)(w, off_a, off_b, nb, x8, xoff, xd, xb, xdoff)
+def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, x8, xoff, xd, xb, xdoff):
+    """(gate . x, up . x) for a neuron's gate and up rows, repacked Q4_0 (quant.repack_q4_0) and interleaved from
+    byte off of w: each whole group of Q4_0R_GROUP blocks of the gate (144 bytes), then the up row's same group;
+    then the gate's shorter last group, if any, and the up row's (ffn_pack.interleave_rows). One block loop
+    over one stream of bytes: each block's activations (x8[xoff:], block scales and sums from xdoff) are loaded
+    once for both rows, and the rows' independent chains interleave. Each result is bit-identical to
+    dot_row_q4_0r_vnni of that row."""
+    sig = types.UniTuple(types.float32, 2)(w, off, nb, x8, xoff, xd, xb, xdoff)
 
     def codegen(context, builder, signature, args):
-        w_a, oa, ob, nb_v, x8_a, xo, xd_a, xb_a, xdo = args
-        a = signature.args
-        one = types.float32(a[0], a[1], a[3], a[4], a[5], a[6], a[7], a[8])  # dot_row_q4_0r_vnni's signature
-        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, one, (w_a, oa, nb_v, x8_a, xo, xd_a, xb_a, xdo))
-        wpb = _ptr(context, builder, a[0], w_a, ob)
-        return context.make_tuple(builder, signature.return_type, _q4_0r_dots(builder, [wp, wpb], nb_v, xp, xdp, xbp, dp))
+        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
+        gb = 18 * Q4_0R_GROUP
+        i64 = ir.IntType(64)
+        c = lambda v: ir.Constant(i64, v)
+        tail = lambda groups, m: [builder.gep(wp, [builder.mul(groups, c(2 * gb))]),
+                                  builder.gep(wp, [builder.add(builder.mul(groups, c(2 * gb)), builder.mul(m, c(18)))])]
+        dots = _q4_0r_dots(builder, [wp, builder.gep(wp, [c(gb)])], args[2], xp, xdp, xbp, dp, 2 * gb, tail)
+        return context.make_tuple(builder, signature.return_type, dots)
 
     return sig, _vnni_or_trap(codegen)
 

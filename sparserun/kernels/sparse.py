@@ -10,7 +10,7 @@ from numba import njit, prange
 from .ops import activate, activate_row
 from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q8_0, QK, dequant_row, quantize_acts
 from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
-                   dot2_rows_q4_0r_vnni, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f32, prefetch)
+                   dot_gate_up_q4_0r_vnni, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f32, prefetch)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -187,10 +187,13 @@ def _sum_parts(parts, out):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, down_kind, dim, idx, n, coef, mode,
-             act_id, x, xq, xd, x8, xb, parts, out):
+def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kind, dim, idx, n, coef, mode, act_id, x,
+             xq, xd, x8, xb, parts, out):
     """One decode token's FFN over the kept neurons of a neuron pack. u: flat uint8, n_ff units unit_bytes apart
-    (the stride may include page padding: ffn_pack.unit_stride), each the neuron's gate row (gate_bytes, 0 when the pack has none), up row (up_bytes), then down column.
+    (the stride may include page padding: ffn_pack.unit_stride), each the neuron's gate row (if the pack has
+    one) from byte 0, its up row from byte up_at and its down column from byte down_at. A gate and an up row
+    both repacked Q4_0 are interleaved instead (ffn_pack.interleave_rows: gate and up groups alternate from
+    byte 0), and dot_gate_up_q4_0r_vnni reads the two in one stream.
     out (dim,) = sum_j h_j * down_{idx[j]}, with h_j formed by mode:
       AXPY_ONLY       coef[j]                          non-gated FFN, activation computed densely
       COEF_TIMES_DOT  coef[j] * (up . x)               CATS: coef = act(gate) from the dense gate
@@ -201,12 +204,13 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
     parallel region.
     Threads split the kept neurons evenly (parts: one private partial sum per thread)."""
     nbo, nbi = dim // QK, x.shape[1] // QK
-    # gate and up dots in one block loop (dot2_rows_q4_0r_vnni). A/B, random sets of the TinyLlama Q4_0 pack, 22
-    # layers: from L2 299 against 319 ns a unit, from DRAM at f = 0.5 3-4% faster (11.27 -> 10.87, 10.71 -> 10.36 ms).
+    # gate and up interleaved, dotted in one block loop. A/B, random sets of the TinyLlama Q4_0 pack, 22 layers:
+    # the two rows in one loop from L2 299 against 319 ns a unit, from DRAM at f = 0.5 3-4% faster; then
+    # interleaving them in memory (one stream instead of two 1152 bytes apart): from DRAM 4.6% faster again at
+    # f = 0.5 (12.19 -> 11.63 ms), 2% at 0.25, alike at 0.1 and 0.05, the same sums.
     # The dense matmul does not pair rows: two interleaved row streams per thread ran 1.2-1.5x slower from DRAM.
     paired = vnni and gate_qtype == Q4_0R and up_qtype == Q4_0R
-    down_at = gate_bytes + up_bytes
-    lo = down_at if mode == AXPY_ONLY else 0 if mode == GATED_DOTS else gate_bytes  # first byte this mode reads
+    lo = down_at if mode == AXPY_ONLY else 0 if mode == GATED_DOTS else up_at  # first byte this mode reads
     hi = down_at + down_bytes(down_kind, dim)  # the unit's end; the rest of its stride is page padding
     step = ((hi - lo + 191) // 192) * 64  # a third of the bytes read per unit, in whole cache lines
     n_parts = parts.shape[0]
@@ -232,11 +236,11 @@ def pack_ffn(u, unit_bytes, gate_bytes, gate_qtype, up_bytes, up_qtype, vnni, do
                 if mode == AXPY_ONLY:
                     h[g] = coef[j + g]
                 elif mode == GATED_DOTS and paired:
-                    dg, d = dot2_rows_q4_0r_vnni(u, base, base + gate_bytes, nbi, x8, 0, xd, xb, 0)
+                    dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, x8, 0, xd, xb, 0)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     h[g] = activate(dg, act_id) * d
                 else:
-                    d = _row_dot(u, base + gate_bytes, up_qtype, vnni, x, xq, xd, x8, xb, scratch)
+                    d = _row_dot(u, base + up_at, up_qtype, vnni, x, xq, xd, x8, xb, scratch)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     if mode == COEF_TIMES_DOT:
                         h[g] = coef[j + g] * d
@@ -266,7 +270,7 @@ def _x_forms(x, needed):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_bytes, up_bytes, up_qtype, vnni,
+def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_bytes, down_at, up_qtype, vnni,
                     down_kind, dim, x, parts, out):
     """A threshold policy's whole decode FFN in one parallel region: each thread computes its share of the
     selection rows w (the gate of a gated FFN, else up; rows of any type, row r is neuron gid[r]), keeps
@@ -284,7 +288,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     whole FFN (the Python around it measured ~15 us a layer)."""
     nbo = dim // QK
     xq, xd, x8, xb = _x_forms(x, qtype in INT8_TYPES or (gated and up_qtype in INT8_TYPES))
-    lo, hi = (0 if gated else up_bytes), up_bytes + down_bytes(down_kind, dim)  # the bytes of a unit it reads
+    lo, hi = (0 if gated else down_at), down_at + down_bytes(down_kind, dim)  # the bytes of a unit it reads
     n_parts = parts.shape[0]
     counts = np.zeros(n_parts, np.int64)  # neurons kept by each part
     chunk = (rows + n_parts - 1) // n_parts
@@ -324,7 +328,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                 base = q_id[dotted] * unit_bytes
                 h[dotted] = q_a[dotted] * _row_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, scratch) if gated \
                     else q_a[dotted]
-                offs[dotted] = base + up_bytes
+                offs[dotted] = base + down_at
                 dotted += 1
                 if dotted == AXPY_GROUP or (r >= end and dotted == queued):  # a full group (or the last): axpy
                     _axpy(acc, u, offs, h, dotted, nbo, down_kind, vnni, co)
