@@ -288,6 +288,30 @@ def test_weights_repacked_together_run_as_one_array():
     assert one.nbytes == sum(r.nbytes for r in raws) and not one.flags.writeable
 
 
+@pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
+                    reason="the repacked Q4_0 layout is used only with the VNNI kernels")
+def test_batch_matmul_tiles_equal_one_token_at_a_time():
+    """A batch through matmul_q4_0r_vnni (tiles of ROW_TILE rows, TOKENS tokens per dot_tokens_q4_0r_vnni call,
+    then the leftover tokens one by one) is bit-identical to each token's own matmul and to the GGUF layout's
+    kernel: two weights in separate buffers (two raw arrays for one kernel call), 1056 columns (a tail group),
+    40 + 24 rows (a partial row tile), batches with and without leftover tokens."""
+    from sparserun.kernels import quant as K
+    from sparserun.weights import Matmuls
+
+    rng = np.random.default_rng(13)
+    ws = [weight(Q.Q4_0, 40, 1056, rng), weight(Q.Q4_0, 24, 1056, rng)]
+    rs = [w.repacked() for w in ws]
+    stack = Matmuls(rs)
+    assert len(stack.groups) == 1 and len(stack.groups[0][1]) == 2 and 40 + 24 > K.ROW_TILE
+    for T in (K.TOKENS, K.TOKENS + 1, 2 * K.TOKENS + 3):
+        x = rng.standard_normal((T, 1056)).astype(np.float32)
+        acts = Acts(x)
+        for w, r, got in zip(ws, rs, stack(acts)):
+            one = np.concatenate([r.matmul(Acts(x[t:t + 1])) for t in range(T)])
+            np.testing.assert_array_equal(got, one)
+            np.testing.assert_array_equal(got, w.matmul(acts))
+
+
 def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
     """numba compiles a kernel's callees with the caller's flags: quantize_acts first compiled inside a fastmath
     kernel (as select_pack_ffn calls it) must still round to nearest, there and in later direct calls. A

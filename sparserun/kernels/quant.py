@@ -13,7 +13,7 @@ Two matmul paths:
 import numpy as np
 from numba import njit, prange
 
-from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_bf16,
+from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, TOKENS, dot_tokens_q4_0r_vnni, load_bf16,
                    load_f16, load_f32, round_f16)
 
 # ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
@@ -188,7 +188,36 @@ def _without_xb(row_dot):
 
 
 matmul_q4_0_vnni = _make_matmul(dot_row_q4_0_vnni)  # HAS_VNNI only
-matmul_q4_0r_vnni = _make_matmul(dot_row_q4_0r_vnni)  # weights in the repacked layout (repack_q4_0)
+
+
+ROW_TILE = 32  # rows per tile of a batch matmul: 37 KB of TinyLlama rows, L2-resident while the token tiles pass
+
+
+@njit(parallel=True, cache=True)
+def matmul_q4_0r_vnni(raws, row_bytes, row0, x, xd, xb, out):
+    """_make_matmul's kernel for weights in the repacked layout (repack_q4_0). A batch runs in tiles: ROW_TILE
+    rows (read from memory once, then from L2) against TOKENS tokens at a time (their activations, 16 KB for
+    2048 wide, stay in L1), each block's nibbles unpacked once for the TOKENS (dot_tokens_q4_0r_vnni); the
+    remaining tokens one by one. The same results as one token at a time."""
+    T, n = x.shape
+    nb = n // QK
+    rows = row0[-1]
+    for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0, r1 = tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)
+        t = 0
+        while t + TOKENS <= T:
+            for r in range(r0, r1):
+                p = _part(row0, r)
+                d = dot_tokens_q4_0r_vnni(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, n, xd, xb, t * nb, nb)
+                for k in range(TOKENS):
+                    out[t + k, r] = d[k]
+            t += TOKENS
+        for t in range(t, T):
+            for r in range(r0, r1):
+                p = _part(row0, r)
+                out[t, r] = dot_row_q4_0r_vnni(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, xd, xb, t * nb)
+
+
 VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni}  # used when HAS_VNNI (Q4_0R exists only then)
 
 

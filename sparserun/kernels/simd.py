@@ -490,6 +490,80 @@ def dot_row_q4_0r_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
     return sig, _vnni_or_trap(codegen)
 
 
+TOKENS = 4  # tokens per call of dot_tokens_q4_0r_vnni
+
+
+def _q4_0r_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
+    """_q4_0r_dots turned around: one repacked Q4_0 row dotted with several tokens' activations (pointers per
+    token). Each block's nibbles and scales are unpacked once for all tokens; per token the products, the two
+    accumulators by block parity and the final sum are those of the one-token dot, so the results are
+    bit-identical to it."""
+    G = Q4_0R_GROUP
+    v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
+    nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
+    c = lambda v: ir.Constant(i64, v)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
+
+    def block(b, qp, scales, parity):
+        nib = builder.bitcast(_nibbles32(builder, qp), v8i)
+        for xp, xbp, scale, acc in zip(xps, xbps, scales, accs):
+            xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
+            lanes = builder.call(dp, [builder.load(builder.gep(xbp, [b]), align=4), nib, xv])
+            a = parity(acc)
+            builder.store(_fma8(builder, builder.sitofp(lanes, v8f), scale, builder.load(a)), a)
+
+    groups = builder.udiv(nb, c(G))
+    with cgutils.for_range(builder, groups) as loop:
+        b0 = builder.mul(loop.index, c(G))
+        gp = builder.gep(wp, [builder.mul(loop.index, c(18 * G))])
+        w8 = builder.fpext(builder.load(builder.bitcast(gp, ir.VectorType(ir.HalfType(), G).as_pointer()), align=1), v8f)
+        s8s = [builder.fmul(w8, builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4))
+               for xdp in xdps]
+        for k in range(G):
+            block(builder.add(b0, c(k)), builder.gep(gp, [c(2 * G + 16 * k)]),
+                  [builder.shuffle_vector(s8, s8, ir.Constant(v8i, [k] * 8)) for s8 in s8s], lambda a, k=k: a[k % 2])
+    b0 = builder.mul(groups, c(G))  # the tail group, m < 8 blocks, as in _q4_0r_dots
+    m = builder.sub(nb, b0)
+    tp = builder.gep(wp, [builder.mul(groups, c(18 * G))])
+    with cgutils.for_range(builder, m) as loop:
+        b = builder.add(b0, loop.index)
+        odd = builder.trunc(loop.index, ir.IntType(1))
+        ws = _half_splat(builder, builder.gep(tp, [builder.mul(loop.index, c(2))]))
+        block(b, builder.gep(tp, [builder.add(builder.mul(m, c(2)), builder.mul(loop.index, c(16)))]),
+              [builder.fmul(ws, _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))) for xdp in xdps],
+              lambda a: builder.select(odd, a[1], a[0]))
+    return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+
+
+@intrinsic
+def dot_tokens_q4_0r_vnni(typingctx, w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride):
+    """dot_row_q4_0r_vnni of one row with TOKENS tokens' activations: token k's at x8[xoff + k xstride:], its
+    block scales and sums from xdoff + k xdstride. The row's nibbles are split and its scales converted once
+    for all of them (a prompt batch's matmul, quant.matmul_q4_0r_vnni); each result is bit-identical to the
+    one-token dot."""
+    sig = types.UniTuple(types.float32, TOKENS)(w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride)
+
+    def codegen(context, builder, signature, args):
+        w_, woff_, nb_, x8_, xoff_, xstride_, xd_, xb_, xdoff_, xdstride_ = args
+        f32, v8i = ir.FloatType(), ir.VectorType(_i32, 8)
+        wp = _ptr(context, builder, signature.args[0], w_, woff_)
+        xps, xdps, xbps = [], [], []
+        for k in range(TOKENS):
+            kk = ir.Constant(xstride_.type, k)
+            xps.append(_ptr(context, builder, signature.args[3], x8_, builder.add(xoff_, builder.mul(xstride_, kk))))
+            xdo = builder.add(xdoff_, builder.mul(xdstride_, ir.Constant(xdstride_.type, k)))
+            xdps.append(builder.bitcast(_ptr(context, builder, signature.args[6], xd_,
+                                             builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
+            xbps.append(builder.bitcast(_ptr(context, builder, signature.args[7], xb_,
+                                             builder.mul(xdo, ir.Constant(xdo.type, 32))), v8i.as_pointer()))
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        dots = _q4_0r_token_dots(builder, wp, nb_, xps, xdps, xbps, dp)
+        return context.make_tuple(builder, signature.return_type, dots)
+
+    return sig, _vnni_or_trap(codegen)
+
+
 @intrinsic
 def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, x8, xoff, xd, xb, xdoff):
     """(gate . x, up . x) for a neuron's gate and up rows, repacked Q4_0 (quant.repack_q4_0) and interleaved from
