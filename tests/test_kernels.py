@@ -235,7 +235,7 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
 def test_interleaved_gate_up_dots_equal_single_ones():
     """dot_gate_up_q4_0r_vnni on rows interleaved by ffn_pack.interleave_rows: each of its two results is
     bit-identical to the one-row dot of that row (rows of whole groups, with a tail group, and of a tail group
-    only), and the interleaved bytes are the two rows' bytes."""
+    only), with or without its prefetch of another pair, and the interleaved bytes are the two rows' bytes."""
     from numba import njit
 
     from sparserun.ffn_pack import interleave_rows
@@ -245,7 +245,9 @@ def test_interleaved_gate_up_dots_equal_single_ones():
     def dots(pairs, raw, rows, rb, nb, x8, xd, xb):
         out = np.empty((rows, 3), np.float32)  # (gate of the pair, up of the pair, gate alone)
         for r in range(rows):
-            out[r, 0], out[r, 1] = dot_gate_up_q4_0r_vnni(pairs, r * 2 * rb, nb, x8, 0, xd, xb, 0)
+            # odd rows also prefetch the next pair's lines, as pack_ffn does: results must not change
+            pf = ((r + 1) % rows) * 2 * rb if r % 2 else -1
+            out[r, 0], out[r, 1] = dot_gate_up_q4_0r_vnni(pairs, r * 2 * rb, nb, x8, 0, xd, xb, 0, pf, 3)
             out[r, 2] = dot_row_q4_0r_vnni(raw, r * rb, nb, x8, 0, xd, xb, 0)
         return out
 

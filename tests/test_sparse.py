@@ -152,7 +152,7 @@ def test_int8_coefficient_axpy_equals_its_rounding(cnt):
     @njit
     def run(acc, u, offs, h, cnt, nb):
         co = S._coef_scratch(nb)
-        S._axpy(acc, u, offs, h, cnt, nb, S.DOWN_Q4, True, co)
+        S._axpy(acc, u, offs, h, cnt, nb, S.DOWN_Q4, True, co, np.full(4, -1, np.int64))
 
     acc = rng.standard_normal(nb * 32).astype(np.float32)
     want = acc.copy()

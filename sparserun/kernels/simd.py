@@ -233,19 +233,24 @@ dot_row_q4_0 = _row_dot_intrinsic(18, _q4_0_lanes, _ROW_DOT_DOC.format(name="Q4_
 dot_row_q8_0 = _row_dot_intrinsic(34, _q8_0_lanes, _ROW_DOT_DOC.format(name="Q8_0", bb=34))
 
 
+def _prefetch_line(builder, p):
+    """llvm.prefetch of the cache line at byte pointer p into L2 (locality 2: more requests can be in flight
+    than for L1, measured faster for row gathers; locality 1 measured alike, 3 and 0 1.4x slower in pack_ffn)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
+                                        "llvm.prefetch.p0i8")
+    builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)])
+
+
 @intrinsic
 def prefetch(typingctx, arr, off, nbytes):
-    """Hint the cache to load arr's bytes [off, off+nbytes), one line per 64 bytes (llvm.prefetch into
-    L2, locality 2: more requests can be in flight than for L1, measured faster for row gathers): a
+    """Hint the cache to load arr's bytes [off, off+nbytes), one line per 64 bytes (_prefetch_line): a
     gathered row starts where the hardware prefetcher has no stream running."""
     sig = types.void(arr, off, nbytes)
 
     def codegen(context, builder, signature, args):
         p = _ptr(context, builder, signature.args[0], args[0], args[1])
-        fnty = ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
         with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], ir.Constant(args[2].type, 64)) as (i, _):
-            builder.call(fn, [builder.gep(p, [i]), ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)])
+            _prefetch_line(builder, builder.gep(p, [i]))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -426,12 +431,13 @@ def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
     return sig, _vnni_or_trap(codegen)
 
 
-def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp, gstride=18 * Q4_0R_GROUP, tail_at=None):
+def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp, gstride=18 * Q4_0R_GROUP, tail_at=None, each_group=None):
     """Dots of the repacked Q4_0 rows at wps (byte pointers; one row or several) with the same activations: the
     rows share each block's activation loads. Per row, two accumulators by block parity and one horizontal sum,
     so a row's result does not depend on the rows beside it. A row's groups lie gstride bytes apart (its own
     groups back to back, or two rows' groups interleaved); tail_at(groups, m) gives the pointers of the rows'
-    last, shorter groups (default: where the next group would start)."""
+    last, shorter groups (default: where the next group would start). each_group(g) emits extra code at the
+    start of whole group g (dot_gate_up_q4_0r_vnni's prefetches)."""
     G = Q4_0R_GROUP
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
@@ -449,6 +455,8 @@ def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp, gstride=18 * Q4_0R_GROUP, ta
     groups = builder.udiv(nb, c(G))
     with cgutils.for_range(builder, groups) as loop:  # whole groups: 8 scales in one load
         b0 = builder.mul(loop.index, c(G))
+        if each_group is not None:
+            each_group(loop.index)
         xd8 = builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4)
         gps = [builder.gep(wp, [builder.mul(loop.index, c(gstride))]) for wp in wps]
         s8s = [builder.fmul(builder.fpext(builder.load(builder.bitcast(gp, ir.VectorType(ir.HalfType(), G).as_pointer()),
@@ -565,30 +573,41 @@ def dot_tokens_q4_0r_vnni(typingctx, w, woff, nb, x8, xoff, xstride, xd, xb, xdo
 
 
 @intrinsic
-def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, x8, xoff, xd, xb, xdoff):
+def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, x8, xoff, xd, xb, xdoff, pf, pf_lines):
     """(gate . x, up . x) for a neuron's gate and up rows, repacked Q4_0 (quant.repack_q4_0) and interleaved from
     byte off of w: each whole group of Q4_0R_GROUP blocks of the gate (144 bytes), then the up row's same group;
     then the gate's shorter last group, if any, and the up row's (ffn_pack.interleave_rows). One block loop
     over one stream of bytes: each block's activations (x8[xoff:], block scales and sums from xdoff) are loaded
     once for both rows, and the rows' independent chains interleave. Each result is bit-identical to
-    dot_row_q4_0r_vnni of that row."""
-    sig = types.UniTuple(types.float32, 2)(w, off, nb, x8, xoff, xd, xb, xdoff)
+    dot_row_q4_0r_vnni of that row.
+    Where pf >= 0, whole group g also prefetches pf_lines cache lines of w from byte pf + 64 pf_lines g:
+    pack_ffn's prefetch of a later unit, issued at the pace of the compute (see sparse.PREFETCH_AHEAD)."""
+    sig = types.UniTuple(types.float32, 2)(w, off, nb, x8, xoff, xd, xb, xdoff, pf, pf_lines)
 
     def codegen(context, builder, signature, args):
-        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
+        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args[:8])
         gb = 18 * Q4_0R_GROUP
         i64 = ir.IntType(64)
         c = lambda v: ir.Constant(i64, v)
+        w0 = _ptr(context, builder, signature.args[0], args[0], c(0))
+        pf, k = [builder.sext(v, i64) if v.type.width < 64 else v for v in args[8:10]]
+
+        def each_group(g):
+            with builder.if_then(builder.icmp_signed(">=", pf, c(0))):
+                at = builder.gep(w0, [builder.add(pf, builder.mul(builder.mul(g, k), c(64)))])
+                with cgutils.for_range(builder, k) as line:
+                    _prefetch_line(builder, builder.gep(at, [builder.mul(line.index, c(64))]))
+
         tail = lambda groups, m: [builder.gep(wp, [builder.mul(groups, c(2 * gb))]),
                                   builder.gep(wp, [builder.add(builder.mul(groups, c(2 * gb)), builder.mul(m, c(18)))])]
-        dots = _q4_0r_dots(builder, [wp, builder.gep(wp, [c(gb)])], args[2], xp, xdp, xbp, dp, 2 * gb, tail)
+        dots = _q4_0r_dots(builder, [wp, builder.gep(wp, [c(gb)])], args[2], xp, xdp, xbp, dp, 2 * gb, tail, each_group)
         return context.make_tuple(builder, signature.return_type, dots)
 
     return sig, _vnni_or_trap(codegen)
 
 
 @intrinsic
-def axpy4_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb):
+def axpy4_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
     """axpy_units_q4 for 4 neurons at once through vpdpbusd (x86 AVX512-VNNI only, see the module note):
     acc[32b : 32b+32] += cs[b] * sum_g cq[g, b] * (nibbles of column g, block b), where the int8 cq[g, b] (h_g
     times the column's block scale, rounded with one scale cs[b] per block: see sparse._coefs_i8) are packed
@@ -596,15 +615,18 @@ def axpy4_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb):
     columns' 16 bytes are transposed into one 64-byte register (byte 4k+g = column g's byte k: vpermb) so
     each int32 lane holds one output's 4 weights, the nibbles are split, and two vpdpbusd + two FMAs add 32
     outputs for 4 neurons. 2.5x faster than the float axpy from L1 (0.75 against 1.95 ns a neuron-block);
-    the rounding adds at most 1/254 of the group's largest term to each output per block."""
-    sig = types.void(acc, u, offs, cw, cz, cs, nb)
+    the rounding adds at most 1/254 of the group's largest term to each output per block.
+    pf (4,) int64: block b also prefetches u's cache line at byte pf[b % 4] + 64 (b // 4), none where
+    pf[b % 4] < 0: pack_ffn's prefetch of later units' last lines, at the pace of the compute."""
+    sig = types.void(acc, u, offs, cw, cz, cs, nb, pf)
 
     def codegen(context, builder, signature, args):
-        acc_a, u_a, o_a, cw_a, cz_a, cs_a, nb_v = args
+        acc_a, u_a, o_a, cw_a, cz_a, cs_a, nb_v, pf_a = args
         i64, f32 = ir.IntType(64), ir.FloatType()
         v16f, v16i = ir.VectorType(f32, 16), ir.VectorType(_i32, 16)
         arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
         A, U, O, CW, CZ, CS = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(3, cw_a), arr(4, cz_a), arr(5, cs_a)
+        PF = arr(7, pf_a)
         accp = builder.bitcast(A.data, v16f.as_pointer())
         ub = builder.bitcast(U.data, _i8.as_pointer())
         nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
@@ -616,6 +638,10 @@ def axpy4_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb):
                                                                     list(range(2 * a.type.count))))
         with cgutils.for_range(builder, nb) as blk:
             b = blk.index
+            at = builder.load(builder.gep(PF.data, [builder.and_(b, ir.Constant(i64, 3))]))
+            with builder.if_then(builder.icmp_signed(">=", at, ir.Constant(i64, 0))):
+                _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.lshr(b, ir.Constant(i64, 2)),
+                                                                                     ir.Constant(i64, 64)))]))
             q = [_vload(builder, builder.gep(c, [builder.mul(b, ir.Constant(i64, 16))]), 16) for c in cols]
             t = builder.shuffle_vector(cat(cat(q[0], q[1]), cat(q[2], q[3])), ir.Constant(ir.VectorType(_i8, 64), None),
                                        transpose)

@@ -9,7 +9,7 @@ from numba import njit, prange
 
 from .ops import activate, activate_row
 from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q8_0, QK, dequant_row, quantize_acts
-from .simd import (axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
+from .simd import (Q4_0R_GROUP, axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
                    dot_gate_up_q4_0r_vnni, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f32, prefetch)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
@@ -25,6 +25,13 @@ assert AXPY_GROUP == 4, "axpy4_q4_vnni adds exactly 4 columns per call (offs and
 # TinyLlama Q4_0 pack from DRAM, 2 threads: f = 0.25 8.8 -> 4.7 ms, f = 0.05 1.5 -> 0.92 ms; halves
 # around the first dot measured within 5%; distances 2 and 4 alike, 8 slower.
 PREFETCH_UNITS = 4
+# pack_ffn's gated paired path prefetches inside its kernels instead: each paired dot issues a few lines per
+# group of the unit PREFETCH_AHEAD kept neurons on, and each axpy a line per block of those units' last
+# lines, so the loads leave at the pace of the compute however LLVM lays out the loops. A/B in one process
+# (random sets of the TinyLlama Q4_0 pack from DRAM, 2 threads, 20 interleaved repetitions, the same sums),
+# against the cursor above: f = 0.5 8-10% faster, 0.25 5-9%, 0.1 3-8%, for distances 4 to 16 alike (2
+# slower); prefetch locality 1 alike, 3 and 0 1.4x slower.
+PREFETCH_AHEAD = 8
 PACK_QUEUE = 4  # kept neurons select_pack_ffn holds back while their units load (A/B: 4 and 8 best of 4-16)
 SELECT_PREFETCH_ROWS = 32  # how far ahead select_pack_ffn prefetches its dense selection rows (A/B below)
 
@@ -148,11 +155,12 @@ def _coef_scratch(nb):
 
 
 @njit(inline="always")
-def _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co):
-    """acc += sum_g h[g] * the down column at u[offs[g]:], in the pack's down format (co: _coef_scratch)."""
+def _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co, ahead):
+    """acc += sum_g h[g] * the down column at u[offs[g]:], in the pack's down format (co: _coef_scratch).
+    The VNNI Q4 axpy also prefetches a line per block from the byte offsets ahead (see axpy4_q4_vnni)."""
     if down_kind == DOWN_Q4 and vnni:
         _coefs_i8(u, offs, h, cnt, nbo, nbo * 16, co)
-        axpy4_q4_vnni(acc, u, offs, co[0], co[1], co[2], nbo)
+        axpy4_q4_vnni(acc, u, offs, co[0], co[1], co[2], nbo, ahead)
     elif down_kind == DOWN_Q4:
         axpy_units_q4(acc, u, offs, h, cnt, nbo)
     elif down_kind == DOWN_Q8:
@@ -200,8 +208,8 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
       ACT_OF_DOT      act(up . x)                      non-gated FFN, predicted set
       GATED_DOTS      act(gate . x) * (up . x)         gated FFN, predicted set (pack holds the gate)
     Each mode reads one contiguous run of a unit (prefetched PREFETCH_UNITS neurons ahead, spread over the
-    compute), so a kept neuron costs one 2.4-3.6 KB stream rather than two or three random rows, all in one
-    parallel region.
+    compute; PREFETCH_AHEAD, from inside the kernels, on the gated paired path), so a kept neuron costs one
+    2.4-3.6 KB stream rather than two or three random rows, all in one parallel region.
     Threads split the kept neurons evenly (parts: one private partial sum per thread)."""
     nbo, nbi = dim // QK, x.shape[1] // QK
     # gate and up interleaved, dotted in one block loop. A/B, random sets of the TinyLlama Q4_0 pack, 22 layers:
@@ -213,16 +221,41 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
     lo = down_at if mode == AXPY_ONLY else 0 if mode == GATED_DOTS else up_at  # first byte this mode reads
     hi = down_at + down_bytes(down_kind, dim)  # the unit's end; the rest of its stride is page padding
     step = ((hi - lo + 191) // 192) * 64  # a third of the bytes read per unit, in whole cache lines
+    # the in-kernel prefetch (PREFETCH_AHEAD): the axpy reaches (nbo + 3) // 4 lines of each unit, the paired
+    # dot the head lines before them, head_per_group in each whole group
+    spread = mode == GATED_DOTS and paired and down_kind == DOWN_Q4 and nbi >= Q4_0R_GROUP
+    head = (hi + 63) // 64 - (nbo + 3) // 4
+    head_per_group = (head + nbi // Q4_0R_GROUP - 1) // max(1, nbi // Q4_0R_GROUP)
     n_parts = parts.shape[0]
     chunk = (n + n_parts - 1) // n_parts
     for c in prange(n_parts):
         acc = parts[c]
         acc[:] = 0.0
+        ahead = np.full(AXPY_GROUP, -1, np.int64)  # byte offsets the axpy prefetches from (-1: none)
         offs = np.empty(AXPY_GROUP, np.int64)
         h = np.empty(AXPY_GROUP, np.float32)
         co = _coef_scratch(nbo)
         scratch = np.empty(x.shape[1], np.float32)
         end = min(n, (c + 1) * chunk)
+        if spread:
+            # the first PREFETCH_AHEAD units at once; then the unit PREFETCH_AHEAD on: lines [0, head) by its
+            # paired dot, the rest (from byte head * 64) by the group's axpy, one line per block
+            for k in range(c * chunk, min(end, c * chunk + PREFETCH_AHEAD)):
+                prefetch(u, idx[k] * unit_bytes, hi)
+            for j in range(c * chunk, end, AXPY_GROUP):
+                cnt = min(AXPY_GROUP, end - j)
+                for g in range(AXPY_GROUP):
+                    t = j + g + PREFETCH_AHEAD
+                    ahead[g] = idx[t] * unit_bytes if g < cnt and t < end else -1
+                    if g < cnt:
+                        base = idx[j + g] * unit_bytes
+                        dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, x8, 0, xd, xb, 0, ahead[g], head_per_group)
+                        h[g] = activate(dg, act_id) * d
+                        offs[g] = base + down_at
+                    if ahead[g] >= 0:
+                        ahead[g] += head * 64
+                _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co, ahead)
+            continue
         # prefetch cursor: unit pu from byte pb on; the first PREFETCH_UNITS units at once, then a third of a
         # unit at each of three steps per neuron computed, so it stays PREFETCH_UNITS ahead
         pu, pb = c * chunk + PREFETCH_UNITS, lo
@@ -236,7 +269,7 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                 if mode == AXPY_ONLY:
                     h[g] = coef[j + g]
                 elif mode == GATED_DOTS and paired:
-                    dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, x8, 0, xd, xb, 0)
+                    dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, x8, 0, xd, xb, 0, -1, 0)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     h[g] = activate(dg, act_id) * d
                 else:
@@ -252,7 +285,7 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 offs[g] = base + down_at
-            _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co)
+            _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co, ahead)
     _sum_parts(parts, out)
 
 
@@ -298,6 +331,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
         offs = np.empty(AXPY_GROUP, np.int64)
         h = np.empty(AXPY_GROUP, np.float32)
         co = _coef_scratch(nbo)
+        no_prefetch = np.full(AXPY_GROUP, -1, np.int64)
         # kept neurons in order of finding: [0, dotted) have h and offs set (at most a group), the rest wait
         # for their prefetched units
         q_id = np.empty(PACK_QUEUE + AXPY_GROUP, np.int64)
@@ -331,7 +365,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                 offs[dotted] = base + down_at
                 dotted += 1
                 if dotted == AXPY_GROUP or (r >= end and dotted == queued):  # a full group (or the last): axpy
-                    _axpy(acc, u, offs, h, dotted, nbo, down_kind, vnni, co)
+                    _axpy(acc, u, offs, h, dotted, nbo, down_kind, vnni, co, no_prefetch)
                     for g in range(queued - dotted):
                         q_id[g] = q_id[g + dotted]
                         q_a[g] = q_a[g + dotted]
