@@ -187,17 +187,20 @@ class NeuronPack:
             remove_older_formats(path, stem)
         self.unit_bytes, self.used = stride, used
         self.units = load_units(path, (self.n_ff, stride))  # (n_ff * stride,) uint8, in huge pages
+        # pack_ffn's leading arguments, and whether its up / gate dots read int8 activations: built once, as a
+        # decode token calls run() once per layer
+        self._head = (self.units, stride, self.up_at, self.down_at, self.gate_qtype, self.up_qtype, K.HAS_VNNI,
+                      self.kind, self.dim)
+        self._int8_up, self._int8_gate = self.up_qtype in K.INT8_TYPES, self.gate_qtype in K.INT8_TYPES
 
     def run(self, acts, idx, n, coef, mode, act_id, out):
         """out (dim,) = the FFN of one token over neurons idx[:n] (global ids); see kernels.sparse.pack_ffn."""
-        if mode == S.GATED_DOTS and not self.has_gate:
-            raise ValueError("this neuron pack holds no gate rows")
-        if self.has_gate and mode != S.GATED_DOTS:
-            raise ValueError("a neuron pack with gate rows runs GATED_DOTS only")
-        dotted = [] if mode == S.AXPY_ONLY else [self.up_qtype] + ([self.gate_qtype] if mode == S.GATED_DOTS else [])
-        S.pack_ffn(self.units, self.unit_bytes, self.up_at, self.down_at, self.gate_qtype, self.up_qtype, K.HAS_VNNI,
-                   self.kind, self.dim, idx, n, coef, mode, act_id, acts.x, *x_forms(acts, dotted), part_sums(self.dim),
-                   out)
+        if (mode == S.GATED_DOTS) != self.has_gate:
+            raise ValueError("a neuron pack with gate rows runs GATED_DOTS only" if self.has_gate
+                             else "this neuron pack holds no gate rows")
+        int8 = mode != S.AXPY_ONLY and self._int8_up or mode == S.GATED_DOTS and self._int8_gate
+        S.pack_ffn(*self._head, idx, n, coef, mode, act_id, acts.x, *(acts.forms() if int8 else NO_FORMS),
+                   part_sums(self.dim), out)
         return out
 
     def selected_args(self, w, gid, t, act_id, gated):
@@ -229,8 +232,3 @@ def part_sums(dim):
 NO_FORMS = (np.empty((1, 0), np.int16), np.empty((1, 0), np.float32), np.empty((1, 0), np.int8),
             np.empty((1, 0), np.int32))
 
-
-def x_forms(acts, qtypes):
-    """(xq, xd, x8, xb): the int8 activation forms (weights.Acts.forms) when a row dot of these weight types reads
-    them, else empty arrays."""
-    return acts.forms() if any(t in K.INT8_TYPES for t in qtypes) else NO_FORMS

@@ -105,8 +105,8 @@ class SparseFFN:
         return out
 
     def _owned(self, li, ids):
-        """The owned part of a predicted (global) neuron set."""
-        ids = np.asarray(ids, np.int64)
+        """The owned part of a predicted (global) neuron set, as contiguous int64."""
+        ids = np.ascontiguousarray(ids, np.int64)
         return ids if self.local[li] is None else ids[self.local[li][ids] >= 0]
 
     def _to_global(self, li, idx, n):
@@ -127,9 +127,9 @@ class SparseFFN:
         idx = self.idx
         mode = S.COEF_TIMES_DOT
         coef = NO_COEF
-        if predicted is not None:
-            n = len(predicted[0])
-            idx[:n] = predicted[0]
+        if predicted is not None:  # the predicted (global) ids go to the kernel as they are
+            idx = predicted[0]
+            n = len(idx)
             mode = S.GATED_DOTS if L.w_gate is not None else S.ACT_OF_DOT
         else:
             a = self._act((self.gate_w[li] if L.w_gate is not None else self.up_w[li]).matmul(acts))[0]  # (n_own,)
@@ -143,7 +143,8 @@ class SparseFFN:
             self._to_global(li, idx, n)
         self._count(li, n)
         out = np.empty((1, L.w_down.rows), np.float32)
-        self.pack[li].run(acts, idx, n, np.ascontiguousarray(coef, np.float32), mode, self.act_id, out[0])
+        self.pack[li].run(acts, idx, n, coef if coef is NO_COEF else np.ascontiguousarray(coef, np.float32), mode,
+                          self.act_id, out[0])
         return out
 
     def _count(self, li, n):
