@@ -15,10 +15,11 @@ use it is dequantized, transposed and re-quantized per 32 values, at the precisi
 - 4-bit (Q4_0's nibble order and rounding) for 4-bit sources (Q4_0, Q4_K): as many quant bytes per neuron
   as the original, so skipping neurons saves what it should;
 - int8 for everything else (Q8_0, Q5_K, Q6_K, F16, BF16).
-Quantized columns keep their quants first and then one float32 scale per 32 values: 256 extra bytes of 2432
-for a 2048-wide Q4_0, yet fp16 scales (formed into coefficients eight blocks at a time) measured 4-6% slower
-from DRAM at kept fractions 0.5 and 0.25 in spite of the 3.6% fewer bytes, and 10-20% slower with the scales
-before the quants (A/B in one process, TinyLlama Q4_0 predictor packs).
+Quantized columns keep their quants first and then one fp16 scale per 32 values, as Q4_0 and Q8_0 do: a 4-bit
+column has the source's bytes per neuron. (float32 scales, 3.6% more bytes a 2048-wide Q4_0 predictor unit,
+were kept while the kernel's compute was exposed: fp16 measured 4-6% slower then. With the prefetch inside the
+kernels, fp16 measured 1.4-7% faster at kept fraction 0.5 in five A/B runs in one process, within 2% at 0.25,
+0.1 and 0.05 either way; the scales' rounding to fp16 is 2^-11 of a scale, far under the 4-bit steps.)
 Re-quantizing adds error; tests/test_sparse.py measures it against the dense path and `sparserun bench`
 reports the end-to-end fidelity.
 
@@ -29,7 +30,8 @@ ones), and one parallel kernel replaces two or three.
 Page-sized units: a unit whose padding to a multiple of 4096 bytes costs at most PAD_AT_MOST of its size
 (the 3.5 KB units of a 2048-wide Q4_0 predictor pack) is padded, and the data starts on a page boundary,
 so no unit straddles two pages (A/B from DRAM on random neuron sets, 2 threads: 14-15% faster at kept
-fractions 0.1 and 0.25; one TLB entry and one DRAM page per unit). The padding is never read.
+fractions 0.1 and 0.25; one TLB entry and one DRAM page per unit). The padding is never read. The 3456-byte
+unit of fp16 down scales pads by 18.5%: padded, it measured 6-10% faster at every kept fraction (A/B).
 
 The packs are cached as .npy files (no pickle; the header padded so the data starts at byte 4096) under
 $SPARSERUN_CACHE (default ~/.cache/sparserun), keyed by the model's tensor fingerprint, and read on the next
@@ -49,9 +51,9 @@ from .memory import huge_page_buffer
 
 FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K)
 PAGE = 4096
-PAD_AT_MOST = 0.15  # padding a unit to whole pages is worth this much of its size
-FORMAT = "p2"  # in the cache file names; older formats are not read: none (before page padding), "p" (gate and
-# up rows apart)
+PAD_AT_MOST = 0.2  # padding a unit to whole pages is worth this much of its size
+FORMAT = "p3"  # in the cache file names; older formats are not read: none (before page padding), "p" (gate and
+# up rows apart), "p2" (float32 down scales)
 DOWN_KINDS = {S.DOWN_F32: "f32", S.DOWN_Q4: "q4", S.DOWN_Q8: "q8"}
 
 
@@ -83,14 +85,14 @@ def down_columns(down, kind):
     wt = np.ascontiguousarray(down.dequantize().T)  # (n_ff, dim) float32
     if kind == S.DOWN_F32:
         return wt.view(np.uint8)
-    s = np.empty((wt.shape[0], wt.shape[1] // K.QK), np.float32)  # (n_ff, dim/32)
+    s = np.empty((wt.shape[0], wt.shape[1] // K.QK), np.float32)  # (n_ff, dim/32), stored as fp16
     if kind == S.DOWN_Q4:
         q = np.empty((wt.shape[0], wt.shape[1] // 2), np.uint8)  # (n_ff, dim/2)
         S.quantize_rows_q4(wt, q, s)
     else:
         q = np.empty(wt.shape, np.int8)  # (n_ff, dim)
         S.quantize_rows_q8(wt, q, s)
-    return np.concatenate([q.view(np.uint8), s.view(np.uint8)], axis=1)
+    return np.concatenate([q.view(np.uint8), s.astype(np.float16).view(np.uint8)], axis=1)
 
 
 def interleave_rows(gate, up):

@@ -59,12 +59,14 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
     if down_qtype == 8:
         q = np.empty(dcols.shape, np.int8)
         S.quantize_rows_q8(dcols, q, s)
+        s = s.astype(np.float16).astype(np.float32)  # the pack stores the scales as fp16
         dq = q.astype(np.float32) * np.repeat(s, 32, axis=1)
         assert np.abs(dq - dcols).max() <= np.abs(dcols).max() / 127  # the int8 layout's error bound
         dcols = dq
     elif down_qtype == 2:
         q = np.empty((300, 32), np.uint8)
         S.quantize_rows_q4(dcols, q, s)
+        s = s.astype(np.float16).astype(np.float32)
         nib = np.concatenate([q.reshape(300, 2, 16) & 15, q.reshape(300, 2, 16) >> 4], axis=2).reshape(300, 64)
         dq = (nib.astype(np.float32) - 8) * np.repeat(s, 32, axis=1)
         assert np.abs(dq - dcols).max() <= np.abs(dcols).max() / 7  # 4 bits: half a step of |max| / 8
@@ -106,7 +108,7 @@ def test_pack_units_page_padded(tmp_path):
     from sparserun.memory import HUGE
     from sparserun.weights import Acts
 
-    assert unit_stride(3584) == 4096 and unit_stride(2432) == 2432 and unit_stride(7168) == 8192
+    assert unit_stride(3456) == 4096 and unit_stride(2432) == 2432 and unit_stride(7168) == 8192
     rng = np.random.default_rng(5)
     up, down = rng.standard_normal((40, 960)).astype(np.float32), rng.standard_normal((32, 40)).astype(np.float32)
     pack = NeuronPack(None, _Tensor(up), _Tensor(down), str(tmp_path), 0)  # 3840 + 128 bytes a unit
@@ -140,9 +142,10 @@ def test_int8_coefficient_axpy_equals_its_rounding(cnt):
     rng = np.random.default_rng(cnt)
     nb, n_units = 8, 5
     q = rng.integers(0, 256, (n_units, nb * 16), dtype=np.uint8)
-    sc = (rng.random((n_units, nb)).astype(np.float32) + 0.1) * np.float32(0.02)
+    sc = ((rng.random((n_units, nb)) + 0.1) * 0.02).astype(np.float16)  # the pack's fp16 scales
     u = np.concatenate([q, sc.view(np.uint8)], axis=1).reshape(-1)
-    unit = q.shape[1] + sc.shape[1] * 4
+    sc = sc.astype(np.float32)
+    unit = q.shape[1] + sc.shape[1] * 2
     pick = np.array([3, 0, 4, 1])[:cnt]
     offs = np.zeros(4, np.int64)
     offs[:cnt] = pick * unit

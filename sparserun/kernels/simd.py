@@ -321,7 +321,7 @@ def _axpy_units_intrinsic(block_bytes, block_floats, scaled):
             ub = builder.bitcast(U.data, _i8.as_pointer())
             cnt = builder.sext(cnt_v, i64) if cnt_v.type.width < 64 else cnt_v
             nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
-            scales = builder.mul(nb, ir.Constant(i64, block_bytes))  # the float32 scales follow the quants
+            scales = builder.mul(nb, ir.Constant(i64, block_bytes))  # the fp16 scales follow the quants
             with cgutils.for_range(builder, nb) as blk:
                 b = blk.index
                 ap = builder.gep(accp, [b])
@@ -329,12 +329,12 @@ def _axpy_units_intrinsic(block_bytes, block_floats, scaled):
                 with cgutils.for_range(builder, cnt) as grp:
                     g = grp.index
                     base = builder.gep(ub, [builder.load(builder.gep(O.data, [g]))])
-                    f = builder.load(builder.gep(H.data, [g]))
-                    if scaled:  # a float32 load writes a whole register: no false dependency (see _half_splat)
-                        sp = builder.gep(base, [builder.add(scales, builder.mul(b, ir.Constant(i64, 4)))])
-                        f = builder.fmul(f, builder.load(builder.bitcast(sp, f32.as_pointer()), align=4))
+                    f = _splat_f(builder, builder.load(builder.gep(H.data, [g])), 32)
+                    if scaled:  # a splat of the fp16 scale (_half_splat: no false dependency)
+                        sp = builder.gep(base, [builder.add(scales, builder.mul(b, ir.Constant(i64, 2)))])
+                        f = builder.fmul(f, _half_splat(builder, sp, 32))
                     qv = block_floats(builder, builder.gep(base, [builder.mul(b, ir.Constant(i64, block_bytes))]))
-                    builder.store(builder.fadd(builder.load(total), builder.fmul(qv, _splat_f(builder, f, 32))), total)
+                    builder.store(builder.fadd(builder.load(total), builder.fmul(qv, f)), total)
                 builder.store(builder.load(total), ap, align=4)
             return context.get_dummy_value()
 
@@ -346,7 +346,7 @@ def _axpy_units_intrinsic(block_bytes, block_floats, scaled):
 _AXPY_DOC = """acc[:] += sum_{{g < cnt}} h[g] * column(offs[g]) over nb blocks of 32 values: a group of kept neurons'
 down columns, each {kind} at byte offset offs[g] of u{scales}, added to acc (32 nb,) float32. Each 32-value
 slice of acc is loaded and stored once per group rather than once per neuron."""
-_SCALES = " (nb blocks of quants, then nb float32 scales)"
+_SCALES = " (nb blocks of quants, then nb fp16 scales)"
 axpy_units_q4 = _axpy_units_intrinsic(16, _q4x32_floats, True)
 axpy_units_q4.__doc__ = _AXPY_DOC.format(kind="4-bit (Q4_0 nibble order, offset 8)", scales=_SCALES)
 axpy_units_i8 = _axpy_units_intrinsic(32, _i8x32_floats, True)

@@ -10,7 +10,7 @@ from numba import njit, prange
 from .ops import activate, activate_row
 from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q8_0, QK, dequant_row, quantize_acts
 from .simd import (Q4_0R_GROUP, axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_row_f32, dot_row_q4_0,
-                   dot_gate_up_q4_0r_vnni, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f32, prefetch)
+                   dot_gate_up_q4_0r_vnni, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0, load_f16, prefetch)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -95,8 +95,8 @@ DOWN_F32, DOWN_Q4, DOWN_Q8 = 0, 1, 2  # down-column formats of a neuron pack (se
 
 @njit(inline="always")
 def down_bytes(kind, dim):
-    """Bytes of one neuron's down column in a pack: quants then a float32 scale per 32 (float32 columns: 4 dim)."""
-    return 4 * dim if kind == DOWN_F32 else (dim // 2 if kind == DOWN_Q4 else dim) + dim // 8
+    """Bytes of one neuron's down column in a pack: quants then an fp16 scale per 32 (float32 columns: 4 dim)."""
+    return 4 * dim if kind == DOWN_F32 else (dim // 2 if kind == DOWN_Q4 else dim) + dim // 16
 AXPY_ONLY, COEF_TIMES_DOT, ACT_OF_DOT, GATED_DOTS = 0, 1, 2, 3  # how a kept neuron's weight h is formed
 
 
@@ -124,7 +124,7 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, scratch):
 @njit(inline="always")
 def _coefs_i8(u, offs, h, cnt, nb, qbytes, co):
     """axpy4_q4_vnni's coefficients for the group's down columns at u[offs[g]:] (nb blocks of 16 quant bytes,
-    then nb float32 scales): per block b, c_g = h_g * scale(g, b) rounded to int8 with one scale per block.
+    then nb fp16 scales): per block b, c_g = h_g * scale(g, b) rounded to int8 with one scale per block.
     co = (cw, cz, cs): cw[b] the four packed, cz[b] = -8 * their sum, cs[b] the scale (max |c_g| / 127). A
     group of fewer than 4 is padded with coefficient 0 on the first column."""
     cw, cz, cs = co
@@ -136,10 +136,10 @@ def _coefs_i8(u, offs, h, cnt, nb, qbytes, co):
     h3 = h[3] if cnt > 3 else np.float32(0.0)
     s0, s1, s2, s3 = offs[0] + qbytes, offs[1] + qbytes, offs[2] + qbytes, offs[3] + qbytes
     for b in range(nb):
-        c0 = h0 * load_f32(u, s0 + 4 * b)
-        c1 = h1 * load_f32(u, s1 + 4 * b)
-        c2 = h2 * load_f32(u, s2 + 4 * b)
-        c3 = h3 * load_f32(u, s3 + 4 * b)
+        c0 = h0 * load_f16(u, s0 + 2 * b)
+        c1 = h1 * load_f16(u, s1 + 2 * b)
+        c2 = h2 * load_f16(u, s2 + 2 * b)
+        c3 = h3 * load_f16(u, s3 + 2 * b)
         m = max(max(abs(c0), abs(c1)), max(abs(c2), abs(c3)))
         inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
         q0, q1 = np.int32(np.rint(c0 * inv)), np.int32(np.rint(c1 * inv))
