@@ -291,18 +291,21 @@ def test_weights_repacked_together_run_as_one_array():
 
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
-                    reason="the repacked Q4_0 layout is used only with the VNNI kernels")
-def test_batch_matmul_tiles_equal_one_token_at_a_time():
-    """A batch through matmul_q4_0r_vnni (tiles of ROW_TILE rows, TOKENS tokens per dot_tokens_q4_0r_vnni call,
-    then the leftover tokens one by one) is bit-identical to each token's own matmul and to the GGUF layout's
-    kernel: two weights in separate buffers (two raw arrays for one kernel call), 1056 columns (a tail group),
-    40 + 24 rows (a partial row tile), batches with and without leftover tokens."""
+                    reason="the batch matmuls are VNNI kernels")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0])
+def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
+    """A batch through a VNNI batch matmul (matmul_q4_0r_vnni on repacked Q4_0, matmul_q8_0_vnni: tiles of
+    ROW_TILE rows, TOKENS tokens per dot_tokens call, then the leftover tokens one by one) is bit-identical to
+    each token's own matmul: two weights in separate buffers (two raw arrays for one kernel call), 1056 columns
+    (a tail group), 40 + 24 rows (a partial row tile), batches with and without leftover tokens. Repacked Q4_0
+    also equals the GGUF layout's kernel exactly; Q8_0's vpdpbusd dots equal the generic int16 ones up to float
+    summation order (the integer block dots are exact in both)."""
     from sparserun.kernels import quant as K
     from sparserun.weights import Matmuls
 
     rng = np.random.default_rng(13)
-    ws = [weight(Q.Q4_0, 40, 1056, rng), weight(Q.Q4_0, 24, 1056, rng)]
-    rs = [w.repacked() for w in ws]
+    ws = [weight(qtype, 40, 1056, rng), weight(qtype, 24, 1056, rng)]
+    rs = [w.repacked() for w in ws] if qtype == Q.Q4_0 else ws
     stack = Matmuls(rs)
     assert len(stack.groups) == 1 and len(stack.groups[0][1]) == 2 and 40 + 24 > K.ROW_TILE
     for T in (K.TOKENS, K.TOKENS + 1, 2 * K.TOKENS + 3):
@@ -311,7 +314,13 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time():
         for w, r, got in zip(ws, rs, stack(acts)):
             one = np.concatenate([r.matmul(Acts(x[t:t + 1])) for t in range(T)])
             np.testing.assert_array_equal(got, one)
-            np.testing.assert_array_equal(got, w.matmul(acts))
+            if qtype == Q.Q4_0:
+                np.testing.assert_array_equal(got, w.matmul(acts))
+            else:
+                xq, xd, _, xb = acts.forms()
+                generic = np.empty_like(got)
+                K.matmul_q8_0((w.raw,), w.row_bytes, np.array([0, w.rows]), xq, xd, xb, generic)
+                np.testing.assert_allclose(got, generic, rtol=1e-5, atol=1e-6 * np.abs(generic).max())
 
 
 def test_activation_rounding_survives_a_fastmath_caller(tmp_path):

@@ -14,7 +14,8 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0,
-                   dot_tokens_q4_0r_vnni, load_bf16, load_f16, load_f32, round_f16)
+                   dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
+                   round_f16)
 
 # ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
 F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
@@ -193,32 +194,41 @@ matmul_q4_0_vnni = _make_matmul(dot_row_q4_0_vnni)  # HAS_VNNI only
 ROW_TILE = 32  # rows per tile of a batch matmul: 37 KB of TinyLlama rows, L2-resident while the token tiles pass
 
 
-@njit(parallel=True, cache=True)
-def matmul_q4_0r_vnni(raws, row_bytes, row0, x, xd, xb, out):
-    """_make_matmul's kernel for weights in the repacked layout (repack_q4_0). A batch runs in tiles: ROW_TILE
-    rows (read from memory once, then from L2) against TOKENS tokens at a time (their activations, 16 KB for
-    2048 wide, stay in L1), each block's nibbles unpacked once for the TOKENS (dot_tokens_q4_0r_vnni); the
-    remaining tokens one by one. The same results as one token at a time."""
-    T, n = x.shape
-    nb = n // QK
-    rows = row0[-1]
-    for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
-        r0, r1 = tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)
-        t = 0
-        while t + TOKENS <= T:
-            for r in range(r0, r1):
-                p = _part(row0, r)
-                d = dot_tokens_q4_0r_vnni(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, n, xd, xb, t * nb, nb)
-                for k in range(TOKENS):
-                    out[t + k, r] = d[k]
-            t += TOKENS
-        for t in range(t, T):
-            for r in range(r0, r1):
-                p = _part(row0, r)
-                out[t, r] = dot_row_q4_0r_vnni(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, xd, xb, t * nb)
+def _make_batch_matmul(dot_row, dot_tokens):
+    """_make_matmul's kernel for VNNI row dots that also come in a TOKENS-token form. A batch runs in tiles:
+    ROW_TILE rows (read from memory once, then from L2) against TOKENS tokens at a time (their activations, 16 KB
+    for 2048 wide, stay in L1), each block's weights unpacked once for the TOKENS (dot_tokens); the remaining
+    tokens one by one. The same results as one token at a time."""
+    @njit(parallel=True, cache=True)
+    def matmul(raws, row_bytes, row0, x, xd, xb, out):
+        T, n = x.shape
+        nb = n // QK
+        rows = row0[-1]
+        for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
+            r0, r1 = tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)
+            t = 0
+            while t + TOKENS <= T:
+                for r in range(r0, r1):
+                    p = _part(row0, r)
+                    d = dot_tokens(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, n, xd, xb, t * nb, nb)
+                    for k in range(TOKENS):
+                        out[t + k, r] = d[k]
+                t += TOKENS
+            for t in range(t, T):
+                for r in range(r0, r1):
+                    p = _part(row0, r)
+                    out[t, r] = dot_row(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, xd, xb, t * nb)
+
+    return matmul
 
 
-VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni}  # used when HAS_VNNI (Q4_0R exists only then)
+# weights in the repacked layout (repack_q4_0): A/B against one token per row dot, benchmarks/batch_matmul.py
+matmul_q4_0r_vnni = _make_batch_matmul(dot_row_q4_0r_vnni, dot_tokens_q4_0r_vnni)
+matmul_q8_0_vnni = _make_batch_matmul(dot_row_q8_0_vnni, dot_tokens_q8_0_vnni)
+
+
+# used when HAS_VNNI (Q4_0R exists only then)
+VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni}
 
 
 @njit(parallel=True, cache=True)

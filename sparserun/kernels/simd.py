@@ -543,33 +543,89 @@ def _q4_0r_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
 
 
+def _q8_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
+    """A Q8_0 row (GGUF blocks: fp16 scale, 32 int8) dotted through vpdpbusd with one or more tokens' int8
+    activations (pointers per token, as _q4_0r_token_dots). vpdpbusd multiplies unsigned by signed bytes, so
+    the weights go in with their sign bit flipped (w + 128, one vpxor per block for all tokens) and each lane
+    starts from 16 xb = -128 times its 4 activations' sum, which takes the offset back out: exact int32 lane
+    sums. Per token two float accumulators by block parity and one horizontal sum, as the Q4_0 dots, so the
+    one-token and the several-token forms give identical results."""
+    v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
+    nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
+    c = lambda v: ir.Constant(i64, v)
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
+
+    def block(b, acc_of):
+        bp = builder.gep(wp, [builder.mul(b, c(34))])
+        q = builder.bitcast(builder.xor(_vload(builder, builder.gep(bp, [c(2)]), 32), _splat(32, -128)), v8i)
+        ws = _half_splat(builder, bp)
+        for xp, xdp, xbp, acc in zip(xps, xdps, xbps, accs):
+            xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
+            init = builder.shl(builder.load(builder.gep(xbp, [b]), align=4), _splat(8, 4, _i32))
+            lanes = builder.call(dp, [init, q, xv])
+            scale = builder.fmul(ws, _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4)))
+            a = acc_of(acc)
+            builder.store(_fma8(builder, builder.sitofp(lanes, v8f), scale, builder.load(a)), a)
+
+    pairs = builder.udiv(nb, c(2))
+    with cgutils.for_range(builder, pairs) as loop:  # two accumulators: the FMA chains interleave
+        block(builder.mul(loop.index, c(2)), lambda a: a[0])
+        block(builder.add(builder.mul(loop.index, c(2)), c(1)), lambda a: a[1])
+    with cgutils.for_range_slice(builder, builder.mul(pairs, c(2)), nb, c(1)) as (b, _):
+        block(b, lambda a: a[0])
+    return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+
+
 @intrinsic
-def dot_tokens_q4_0r_vnni(typingctx, w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride):
-    """dot_row_q4_0r_vnni of one row with TOKENS tokens' activations: token k's at x8[xoff + k xstride:], its
-    block scales and sums from xdoff + k xdstride. The row's nibbles are split and its scales converted once
-    for all of them (a prompt batch's matmul, quant.matmul_q4_0r_vnni); each result is bit-identical to the
-    one-token dot."""
-    sig = types.UniTuple(types.float32, TOKENS)(w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride)
+def dot_row_q8_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
+    """A Q8_0 row's dot with one token's int8 activations through vpdpbusd (_q8_0_token_dots; x86 AVX512-VNNI
+    only, as dot_row_q4_0_vnni): one xor and one vpdpbusd per block where the generic dot widens to int16 and
+    runs two vpmaddwd."""
+    sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
 
     def codegen(context, builder, signature, args):
-        w_, woff_, nb_, x8_, xoff_, xstride_, xd_, xb_, xdoff_, xdstride_ = args
-        f32, v8i = ir.FloatType(), ir.VectorType(_i32, 8)
-        wp = _ptr(context, builder, signature.args[0], w_, woff_)
-        xps, xdps, xbps = [], [], []
-        for k in range(TOKENS):
-            kk = ir.Constant(xstride_.type, k)
-            xps.append(_ptr(context, builder, signature.args[3], x8_, builder.add(xoff_, builder.mul(xstride_, kk))))
-            xdo = builder.add(xdoff_, builder.mul(xdstride_, ir.Constant(xdstride_.type, k)))
-            xdps.append(builder.bitcast(_ptr(context, builder, signature.args[6], xd_,
-                                             builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
-            xbps.append(builder.bitcast(_ptr(context, builder, signature.args[7], xb_,
-                                             builder.mul(xdo, ir.Constant(xdo.type, 32))), v8i.as_pointer()))
-        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
-                                            "llvm.x86.avx512.vpdpbusd.256")
-        dots = _q4_0r_token_dots(builder, wp, nb_, xps, xdps, xbps, dp)
-        return context.make_tuple(builder, signature.return_type, dots)
+        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
+        return _q8_0_token_dots(builder, wp, args[2], [xp], [xdp], [xbp], dp)[0]
 
     return sig, _vnni_or_trap(codegen)
+
+
+def _tokens_intrinsic(token_dots, doc):
+    """An intrinsic dotting one row with TOKENS tokens through token_dots (the batch matmuls' inner call): token
+    k's activations at x8[xoff + k xstride:], its block scales and sums from xdoff + k xdstride."""
+    @intrinsic
+    def dot_tokens(typingctx, w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride):
+        sig = types.UniTuple(types.float32, TOKENS)(w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride)
+
+        def codegen(context, builder, signature, args):
+            w_, woff_, nb_, x8_, xoff_, xstride_, xd_, xb_, xdoff_, xdstride_ = args
+            f32, v8i = ir.FloatType(), ir.VectorType(_i32, 8)
+            wp = _ptr(context, builder, signature.args[0], w_, woff_)
+            xps, xdps, xbps = [], [], []
+            for k in range(TOKENS):
+                kk = ir.Constant(xstride_.type, k)
+                xps.append(_ptr(context, builder, signature.args[3], x8_, builder.add(xoff_, builder.mul(xstride_, kk))))
+                xdo = builder.add(xdoff_, builder.mul(xdstride_, ir.Constant(xdstride_.type, k)))
+                xdps.append(builder.bitcast(_ptr(context, builder, signature.args[6], xd_,
+                                                 builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
+                xbps.append(builder.bitcast(_ptr(context, builder, signature.args[7], xb_,
+                                                 builder.mul(xdo, ir.Constant(xdo.type, 32))), v8i.as_pointer()))
+            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
+                                                "llvm.x86.avx512.vpdpbusd.256")
+            return context.make_tuple(builder, signature.return_type, token_dots(builder, wp, nb_, xps, xdps, xbps, dp))
+
+        return sig, _vnni_or_trap(codegen)
+
+    dot_tokens.__doc__ = doc
+    return dot_tokens
+
+
+dot_tokens_q4_0r_vnni = _tokens_intrinsic(_q4_0r_token_dots, """dot_row_q4_0r_vnni of one row with TOKENS tokens'
+    activations (_tokens_intrinsic): the row's nibbles are split and its scales converted once for all of them
+    (a prompt batch's matmul, quant.matmul_q4_0r_vnni); each result is bit-identical to the one-token dot.""")
+dot_tokens_q8_0_vnni = _tokens_intrinsic(_q8_0_token_dots, """dot_row_q8_0_vnni of one row with TOKENS tokens'
+    activations (_tokens_intrinsic): each block's bytes flipped and its scale converted once for all of them;
+    each result identical to the one-token dot.""")
 
 
 @intrinsic
