@@ -52,7 +52,9 @@ def test_matmul_matches_numpy(qtype, T):
     W = w.dequantize().astype(np.float64)
     got = w.matmul(Acts(x))
     assert got.shape == (T, rows) and got.dtype == np.float32
-    if qtype in (Q.Q4_0, Q.Q8_0):
+    from sparserun.kernels.quant import INT8_TYPES  # Q4_0, Q8_0; Q4_K and Q6_K too through their VNNI dots
+
+    if int(qtype) in INT8_TYPES:
         # the int8 path sees x rounded to int8 blocks: exact against that, close to the float product
         xq, xd, _, _ = Acts(x).forms()
         xr = (xq.reshape(T, -1, 32).astype(np.float64) * xd[:, :, None]).reshape(T, cols)

@@ -590,6 +590,119 @@ def dot_row_q8_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
     return sig, _vnni_or_trap(codegen)
 
 
+def _kquant_row_dot(builder, nb, xp, xdp, xbp, dp, super_block):
+    """Shared frame of the K-quant VNNI row dots: super_block(s, block) emits super-block s (8 activation blocks),
+    calling block(j, q, init, scale, min_scale) per 32-value block j: q <32 x i8> unsigned weights, init the
+    vpdpbusd accumulator input (<8 x i32>), scale the float to multiply the exact lane sums by (a scalar or
+    an <8 x float>), min_scale a scalar times the lanes of xb (-8 x each lane's activation sum), or None.
+    Two accumulators by block parity, one for the min terms; one horizontal sum."""
+    v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
+    nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
+    c = lambda v: ir.Constant(i64, v)
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(3)]  # even, odd, mins
+    with cgutils.for_range(builder, builder.udiv(nb, c(8))) as loop:
+        s = loop.index
+
+        def block(j, q, init, scale, min_scale):
+            b = builder.add(builder.mul(s, c(8)), c(j))
+            xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
+            xbv = builder.load(builder.gep(xbp, [b]), align=4)
+            lanes = builder.call(dp, [init(xbv), builder.bitcast(q, v8i), xv])
+            xd = _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))
+            sc = builder.fmul(scale if isinstance(scale.type, ir.VectorType) else _splat_f(builder, scale), xd)
+            a = accs[j % 2]
+            builder.store(_fma8(builder, builder.sitofp(lanes, v8f), sc, builder.load(a)), a)
+            if min_scale is not None:
+                builder.store(_fma8(builder, builder.sitofp(xbv, v8f), builder.fmul(_splat_f(builder, min_scale), xd),
+                                    builder.load(accs[2])), accs[2])
+
+        super_block(s, block)
+    total = _hsum8(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
+    return builder.fadd(total, builder.fmul(_hsum8(builder, builder.load(accs[2])), ir.Constant(ir.FloatType(), 0.125)))
+
+
+def _kquant_intrinsic(super_block_of, doc):
+    """A VNNI row dot over K-quant super-blocks (_kquant_row_dot) in the signature of dot_row_q4_0_vnni."""
+    @intrinsic
+    def row_dot(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
+        sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
+
+        def codegen(context, builder, signature, args):
+            wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
+            return _kquant_row_dot(builder, args[2], xp, xdp, xbp, dp, super_block_of(builder, wp))
+
+        return sig, _vnni_or_trap(codegen)
+
+    row_dot.__doc__ = doc
+    return row_dot
+
+
+def _q4_k_super_block(builder, wp):
+    """Q4_K (144 bytes: fp16 d and dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles; sub-block j
+    in the low (even j) or high (odd j) nibbles of bytes 32 (j // 2) on): value = d sc_j q - dmin m_j."""
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    c = lambda v: ir.Constant(i64, v)
+
+    def emit(s, block):
+        p = builder.gep(wp, [builder.mul(s, c(144))])
+        half = lambda at: builder.fpext(builder.load(builder.bitcast(builder.gep(p, [c(at)]), ir.HalfType().as_pointer())), f32)
+        d, dmin = half(0), half(2)
+        S = [builder.zext(builder.load(builder.gep(p, [c(4 + k)])), _i32) for k in range(12)]
+        k32 = lambda v: ir.Constant(_i32, v)
+        for j in range(8):
+            if j < 4:
+                sc, m = builder.and_(S[j], k32(63)), builder.and_(S[j + 4], k32(63))
+            else:
+                sc = builder.or_(builder.and_(S[j + 4], k32(15)), builder.shl(builder.lshr(S[j - 4], k32(6)), k32(4)))
+                m = builder.or_(builder.lshr(S[j + 4], k32(4)), builder.shl(builder.lshr(S[j], k32(6)), k32(4)))
+            if j % 2 == 0:
+                q = _vload(builder, builder.gep(p, [c(16 + 32 * (j // 2))]), 32)
+            nib = builder.and_(q, _splat(32, 15)) if j % 2 == 0 else builder.lshr(q, _splat(32, 4))
+            zero = lambda xbv: ir.Constant(xbv.type, None)
+            block(j, nib, zero, builder.fmul(d, builder.sitofp(sc, f32)), builder.fmul(dmin, builder.sitofp(m, f32)))
+
+    return emit
+
+
+def _q6_k_super_block(builder, wp):
+    """Q6_K (210 bytes: 128 bytes ql, 64 bytes qh, 16 int8 scales, fp16 d; see quant._dequant_q6_k for where each
+    value's bits lie): value = d sc_(v // 16) (q - 32). The -32 goes into the accumulator input (4 xb = -32 x each
+    lane's activation sum); a block's lanes 0-3 take one scale and 4-7 the next."""
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    c = lambda v: ir.Constant(i64, v)
+    v8f = ir.VectorType(f32, 8)
+
+    def emit(s, block):
+        p = builder.gep(wp, [builder.mul(s, c(210))])
+        d = builder.fpext(builder.load(builder.bitcast(builder.gep(p, [c(208)]), ir.HalfType().as_pointer())), f32)
+        scales = builder.fmul(builder.sitofp(_vload(builder, builder.gep(p, [c(192)]), 16), ir.VectorType(f32, 16)),
+                              _splat_f(builder, d, 16))
+        init = lambda xbv: builder.shl(xbv, _splat(8, 2, _i32))
+        for h in range(2):
+            a = _vload(builder, builder.gep(p, [c(64 * h)]), 32)
+            cc = _vload(builder, builder.gep(p, [c(64 * h + 32)]), 32)
+            e = _vload(builder, builder.gep(p, [c(128 + 32 * h)]), 32)
+            lo4, hi4 = lambda v: builder.and_(v, _splat(32, 15)), lambda v: builder.lshr(v, _splat(32, 4))
+            qs = [builder.or_(lo4(a), builder.shl(builder.and_(e, _splat(32, 3)), _splat(32, 4))),
+                  builder.or_(lo4(cc), builder.shl(builder.and_(e, _splat(32, 12)), _splat(32, 2))),
+                  builder.or_(hi4(a), builder.and_(e, _splat(32, 48))),
+                  builder.or_(hi4(cc), builder.lshr(builder.and_(e, _splat(32, 192)), _splat(32, 2)))]
+            for k in range(4):
+                m = 4 * h + k
+                sc = builder.shuffle_vector(scales, scales, ir.Constant(ir.VectorType(_i32, 8), [2 * m] * 4 + [2 * m + 1] * 4))
+                block(m, qs[k], init, sc, None)
+
+    return emit
+
+
+dot_row_q4_k_vnni = _kquant_intrinsic(_q4_k_super_block, """A Q4_K row's dot with one token's int8 activations through
+    vpdpbusd (x86 AVX512-VNNI only): exact integer sums of nibbles times activations per 32-value sub-block, scaled
+    by d sc_j and the activations' block scale; the mins' term from the activations' block sums (xb).""")
+dot_row_q6_k_vnni = _kquant_intrinsic(_q6_k_super_block, """A Q6_K row's dot with one token's int8 activations through
+    vpdpbusd (x86 AVX512-VNNI only): the 6-bit values assembled from their low and high bits 32 at a time, exact
+    integer sums per 32 values, each half of the lanes scaled by its 16 values' scale.""")
+
+
 def _tokens_intrinsic(token_dots, doc):
     """An intrinsic dotting one row with TOKENS tokens through token_dots (the batch matmuls' inner call): token
     k's activations at x8[xoff + k xstride:], its block scales and sums from xdoff + k xdstride."""
