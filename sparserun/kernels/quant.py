@@ -92,17 +92,23 @@ def dequant_row(raw, off, qtype, n, out):
 
 
 @njit(cache=True, inline="always")
+def _k_pair_scales(raw, p, i):
+    """(scale, min) of sub-blocks 2i and 2i + 1 of the Q4_K / Q5_K super-block at raw[p:], as floats: value =
+    scale q - min."""
+    d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
+    s0, m0 = _k_scale_min(raw, p + 4, 2 * i)
+    s1, m1 = _k_scale_min(raw, p + 4, 2 * i + 1)
+    return d * np.float32(s0), dmin * np.float32(m0), d * np.float32(s1), dmin * np.float32(m1)
+
+
+@njit(cache=True, inline="always")
 def _dequant_q4_k(raw, off, n, out):
     """Q4_K super-blocks (144 bytes: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles): the
     32 bytes of sub-block pair i hold sub-block 2i in their low nibbles and 2i + 1 in their high ones."""
     for b in range(n // QK_K):
         p = off + b * 144
-        d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
         for i in range(4):
-            s0, m0 = _k_scale_min(raw, p + 4, 2 * i)
-            s1, m1 = _k_scale_min(raw, p + 4, 2 * i + 1)
-            d0, c0 = d * np.float32(s0), dmin * np.float32(m0)
-            d1, c1 = d * np.float32(s1), dmin * np.float32(m1)
+            d0, c0, d1, c1 = _k_pair_scales(raw, p, i)
             q, o = p + 16 + 32 * i, b * QK_K + 64 * i
             for l in range(32):
                 v = raw[q + l]
@@ -116,12 +122,8 @@ def _dequant_q5_k(raw, off, n, out):
     j's value l) before the nibbles."""
     for b in range(n // QK_K):
         p = off + b * 176
-        d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
         for i in range(4):
-            s0, m0 = _k_scale_min(raw, p + 4, 2 * i)
-            s1, m1 = _k_scale_min(raw, p + 4, 2 * i + 1)
-            d0, c0 = d * np.float32(s0), dmin * np.float32(m0)
-            d1, c1 = d * np.float32(s1), dmin * np.float32(m1)
+            d0, c0, d1, c1 = _k_pair_scales(raw, p, i)
             q, o = p + 48 + 32 * i, b * QK_K + 64 * i
             for l in range(32):
                 v, h = raw[q + l], raw[p + 16 + l] >> (2 * i)
