@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0,
-                   dot_row_q4_k_vnni, dot_row_q6_k_vnni, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
+                   dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
                    round_f16)
 
 # ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
@@ -88,7 +88,7 @@ def dequant_row(raw, off, qtype, n, out):
 # LLVM vectorizes them: a decode token dequantizes every K-quant row it reads (matmul_dequant). Written with a
 # per-value shift, scale index and type branch, they ran scalar: TinyLlama Q4_K_M decoded at 1.51 t/s, then 2.92
 # (A/B in one process; Q6_K alone 1.1 -> 5.3 G values/s on one core). On VNNI CPUs Q4_K and Q6_K rows are now
-# dotted in integers instead (simd.dot_row_q4_k_vnni / q6_k: 29.5 t/s); Q5_K and other CPUs still come here.
+# dotted in integers instead (simd.dot_row_q4_k_vnni / q5_k / q6_k: 29.5 t/s); other CPUs still come here.
 
 
 @njit(cache=True, inline="always")
@@ -272,9 +272,10 @@ matmul_q8_0_vnni = _make_batch_matmul(dot_row_q8_0_vnni, dot_tokens_q8_0_vnni)
 
 # used when HAS_VNNI (Q4_0R exists only then)
 matmul_q4_k_vnni = _make_matmul(dot_row_q4_k_vnni)
+matmul_q5_k_vnni = _make_matmul(dot_row_q5_k_vnni)
 matmul_q6_k_vnni = _make_matmul(dot_row_q6_k_vnni)
 VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni, Q4_K: matmul_q4_k_vnni,
-               Q6_K: matmul_q6_k_vnni}
+               Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni}
 
 
 @njit(parallel=True, cache=True)
@@ -299,8 +300,8 @@ matmul_q4_0 = _make_matmul(_without_xb(dot_row_q4_0))
 matmul_q8_0 = _make_matmul(_without_xb(dot_row_q8_0))
 INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 weights W, activations as int8 blocks (quantize_acts)."""
-# weight types whose row dots read the int8 activation forms (Q4_K and Q6_K through their VNNI dots)
-INT8_TYPES = (Q4_0, Q8_0, Q4_0R) + ((Q4_K, Q6_K) if HAS_VNNI else ())
+# weight types whose row dots read the int8 activation forms (the K-quants through their VNNI dots)
+INT8_TYPES = (Q4_0, Q8_0, Q4_0R) + ((Q4_K, Q5_K, Q6_K) if HAS_VNNI else ())
 
 
 @njit(parallel=True, cache=True, fastmath=True)

@@ -637,14 +637,17 @@ def _kquant_intrinsic(super_block_of, doc):
     return row_dot
 
 
-def _q4_k_super_block(builder, wp):
+def _q45_k_super_block(builder, wp, five):
     """Q4_K (144 bytes: fp16 d and dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles; sub-block j
-    in the low (even j) or high (odd j) nibbles of bytes 32 (j // 2) on): value = d sc_j q - dmin m_j."""
+    in the low (even j) or high (odd j) nibbles of bytes 32 (j // 2) on): value = d sc_j q - dmin m_j. Q5_K
+    (five; 176 bytes) has 32 bytes qh before the nibbles: bit j of qh[l] is the 5th bit of sub-block j's value l."""
     i64, f32 = ir.IntType(64), ir.FloatType()
     c = lambda v: ir.Constant(i64, v)
+    size, qs = (176, 48) if five else (144, 16)
 
     def emit(s, block):
-        p = builder.gep(wp, [builder.mul(s, c(144))])
+        p = builder.gep(wp, [builder.mul(s, c(size))])
+        qh = _vload(builder, builder.gep(p, [c(16)]), 32) if five else None
         half = lambda at: builder.fpext(builder.load(builder.bitcast(builder.gep(p, [c(at)]), ir.HalfType().as_pointer())), f32)
         d, dmin = half(0), half(2)
         S = [builder.zext(builder.load(builder.gep(p, [c(4 + k)])), _i32) for k in range(12)]
@@ -656,8 +659,12 @@ def _q4_k_super_block(builder, wp):
                 sc = builder.or_(builder.and_(S[j + 4], k32(15)), builder.shl(builder.lshr(S[j - 4], k32(6)), k32(4)))
                 m = builder.or_(builder.lshr(S[j + 4], k32(4)), builder.shl(builder.lshr(S[j], k32(6)), k32(4)))
             if j % 2 == 0:
-                q = _vload(builder, builder.gep(p, [c(16 + 32 * (j // 2))]), 32)
+                q = _vload(builder, builder.gep(p, [c(qs + 32 * (j // 2))]), 32)
             nib = builder.and_(q, _splat(32, 15)) if j % 2 == 0 else builder.lshr(q, _splat(32, 4))
+            if five:  # bit j of qh, moved to bit 4
+                bit = builder.and_(qh, _splat(32, 1 << j))
+                nib = builder.or_(nib, builder.shl(bit, _splat(32, 4 - j)) if j < 4 else
+                                  builder.lshr(bit, _splat(32, j - 4)))
             zero = lambda xbv: ir.Constant(xbv.type, None)
             block(j, nib, zero, builder.fmul(d, builder.sitofp(sc, f32)), builder.fmul(dmin, builder.sitofp(m, f32)))
 
@@ -695,9 +702,11 @@ def _q6_k_super_block(builder, wp):
     return emit
 
 
-dot_row_q4_k_vnni = _kquant_intrinsic(_q4_k_super_block, """A Q4_K row's dot with one token's int8 activations through
+dot_row_q4_k_vnni = _kquant_intrinsic(lambda b, wp: _q45_k_super_block(b, wp, False), """A Q4_K row's dot with one token's int8 activations through
     vpdpbusd (x86 AVX512-VNNI only): exact integer sums of nibbles times activations per 32-value sub-block, scaled
     by d sc_j and the activations' block scale; the mins' term from the activations' block sums (xb).""")
+dot_row_q5_k_vnni = _kquant_intrinsic(lambda b, wp: _q45_k_super_block(b, wp, True), """dot_row_q4_k_vnni for Q5_K rows:
+    each 32 values' nibbles take their 5th bit from qh before the vpdpbusd.""")
 dot_row_q6_k_vnni = _kquant_intrinsic(_q6_k_super_block, """A Q6_K row's dot with one token's int8 activations through
     vpdpbusd (x86 AVX512-VNNI only): the 6-bit values assembled from their low and high bits 32 at a time, exact
     integer sums per 32 values, each half of the lanes scaled by its 16 values' scale.""")

@@ -8,10 +8,10 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate, activate_row
-from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q4_K, Q6_K, Q8_0, QK, dequant_row, quantize_acts
+from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q8_0, QK, dequant_row, quantize_acts
 from .simd import (Q4_0R_GROUP, axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_gate_up_q4_0r_vnni,
-                   dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q6_k_vnni,
-                   dot_row_q8_0, dot_row_q8_0_vnni, load_f16, prefetch)
+                   dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_k_vnni,
+                   dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, load_f16, prefetch)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -115,6 +115,8 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, scratch):
         return dot_row_q8_0_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q4_K and vnni:
         return dot_row_q4_k_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
+    if qtype == Q5_K and vnni:
+        return dot_row_q5_k_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q6_K and vnni:
         return dot_row_q6_k_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q8_0:
