@@ -294,31 +294,32 @@ def test_weights_repacked_together_run_as_one_array():
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
                     reason="the batch matmuls are VNNI kernels")
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
 def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
-    """A batch through a VNNI batch matmul (matmul_q4_0r_vnni on repacked Q4_0, matmul_q8_0_vnni: tiles of
+    """A batch through a VNNI batch matmul (matmul_q4_0r_vnni on repacked Q4_0, matmul_q8_0_vnni, the K-quants': tiles of
     ROW_TILE rows, TOKENS tokens per dot_tokens call, then the leftover tokens one by one) is bit-identical to
     each token's own matmul: two weights in separate buffers (two raw arrays for one kernel call), 1056 columns
     (a tail group), 40 + 24 rows (a partial row tile), batches with and without leftover tokens. Repacked Q4_0
     also equals the GGUF layout's kernel exactly; Q8_0's vpdpbusd dots equal the generic int16 ones up to float
-    summation order (the integer block dots are exact in both)."""
+    summation order (the integer block dots are exact in both). The K-quants: 1280 columns (5 super-blocks)."""
     from sparserun.kernels import quant as K
     from sparserun.weights import Matmuls
 
     rng = np.random.default_rng(13)
-    ws = [weight(qtype, 40, 1056, rng), weight(qtype, 24, 1056, rng)]
+    cols = 1280 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1056
+    ws = [weight(qtype, 40, cols, rng), weight(qtype, 24, cols, rng)]
     rs = [w.repacked() for w in ws] if qtype == Q.Q4_0 else ws
     stack = Matmuls(rs)
     assert len(stack.groups) == 1 and len(stack.groups[0][1]) == 2 and 40 + 24 > K.ROW_TILE
     for T in (K.TOKENS, K.TOKENS + 1, 2 * K.TOKENS + 3):
-        x = rng.standard_normal((T, 1056)).astype(np.float32)
+        x = rng.standard_normal((T, cols)).astype(np.float32)
         acts = Acts(x)
         for w, r, got in zip(ws, rs, stack(acts)):
             one = np.concatenate([r.matmul(Acts(x[t:t + 1])) for t in range(T)])
             np.testing.assert_array_equal(got, one)
             if qtype == Q.Q4_0:
                 np.testing.assert_array_equal(got, w.matmul(acts))
-            else:
+            elif qtype == Q.Q8_0:
                 xq, xd, _, xb = acts.forms()
                 generic = np.empty_like(got)
                 K.matmul_q8_0((w.raw,), w.row_bytes, np.array([0, w.rows]), xq, xd, xb, generic)

@@ -14,8 +14,9 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0,
-                   dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
-                   round_f16)
+                   dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni,
+                   dot_tokens_q4_k_vnni, dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16,
+                   load_f16, load_f32, round_f16)
 
 # ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
 F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
@@ -271,9 +272,9 @@ matmul_q8_0_vnni = _make_batch_matmul(dot_row_q8_0_vnni, dot_tokens_q8_0_vnni)
 
 
 # used when HAS_VNNI (Q4_0R exists only then)
-matmul_q4_k_vnni = _make_matmul(dot_row_q4_k_vnni)
-matmul_q5_k_vnni = _make_matmul(dot_row_q5_k_vnni)
-matmul_q6_k_vnni = _make_matmul(dot_row_q6_k_vnni)
+matmul_q4_k_vnni = _make_batch_matmul(dot_row_q4_k_vnni, dot_tokens_q4_k_vnni)
+matmul_q5_k_vnni = _make_batch_matmul(dot_row_q5_k_vnni, dot_tokens_q5_k_vnni)
+matmul_q6_k_vnni = _make_batch_matmul(dot_row_q6_k_vnni, dot_tokens_q6_k_vnni)
 VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni, Q4_K: matmul_q4_k_vnni,
                Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni}
 

@@ -590,46 +590,52 @@ def dot_row_q8_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
     return sig, _vnni_or_trap(codegen)
 
 
-def _kquant_row_dot(builder, nb, xp, xdp, xbp, dp, super_block):
-    """Shared frame of the K-quant VNNI row dots: super_block(s, block) emits super-block s (8 activation blocks),
-    calling block(j, q, init, scale, min_scale) per 32-value block j: q <32 x i8> unsigned weights, init the
-    vpdpbusd accumulator input (<8 x i32>), scale the float to multiply the exact lane sums by (a scalar or
-    an <8 x float>), min_scale a scalar times the lanes of xb (-8 x each lane's activation sum), or None.
-    Two accumulators by block parity, one for the min terms; one horizontal sum."""
+def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
+    """Shared frame of the K-quant VNNI dots, for one token or several (pointers per token, as
+    _q4_0r_token_dots): super_block(s, block) emits super-block s (8 activation blocks), calling
+    block(j, q, init, scale, min_scale) per 32-value block j: q <32 x i8> unsigned weights (built once for all
+    tokens), init the vpdpbusd accumulator input from the token's xb lanes, scale the float to multiply the exact
+    lane sums by (a scalar or an <8 x float>), min_scale a scalar times the lanes of xb (-8 x each lane's
+    activation sum), or None. Per token two accumulators by block parity, one for the min terms, one horizontal
+    sum: the one-token and several-token forms give identical results."""
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
     c = lambda v: ir.Constant(i64, v)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(3)]  # even, odd, mins
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(3)]  # even, odd, mins
+            for _ in xps]
     with cgutils.for_range(builder, builder.udiv(nb, c(8))) as loop:
         s = loop.index
 
         def block(j, q, init, scale, min_scale):
             b = builder.add(builder.mul(s, c(8)), c(j))
-            xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
-            xbv = builder.load(builder.gep(xbp, [b]), align=4)
-            lanes = builder.call(dp, [init(xbv), builder.bitcast(q, v8i), xv])
-            xd = _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))
-            sc = builder.fmul(scale if isinstance(scale.type, ir.VectorType) else _splat_f(builder, scale), xd)
-            a = accs[j % 2]
-            builder.store(_fma8(builder, builder.sitofp(lanes, v8f), sc, builder.load(a)), a)
-            if min_scale is not None:
-                builder.store(_fma8(builder, builder.sitofp(xbv, v8f), builder.fmul(_splat_f(builder, min_scale), xd),
-                                    builder.load(accs[2])), accs[2])
+            q = builder.bitcast(q, v8i)
+            scale = scale if isinstance(scale.type, ir.VectorType) else _splat_f(builder, scale)
+            for xp, xdp, xbp, acc in zip(xps, xdps, xbps, accs):
+                xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
+                xbv = builder.load(builder.gep(xbp, [b]), align=4)
+                lanes = builder.call(dp, [init(xbv), q, xv])
+                xd = _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))
+                a = acc[j % 2]
+                builder.store(_fma8(builder, builder.sitofp(lanes, v8f), builder.fmul(scale, xd), builder.load(a)), a)
+                if min_scale is not None:
+                    builder.store(_fma8(builder, builder.sitofp(xbv, v8f), builder.fmul(_splat_f(builder, min_scale), xd),
+                                        builder.load(acc[2])), acc[2])
 
         super_block(s, block)
-    total = _hsum8(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
-    return builder.fadd(total, builder.fmul(_hsum8(builder, builder.load(accs[2])), ir.Constant(ir.FloatType(), 0.125)))
+    eighth = ir.Constant(ir.FloatType(), 0.125)
+    return [builder.fadd(_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))),
+                         builder.fmul(_hsum8(builder, builder.load(a[2])), eighth)) for a in accs]
 
 
 def _kquant_intrinsic(super_block_of, doc):
-    """A VNNI row dot over K-quant super-blocks (_kquant_row_dot) in the signature of dot_row_q4_0_vnni."""
+    """A VNNI row dot over K-quant super-blocks (_kquant_token_dots) in the signature of dot_row_q4_0_vnni."""
     @intrinsic
     def row_dot(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
         sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
 
         def codegen(context, builder, signature, args):
             wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
-            return _kquant_row_dot(builder, args[2], xp, xdp, xbp, dp, super_block_of(builder, wp))
+            return _kquant_token_dots(builder, args[2], [xp], [xdp], [xbp], dp, super_block_of(builder, wp))[0]
 
         return sig, _vnni_or_trap(codegen)
 
@@ -671,6 +677,14 @@ def _q45_k_super_block(builder, wp, five):
     return emit
 
 
+def _q4_k_super_block(builder, wp):
+    return _q45_k_super_block(builder, wp, False)
+
+
+def _q5_k_super_block(builder, wp):
+    return _q45_k_super_block(builder, wp, True)
+
+
 def _q6_k_super_block(builder, wp):
     """Q6_K (210 bytes: 128 bytes ql, 64 bytes qh, 16 int8 scales, fp16 d; see quant._dequant_q6_k for where each
     value's bits lie): value = d sc_(v // 16) (q - 32). The -32 goes into the accumulator input (4 xb = -32 x each
@@ -702,10 +716,10 @@ def _q6_k_super_block(builder, wp):
     return emit
 
 
-dot_row_q4_k_vnni = _kquant_intrinsic(lambda b, wp: _q45_k_super_block(b, wp, False), """A Q4_K row's dot with one token's int8 activations through
+dot_row_q4_k_vnni = _kquant_intrinsic(_q4_k_super_block, """A Q4_K row's dot with one token's int8 activations through
     vpdpbusd (x86 AVX512-VNNI only): exact integer sums of nibbles times activations per 32-value sub-block, scaled
     by d sc_j and the activations' block scale; the mins' term from the activations' block sums (xb).""")
-dot_row_q5_k_vnni = _kquant_intrinsic(lambda b, wp: _q45_k_super_block(b, wp, True), """dot_row_q4_k_vnni for Q5_K rows:
+dot_row_q5_k_vnni = _kquant_intrinsic(_q5_k_super_block, """dot_row_q4_k_vnni for Q5_K rows:
     each 32 values' nibbles take their 5th bit from qh before the vpdpbusd.""")
 dot_row_q6_k_vnni = _kquant_intrinsic(_q6_k_super_block, """A Q6_K row's dot with one token's int8 activations through
     vpdpbusd (x86 AVX512-VNNI only): the 6-bit values assembled from their low and high bits 32 at a time, exact
@@ -745,6 +759,17 @@ def _tokens_intrinsic(token_dots, doc):
 dot_tokens_q4_0r_vnni = _tokens_intrinsic(_q4_0r_token_dots, """dot_row_q4_0r_vnni of one row with TOKENS tokens'
     activations (_tokens_intrinsic): the row's nibbles are split and its scales converted once for all of them
     (a prompt batch's matmul, quant.matmul_q4_0r_vnni); each result is bit-identical to the one-token dot.""")
+
+def _kquant_tokens(super_block_of):
+    return lambda builder, wp, nb, xps, xdps, xbps, dp: _kquant_token_dots(builder, nb, xps, xdps, xbps, dp,
+                                                                           super_block_of(builder, wp))
+
+
+_KQ_TOKENS_DOC = """dot_row_{0}_vnni of one row with TOKENS tokens' activations (_tokens_intrinsic): each block's weights
+    assembled once for all of them; each result identical to the one-token dot."""
+dot_tokens_q4_k_vnni = _tokens_intrinsic(_kquant_tokens(_q4_k_super_block), _KQ_TOKENS_DOC.format("q4_k"))
+dot_tokens_q5_k_vnni = _tokens_intrinsic(_kquant_tokens(_q5_k_super_block), _KQ_TOKENS_DOC.format("q5_k"))
+dot_tokens_q6_k_vnni = _tokens_intrinsic(_kquant_tokens(_q6_k_super_block), _KQ_TOKENS_DOC.format("q6_k"))
 dot_tokens_q8_0_vnni = _tokens_intrinsic(_q8_0_token_dots, """dot_row_q8_0_vnni of one row with TOKENS tokens'
     activations (_tokens_intrinsic): each block's bytes flipped and its scale converted once for all of them;
     each result identical to the one-token dot.""")
