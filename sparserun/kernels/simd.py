@@ -372,6 +372,13 @@ def _nibbles32(builder, qp):
     return builder.and_(builder.bitcast(both, ir.VectorType(_i8, 32)), _splat(32, 15))
 
 
+def _vpdpbusd(builder):
+    """llvm.x86.avx512.vpdpbusd.256: (acc <8 x i32>, unsigned bytes, signed bytes) -> acc + 4-byte dot per lane."""
+    v8i = ir.VectorType(_i32, 8)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
+                                          "llvm.x86.avx512.vpdpbusd.256")
+
+
 def _vnni_dot_setup(context, builder, sig, args):
     """The VNNI row dots' pointers (weights, x8, xd as float*, xb as <8 x i32>*) and vpdpbusd."""
     w, woff, nb, x8, xoff, xd, xb, xdoff = args
@@ -382,9 +389,7 @@ def _vnni_dot_setup(context, builder, sig, args):
                           f32.as_pointer())
     xbp = builder.bitcast(_ptr(context, builder, sig.args[6], xb, builder.mul(xdoff, ir.Constant(xdoff.type, 32))),
                           v8i.as_pointer())
-    dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
-                                        "llvm.x86.avx512.vpdpbusd.256")
-    return wp, xp, xdp, xbp, dp
+    return wp, xp, xdp, xbp, _vpdpbusd(builder)
 
 
 def _row_dot_q4_0_vnni(context, builder, sig, args):
@@ -576,20 +581,6 @@ def _q8_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
 
 
-@intrinsic
-def dot_row_q8_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
-    """A Q8_0 row's dot with one token's int8 activations through vpdpbusd (_q8_0_token_dots; x86 AVX512-VNNI
-    only, as dot_row_q4_0_vnni): one xor and one vpdpbusd per block where the generic dot widens to int16 and
-    runs two vpmaddwd."""
-    sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
-
-    def codegen(context, builder, signature, args):
-        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
-        return _q8_0_token_dots(builder, wp, args[2], [xp], [xdp], [xbp], dp)[0]
-
-    return sig, _vnni_or_trap(codegen)
-
-
 def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
     """Shared frame of the K-quant VNNI dots, for one token or several (pointers per token, as
     _q4_0r_token_dots): super_block(s, block) emits super-block s (8 activation blocks), calling
@@ -627,15 +618,22 @@ def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
                          builder.fmul(_hsum8(builder, builder.load(a[2])), eighth)) for a in accs]
 
 
-def _kquant_intrinsic(super_block_of, doc):
-    """A VNNI row dot over K-quant super-blocks (_kquant_token_dots) in the signature of dot_row_q4_0_vnni."""
+def _kquant_tokens(super_block_of):
+    """_kquant_token_dots for one K-quant type, in the token_dots form _row_intrinsic and _tokens_intrinsic take."""
+    return lambda builder, wp, nb, xps, xdps, xbps, dp: _kquant_token_dots(builder, nb, xps, xdps, xbps, dp,
+                                                                           super_block_of(builder, wp))
+
+
+def _row_intrinsic(token_dots, doc):
+    """A VNNI row dot with one token (the signature of dot_row_q4_0_vnni) through token_dots(builder, wp, nb, xps,
+    xdps, xbps, dp), the same code _tokens_intrinsic runs for TOKENS tokens: the two forms give identical results."""
     @intrinsic
     def row_dot(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
         sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
 
         def codegen(context, builder, signature, args):
             wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
-            return _kquant_token_dots(builder, args[2], [xp], [xdp], [xbp], dp, super_block_of(builder, wp))[0]
+            return token_dots(builder, wp, args[2], [xp], [xdp], [xbp], dp)[0]
 
         return sig, _vnni_or_trap(codegen)
 
@@ -691,7 +689,6 @@ def _q6_k_super_block(builder, wp):
     lane's activation sum); a block's lanes 0-3 take one scale and 4-7 the next."""
     i64, f32 = ir.IntType(64), ir.FloatType()
     c = lambda v: ir.Constant(i64, v)
-    v8f = ir.VectorType(f32, 8)
 
     def emit(s, block):
         p = builder.gep(wp, [builder.mul(s, c(210))])
@@ -716,12 +713,15 @@ def _q6_k_super_block(builder, wp):
     return emit
 
 
-dot_row_q4_k_vnni = _kquant_intrinsic(_q4_k_super_block, """A Q4_K row's dot with one token's int8 activations through
+dot_row_q8_0_vnni = _row_intrinsic(_q8_0_token_dots, """A Q8_0 row's dot with one token's int8 activations through
+    vpdpbusd (_q8_0_token_dots; x86 AVX512-VNNI only, as dot_row_q4_0_vnni): one xor and one vpdpbusd per block
+    where the generic dot widens to int16 and runs two vpmaddwd.""")
+dot_row_q4_k_vnni = _row_intrinsic(_kquant_tokens(_q4_k_super_block), """A Q4_K row's dot with one token's int8 activations through
     vpdpbusd (x86 AVX512-VNNI only): exact integer sums of nibbles times activations per 32-value sub-block, scaled
     by d sc_j and the activations' block scale; the mins' term from the activations' block sums (xb).""")
-dot_row_q5_k_vnni = _kquant_intrinsic(_q5_k_super_block, """dot_row_q4_k_vnni for Q5_K rows:
+dot_row_q5_k_vnni = _row_intrinsic(_kquant_tokens(_q5_k_super_block), """dot_row_q4_k_vnni for Q5_K rows:
     each 32 values' nibbles take their 5th bit from qh before the vpdpbusd.""")
-dot_row_q6_k_vnni = _kquant_intrinsic(_q6_k_super_block, """A Q6_K row's dot with one token's int8 activations through
+dot_row_q6_k_vnni = _row_intrinsic(_kquant_tokens(_q6_k_super_block), """A Q6_K row's dot with one token's int8 activations through
     vpdpbusd (x86 AVX512-VNNI only): the 6-bit values assembled from their low and high bits 32 at a time, exact
     integer sums per 32 values, each half of the lanes scaled by its 16 values' scale.""")
 
@@ -746,9 +746,8 @@ def _tokens_intrinsic(token_dots, doc):
                                                  builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
                 xbps.append(builder.bitcast(_ptr(context, builder, signature.args[7], xb_,
                                                  builder.mul(xdo, ir.Constant(xdo.type, 32))), v8i.as_pointer()))
-            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
-                                                "llvm.x86.avx512.vpdpbusd.256")
-            return context.make_tuple(builder, signature.return_type, token_dots(builder, wp, nb_, xps, xdps, xbps, dp))
+            return context.make_tuple(builder, signature.return_type,
+                                      token_dots(builder, wp, nb_, xps, xdps, xbps, _vpdpbusd(builder)))
 
         return sig, _vnni_or_trap(codegen)
 
@@ -759,10 +758,6 @@ def _tokens_intrinsic(token_dots, doc):
 dot_tokens_q4_0r_vnni = _tokens_intrinsic(_q4_0r_token_dots, """dot_row_q4_0r_vnni of one row with TOKENS tokens'
     activations (_tokens_intrinsic): the row's nibbles are split and its scales converted once for all of them
     (a prompt batch's matmul, quant.matmul_q4_0r_vnni); each result is bit-identical to the one-token dot.""")
-
-def _kquant_tokens(super_block_of):
-    return lambda builder, wp, nb, xps, xdps, xbps, dp: _kquant_token_dots(builder, nb, xps, xdps, xbps, dp,
-                                                                           super_block_of(builder, wp))
 
 
 _KQ_TOKENS_DOC = """dot_row_{0}_vnni of one row with TOKENS tokens' activations (_tokens_intrinsic): each block's weights
