@@ -475,56 +475,60 @@ def _q4_0r_group_sums(builder, dp, gps, b0, xps, xbps):
     return sums
 
 
-def _q4_0r_dots(builder, wps, nb, xp, xdp, xbp, dp, gstride=18 * Q4_0R_GROUP, tail_at=None, each_group=None):
-    """Dots of the repacked Q4_0 rows at wps (byte pointers; one row or several) with the same activations: the
-    rows share each block's activation loads. Per row, whole groups add their 8 block dots times the 8 scales
-    in one FMA (_q4_0r_group_sums), the tail blocks theirs by block parity, and one horizontal sum ends it, so a
-    row's result does not depend on the rows beside it. A row's groups lie gstride bytes apart (its own
-    groups back to back, or two rows' groups interleaved); tail_at(groups, m) gives the pointers of the rows'
-    last, shorter groups (default: where the next group would start). each_group(g) emits extra code at the
-    start of whole group g (dot_gate_up_q4_0r_vnni's prefetches)."""
+def _q4_0r_dots(builder, wps, nb, xps, xdps, xbps, dp, gstride=18 * Q4_0R_GROUP, tail_at=None, each_group=None):
+    """Dots of the repacked Q4_0 rows at wps (byte pointers) with the activations of tokens xps / xdps / xbps:
+    dots[row][token]. Each block's nibbles are unpacked once for all tokens and each token's activations loaded
+    once for all rows. Per (row, token): whole groups add their 8 block dots times the 8 scales in one FMA
+    (_q4_0r_group_sums), the tail blocks theirs by block parity, and one horizontal sum ends it, so a result
+    depends on neither the rows nor the tokens beside it (batch tiles equal one token at a time; a paired
+    gate/up dot equals each row's own). A row's groups lie gstride bytes apart (its own groups back to back,
+    or two rows' groups interleaved); tail_at(groups, m) gives the pointers of the rows' last, shorter groups
+    (default: where the next group would start). each_group(g) emits extra code at the start of whole group g
+    (dot_gate_up_q4_0r_vnni's prefetches)."""
     G = Q4_0R_GROUP
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
     c = lambda v: ir.Constant(i64, v)
-    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in wps]
-
-    def block(b, qps, scales, accs_b):
-        """acc += float(block b's int8 dot) * scale, per row; qps: the rows' 16 quant bytes of block b."""
-        xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
-        xb = builder.load(builder.gep(xbp, [b]), align=4)
-        for qp, scale, acc in zip(qps, scales, accs_b):
-            lanes = builder.call(dp, [xb, builder.bitcast(_nibbles32(builder, qp), v8i), xv])
-            builder.store(_fma8(builder, builder.sitofp(lanes, v8f), scale, builder.load(acc)), acc)
+    accs = [[[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
+            for _ in wps]  # [row][token][parity]
+    scales8 = lambda p: builder.fpext(builder.load(builder.bitcast(p, ir.VectorType(ir.HalfType(), G).as_pointer()),
+                                                   align=1), v8f)
 
     groups = builder.udiv(nb, c(G))
     with cgutils.for_range(builder, groups) as loop:  # whole groups: 8 scales in one load
         b0 = builder.mul(loop.index, c(G))
         if each_group is not None:
             each_group(loop.index)
-        xd8 = builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4)
+        xd8s = [builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4) for xdp in xdps]
         gps = [builder.gep(wp, [builder.mul(loop.index, c(gstride))]) for wp in wps]
-        sums = _q4_0r_group_sums(builder, dp, gps, b0, [xp], [xbp])
-        for gp, row_sums, a in zip(gps, sums, accs):
-            s8 = builder.fmul(builder.fpext(builder.load(builder.bitcast(gp, ir.VectorType(ir.HalfType(), G).as_pointer()),
-                                                         align=1), v8f), xd8)
-            builder.store(_fma8(builder, builder.sitofp(row_sums[0], v8f), s8, builder.load(a[0])), a[0])
+        for gp, row_sums, row_accs in zip(gps, _q4_0r_group_sums(builder, dp, gps, b0, xps, xbps), accs):
+            w8 = scales8(gp)
+            for sums, xd8, a in zip(row_sums, xd8s, row_accs):
+                builder.store(_fma8(builder, builder.sitofp(sums, v8f), builder.fmul(w8, xd8), builder.load(a[0])), a[0])
     b0 = builder.mul(groups, c(G))  # the tail group, m < 8 blocks: m scales, then 16 m quant bytes
     m = builder.sub(nb, b0)
     tps = tail_at(groups, m) if tail_at else [builder.gep(wp, [builder.mul(groups, c(gstride))]) for wp in wps]
     with cgutils.for_range(builder, m) as loop:
         b = builder.add(b0, loop.index)
-        xds = _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))
         odd = builder.trunc(loop.index, ir.IntType(1))  # block parity picks the accumulator, as in the GGUF-layout dot
-        block(b, [builder.gep(tp, [builder.add(builder.mul(m, c(2)), builder.mul(loop.index, c(16)))]) for tp in tps],
-              [builder.fmul(_half_splat(builder, builder.gep(tp, [builder.mul(loop.index, c(2))])), xds) for tp in tps],
-              [builder.select(odd, a[1], a[0]) for a in accs])
-    return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+        xs = [(builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1),
+               builder.load(builder.gep(xbp, [b]), align=4),
+               _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))) for xp, xdp, xbp in zip(xps, xdps, xbps)]
+        for tp, row_accs in zip(tps, accs):
+            nib = builder.bitcast(_nibbles32(builder, builder.gep(tp, [builder.add(builder.mul(m, c(2)),
+                                                                                   builder.mul(loop.index, c(16)))])), v8i)
+            ws = _half_splat(builder, builder.gep(tp, [builder.mul(loop.index, c(2))]))
+            for (xv, xb, xds), a in zip(xs, row_accs):
+                acc = builder.select(odd, a[1], a[0])
+                lanes = builder.call(dp, [xb, nib, xv])
+                builder.store(_fma8(builder, builder.sitofp(lanes, v8f), builder.fmul(ws, xds), builder.load(acc)), acc)
+    return [[_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in row_accs]
+            for row_accs in accs]
 
 
 def _row_dot_q4_0r_vnni(context, builder, sig, args):
     wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args)
-    return _q4_0r_dots(builder, [wp], args[2], xp, xdp, xbp, dp)[0]
+    return _q4_0r_dots(builder, [wp], args[2], [xp], [xdp], [xbp], dp)[0][0]
 
 
 @intrinsic
@@ -547,43 +551,8 @@ TOKENS = 4  # tokens per call of dot_tokens_q4_0r_vnni
 
 
 def _q4_0r_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
-    """_q4_0r_dots turned around: one repacked Q4_0 row dotted with several tokens' activations (pointers per
-    token). Each block's nibbles and scales are unpacked once for all tokens; per token the group sums, the
-    accumulators and the final sum are those of the one-token dot, so the results are bit-identical to it."""
-    G = Q4_0R_GROUP
-    v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
-    nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
-    c = lambda v: ir.Constant(i64, v)
-    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
-
-    def block(b, qp, scales, parity):
-        nib = builder.bitcast(_nibbles32(builder, qp), v8i)
-        for xp, xbp, scale, acc in zip(xps, xbps, scales, accs):
-            xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
-            lanes = builder.call(dp, [builder.load(builder.gep(xbp, [b]), align=4), nib, xv])
-            a = parity(acc)
-            builder.store(_fma8(builder, builder.sitofp(lanes, v8f), scale, builder.load(a)), a)
-
-    groups = builder.udiv(nb, c(G))
-    with cgutils.for_range(builder, groups) as loop:
-        b0 = builder.mul(loop.index, c(G))
-        gp = builder.gep(wp, [builder.mul(loop.index, c(18 * G))])
-        w8 = builder.fpext(builder.load(builder.bitcast(gp, ir.VectorType(ir.HalfType(), G).as_pointer()), align=1), v8f)
-        s8s = [builder.fmul(w8, builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4))
-               for xdp in xdps]
-        for lane_sums, s8, a in zip(_q4_0r_group_sums(builder, dp, [gp], b0, xps, xbps)[0], s8s, accs):
-            builder.store(_fma8(builder, builder.sitofp(lane_sums, v8f), s8, builder.load(a[0])), a[0])
-    b0 = builder.mul(groups, c(G))  # the tail group, m < 8 blocks, as in _q4_0r_dots
-    m = builder.sub(nb, b0)
-    tp = builder.gep(wp, [builder.mul(groups, c(18 * G))])
-    with cgutils.for_range(builder, m) as loop:
-        b = builder.add(b0, loop.index)
-        odd = builder.trunc(loop.index, ir.IntType(1))
-        ws = _half_splat(builder, builder.gep(tp, [builder.mul(loop.index, c(2))]))
-        block(b, builder.gep(tp, [builder.add(builder.mul(m, c(2)), builder.mul(loop.index, c(16)))]),
-              [builder.fmul(ws, _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))) for xdp in xdps],
-              lambda a: builder.select(odd, a[1], a[0]))
-    return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+    """One repacked Q4_0 row dotted with several tokens' activations (the token_dots form): _q4_0r_dots."""
+    return _q4_0r_dots(builder, [wp], nb, xps, xdps, xbps, dp)[0]
 
 
 def _q8_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
@@ -836,7 +805,8 @@ def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, x8, xoff, xd, xb, xdoff, pf, p
 
         tail = lambda groups, m: [builder.gep(wp, [builder.mul(groups, c(2 * gb))]),
                                   builder.gep(wp, [builder.add(builder.mul(groups, c(2 * gb)), builder.mul(m, c(18)))])]
-        dots = _q4_0r_dots(builder, [wp, builder.gep(wp, [c(gb)])], args[2], xp, xdp, xbp, dp, 2 * gb, tail, each_group)
+        dots = [d[0] for d in _q4_0r_dots(builder, [wp, builder.gep(wp, [c(gb)])], args[2], [xp], [xdp], [xbp], dp,
+                                          2 * gb, tail, each_group)]
         return context.make_tuple(builder, signature.return_type, dots)
 
     return sig, _vnni_or_trap(codegen)
