@@ -453,8 +453,8 @@ def _q4_0r_group_sums(builder, dp, gps, b0, xps, xbps):
     """The exact int32 dots of a whole repacked Q4_0 group (blocks b0 .. b0 + 7) of each row at gps with each
     token's activations: sums[row][token] <8 x i32>, lane k the dot of block b0 + k. Per block, vpdpbusd leaves
     8 partial lanes; the group's 64 lanes reduce to the 8 block dots at once (_reduce8), so the block scales
-    apply as one <8 x float> FMA a group rather than a broadcast, conversion and FMA a block: 11% faster paired
-    gate/up dots from cache, 8% at kept fraction 0.5 from DRAM (A/B, TinyLlama Q4_0 pack), the dense matvec
+    apply as one <8 x float> FMA a group rather than a broadcast, conversion and FMA a block: 10% faster paired
+    gate/up dots from cache, 7% at kept fraction 0.5 from DRAM (A/B, TinyLlama Q4_0 pack), the dense matvec
     alike. Each row's nibbles are unpacked once for all tokens, each token's activations loaded once for all rows."""
     G = Q4_0R_GROUP
     v8i, i64 = ir.VectorType(_i32, 8), ir.IntType(64)
