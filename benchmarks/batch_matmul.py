@@ -27,13 +27,13 @@ rp = np.empty_like(raw); K.repack_q4_0(raw, rows, rb, rp)
 raws = (rp,)
 row0 = np.array([0, rows], np.int64)
 for T in (16, 64, 256):
-    x = Acts(rng.standard_normal((T, cols)).astype(np.float32)); xq, xd, x8, xb = x.forms()
+    x = Acts(rng.standard_normal((T, cols)).astype(np.float32)); xt, xd, xs = K.dot_forms(K.Q4_0R, x.forms())
     a = np.empty((T, rows), np.float32); b = np.empty((T, rows), np.float32)
-    old(raws, rb, row0, x8, xd, xb, a); K.matmul_q4_0r_vnni(raws, rb, row0, x8, xd, xb, b)
+    old(raws, rb, row0, xt, xd, xs, a); K.matmul_q4_0r_vnni(raws, rb, row0, xt, xd, xs, b)
     assert np.array_equal(a, b)
     ts = {"old": [], "new": []}
     for r in range(15):
-        t0 = time.perf_counter(); old(raws, rb, row0, x8, xd, xb, a); ts["old"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); K.matmul_q4_0r_vnni(raws, rb, row0, x8, xd, xb, b); ts["new"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); old(raws, rb, row0, xt, xd, xs, a); ts["old"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); K.matmul_q4_0r_vnni(raws, rb, row0, xt, xd, xs, b); ts["new"].append(time.perf_counter() - t0)
     o, n = st.median(ts["old"]), st.median(ts["new"])
     print(f"T={T}: old {o*1e3:.2f} ms, new {n*1e3:.2f} ms, {o/n:.2f}x (identical results)")

@@ -52,8 +52,8 @@ from .memory import huge_page_buffer
 FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K)
 PAGE = 4096
 PAD_AT_MOST = 0.2  # padding a unit to whole pages is worth this much of its size
-FORMAT = "p3"  # in the cache file names; older formats are not read: none (before page padding), "p" (gate and
-# up rows apart), "p2" (float32 down scales)
+FORMAT = "p4"  # in the cache file names; older formats are not read: none (before page padding), "p" (gate and
+# up rows apart), "p2" (float32 down scales), "p3" (repacked Q4_0 rows in Q4_0's byte order within a group)
 DOWN_KINDS = {S.DOWN_F32: "f32", S.DOWN_Q4: "q4", S.DOWN_Q8: "q8"}
 
 
@@ -232,5 +232,5 @@ def part_sums(dim):
 
 
 NO_FORMS = (np.empty((1, 0), np.int16), np.empty((1, 0), np.float32), np.empty((1, 0), np.int8),
-            np.empty((1, 0), np.int32))
+            np.empty((1, 0), np.int32), np.empty((1, 0), np.int8), np.empty((1, 0), np.int32))
 

@@ -18,12 +18,14 @@ class Acts:
         self._forms = None
 
     def forms(self):
-        """(xq, xd, x8, xb): the int8 blocks as int16 values, their scales, as int8 values, and the VNNI kernels'
-        offset terms (see quant.quantize_acts)."""
+        """(xq, xd, x8, xb, xt, xs): the int8 blocks as int16 values, their scales, as int8 values, the VNNI
+        kernels' offset terms, and the repacked Q4_0 dots' transposed values and block offset terms (see
+        quant.quantize_acts)."""
         if self._forms is None:
             T, n = self.x.shape
             self._forms = (np.empty((T, n), np.int16), np.empty((T, n // K.QK), np.float32),
-                           np.empty((T, n), np.int8), np.empty((T, n // 4), np.int32))
+                           np.empty((T, n), np.int8), np.empty((T, n // 4), np.int32),
+                           np.empty((T, n), np.int8), np.empty((T, n // K.QK), np.int32))
             K.quantize_acts(self.x, *self._forms)
         return self._forms
 
@@ -145,11 +147,9 @@ class Matmuls:
         if out is None:
             out = np.empty((acts.x.shape[0], row0[-1]), np.float32)
         if w.qtype in K.VNNI_MATMUL and K.HAS_VNNI:
-            xq, xd, x8, xb = acts.forms()
-            K.VNNI_MATMUL[w.qtype](raws, w.row_bytes, row0, x8, xd, xb, out)
+            K.VNNI_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms()), out)
         elif w.qtype in K.INT8_MATMUL:
-            xq, xd, x8, xb = acts.forms()
-            K.INT8_MATMUL[w.qtype](raws, w.row_bytes, row0, xq, xd, xb, out)
+            K.INT8_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms()), out)
         elif f32 is not None:
             K.matmul_f32(f32, row0, acts.x, out)
         else:

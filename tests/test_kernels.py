@@ -56,7 +56,7 @@ def test_matmul_matches_numpy(qtype, T):
 
     if int(qtype) in INT8_TYPES:
         # the int8 path sees x rounded to int8 blocks: exact against that, close to the float product
-        xq, xd, _, _ = Acts(x).forms()
+        xq, xd, *_ = Acts(x).forms()
         xr = (xq.reshape(T, -1, 32).astype(np.float64) * xd[:, :, None]).reshape(T, cols)
         np.testing.assert_allclose(got, xr @ W.T, rtol=1e-4, atol=1e-4 * np.abs(xr @ W.T).max())
         exact = x.astype(np.float64) @ W.T
@@ -91,7 +91,7 @@ def test_activation_quantization_is_llama_cpp_q8_0():
     """quantize_acts produces what gguf-py's Q8_0 quantizer (a port of llama.cpp's) produces."""
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((3, 256)) * 4).astype(np.float32)
-    xq, xd, _, _ = Acts(x).forms()
+    xq, xd, *_ = Acts(x).forms()
     ref = quants.quantize(x, Q.Q8_0).reshape(3, 8, 34)
     np.testing.assert_array_equal(xd, ref[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32))
     # gguf-py rounds half away from zero, llama.cpp's AVX path (and ours) to even: ties are rare
@@ -113,7 +113,7 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     rows = 200
     w = weight(Q.Q4_0, rows, cols, rng)
     acts = Acts(rng.standard_normal((T, cols)).astype(np.float32) * 3)
-    xq, xd, x8, xb = acts.forms()
+    xq, xd, x8, xb, xt, xs = acts.forms()
     want = np.empty((T, rows), np.float32)
     K.matmul_q4_0((w.raw,), w.row_bytes, np.array([0, rows]), xq, xd, xb, want)
     got = np.empty((T, rows), np.float32)
@@ -129,7 +129,7 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
         out = np.empty(dim, np.float32)
         S.pack_ffn(units.reshape(-1), units.shape[1], w.row_bytes, 2 * w.row_bytes, Q.Q4_0, Q.Q4_0, vnni, S.DOWN_F32,
                    dim, idx, 37, np.empty(0, np.float32), S.GATED_DOTS, 1, acts.x[:1], xq[:1], xd[:1], x8[:1],
-                   xb[:1], np.full((n_parts, dim), np.nan, np.float32), out)
+                   xb[:1], xt[:1], xs[:1], np.full((n_parts, dim), np.nan, np.float32), out)
         outs.append(out)
     d = want[0, idx]
     ref = (np.maximum(d, 0) * d) @ down[idx]  # relu(gate . x) * (up . x)
@@ -246,13 +246,13 @@ def test_interleaved_gate_up_dots_equal_single_ones():
     from sparserun.kernels.simd import dot_gate_up_q4_0r_vnni, dot_row_q4_0r_vnni
 
     @njit
-    def dots(pairs, raw, rows, rb, nb, x8, xd, xb):
+    def dots(pairs, raw, rows, rb, nb, xt, xd, xs):
         out = np.empty((rows, 3), np.float32)  # (gate of the pair, up of the pair, gate alone)
         for r in range(rows):
             # odd rows also prefetch the next pair's lines, as pack_ffn does: results must not change
             pf = ((r + 1) % rows) * 2 * rb if r % 2 else -1
-            out[r, 0], out[r, 1] = dot_gate_up_q4_0r_vnni(pairs, r * 2 * rb, nb, x8, 0, xd, xb, 0, pf, 3)
-            out[r, 2] = dot_row_q4_0r_vnni(raw, r * rb, nb, x8, 0, xd, xb, 0)
+            out[r, 0], out[r, 1] = dot_gate_up_q4_0r_vnni(pairs, r * 2 * rb, nb, xt, 0, xd, xs, 0, pf, 3)
+            out[r, 2] = dot_row_q4_0r_vnni(raw, r * rb, nb, xt, 0, xd, xs, 0)
         return out
 
     rng = np.random.default_rng(11)
@@ -263,8 +263,8 @@ def test_interleaved_gate_up_dots_equal_single_ones():
         assert pairs.shape == (9, 2 * w.row_bytes)
         np.testing.assert_array_equal(np.sort(pairs, axis=1), np.sort(np.concatenate([rows, rows[::-1]], 1), axis=1))
         acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
-        _, xd, x8, xb = acts.forms()
-        out = dots(pairs.reshape(-1), w.raw, 9, w.row_bytes, cols // 32, x8, xd, xb)
+        _, xd, _, _, xt, xs = acts.forms()
+        out = dots(pairs.reshape(-1), w.raw, 9, w.row_bytes, cols // 32, xt, xd, xs)
         np.testing.assert_array_equal(out[:, 2], w.matmul(acts)[0])  # the matmul's own row dots
         np.testing.assert_array_equal(out[:, 0], out[:, 2])
         np.testing.assert_array_equal(out[:, 1], out[::-1, 2])
@@ -323,7 +323,7 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
                 gguf = w.matmul(acts)
                 np.testing.assert_allclose(got, gguf, rtol=2e-6, atol=2e-6 * np.abs(gguf).max())
             elif qtype == Q.Q8_0:
-                xq, xd, _, xb = acts.forms()
+                xq, xd, _, xb, *_ = acts.forms()
                 generic = np.empty_like(got)
                 K.matmul_q8_0((w.raw,), w.row_bytes, np.array([0, w.rows]), xq, xd, xb, generic)
                 np.testing.assert_allclose(got, generic, rtol=1e-5, atol=1e-6 * np.abs(generic).max())
@@ -344,10 +344,10 @@ def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
         from sparserun.kernels import quant as K
         x = (np.random.default_rng(0).standard_normal((1, 1024)) * 3).astype(np.float32)
         forms = lambda: [np.empty((1, 1024), np.int16), np.empty((1, 32), np.float32), np.empty((1, 1024), np.int8),
-                         np.empty((1, 256), np.int32)]
+                         np.empty((1, 256), np.int32), np.empty((1, 1024), np.int8), np.empty((1, 32), np.int32)]
         @njit(fastmath=True)
-        def caller(x, a, b, c, d):
-            K.quantize_acts(x, a, b, c, d)
+        def caller(x, a, b, c, d, e, f):
+            K.quantize_acts(x, a, b, c, d, e, f)
         inside, direct = forms(), forms()
         caller(x, *inside)
         K.quantize_acts(x, *direct)

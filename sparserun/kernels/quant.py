@@ -66,10 +66,17 @@ def dequant_row(raw, off, qtype, n, out):
             m = min(Q4_0R_GROUP, nb - g * Q4_0R_GROUP)
             p = off + g * 18 * Q4_0R_GROUP
             d = load_f16(raw, p + 2 * k)
-            for j in range(16):
-                q = raw[p + 2 * m + 16 * k + j]
-                out[b * 32 + j] = d * np.float32((q & 15) - 8)
-                out[b * 32 + j + 16] = d * np.float32((q >> 4) - 8)
+            if m < Q4_0R_GROUP:  # the shorter run: Q4_0's byte order
+                for j in range(16):
+                    q = raw[p + 2 * m + 16 * k + j]
+                    out[b * 32 + j] = d * np.float32((q & 15) - 8)
+                    out[b * 32 + j + 16] = d * np.float32((q >> 4) - 8)
+                continue
+            for j in range(4):  # repack_q4_0's lanes: weights 8 j + mm (low nibble) and 8 j + 4 + mm (high)
+                for mm in range(4):
+                    q = raw[p + 2 * m + 32 * j + 4 * k + mm]
+                    out[b * 32 + 8 * j + mm] = d * np.float32((q & 15) - 8)
+                    out[b * 32 + 8 * j + 4 + mm] = d * np.float32((q >> 4) - 8)
     elif qtype == Q8_0:
         for b in range(n // 32):
             p = off + b * 34
@@ -155,11 +162,14 @@ def _dequant_q6_k(raw, off, n, out):
 
 
 @njit(cache=True, fastmath={"nnan", "ninf", "nsz"}, error_model="numpy")
-def quantize_acts(x, xq, xd, x8, xb):
+def quantize_acts(x, xq, xd, x8, xb, xt, xs):
     """Round activations x (T, n) to int8 blocks of 32, in every form a row dot reads, in one pass:
     xq (T, n) int16 holding the int8 values (widened once here rather than in every row's dot product),
     xd (T, n/32) float32 scales, x8 (T, n) the same values as int8 and xb (T, n/4) int32, -8 times the sum
     of each run of 4 values (a vpdpbusd lane's), which cancels Q4_0's +8 nibble offset in the VNNI kernels.
+    The repacked Q4_0 dots (simd.dot_row_q4_0r_vnni) read x8 transposed within each whole group of
+    Q4_0R_GROUP blocks, xt (T, n) int8: the group's run of 4 values i of block k at 4-byte slot 8 i + k (the
+    rest of a row as in x8), and xs (T, n/32) int32, -8 times each block's sum.
 
     Mirrors llama.cpp's quantize_row_q8_0: scale = amax/127 kept at fp16 precision, values rounded to
     nearest (ties to even, as its AVX path does: np.rint, an LLVM intrinsic that no fastmath flag can rewrite;
@@ -182,10 +192,21 @@ def quantize_acts(x, xq, xd, x8, xb):
                 v = np.int32(np.rint(x[t, o + j] * inv))  # |v| <= 127
                 xq[t, o + j] = v
                 x8[t, o + j] = v
+            s = 0
             for l in range(QK // 4):
                 k = o + 4 * l
                 xb[t, b * 8 + l] = -8 * (np.int32(x8[t, k]) + np.int32(x8[t, k + 1]) + np.int32(x8[t, k + 2]) +
                                          np.int32(x8[t, k + 3]))
+                s += xb[t, b * 8 + l]
+            xs[t, b] = s
+        G = QK * Q4_0R_GROUP
+        x32, t32 = x8[t].view(np.int32), xt[t].view(np.int32)  # runs of 4 values
+        for g in range(n // G):
+            for i in range(QK // 4):
+                for k in range(Q4_0R_GROUP):
+                    t32[g * G // 4 + 8 * i + k] = x32[g * G // 4 + 8 * k + i]
+        for j in range(n // G * G, n):
+            xt[t, j] = x8[t, j]
 
 
 HAS_VNNI = HAS_X86_VNNI  # AVX512-VNNI kernels in use (detected in simd; SPARSERUN_NO_VNNI=1 turns them off)
@@ -279,11 +300,23 @@ VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8
                Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni}
 
 
+def dot_forms(qtype, forms):
+    """(x, xd, bias): the activation forms (quantize_acts' seven, less the input) that the int8 row dots of
+    qtype read: the repacked Q4_0 dots xt and xs, the other VNNI dots x8 and xb, the generic ones xq."""
+    xq, xd, x8, xb, xt, xs = forms
+    if qtype == Q4_0R:
+        return xt, xd, xs
+    return (x8, xd, xb) if HAS_VNNI and qtype in VNNI_MATMUL else (xq, xd, xb)
+
+
 @njit(parallel=True, cache=True)
 def repack_q4_0(raw, rows, row_bytes, out):
     """Q4_0 rows (blocks of an fp16 scale and 16 quant bytes) -> the same bytes per row, regrouped: for each run
     of Q4_0R_GROUP blocks, their scales, then their quants (a shorter run at the row's end). Kernels then load a
-    run's scales as one vector (simd.dot_row_q4_0r_vnni)."""
+    run's scales as one vector (simd.dot_row_q4_0r_vnni). A whole group's quants go across the vector lanes,
+    lane k for block k: 32-byte chunk j's byte 4 k + m holds block k's weights 8 j + m (low nibble) and
+    8 j + 4 + m (high nibble), so a 32-byte load's low nibbles are 4 weights of each of the 8 blocks, as are
+    its high nibbles (simd._q4_0r_group_sums). The shorter run keeps Q4_0's byte order."""
     nb = row_bytes // 18
     for r in prange(rows):
         base = r * row_bytes
@@ -293,8 +326,22 @@ def repack_q4_0(raw, rows, row_bytes, out):
             src, dst = base + 18 * b, base + g * 18 * Q4_0R_GROUP
             out[dst + 2 * k] = raw[src]
             out[dst + 2 * k + 1] = raw[src + 1]
-            for j in range(16):
-                out[dst + 2 * m + 16 * k + j] = raw[src + 2 + j]
+            if m < Q4_0R_GROUP:
+                for j in range(16):
+                    out[dst + 2 * m + 16 * k + j] = raw[src + 2 + j]
+                continue
+            for i in range(16):  # weights 8 j + m (m < 4), bytes 0..15's low nibbles then their high nibbles
+                j, mm = i // 4, i % 4
+                lo = _nibble(raw, src + 2, 8 * j + mm)
+                hi = _nibble(raw, src + 2, 8 * j + 4 + mm)
+                out[dst + 2 * m + 32 * j + 4 * k + mm] = np.uint8(lo | (hi << 4))
+
+
+@njit(inline="always")
+def _nibble(raw, q, i):
+    """Weight i (0..31) of the Q4_0 block whose quant bytes start at raw[q]: low nibbles hold 0..15, high 16..31."""
+    v = np.int64(raw[q + (i & 15)])
+    return (v >> 4) if i >= 16 else (v & 15)
 
 
 matmul_q4_0 = _make_matmul(_without_xb(dot_row_q4_0))

@@ -379,17 +379,23 @@ def _vpdpbusd(builder):
                                           "llvm.x86.avx512.vpdpbusd.256")
 
 
-def _vnni_dot_setup(context, builder, sig, args):
-    """The VNNI row dots' pointers (weights, x8, xd as float*, xb as <8 x i32>*) and vpdpbusd."""
+def _bias_ptr(context, builder, arrty, arr, blk, per_block):
+    """The activations' offset terms from block blk on: xb (8 int32 a block, as <8 x i32>*) or xs (per_block = 1:
+    one int32 a block, as i32*; the repacked Q4_0 dots, see quant.quantize_acts)."""
+    ty = ir.VectorType(_i32, 8) if per_block == 8 else _i32
+    return builder.bitcast(_ptr(context, builder, arrty, arr, builder.mul(blk, ir.Constant(blk.type, 4 * per_block))),
+                           ty.as_pointer())
+
+
+def _vnni_dot_setup(context, builder, sig, args, per_block=8):
+    """The VNNI row dots' pointers (weights, x8, xd as float*, the offset terms: _bias_ptr) and vpdpbusd."""
     w, woff, nb, x8, xoff, xd, xb, xdoff = args
-    f32, v8i = ir.FloatType(), ir.VectorType(_i32, 8)
+    f32 = ir.FloatType()
     wp = _ptr(context, builder, sig.args[0], w, woff)
     xp = _ptr(context, builder, sig.args[3], x8, xoff)
     xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
                           f32.as_pointer())
-    xbp = builder.bitcast(_ptr(context, builder, sig.args[6], xb, builder.mul(xdoff, ir.Constant(xdoff.type, 32))),
-                          v8i.as_pointer())
-    return wp, xp, xdp, xbp, _vpdpbusd(builder)
+    return wp, xp, xdp, _bias_ptr(context, builder, sig.args[6], xb, xdoff, per_block), _vpdpbusd(builder)
 
 
 def _row_dot_q4_0_vnni(context, builder, sig, args):
@@ -436,48 +442,42 @@ def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
     return sig, _vnni_or_trap(codegen)
 
 
-def _reduce8(builder, v):
-    """Eight <8 x i32> -> one <8 x i32> whose lane k is the sum of v[k]'s lanes: unpack-and-add within the
-    128-bit halves, then one add across them. 21 one-uop instructions; written as even/odd shuffles, LLVM
-    makes vphaddd of them, and those ran the Q4_0 prompt batches 5% slower than this (A/B)."""
-    m = lambda idx: ir.Constant(ir.VectorType(_i32, 8), idx)
-    lo32, hi32 = m([0, 8, 1, 9, 4, 12, 5, 13]), m([2, 10, 3, 11, 6, 14, 7, 15])
-    lo64, hi64 = m([0, 1, 8, 9, 4, 5, 12, 13]), m([2, 3, 10, 11, 6, 7, 14, 15])
-    u = lambda a, b, p, q: builder.add(builder.shuffle_vector(a, b, p), builder.shuffle_vector(a, b, q))
-    t = [u(v[i], v[i + 1], lo32, hi32) for i in range(0, 8, 2)]  # [a0+a2, b0+b2, a1+a3, b1+b3 | a4+a6, ...]
-    x, y = u(t[0], t[1], lo64, hi64), u(t[2], t[3], lo64, hi64)  # per half: v0..v3's (x), v4..v7's (y) sums
-    return u(x, y, m([0, 1, 2, 3, 8, 9, 10, 11]), m([4, 5, 6, 7, 12, 13, 14, 15]))
-
-
-def _q4_0r_group_sums(builder, dp, gps, b0, xps, xbps):
+def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
     """The exact int32 dots of a whole repacked Q4_0 group (blocks b0 .. b0 + 7) of each row at gps with each
-    token's activations: sums[row][token] <8 x i32>, lane k the dot of block b0 + k. Per block, vpdpbusd leaves
-    8 partial lanes; the group's 64 lanes reduce to the 8 block dots at once (_reduce8), so the block scales
-    apply as one <8 x float> FMA a group rather than a broadcast, conversion and FMA a block: 10% faster paired
-    gate/up dots from cache, 7% at kept fraction 0.5 from DRAM (A/B, TinyLlama Q4_0 pack), the dense matvec
-    alike. Each row's nibbles are unpacked once for all tokens, each token's activations loaded once for all rows."""
+    token's activations: sums[row][token] <8 x i32>, lane k the dot of block b0 + k.
+    The group's 128 quant bytes are 4 chunks of 32 (quant.repack_q4_0): chunk j's byte 4k + m holds block k's
+    weights 8j + m (low nibble) and 8j + 4 + m (high nibble), and the activations come transposed to match
+    (quant.quantize_acts' xt: vector i's lane k = block k's values 4i .. 4i + 3). So each vpdpbusd adds 4
+    products of every block to that block's own lane: 8 of them make the 8 block dots, with no horizontal
+    reduction. The high nibbles are used in place (and 0xF0: 16 times their value, exact in int32) and their
+    sums shifted back once; the offset terms xs (-8 times each block's activation sum) seed a chain.
+    From L1, 1.8x faster than lanes per block reduced by shuffles; bit-identical sums."""
     G = Q4_0R_GROUP
     v8i, i64 = ir.VectorType(_i32, 8), ir.IntType(64)
-    nibs = [[builder.bitcast(_nibbles32(builder, builder.gep(gp, [ir.Constant(i64, 2 * G + 16 * k)])), v8i)
-             for k in range(G)] for gp in gps]  # [row][block]
+    zero, four = ir.Constant(v8i, [0] * 8), ir.Constant(v8i, [4] * 8)
+    nibs = []  # [row][chunk] (low, 16 x high) as <8 x i32>
+    for gp in gps:
+        chunks = [_vload(builder, builder.gep(gp, [ir.Constant(i64, 2 * G + 32 * j)]), 32) for j in range(4)]
+        nibs.append([(builder.bitcast(builder.and_(v, _splat(32, 15)), v8i),
+                      builder.bitcast(builder.and_(v, _splat(32, -16)), v8i)) for v in chunks])
     sums = [[None] * len(xps) for _ in gps]
-    for t, (xp, xbp) in enumerate(zip(xps, xbps)):  # a token at a time: 8 lane vectors live, not 8 per token
-        lanes = [[] for _ in gps]
-        for k in range(G):
-            b = builder.add(b0, ir.Constant(i64, k))
-            xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, ir.Constant(i64, 32))]), v8i.as_pointer()),
-                              align=1)
-            xb = builder.load(builder.gep(xbp, [b]), align=4)
-            for r in range(len(gps)):
-                lanes[r].append(builder.call(dp, [xb, nibs[r][k], xv]))
+    for t, (xp, xsp) in enumerate(zip(xps, xsps)):
+        xg = builder.gep(xp, [builder.mul(b0, ir.Constant(i64, 32))])
+        xv = [builder.load(builder.bitcast(builder.gep(xg, [ir.Constant(i64, 32 * i)]), v8i.as_pointer()), align=1)
+              for i in range(8)]
+        bias = builder.load(builder.bitcast(builder.gep(xsp, [b0]), v8i.as_pointer()), align=4)
         for r in range(len(gps)):
-            sums[r][t] = _reduce8(builder, lanes[r])
+            lo, hi = [bias, zero], [zero, zero]  # two chains each: half the dependent vpdpbusd latency
+            for j, (nl, nh) in enumerate(nibs[r]):
+                lo[j % 2] = builder.call(dp, [lo[j % 2], nl, xv[2 * j]])
+                hi[j % 2] = builder.call(dp, [hi[j % 2], nh, xv[2 * j + 1]])
+            sums[r][t] = builder.add(builder.add(lo[0], lo[1]), builder.ashr(builder.add(hi[0], hi[1]), four))
     return sums
 
 
-def _q4_0r_dots(builder, wps, nb, xps, xdps, xbps, dp, gstride=18 * Q4_0R_GROUP, tail_at=None, each_group=None):
-    """Dots of the repacked Q4_0 rows at wps (byte pointers) with the activations of tokens xps / xdps / xbps:
-    dots[row][token]. Each block's nibbles are unpacked once for all tokens and each token's activations loaded
+def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP, tail_at=None, each_group=None):
+    """Dots of the repacked Q4_0 rows at wps (byte pointers) with the activations of tokens xps (xt) / xdps /
+    xsps (xs), quant.quantize_acts' forms for these dots: dots[row][token]. Each block's nibbles are unpacked once for all tokens and each token's activations loaded
     once for all rows. Per (row, token): whole groups add their 8 block dots times the 8 scales in one FMA
     (_q4_0r_group_sums), the tail blocks theirs by block parity, and one horizontal sum ends it, so a result
     depends on neither the rows nor the tokens beside it (batch tiles equal one token at a time; a paired
@@ -501,7 +501,7 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xbps, dp, gstride=18 * Q4_0R_GROUP,
             each_group(loop.index)
         xd8s = [builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4) for xdp in xdps]
         gps = [builder.gep(wp, [builder.mul(loop.index, c(gstride))]) for wp in wps]
-        for gp, row_sums, row_accs in zip(gps, _q4_0r_group_sums(builder, dp, gps, b0, xps, xbps), accs):
+        for gp, row_sums, row_accs in zip(gps, _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps), accs):
             w8 = scales8(gp)
             for sums, xd8, a in zip(row_sums, xd8s, row_accs):
                 builder.store(_fma8(builder, builder.sitofp(sums, v8f), builder.fmul(w8, xd8), builder.load(a[0])), a[0])
@@ -511,9 +511,11 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xbps, dp, gstride=18 * Q4_0R_GROUP,
     with cgutils.for_range(builder, m) as loop:
         b = builder.add(b0, loop.index)
         odd = builder.trunc(loop.index, ir.IntType(1))  # block parity picks the accumulator, as in the GGUF-layout dot
+        # tail blocks keep Q4_0's byte order (xt there is x8 as it is); the block's offset term seeds lane 0
         xs = [(builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1),
-               builder.load(builder.gep(xbp, [b]), align=4),
-               _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))) for xp, xdp, xbp in zip(xps, xdps, xbps)]
+               builder.insert_element(ir.Constant(v8i, [0] * 8), builder.load(builder.gep(xsp, [b]), align=4),
+                                      ir.Constant(_i32, 0)),
+               _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))) for xp, xdp, xsp in zip(xps, xdps, xsps)]
         for tp, row_accs in zip(tps, accs):
             nib = builder.bitcast(_nibbles32(builder, builder.gep(tp, [builder.add(builder.mul(m, c(2)),
                                                                                    builder.mul(loop.index, c(16)))])), v8i)
@@ -527,19 +529,20 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xbps, dp, gstride=18 * Q4_0R_GROUP,
 
 
 def _row_dot_q4_0r_vnni(context, builder, sig, args):
-    wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args)
+    wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args, per_block=1)
     return _q4_0r_dots(builder, [wp], args[2], [xp], [xdp], [xbp], dp)[0][0]
 
 
 @intrinsic
-def dot_row_q4_0r_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
+def dot_row_q4_0r_vnni(typingctx, w, woff, nb, xt, xoff, xd, xs, xdoff):
     """dot_row_q4_0_vnni for a row in the repacked Q4_0 layout (quant.repack_q4_0: per group of 8 blocks, their 8
-    fp16 scales, then their 8 x 16 quant bytes; a shorter group at the row's end). The 8 scales convert in one
-    vcvtph2ps and multiply the activations' 8 block scales in one vmulps. That removes the per-block scale load,
-    conversion and multiply of the GGUF layout: a TinyLlama-sized matvec 11% faster from DRAM (28.8 -> 32.3 GB/s;
-    the GGUF layout is compute-bound here) and ~20% from L2. The group's 8 block dots then meet their 8 scales
-    in one FMA (_q4_0r_group_sums); the sum differs from the GGUF-layout dot's by float rounding only."""
-    sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
+    fp16 scales, then their quants with the group's blocks across the lanes; a shorter group at the row's end),
+    with the activations in the forms it reads (quant.quantize_acts: xt, xs; xd as for every int8 dot). The 8
+    scales convert in one vcvtph2ps and multiply the activations' 8 block scales in one vmulps, and meet the
+    group's 8 exact block dots (_q4_0r_group_sums) in one FMA. Against the GGUF-layout dot: the per-block scale
+    load, conversion and multiply gone (a TinyLlama-sized matvec 11% faster from DRAM), then no horizontal
+    reduction per block (1.8x faster from L1). The sum differs from the GGUF-layout dot's by float rounding only."""
+    sig = types.float32(w, woff, nb, xt, xoff, xd, xs, xdoff)
 
     def codegen(context, builder, signature, args):
         return _row_dot_q4_0r_vnni(context, builder, signature, args)
@@ -733,16 +736,17 @@ dot_row_q6_k_vnni = _row_intrinsic(_kquant_tokens(_q6_k_super_block), """A Q6_K 
     integer sums per 32 values, each half of the lanes scaled by its 16 values' scale.""")
 
 
-def _tokens_intrinsic(token_dots, doc):
+def _tokens_intrinsic(token_dots, doc, per_block=8):
     """An intrinsic dotting one row with TOKENS tokens through token_dots (the batch matmuls' inner call): token
-    k's activations at x8[xoff + k xstride:], its block scales and sums from xdoff + k xdstride."""
+    k's activations at x8[xoff + k xstride:], its block scales and offset terms (per_block int32 a block:
+    _bias_ptr) from block xdoff + k xdstride."""
     @intrinsic
     def dot_tokens(typingctx, w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride):
         sig = types.UniTuple(types.float32, TOKENS)(w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride)
 
         def codegen(context, builder, signature, args):
             w_, woff_, nb_, x8_, xoff_, xstride_, xd_, xb_, xdoff_, xdstride_ = args
-            f32, v8i = ir.FloatType(), ir.VectorType(_i32, 8)
+            f32 = ir.FloatType()
             wp = _ptr(context, builder, signature.args[0], w_, woff_)
             xps, xdps, xbps = [], [], []
             for k in range(TOKENS):
@@ -751,8 +755,7 @@ def _tokens_intrinsic(token_dots, doc):
                 xdo = builder.add(xdoff_, builder.mul(xdstride_, ir.Constant(xdstride_.type, k)))
                 xdps.append(builder.bitcast(_ptr(context, builder, signature.args[6], xd_,
                                                  builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
-                xbps.append(builder.bitcast(_ptr(context, builder, signature.args[7], xb_,
-                                                 builder.mul(xdo, ir.Constant(xdo.type, 32))), v8i.as_pointer()))
+                xbps.append(_bias_ptr(context, builder, signature.args[7], xb_, xdo, per_block))
             return context.make_tuple(builder, signature.return_type,
                                       token_dots(builder, wp, nb_, xps, xdps, xbps, _vpdpbusd(builder)))
 
@@ -763,8 +766,9 @@ def _tokens_intrinsic(token_dots, doc):
 
 
 dot_tokens_q4_0r_vnni = _tokens_intrinsic(_q4_0r_token_dots, """dot_row_q4_0r_vnni of one row with TOKENS tokens'
-    activations (_tokens_intrinsic): the row's nibbles are split and its scales converted once for all of them
-    (a prompt batch's matmul, quant.matmul_q4_0r_vnni); each result is bit-identical to the one-token dot.""")
+    activations (_tokens_intrinsic; xt, xd, xs as it reads them): the row's nibbles are split and its scales
+    converted once for all of them (a prompt batch's matmul, quant.matmul_q4_0r_vnni); each result is
+    bit-identical to the one-token dot.""", per_block=1)
 
 
 _KQ_TOKENS_DOC = """dot_row_{0}_vnni of one row with TOKENS tokens' activations (_tokens_intrinsic): each block's weights
@@ -778,19 +782,19 @@ dot_tokens_q8_0_vnni = _tokens_intrinsic(_q8_0_token_dots, """dot_row_q8_0_vnni 
 
 
 @intrinsic
-def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, x8, xoff, xd, xb, xdoff, pf, pf_lines):
+def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, xt, xoff, xd, xs, xdoff, pf, pf_lines):
     """(gate . x, up . x) for a neuron's gate and up rows, repacked Q4_0 (quant.repack_q4_0) and interleaved from
     byte off of w: each whole group of Q4_0R_GROUP blocks of the gate (144 bytes), then the up row's same group;
     then the gate's shorter last group, if any, and the up row's (ffn_pack.interleave_rows). One block loop
-    over one stream of bytes: each block's activations (x8[xoff:], block scales and sums from xdoff) are loaded
-    once for both rows, and the rows' independent chains interleave. Each result is bit-identical to
+    over one stream of bytes: each block's activations (xt[xoff:], block scales and offset terms from xdoff, as
+    dot_row_q4_0r_vnni reads them) are loaded once for both rows, and the rows' independent chains interleave. Each result is bit-identical to
     dot_row_q4_0r_vnni of that row.
     Where pf >= 0, whole group g also prefetches pf_lines cache lines of w from byte pf + 64 pf_lines g:
     pack_ffn's prefetch of a later unit, issued at the pace of the compute (see sparse.PREFETCH_AHEAD)."""
-    sig = types.UniTuple(types.float32, 2)(w, off, nb, x8, xoff, xd, xb, xdoff, pf, pf_lines)
+    sig = types.UniTuple(types.float32, 2)(w, off, nb, xt, xoff, xd, xs, xdoff, pf, pf_lines)
 
     def codegen(context, builder, signature, args):
-        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args[:8])
+        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args[:8], per_block=1)
         gb = 18 * Q4_0R_GROUP
         i64 = ir.IntType(64)
         c = lambda v: ir.Constant(i64, v)

@@ -102,11 +102,12 @@ AXPY_ONLY, COEF_TIMES_DOT, ACT_OF_DOT, GATED_DOTS = 0, 1, 2, 3  # how a kept neu
 
 
 @njit(inline="always")
-def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, scratch):
-    """The row at u[off:] (GGUF row format of qtype) dotted with the token's activations."""
+def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
+    """The row at u[off:] (GGUF row format of qtype) dotted with the token's activations (x and its
+    quant.quantize_acts forms)."""
     cols = x.shape[1]
     if qtype == Q4_0R:  # exists only where VNNI does (weights.Weight.repacked)
-        return dot_row_q4_0r_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
+        return dot_row_q4_0r_vnni(u, off, cols // QK, xt, 0, xd, xs, 0)
     if qtype == Q4_0 and vnni:
         return dot_row_q4_0_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q4_0:
@@ -205,7 +206,7 @@ def _sum_parts(parts, out):
 
 @njit(parallel=True, cache=True, fastmath=True)
 def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kind, dim, idx, n, coef, mode, act_id, x,
-             xq, xd, x8, xb, parts, out):
+             xq, xd, x8, xb, xt, xs, parts, out):
     """One decode token's FFN over the kept neurons of a neuron pack. u: flat uint8, n_ff units unit_bytes apart
     (the stride may include page padding: ffn_pack.unit_stride), each the neuron's gate row (if the pack has
     one) from byte 0, its up row from byte up_at and its down column from byte down_at. A gate and an up row
@@ -258,7 +259,7 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                     ahead[g] = idx[t] * unit_bytes if g < cnt and t < end else -1
                     if g < cnt:
                         base = idx[j + g] * unit_bytes
-                        dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, x8, 0, xd, xb, 0, ahead[g], head_per_group)
+                        dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, xt, 0, xd, xs, 0, ahead[g], head_per_group)
                         h[g] = activate(dg, act_id) * d
                         offs[g] = base + down_at
                     if ahead[g] >= 0:
@@ -278,18 +279,19 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                 if mode == AXPY_ONLY:
                     h[g] = coef[j + g]
                 elif mode == GATED_DOTS and paired:
-                    dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, x8, 0, xd, xb, 0, -1, 0)
+                    dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, xt, 0, xd, xs, 0, -1, 0)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     h[g] = activate(dg, act_id) * d
                 else:
-                    d = _row_dot(u, base + up_at, up_qtype, vnni, x, xq, xd, x8, xb, scratch)
+                    d = _row_dot(u, base + up_at, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     if mode == COEF_TIMES_DOT:
                         h[g] = coef[j + g] * d
                     elif mode == ACT_OF_DOT:
                         h[g] = activate(d, act_id)
                     else:
-                        h[g] = activate(_row_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, scratch), act_id) * d
+                        h[g] = activate(_row_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch),
+                                        act_id) * d
                 if mode == AXPY_ONLY:
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
@@ -305,7 +307,7 @@ def _x_forms(x, needed):
     if not needed:
         T = n = 0
     forms = (np.empty((T, n), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
-             np.empty((T, n // 4), np.int32))
+             np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, n // QK), np.int32))
     if needed:
         quantize_acts(x, *forms)
     return forms
@@ -329,7 +331,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     x (1, cols) is quantized here when the rows' dots read int8 blocks: one call per layer and token carries the
     whole FFN (the Python around it measured ~15 us a layer)."""
     nbo = dim // QK
-    xq, xd, x8, xb = _x_forms(x, qtype in INT8_TYPES or (gated and up_qtype in INT8_TYPES))
+    xq, xd, x8, xb, xt, xs = _x_forms(x, qtype in INT8_TYPES or (gated and up_qtype in INT8_TYPES))
     lo, hi = (0 if gated else down_at), down_at + down_bytes(down_kind, dim)  # the bytes of a unit it reads
     n_parts = parts.shape[0]
     counts = np.zeros(n_parts, np.int64)  # neurons kept by each part
@@ -354,7 +356,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
             while r < end:  # the dense scan, to the next kept row: a tight loop of row dots (A/B: 2% faster)
                 if r + SELECT_PREFETCH_ROWS < end:
                     prefetch(w, (r + SELECT_PREFETCH_ROWS) * row_bytes, row_bytes)
-                a = activate(_row_dot(w, r * row_bytes, qtype, vnni, x, xq, xd, x8, xb, scratch), act_id)
+                a = activate(_row_dot(w, r * row_bytes, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch), act_id)
                 if abs(a) > t:
                     break
                 r += 1
@@ -369,7 +371,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
             # dot the oldest waiting neuron once PACK_QUEUE finds have passed since its prefetch (at the end: all)
             while dotted < queued and (queued - dotted > PACK_QUEUE or r >= end):
                 base = q_id[dotted] * unit_bytes
-                h[dotted] = q_a[dotted] * _row_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, scratch) if gated \
+                h[dotted] = q_a[dotted] * _row_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch) if gated \
                     else q_a[dotted]
                 offs[dotted] = base + down_at
                 dotted += 1
