@@ -99,6 +99,19 @@ def test_activation_quantization_is_llama_cpp_q8_0():
     assert np.abs(diff).max() <= 1 and (diff != 0).mean() < 0.01
 
 
+def test_transposed_activation_forms():
+    """quantize_acts' forms for the repacked Q4_0 dots: xt holds x8 with each whole group of 8 blocks transposed
+    in runs of 4 values (run i of block k at 4-byte slot 8 i + k), the rest of the row as it is; xs is -8 times
+    each block's sum. 1056 columns: four whole groups and a tail of 1 block."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((2, 1056)) * 3).astype(np.float32)
+    _, _, x8, _, xt, xs = Acts(x).forms()
+    runs = x8[:, :1024].reshape(2, 4, 8, 8, 4)  # (token, group, block k, run i, 4 values)
+    np.testing.assert_array_equal(xt[:, :1024].reshape(2, 4, 8, 8, 4), runs.transpose(0, 1, 3, 2, 4))
+    np.testing.assert_array_equal(xt[:, 1024:], x8[:, 1024:])
+    np.testing.assert_array_equal(xs, -8 * x8.reshape(2, 33, 32).astype(np.int64).sum(axis=2))
+
+
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
                     reason="this CPU has no AVX512-VNNI (the generic kernels run instead)")
 @pytest.mark.parametrize("T,cols", [(1, 1024), (3, 1024), (1, 1056)])
