@@ -179,6 +179,7 @@ def quantize_acts(x, xq, xd, x8, xb, xt, xs):
     random rows, ties included).
     """
     T, n = x.shape
+    G = QK * Q4_0R_GROUP  # values in a repacked Q4_0 group
     for t in range(T):
         for b in range(n // QK):
             o = b * QK
@@ -199,7 +200,6 @@ def quantize_acts(x, xq, xd, x8, xb, xt, xs):
                                          np.int32(x8[t, k + 3]))
                 s += xb[t, b * 8 + l]
             xs[t, b] = s
-        G = QK * Q4_0R_GROUP
         x32, t32 = x8[t].view(np.int32), xt[t].view(np.int32)  # runs of 4 values
         for g in range(n // G):
             for i in range(QK // 4):
@@ -330,11 +330,11 @@ def repack_q4_0(raw, rows, row_bytes, out):
                 for j in range(16):
                     out[dst + 2 * m + 16 * k + j] = raw[src + 2 + j]
                 continue
-            for i in range(16):  # weights 8 j + m (m < 4), bytes 0..15's low nibbles then their high nibbles
-                j, mm = i // 4, i % 4
-                lo = _nibble(raw, src + 2, 8 * j + mm)
-                hi = _nibble(raw, src + 2, 8 * j + 4 + mm)
-                out[dst + 2 * m + 32 * j + 4 * k + mm] = np.uint8(lo | (hi << 4))
+            for j in range(4):  # chunk j, lane k: weights 8 j + mm (low nibble) and 8 j + 4 + mm (high)
+                for mm in range(4):
+                    lo = _nibble(raw, src + 2, 8 * j + mm)
+                    hi = _nibble(raw, src + 2, 8 * j + 4 + mm)
+                    out[dst + 2 * m + 32 * j + 4 * k + mm] = np.uint8(lo | (hi << 4))
 
 
 @njit(inline="always")

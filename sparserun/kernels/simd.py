@@ -477,9 +477,10 @@ def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
 
 def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP, tail_at=None, each_group=None):
     """Dots of the repacked Q4_0 rows at wps (byte pointers) with the activations of tokens xps (xt) / xdps /
-    xsps (xs), quant.quantize_acts' forms for these dots: dots[row][token]. Each block's nibbles are unpacked once for all tokens and each token's activations loaded
-    once for all rows. Per (row, token): whole groups add their 8 block dots times the 8 scales in one FMA
-    (_q4_0r_group_sums), the tail blocks theirs by block parity, and one horizontal sum ends it, so a result
+    xsps (xs), quant.quantize_acts' forms for these dots: dots[row][token]. Each block's nibbles are unpacked
+    once for all tokens and each token's activations loaded once for all rows. Per (row, token): whole groups
+    add their 8 block dots times the 8 scales in one FMA (_q4_0r_group_sums), the tail blocks theirs by block
+    parity, and one horizontal sum ends it, so a result
     depends on neither the rows nor the tokens beside it (batch tiles equal one token at a time; a paired
     gate/up dot equals each row's own). A row's groups lie gstride bytes apart (its own groups back to back,
     or two rows' groups interleaved); tail_at(groups, m) gives the pointers of the rows' last, shorter groups
