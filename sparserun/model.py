@@ -17,7 +17,8 @@ from .errors import SparserunError
 from .gguf_file import GGUFFile
 from .kernels import ops
 from .kernels import quant as K
-from .weights import Acts, Matmuls, Weight, repacked_together, stackable
+from .memory import Arena
+from .weights import Acts, Matmuls, Weight, in_memory_together, stackable
 
 ACT_IDS = {"silu": 0, "relu": 1, "gelu": 2}
 
@@ -63,14 +64,17 @@ class Model:
         def w(name, shape):
             return Weight(f.tensor(name, shape))
 
+        arena = Arena(in_memory_bytes(f))  # the matrices' memory, all in huge pages
+
         def mats(*names_shapes):
-            """Matrices one matmul call reads together (q, k, v; up, gate): Q4_0 repacked for the VNNI kernels where
-            they run (weights.Weight.repacked; 11% faster from DRAM) into one buffer (weights.joined), else read in
-            place."""
+            """Matrices one matmul call reads together (q, k, v; up, gate), copied out of the file mapping into huge
+            pages (weights.Weight.in_memory: Q4_0 repacked for the VNNI kernels where they run), back to back in one
+            buffer when they stack (weights.joined: one stream for the kernel). 1-row vectors stay in place."""
             ms = [w(name, shape) for name, shape in names_shapes]
-            if not (K.HAS_VNNI and all(m.qtype == K.Q4_0 and m.rows > 1 for m in ms)):
+            if any(m.rows == 1 for m in ms):
                 return ms
-            rs = repacked_together(ms) if all(stackable(ms[0], m) for m in ms) else [m.repacked() for m in ms]
+            rs = (in_memory_together(ms, arena.take) if all(stackable(ms[0], m) for m in ms)
+                  else [m.in_memory(arena.take(m.raw.nbytes)) for m in ms])
             for m in ms:
                 f.release_pages(m.raw)  # the file's copy is no longer read
             return rs
@@ -224,6 +228,19 @@ class Model:
         from .info import model_info
 
         return model_info(self)
+
+
+def in_memory_bytes(f):
+    """Bytes the loader copies into memory at most: every matrix but the embedding (read a row at a time, in place)."""
+    total = 0
+    for name in f.tensor_names:
+        try:
+            t = f.tensor(name)
+        except SparserunError:  # unsupported or broken: an error when (if) the model uses it
+            continue
+        if t.rows > 1 and name != "token_embd.weight":
+            total += t.raw.nbytes
+    return total
 
 
 def common_prefix(a, b, limit=None):

@@ -285,15 +285,15 @@ def test_interleaved_gate_up_dots_equal_single_ones():
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
                     reason="the repacked Q4_0 layout is used only with the VNNI kernels")
-def test_weights_repacked_together_run_as_one_array():
-    """repacked_together puts q/k/v-like weights back to back in one buffer; Matmuls then hands the kernel one
+def test_weights_in_memory_together_run_as_one_array():
+    """in_memory_together puts q/k/v-like weights back to back in one buffer; Matmuls then hands the kernel one
     array (weights.joined) and every output equals that weight's own repacked matmul exactly. Slices that are
     not back to back, or not in order, stay separate arrays."""
-    from sparserun.weights import Matmuls, joined, repacked_together
+    from sparserun.weights import Matmuls, in_memory_together, joined
 
     rng = np.random.default_rng(12)
     ws = [weight(Q.Q4_0, 64, 256, rng), weight(Q.Q4_0, 32, 256, rng), weight(Q.Q4_0, 16, 256, rng)]
-    together = repacked_together(ws)
+    together = in_memory_together(ws)
     stack = Matmuls(together)
     assert len(stack.groups) == 1 and len(stack.groups[0][1]) == 1  # one raw array for the kernel
     for T in (1, 3):
