@@ -23,11 +23,7 @@ class Acts:
         kernels' offset terms, and the repacked Q4_0 dots' transposed values and block offset terms (see
         quant.quantize_acts)."""
         if self._forms is None:
-            T, n = self.x.shape
-            self._forms = (np.empty((T, n), np.int16), np.empty((T, n // K.QK), np.float32),
-                           np.empty((T, n), np.int8), np.empty((T, n // 4), np.int32),
-                           np.empty((T, n), np.int8), np.empty((T, n // K.QK), np.int32))
-            K.quantize_acts(self.x, *self._forms)
+            self._forms = K.acts_forms(self.x)
         return self._forms
 
 

@@ -209,6 +209,20 @@ def quantize_acts(x, xq, xd, x8, xb, xt, xs):
             xt[t, j] = x8[t, j]
 
 
+
+@njit(cache=True)
+def acts_forms(x, needed=True):
+    """quantize_acts' six forms of x (T, n), allocated here (the one place their shapes are written), computed
+    when needed, else empty arrays of the same types."""
+    T, n = x.shape
+    if not needed:
+        T = n = 0
+    forms = (np.empty((T, n), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
+             np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, n // QK), np.int32))
+    if needed:
+        quantize_acts(x, *forms)
+    return forms
+
 HAS_VNNI = HAS_X86_VNNI  # AVX512-VNNI kernels in use (detected in simd; SPARSERUN_NO_VNNI=1 turns them off)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate, activate_row
-from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q8_0, QK, dequant_row, quantize_acts
+from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q8_0, QK, acts_forms, dequant_row
 from .simd import (Q4_0R_GROUP, axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_gate_up_q4_0r_vnni,
                    dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_k_vnni,
                    dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, load_f16, prefetch)
@@ -300,19 +300,6 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
     _sum_parts(parts, out)
 
 
-@njit(cache=True)
-def _x_forms(x, needed):
-    """quantize_acts' forms of x (T, n) when needed, else empty arrays."""
-    T, n = x.shape
-    if not needed:
-        T = n = 0
-    forms = (np.empty((T, n), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
-             np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, n // QK), np.int32))
-    if needed:
-        quantize_acts(x, *forms)
-    return forms
-
-
 @njit(parallel=True, cache=True, fastmath=True)
 def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_bytes, down_at, up_qtype, vnni,
                     down_kind, dim, x, parts, out):
@@ -331,7 +318,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     x (1, cols) is quantized here when the rows' dots read int8 blocks: one call per layer and token carries the
     whole FFN (the Python around it measured ~15 us a layer)."""
     nbo = dim // QK
-    xq, xd, x8, xb, xt, xs = _x_forms(x, qtype in INT8_TYPES or (gated and up_qtype in INT8_TYPES))
+    xq, xd, x8, xb, xt, xs = acts_forms(x, qtype in INT8_TYPES or (gated and up_qtype in INT8_TYPES))
     lo, hi = (0 if gated else down_at), down_at + down_bytes(down_kind, dim)  # the bytes of a unit it reads
     n_parts = parts.shape[0]
     counts = np.zeros(n_parts, np.int64)  # neurons kept by each part
