@@ -81,7 +81,7 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
         want = h @ dcols[idx]
         tol = 1e-4 * (1 + np.abs(want))
         if down_qtype == 2 and K.HAS_VNNI:
-            # axpy4_q4_vnni rounds each term's coefficient h_j * scale to int8 with at most the block's largest
+            # axpy_q4_vnni rounds each term's coefficient h_j * scale to int8 with at most the block's largest
             # |h * scale| / 127 as step: at most half a step times |nibble - 8| per term
             a = np.abs(s[idx])  # (kept, blocks) block scales
             hs = np.abs(h)[:, None] * a
@@ -133,29 +133,30 @@ def test_pack_units_page_padded(tmp_path):
 
 
 @pytest.mark.skipif(not K.HAS_VNNI, reason="this CPU has no AVX512-VNNI (the float axpy runs instead)")
-@pytest.mark.parametrize("cnt", [4, 3, 1])
+@pytest.mark.parametrize("cnt", [8, 5, 3, 1])
 def test_int8_coefficient_axpy_equals_its_rounding(cnt):
-    """axpy4_q4_vnni with _coefs_i8 against numpy doing the same rounding (per block: the group's terms h_g *
-    scale rounded to int8 with one scale max / 127) on 4-bit columns; a group under 4 is padded."""
+    """axpy_q4_vnni with _coefs_i8 against numpy doing the same rounding (per block: the group's terms h_g *
+    scale rounded to int8 with one scale max / 127) on 4-bit columns; a group under AXPY_GROUP is padded."""
     from numba import njit
 
+    G = S.AXPY_GROUP
     rng = np.random.default_rng(cnt)
-    nb, n_units = 8, 5
+    nb, n_units = 8, 9
     q = rng.integers(0, 256, (n_units, nb * 16), dtype=np.uint8)
     sc = ((rng.random((n_units, nb)) + 0.1) * 0.02).astype(np.float16)  # the pack's fp16 scales
     u = np.concatenate([q, sc.view(np.uint8)], axis=1).reshape(-1)
     sc = sc.astype(np.float32)
     unit = q.shape[1] + sc.shape[1] * 2
-    pick = np.array([3, 0, 4, 1])[:cnt]
-    offs = np.zeros(4, np.int64)
+    pick = np.array([3, 0, 8, 4, 1, 7, 2, 6])[:cnt]
+    offs = np.zeros(G, np.int64)
     offs[:cnt] = pick * unit
-    h = np.zeros(4, np.float32)
+    h = np.zeros(G, np.float32)
     h[:cnt] = rng.standard_normal(cnt).astype(np.float32) * 3
 
     @njit
     def run(acc, u, offs, h, cnt, nb):
         co = S._coef_scratch(nb)
-        S._axpy(acc, u, offs, h, cnt, nb, S.DOWN_Q4, True, co, np.full(4, -1, np.int64))
+        S._axpy(acc, u, offs, h, cnt, nb, S.DOWN_Q4, True, co, np.full(G, -1, np.int64))
 
     acc = rng.standard_normal(nb * 32).astype(np.float32)
     want = acc.copy()

@@ -9,7 +9,7 @@ from numba import njit, prange
 
 from .ops import activate, activate_row
 from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q8_0, QK, acts_forms, dequant_row
-from .simd import (Q4_0R_GROUP, axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, dot_gate_up_q4_0r_vnni,
+from .simd import (Q4_0R_GROUP, AXPY_Q4_COLUMNS, axpy_q4_vnni, axpy_units_f32, coefs_q4_vnni, axpy_units_i8, axpy_units_q4, dot_gate_up_q4_0r_vnni,
                    dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_k_vnni,
                    dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, load_f16, prefetch)
 
@@ -18,8 +18,7 @@ from .simd import (Q4_0R_GROUP, axpy4_q4_vnni, axpy_units_f32, axpy_units_i8, ax
 # fixed 8 allocated per call: numba's static schedule gives each thread a run of parts anyway, and each
 # part costs a zeroed row and its share of the final sum.
 MAX_PARTS = 64
-AXPY_GROUP = 4  # kept neurons added per pass over a partial sum (A/B: 4 best of 2, 4, 8)
-assert AXPY_GROUP == 4, "axpy4_q4_vnni adds exactly 4 columns per call (offs and the packed coefficients)"
+AXPY_GROUP = AXPY_Q4_COLUMNS  # kept neurons added per pass over a partial sum: the VNNI axpy's 8 (see its A/B)
 # How far ahead pack_ffn prefetches, in neurons. The prefetch is spread over the compute, a third of a unit
 # at three points per neuron (_prefetch_step): a burst of prefetches (4 units, 224 lines, at once) stalls
 # the core until its miss buffers drain, so memory and compute took turns. A/B on random sets of the
@@ -133,44 +132,28 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
 
 @njit(inline="always")
 def _coefs_i8(u, offs, h, cnt, nb, qbytes, co):
-    """axpy4_q4_vnni's coefficients for the group's down columns at u[offs[g]:] (nb blocks of 16 quant bytes,
-    then nb fp16 scales): per block b, c_g = h_g * scale(g, b) rounded to int8 with one scale per block.
-    co = (cw, cz, cs): cw[b] the four packed, cz[b] = -8 * their sum, cs[b] the scale (max |c_g| / 127). A
-    group of fewer than 4 is padded with coefficient 0 on the first column."""
-    cw, cz, cs = co
-    for g in range(cnt, 4):
+    """axpy_q4_vnni's coefficients (simd.coefs_q4_vnni) for the group's down columns at u[offs[g]:] (nb blocks of
+    16 quant bytes, then nb fp16 scales): per block b, c_g = h_g * scale(g, b) rounded to int8 with one scale per
+    block. co = (cw, cz, cs). A group of fewer than AXPY_GROUP is padded with coefficient 0 on the first column
+    (offs and h are the group's scratch)."""
+    for g in range(cnt, AXPY_GROUP):
         offs[g] = offs[0]
-    h0 = h[0]
-    h1 = h[1] if cnt > 1 else np.float32(0.0)
-    h2 = h[2] if cnt > 2 else np.float32(0.0)
-    h3 = h[3] if cnt > 3 else np.float32(0.0)
-    s0, s1, s2, s3 = offs[0] + qbytes, offs[1] + qbytes, offs[2] + qbytes, offs[3] + qbytes
-    for b in range(nb):
-        c0 = h0 * load_f16(u, s0 + 2 * b)
-        c1 = h1 * load_f16(u, s1 + 2 * b)
-        c2 = h2 * load_f16(u, s2 + 2 * b)
-        c3 = h3 * load_f16(u, s3 + 2 * b)
-        m = max(max(abs(c0), abs(c1)), max(abs(c2), abs(c3)))
-        inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
-        q0, q1 = np.int32(np.rint(c0 * inv)), np.int32(np.rint(c1 * inv))
-        q2, q3 = np.int32(np.rint(c2 * inv)), np.int32(np.rint(c3 * inv))
-        cw[b] = (q0 & 255) | ((q1 & 255) << 8) | ((q2 & 255) << 16) | (q3 << 24)
-        cz[b] = -8 * (q0 + q1 + q2 + q3)
-        cs[b] = m / np.float32(127.0)
+        h[g] = 0.0
+    coefs_q4_vnni(u, offs, h, nb, qbytes, co[0], co[1], co[2])
 
 
 @njit(inline="always")
 def _coef_scratch(nb):
-    return np.empty(nb, np.int32), np.empty(nb, np.int32), np.empty(nb, np.float32)
+    return np.empty(nb * (AXPY_GROUP // 4), np.int32), np.empty(nb, np.int32), np.empty(nb, np.float32)
 
 
 @njit(inline="always")
 def _axpy(acc, u, offs, h, cnt, nbo, down_kind, vnni, co, ahead):
     """acc += sum_g h[g] * the down column at u[offs[g]:], in the pack's down format (co: _coef_scratch).
-    The VNNI Q4 axpy also prefetches a line per block from the byte offsets ahead (see axpy4_q4_vnni)."""
+    The VNNI Q4 axpy also prefetches a line per block from the byte offsets ahead (see axpy_q4_vnni)."""
     if down_kind == DOWN_Q4 and vnni:
         _coefs_i8(u, offs, h, cnt, nbo, nbo * 16, co)
-        axpy4_q4_vnni(acc, u, offs, co[0], co[1], co[2], nbo, ahead)
+        axpy_q4_vnni(acc, u, offs, co[0], co[1], co[2], nbo, ahead)
     elif down_kind == DOWN_Q4:
         axpy_units_q4(acc, u, offs, h, cnt, nbo)
     elif down_kind == DOWN_Q8:
