@@ -30,8 +30,10 @@ PREFETCH_UNITS = 4
 # lines, so the loads leave at the pace of the compute however LLVM lays out the loops. A/B in one process
 # (random sets of the TinyLlama Q4_0 pack from DRAM, 2 threads, 20 interleaved repetitions, the same sums),
 # against the cursor above: f = 0.5 8-10% faster, 0.25 5-9%, 0.1 3-8%, for distances 4 to 16 alike (2
-# slower); prefetch locality 1 alike, 3 and 0 1.4x slower.
-PREFETCH_AHEAD = 8
+# slower); prefetch locality 1 alike, 3 and 0 1.4x slower. With 8-neuron axpy groups, two groups ahead (16)
+# beat one (8) at f = 0.5 by 6-8% in two A/B runs (8.75 -> 8.24, 9.05 -> 8.34 ms), alike at 0.25 and 0.1;
+# 24 and 32 alike with 16, 4 slower.
+PREFETCH_AHEAD = 16
 PACK_QUEUE = 4  # kept neurons select_pack_ffn holds back while their units load (A/B: 4 and 8 best of 4-16)
 SELECT_PREFETCH_ROWS = 32  # how far ahead select_pack_ffn prefetches its dense selection rows (A/B below)
 
@@ -292,8 +294,8 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     runs it as pack_ffn would (h = a * (up . x) gated, else h = a). The dense selection stream then hides
     the latency of the kept units' random reads, and one region replaces four kernel calls (A/B on the
     planted TinyLlama at threshold:0: FFN 7.6% faster than matmul + select + pack_ffn). The kept work is
-    spread over the scan: one up dot per kept neuron found, and the down axpy once four are dotted, rather
-    than a group's four dots and axpy in one burst, during which the memory stream ran dry (A/B on real
+    spread over the scan: one up dot per kept neuron found, and the down axpy once a group (AXPY_GROUP) is
+    dotted, rather than a group's dots and axpy in one burst, during which the memory stream ran dry (A/B on real
     decode inputs, 22 layers: 5.80 -> 5.70 ms, same sums). The selection rows are
     prefetched SELECT_PREFETCH_ROWS ahead: the hardware prefetcher's stream stalls while a kept unit is
     computed (A/B on real decode inputs of the planted TinyLlama, 22 layers: 9.1 -> 8.1 ms; distances 16 and
