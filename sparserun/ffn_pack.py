@@ -189,20 +189,16 @@ class NeuronPack:
             remove_older_formats(path, stem)
         self.unit_bytes, self.used = stride, used
         self.units = load_units(path, (self.n_ff, stride))  # (n_ff * stride,) uint8, in huge pages
-        # pack_ffn's leading arguments, and whether its up / gate dots read int8 activations: built once, as a
-        # decode token calls run() once per layer
+        # pack_ffn's leading arguments: built once, as a decode token calls run() once per layer
         self._head = (self.units, stride, self.up_at, self.down_at, self.gate_qtype, self.up_qtype, K.HAS_VNNI,
                       self.kind, self.dim)
-        self._int8_up, self._int8_gate = self.up_qtype in K.INT8_TYPES, self.gate_qtype in K.INT8_TYPES
 
     def run(self, acts, idx, n, coef, mode, act_id, out):
         """out (dim,) = the FFN of one token over neurons idx[:n] (global ids); see kernels.sparse.pack_ffn."""
         if (mode == S.GATED_DOTS) != self.has_gate:
             raise ValueError("a neuron pack with gate rows runs GATED_DOTS only" if self.has_gate
                              else "this neuron pack holds no gate rows")
-        int8 = mode != S.AXPY_ONLY and self._int8_up or mode == S.GATED_DOTS and self._int8_gate
-        S.pack_ffn(*self._head, idx, n, coef, mode, act_id, acts.x, *(acts.forms() if int8 else NO_FORMS),
-                   part_sums(self.dim), out)
+        S.pack_ffn(*self._head, idx, n, coef, mode, act_id, acts.x, part_sums(self.dim), out)
         return out
 
     def selected_args(self, w, gid, t, act_id, gated):
@@ -230,5 +226,3 @@ def part_sums(dim):
         buf = _PARTS[(n, dim)] = np.empty((n, dim), np.float32)
     return buf
 
-
-NO_FORMS = K.acts_forms(np.empty((1, 0), np.float32))  # pack_ffn's forms when its dots read none

@@ -141,8 +141,8 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     for vnni, n_parts in ((False, 1), (True, 3)):  # any number of partial sums splits the neurons correctly
         out = np.empty(dim, np.float32)
         S.pack_ffn(units.reshape(-1), units.shape[1], w.row_bytes, 2 * w.row_bytes, Q.Q4_0, Q.Q4_0, vnni, S.DOWN_F32,
-                   dim, idx, 37, np.empty(0, np.float32), S.GATED_DOTS, 1, acts.x[:1], xq[:1], xd[:1], x8[:1],
-                   xb[:1], xt[:1], xs[:1], np.full((n_parts, dim), np.nan, np.float32), out)
+                   dim, idx, 37, np.empty(0, np.float32), S.GATED_DOTS, 1, acts.x[:1],
+                   np.full((n_parts, dim), np.nan, np.float32), out)
         outs.append(out)
     d = want[0, idx]
     ref = (np.maximum(d, 0) * d) @ down[idx]  # relu(gate . x) * (up . x)
@@ -221,7 +221,7 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
         units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
         S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, True, S.DOWN_F32, 32,
-                   idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, *acts.forms(),
+                   idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x,
                    np.empty((2, 32), np.float32), out)
         outs.append(out)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
@@ -239,7 +239,7 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
         out = np.empty(32, np.float32)
         S.pack_ffn(units.reshape(-1), units.shape[1], gate.row_bytes, gate.row_bytes + up.row_bytes, gate.qtype,
                    up.qtype, True, S.DOWN_F32, 32, idx, 4, np.empty(0, np.float32), S.GATED_DOTS, 0, acts.x,
-                   *acts.forms(), np.empty((2, 32), np.float32), out)
+                   np.empty((2, 32), np.float32), out)
         outs.append(out)
     gd, ud = g.matmul(acts)[0, idx], w.matmul(acts)[0, idx]
     want = (gd / (1 + np.exp(-gd)) * ud) @ down[idx]

@@ -191,7 +191,7 @@ def _sum_parts(parts, out):
 
 @njit(parallel=True, cache=True, fastmath=True)
 def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kind, dim, idx, n, coef, mode, act_id, x,
-             xq, xd, x8, xb, xt, xs, parts, out):
+             parts, out):
     """One decode token's FFN over the kept neurons of a neuron pack. u: flat uint8, n_ff units unit_bytes apart
     (the stride may include page padding: ffn_pack.unit_stride), each the neuron's gate row (if the pack has
     one) from byte 0, its up row from byte up_at and its down column from byte down_at. A gate and an up row
@@ -205,7 +205,11 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
     Each mode reads one contiguous run of a unit (prefetched PREFETCH_UNITS neurons ahead, spread over the
     compute; PREFETCH_AHEAD, from inside the kernels, on the gated paired path), so a kept neuron costs one
     2.4-3.6 KB stream rather than two or three random rows, all in one parallel region.
-    Threads split the kept neurons evenly (parts: one private partial sum per thread)."""
+    Threads split the kept neurons evenly (parts: one private partial sum per thread). x (1, cols) is quantized
+    here when the dots read int8 blocks (as in select_pack_ffn: one call per layer and token, not two, and no
+    six arrays boxed out of numba and back: 16 -> 11 us a layer at one kept neuron)."""
+    int8 = mode != AXPY_ONLY and up_qtype in INT8_TYPES or mode == GATED_DOTS and gate_qtype in INT8_TYPES
+    xq, xd, x8, xb, xt, xs = acts_forms(x, int8)
     nbo, nbi = dim // QK, x.shape[1] // QK
     # gate and up interleaved, dotted in one block loop. A/B, random sets of the TinyLlama Q4_0 pack, 22 layers:
     # the two rows in one loop from L2 299 against 319 ns a unit, from DRAM at f = 0.5 3-4% faster; then
