@@ -141,7 +141,7 @@ def test_int8_coefficient_axpy_equals_its_rounding(cnt):
 
     G = S.AXPY_GROUP
     rng = np.random.default_rng(cnt)
-    nb, n_units = 8, 9
+    nb, n_units = 37, 9  # coefs_q4_vnni: two 16-block vectors, then 5 blocks one at a time
     q = rng.integers(0, 256, (n_units, nb * 16), dtype=np.uint8)
     sc = ((rng.random((n_units, nb)) + 0.1) * 0.02).astype(np.float16)  # the pack's fp16 scales
     u = np.concatenate([q, sc.view(np.uint8)], axis=1).reshape(-1)
