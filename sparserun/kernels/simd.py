@@ -825,8 +825,9 @@ def coefs_q4_vnni(typingctx, u, offs, h, nb, qbytes, cw, cz, cs):
     """axpy_q4_vnni's int8 coefficients for AXPY_Q4_COLUMNS down columns at u[offs[g]:] (nb blocks of 16 quant
     bytes, then nb fp16 scales from byte qbytes), 8 blocks a vector: c_g = h[g] * scale(g, b), cs[b] = max_g
     |c_g| / 127, q_g = rint(c_g * 127 / max) (0 where the max is 0), cw[k nb + b] = q_4k..q_4k+3 as bytes of one
-    int32, cz[b] = -8 * sum_g q_g. Plain vector IR (no x86 instruction): numba left the scalar form's block loop
-    unvectorized, 8.6 ns a neuron (15.6 for the eight-column form) against 2.4."""
+    int32, cz[b] = -8 * sum_g q_g; 16 blocks a vector, then the rest one at a time. Plain vector IR (no x86
+    instruction): numba left the scalar loop over blocks unvectorized, 8.6 ns a neuron for four columns and 15.6
+    for eight, against 7.2 here (from L2; the max as a tree of selects: 12.8 with llvm.maxnum in a chain)."""
     sig = types.void(u, offs, h, nb, qbytes, cw, cz, cs)
     G = AXPY_Q4_COLUMNS
 
@@ -888,7 +889,7 @@ def axpy_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
     offset back out. Per block and four columns, their 16 bytes are transposed into one 64-byte register (byte
     4k+g = column g's byte k: vpermb) so each int32 lane holds one output's 4 weights; the nibbles are split,
     and the two quads' vpdpbusd sum into one int32 lane per output, converted and added with one FMA per 16
-    outputs. From L2, 29 against 38.5 ns a neuron for the 4-column form (whose per-quad convert, multiply and
+    outputs. From L2, 29-33 against 38.5 ns a neuron for the 4-column form (whose per-quad convert, multiply and
     acc load/store this halves); the float axpy took 2.5x the 4-column form. The rounding adds at most 1/254 of
     the group's largest term to each output per block.
     pf (8,) int64: block b also prefetches two of u's cache lines, v = 2b and 2b + 1 at byte pf[v % 8] + 64
