@@ -823,11 +823,12 @@ AXPY_Q4_COLUMNS = 8  # down columns axpy_q4_vnni adds per call: two vpdpbusd per
 @intrinsic
 def coefs_q4_vnni(typingctx, u, offs, h, nb, qbytes, cw, cz, cs):
     """axpy_q4_vnni's int8 coefficients for AXPY_Q4_COLUMNS down columns at u[offs[g]:] (nb blocks of 16 quant
-    bytes, then nb fp16 scales from byte qbytes), 8 blocks a vector: c_g = h[g] * scale(g, b), cs[b] = max_g
+    bytes, then nb fp16 scales from byte qbytes): c_g = h[g] * scale(g, b), cs[b] = max_g
     |c_g| / 127, q_g = rint(c_g * 127 / max) (0 where the max is 0), cw[k nb + b] = q_4k..q_4k+3 as bytes of one
     int32, cz[b] = -8 * sum_g q_g; 16 blocks a vector, then the rest one at a time. Plain vector IR (no x86
     instruction): numba left the scalar loop over blocks unvectorized, 8.6 ns a neuron for four columns and 15.6
-    for eight, against 7.2 here (from L2; the max as a tree of selects: 12.8 with llvm.maxnum in a chain)."""
+    for eight, against 7.2 here (from L2, separate runs; the max as a tree of selects: 12.8 with llvm.maxnum in
+    a chain)."""
     sig = types.void(u, offs, h, nb, qbytes, cw, cz, cs)
     G = AXPY_Q4_COLUMNS
 
