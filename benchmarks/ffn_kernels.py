@@ -8,8 +8,9 @@ matmuls, activation, down matmul). Repetitions are interleaved across rows; medi
 Target (issue 3): at fraction f the FFN costs at most f + 0.05 of the dense FFN.
 
 The "read floor" column is the time to only read the same units' bytes, split over the threads the same way
-and prefetched two units ahead, with no arithmetic: the memory cost of the layout at that fraction, in the
-same run. Where it is above f + 0.05, reading the kept neurons' bytes alone misses the target: random
+and prefetched line by line READ_AHEAD units ahead, with no arithmetic: the memory cost of the layout at that
+fraction, in the same run, and the rate (GB/s) those bytes came at; "dense rate" is the dense FFN's bytes over
+its time. Where the floor is above f + 0.05, reading the kept neurons' bytes alone misses the target: random
 3.5 KB units stream more slowly than the dense matrices.
 """
 import argparse
@@ -31,10 +32,16 @@ from sparserun.sparsity import SparsityPolicy  # noqa: E402
 from sparserun.weights import Acts  # noqa: E402
 
 
+READ_AHEAD = 8  # units read_units prefetches ahead
+
+
 @numba.njit(parallel=True, cache=True)
 def read_units(u, stride, used, idx, parts):
     """Load one 8-byte word per cache line of units idx (bytes [0, used) each, stride apart), the kept neurons
-    split evenly over `parts` threads as pack_ffn splits them; returns a sum so nothing is optimized away."""
+    split evenly over `parts` threads as pack_ffn splits them; returns a sum so nothing is optimized away.
+    Each line read prefetches the same line of the unit READ_AHEAD on, as the pack kernel prefetches (a whole
+    unit prefetched at once measured 24-27 against 28-33 GB/s at f = 0.5 on 2 threads in one state of the
+    machine, alike in others: benchmarks/unit_reads.py compares the ways)."""
     w = u.view(np.uint64)
     n = idx.shape[0]
     chunk = (n + parts - 1) // parts
@@ -42,11 +49,14 @@ def read_units(u, stride, used, idx, parts):
     for c in numba.prange(parts):
         s = np.uint64(0)
         end = min(n, (c + 1) * chunk)
+        for j in range(c * chunk, min(end, c * chunk + READ_AHEAD)):
+            prefetch(u, idx[j] * stride, used)
         for j in range(c * chunk, end):
-            if j + 2 < end:
-                prefetch(u, idx[j + 2] * stride, used)
+            ahead = idx[j + READ_AHEAD] * stride if j + READ_AHEAD < end else -1
             base = idx[j] * stride // 8
             for k in range(0, used // 8, 8):
+                if ahead >= 0:
+                    prefetch(u, ahead + 8 * k, 64)
                 s += w[base + k]
         tot[c] = s
     return tot.sum()
@@ -95,14 +105,17 @@ def main(argv=None):
             if r:  # the first pass compiles and pages in
                 times[k].append(dt)
     dense = statistics.median(times["dense"])
+    dense_bytes = sum(w.n_bytes for L in m.layers for w in (L.w_gate, L.w_up, L.w_down) if w is not None)
     print(f"FFN of {n_layer} layers, one token, {m.threads} threads, {os.path.basename(a.model)}; medians of {a.repetitions}")
-    print("| kept fraction | ms/token | vs dense | target (f + 0.05) | read floor, vs dense |")
-    print("|---|---|---|---|---|")
-    print(f"| dense | {dense * 1e3:.2f} | 1.00 | | |")
+    print("| kept fraction | ms/token | vs dense | target (f + 0.05) | read floor, vs dense | read rate |")
+    print("|---|---|---|---|---|---|")
+    print(f"| dense | {dense * 1e3:.2f} | 1.00 | | | {dense_bytes / dense / 1e9:.1f} GB/s (dense rate) |")
     for f in fractions:
         t, floor = statistics.median(times[f]), statistics.median(times[("read", f)])
         ok = "met" if t / dense <= f + 0.05 else "missed"
-        print(f"| {f:g} | {t * 1e3:.2f} | {t / dense:.3f} | {f + 0.05:.2f} {ok} | {floor / dense:.3f} |")
+        read_bytes = sum(len(s) * used[li] for li, s in enumerate(sets[f]))
+        print(f"| {f:g} | {t * 1e3:.2f} | {t / dense:.3f} | {f + 0.05:.2f} {ok} | {floor / dense:.3f} | "
+              f"{read_bytes / floor / 1e9:.1f} GB/s |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,118 @@
+"""How fast this machine reads random neuron units, against a sequential stream of the same bytes.
+
+    python benchmarks/unit_reads.py [--fractions 0.5,0.25] [-r 7] [-t 2]
+
+The sparse FFN's kept neurons are random 3456-byte units (a TinyLlama-shaped Q4_0 predictor pack: gate, up
+and down of one neuron), each alone in a 4 KiB page, in huge pages (ffn_pack.py). These pure reads of such units (one 8-byte load per
+cache line, no arithmetic), split over the threads as the pack kernel splits them, are what their bytes
+cost before any compute. Four ways of reading the units (on the 2 Zen 4 cores this project
+is measured on they come within about 10% of each other, in no stable order, all below the stream):
+- burst: one unit at a time, the whole unit 8 on prefetched at once;
+- spread: one unit at a time, each line read prefetches the same line of the unit 8 on (how the pack kernel
+  prefetches, sparse.PREFETCH_AHEAD: the prefetches leave at the pace of the reads);
+- lockstep: 8 units at a time, line k of each in turn, no software prefetch (8 hardware streams);
+- lockstep+pf: the same, and the first 4 lines of the next 8 units prefetched.
+"stream" reads the same number of bytes sequentially, prefetched 1 KiB ahead: what a dense matrix costs.
+The f + 0.05 targets of issue 3 ask the kept units to come at (nearly) the stream's rate.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numba
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sparserun.kernels.simd import prefetch  # noqa: E402
+from sparserun.memory import huge_page_buffer  # noqa: E402
+
+UNIT, STRIDE, N_UNITS = 3456, 4096, 22 * 5632  # 507 MB of units: far more than the caches
+AHEAD = 8
+
+
+@numba.njit(parallel=True, cache=True)
+def read_units(u, idx, parts, how):
+    """Sum one word per cache line of units idx (how: 0 burst, 1 spread, 2 lockstep, 3 lockstep+pf)."""
+    w = u.view(np.uint64)
+    n = idx.shape[0]
+    chunk = (n + parts - 1) // parts
+    tot = np.zeros(parts, np.uint64)
+    for c in numba.prange(parts):
+        s = np.uint64(0)
+        end = min(n, (c + 1) * chunk)
+        if how >= 2:
+            for j0 in range(c * chunk, end, AHEAD):
+                j1 = min(end, j0 + AHEAD)
+                if how == 3:
+                    for t in range(j0 + AHEAD, min(end, j1 + AHEAD)):
+                        prefetch(u, idx[t] * STRIDE, 256)
+                for k in range(0, UNIT // 8, 8):
+                    for j in range(j0, j1):
+                        s += w[idx[j] * (STRIDE // 8) + k]
+        else:
+            for j in range(c * chunk, end):
+                ahead = idx[j + AHEAD] * STRIDE if j + AHEAD < end else -1
+                if how == 0 and ahead >= 0:
+                    prefetch(u, ahead, UNIT)
+                base = idx[j] * (STRIDE // 8)
+                for k in range(0, UNIT // 8, 8):
+                    if how == 1 and ahead >= 0:
+                        prefetch(u, ahead + 8 * k, 64)
+                    s += w[base + k]
+        tot[c] = s
+    return tot.sum()
+
+
+@numba.njit(parallel=True, cache=True)
+def read_stream(u, nbytes, parts):
+    """Sum one word per cache line of u[:nbytes], split in contiguous halves over the threads."""
+    w = u.view(np.uint64)
+    n = nbytes // 8
+    chunk = (n + parts - 1) // parts
+    tot = np.zeros(parts, np.uint64)
+    for c in numba.prange(parts):
+        s = np.uint64(0)
+        for k in range(c * chunk, min(n, (c + 1) * chunk), 8):
+            if 8 * k + 1024 < nbytes:
+                prefetch(u, 8 * k + 1024, 64)
+            s += w[k]
+        tot[c] = s
+    return tot.sum()
+
+
+WAYS = {"burst": 0, "spread": 1, "lockstep": 2, "lockstep+pf": 3}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fractions", default="0.5,0.25")
+    ap.add_argument("-r", "--repetitions", type=int, default=7)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    numba.set_num_threads(a.threads)
+    u = huge_page_buffer(N_UNITS * STRIDE)
+    u[:] = 1  # touch every page
+    rng = np.random.default_rng(0)
+    print(f"{a.threads} threads, units of {UNIT} bytes {STRIDE} apart, medians of {a.repetitions} (GB/s)")
+    print("| kept fraction | stream | " + " | ".join(WAYS) + " |")
+    print("|---" * (2 + len(WAYS)) + "|")
+    for f in [float(v) for v in a.fractions.split(",")]:
+        idx = np.sort(rng.choice(N_UNITS, int(f * N_UNITS), replace=False)).astype(np.int64)
+        nbytes = len(idx) * UNIT
+        runs = {"stream": lambda: read_stream(u, nbytes, a.threads),
+                **{k: (lambda h=h: read_units(u, idx, a.threads, h)) for k, h in WAYS.items()}}
+        rates = {k: [] for k in runs}
+        for r in range(a.repetitions + 1):  # interleaved: every way sees the same machine state
+            for k, fn in runs.items():
+                t = time.perf_counter()
+                fn()
+                if r:  # the first pass compiles
+                    rates[k].append(nbytes / (time.perf_counter() - t) / 1e9)
+        print(f"| {f:g} | " + " | ".join(f"{statistics.median(v):.1f}" for v in rates.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
