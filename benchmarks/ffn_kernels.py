@@ -8,7 +8,8 @@ matmuls, activation, down matmul). Repetitions are interleaved across rows; medi
 Target (issue 3): at fraction f the FFN costs at most f + 0.05 of the dense FFN.
 
 The "read floor" column is the time to only read the same units' bytes, split over the threads the same way
-and prefetched line by line READ_AHEAD units ahead, with no arithmetic: the memory cost of the layout at that
+and prefetched line by line READ_AHEAD units ahead (benchmarks/unit_reads.py: a whole unit prefetched at once
+measured 24-27 against 28-33 GB/s at f = 0.5 on 2 threads in one state of the machine, alike in others), with no arithmetic: the memory cost of the layout at that
 fraction, in the same run, and the rate (GB/s) those bytes came at; "dense rate" is the dense FFN's bytes over
 its time. Where the floor is above f + 0.05, reading the kept neurons' bytes alone misses the target: random
 3.5 KB units stream more slowly than the dense matrices.
@@ -25,41 +26,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sparserun  # noqa: E402
+from benchmarks.unit_reads import SPREAD, read_units  # noqa: E402
 from sparserun.kernels import sparse as S  # noqa: E402
-from sparserun.kernels.simd import prefetch  # noqa: E402
 from sparserun.sparse_ffn import SparseFFN  # noqa: E402
 from sparserun.sparsity import SparsityPolicy  # noqa: E402
 from sparserun.weights import Acts  # noqa: E402
 
 
-READ_AHEAD = 8  # units read_units prefetches ahead
-
-
-@numba.njit(parallel=True, cache=True)
-def read_units(u, stride, used, idx, parts):
-    """Load one 8-byte word per cache line of units idx (bytes [0, used) each, stride apart), the kept neurons
-    split evenly over `parts` threads as pack_ffn splits them; returns a sum so nothing is optimized away.
-    Each line read prefetches the same line of the unit READ_AHEAD on, as the pack kernel prefetches (a whole
-    unit prefetched at once measured 24-27 against 28-33 GB/s at f = 0.5 on 2 threads in one state of the
-    machine, alike in others: benchmarks/unit_reads.py compares the ways)."""
-    w = u.view(np.uint64)
-    n = idx.shape[0]
-    chunk = (n + parts - 1) // parts
-    tot = np.zeros(parts, np.uint64)
-    for c in numba.prange(parts):
-        s = np.uint64(0)
-        end = min(n, (c + 1) * chunk)
-        for j in range(c * chunk, min(end, c * chunk + READ_AHEAD)):
-            prefetch(u, idx[j] * stride, used)
-        for j in range(c * chunk, end):
-            ahead = idx[j + READ_AHEAD] * stride if j + READ_AHEAD < end else -1
-            base = idx[j] * stride // 8
-            for k in range(0, used // 8, 8):
-                if ahead >= 0:
-                    prefetch(u, ahead + 8 * k, 64)
-                s += w[base + k]
-        tot[c] = s
-    return tot.sum()
+READ_AHEAD = 8  # units the read floor prefetches ahead, line by line as the pack kernel does (SPREAD)
 
 
 def main(argv=None):
@@ -93,7 +67,7 @@ def main(argv=None):
     def read(f):
         t = time.perf_counter()
         for li, p in enumerate(packs):
-            read_units(p.units, p.unit_bytes, used[li], sets[f][li], numba.get_num_threads())
+            read_units(p.units, p.unit_bytes, used[li], sets[f][li], numba.get_num_threads(), SPREAD, READ_AHEAD)
         return time.perf_counter() - t
 
     rows = {"dense": lambda: run(None), **{f: (lambda f=f: run(ffns[f])) for f in fractions},

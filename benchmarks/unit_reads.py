@@ -33,9 +33,15 @@ UNIT, STRIDE, N_UNITS = 3456, 4096, 22 * 5632  # 507 MB of units: far more than 
 AHEAD = 8
 
 
+BURST, SPREAD, LOCKSTEP, LOCKSTEP_PF = range(4)  # the ways of reading, in the docstring's order
+
+
 @numba.njit(parallel=True, cache=True)
-def read_units(u, idx, parts, how):
-    """Sum one word per cache line of units idx (how: 0 burst, 1 spread, 2 lockstep, 3 lockstep+pf)."""
+def read_units(u, stride, used, idx, parts, how, ahead):
+    """Load one 8-byte word per cache line of units idx (bytes [0, used) each, stride apart), the units split
+    evenly over `parts` threads as pack_ffn splits the kept neurons, read `how` (BURST, SPREAD, LOCKSTEP or
+    LOCKSTEP_PF) with `ahead` units of prefetch distance or lockstep width; returns a sum so nothing is
+    optimized away."""
     w = u.view(np.uint64)
     n = idx.shape[0]
     chunk = (n + parts - 1) // parts
@@ -43,24 +49,26 @@ def read_units(u, idx, parts, how):
     for c in numba.prange(parts):
         s = np.uint64(0)
         end = min(n, (c + 1) * chunk)
-        if how >= 2:
-            for j0 in range(c * chunk, end, AHEAD):
-                j1 = min(end, j0 + AHEAD)
-                if how == 3:
-                    for t in range(j0 + AHEAD, min(end, j1 + AHEAD)):
-                        prefetch(u, idx[t] * STRIDE, 256)
-                for k in range(0, UNIT // 8, 8):
+        if how >= LOCKSTEP:
+            for j0 in range(c * chunk, end, ahead):
+                j1 = min(end, j0 + ahead)
+                if how == LOCKSTEP_PF:
+                    for t in range(j0 + ahead, min(end, j1 + ahead)):
+                        prefetch(u, idx[t] * stride, 256)
+                for k in range(0, used // 8, 8):
                     for j in range(j0, j1):
-                        s += w[idx[j] * (STRIDE // 8) + k]
+                        s += w[idx[j] * (stride // 8) + k]
         else:
+            for j in range(c * chunk, min(end, c * chunk + ahead)):
+                prefetch(u, idx[j] * stride, used)
             for j in range(c * chunk, end):
-                ahead = idx[j + AHEAD] * STRIDE if j + AHEAD < end else -1
-                if how == 0 and ahead >= 0:
-                    prefetch(u, ahead, UNIT)
-                base = idx[j] * (STRIDE // 8)
-                for k in range(0, UNIT // 8, 8):
-                    if how == 1 and ahead >= 0:
-                        prefetch(u, ahead + 8 * k, 64)
+                nxt = idx[j + ahead] * stride if j + ahead < end else -1
+                if how == BURST and nxt >= 0:
+                    prefetch(u, nxt, used)
+                base = idx[j] * (stride // 8)
+                for k in range(0, used // 8, 8):
+                    if how == SPREAD and nxt >= 0:
+                        prefetch(u, nxt + 8 * k, 64)
                     s += w[base + k]
         tot[c] = s
     return tot.sum()
@@ -83,7 +91,7 @@ def read_stream(u, nbytes, parts):
     return tot.sum()
 
 
-WAYS = {"burst": 0, "spread": 1, "lockstep": 2, "lockstep+pf": 3}
+WAYS = {"burst": BURST, "spread": SPREAD, "lockstep": LOCKSTEP, "lockstep+pf": LOCKSTEP_PF}
 
 
 def main(argv=None):
@@ -103,7 +111,7 @@ def main(argv=None):
         idx = np.sort(rng.choice(N_UNITS, int(f * N_UNITS), replace=False)).astype(np.int64)
         nbytes = len(idx) * UNIT
         runs = {"stream": lambda: read_stream(u, nbytes, a.threads),
-                **{k: (lambda h=h: read_units(u, idx, a.threads, h)) for k, h in WAYS.items()}}
+                **{k: (lambda h=h: read_units(u, STRIDE, UNIT, idx, a.threads, h, AHEAD)) for k, h in WAYS.items()}}
         rates = {k: [] for k in runs}
         for r in range(a.repetitions + 1):  # interleaved: every way sees the same machine state
             for k, fn in runs.items():
