@@ -8,11 +8,12 @@ matmuls, activation, down matmul). Repetitions are interleaved across rows; medi
 Target (issue 3): at fraction f the FFN costs at most f + 0.05 of the dense FFN.
 
 The "read floor" column is the time to only read the same units' bytes, split over the threads the same way
-and prefetched line by line READ_AHEAD units ahead (benchmarks/unit_reads.py: a whole unit prefetched at once
-measured 24-27 against 28-33 GB/s at f = 0.5 on 2 threads in one state of the machine, alike in others), with no arithmetic: the memory cost of the layout at that
-fraction, in the same run, and the rate (GB/s) those bytes came at; "dense rate" is the dense FFN's bytes over
-its time. Where the floor is above f + 0.05, reading the kept neurons' bytes alone misses the target: random
-3.5 KB units stream more slowly than the dense matrices.
+and prefetched line by line READ_AHEAD units ahead, with no arithmetic (benchmarks/unit_reads.py: a whole unit
+prefetched at once measured 24-27 against 28-33 GB/s at f = 0.5 on 2 threads in one state of the machine,
+alike in others): the memory cost of the layout at that fraction, in the same run, and the rate (GB/s) those
+bytes came at; "dense rate" is the dense FFN's bytes over its time. Where the floor is above f + 0.05,
+reading the kept neurons' bytes alone misses the target: random 3.5 KB units stream more slowly than the
+dense matrices.
 """
 import argparse
 import os
@@ -27,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sparserun  # noqa: E402
 from benchmarks.unit_reads import SPREAD, read_units  # noqa: E402
-from sparserun.kernels import sparse as S  # noqa: E402
 from sparserun.sparse_ffn import SparseFFN  # noqa: E402
 from sparserun.sparsity import SparsityPolicy  # noqa: E402
 from sparserun.weights import Acts  # noqa: E402

@@ -3,10 +3,10 @@
     python benchmarks/unit_reads.py [--fractions 0.5,0.25] [-r 7] [-t 2]
 
 The sparse FFN's kept neurons are random 3456-byte units (a TinyLlama-shaped Q4_0 predictor pack: gate, up
-and down of one neuron), each alone in a 4 KiB page, in huge pages (ffn_pack.py). These pure reads of such units (one 8-byte load per
-cache line, no arithmetic), split over the threads as the pack kernel splits them, are what their bytes
-cost before any compute. Four ways of reading the units (on the 2 Zen 4 cores this project
-is measured on they come within about 10% of each other, in no stable order, all below the stream):
+and down of one neuron), each alone in a 4 KiB page, in huge pages (ffn_pack.py). These pure reads of such
+units (one 8-byte load per cache line, no arithmetic), split over the threads as the pack kernel splits them,
+are what their bytes cost before any compute. Four ways of reading the units (on the 2 Zen 4 cores this
+project is measured on they come within about 10% of each other, in no stable order, all below the stream):
 - burst: one unit at a time, the whole unit 8 on prefetched at once;
 - spread: one unit at a time, each line read prefetches the same line of the unit 8 on (how the pack kernel
   prefetches, sparse.PREFETCH_AHEAD: the prefetches leave at the pace of the reads);

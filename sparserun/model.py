@@ -16,7 +16,6 @@ from . import arch
 from .errors import SparserunError
 from .gguf_file import GGUFFile
 from .kernels import ops
-from .kernels import quant as K
 from .memory import Arena
 from .weights import Acts, Matmuls, Weight, in_memory_together, stackable
 

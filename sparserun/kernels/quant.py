@@ -209,7 +209,6 @@ def quantize_acts(x, xq, xd, x8, xb, xt, xs):
             xt[t, j] = x8[t, j]
 
 
-
 @njit(cache=True)
 def acts_forms(x, needed=True):
     """quantize_acts' six forms of x (T, n), allocated here (the one place their shapes are written), computed
@@ -222,6 +221,7 @@ def acts_forms(x, needed=True):
     if needed:
         quantize_acts(x, *forms)
     return forms
+
 
 HAS_VNNI = HAS_X86_VNNI  # AVX512-VNNI kernels in use (detected in simd; SPARSERUN_NO_VNNI=1 turns them off)
 
