@@ -2,9 +2,12 @@
 (llama-cpp-python) on the same file.
 
 Like llama-bench: a prompt-processing test (pp N: N random tokens in one fresh context) and a decode
-test (tg N: N tokens one at a time after a BOS). Repetitions are interleaved across modes (rep 1 of
-every mode, then rep 2, ...) so all modes see the same machine state; each figure is a median with
-its standard deviation. Peak RSS of this engine is read before llama.cpp is loaded. Sparse modes
+test (tg N: N tokens one at a time after a BOS), and with a depth D (-d, llama-bench's --n-depth) both
+after a context of D random tokens already in the KV cache (labelled "pp N @ dD"): decode speed at a
+long context, where attention reads the whole cache every token. The depth context is computed once
+per mode, untimed, and kept (each mode of this engine has its own KV cache; llama.cpp's is cut back to
+it). Repetitions are interleaved across modes (rep 1 of every mode, then rep 2, ...) so all modes see
+the same machine state; each figure is a median with its standard deviation. Peak RSS of this engine is read before llama.cpp is loaded. Sparse modes
 share the dense mode's model (only the FFN object is swapped), and get fidelity figures against
 the dense path over a text: top-1 agreement and mean KL(dense || sparse) of next-token
 distributions, decoded token by token as in generation, and the kept fraction of FFN neurons (for
@@ -27,26 +30,33 @@ DEFAULT_TEXT = ("Once upon a time, in a small village by the sea, there lived an
 
 
 class SparserunRunner:
-    """This engine in one mode: the shared model with this mode's FFN (None = dense) swapped in."""
+    """This engine in one mode: the shared model with this mode's FFN (None = dense) and this mode's own KV
+    cache swapped in, so a depth context computed once stays cached for every repetition."""
 
     def __init__(self, model, ffn=None):
         self.model, self.ffn = model, ffn
         self.predictor_share = []
+        self.kv = (np.zeros_like(model.k_cache), np.zeros_like(model.v_cache), [])
 
-    def _use(self):
-        self.model.sparse = self.ffn
-        self.model.reset()
+    def _use(self, ids):
+        """The context holds exactly ids (a cached prefix is reused; the last one is recomputed)."""
+        m = self.model
+        m.sparse = self.ffn
+        m.k_cache, m.v_cache, m.cached = self.kv
+        if ids:
+            m.eval(ids)
+        else:
+            m.reset()
 
-    def pp(self, ids):
-        self._use()
+    def pp(self, ids, context=()):
+        self._use(list(context))
         t = time.perf_counter()
-        self.model.eval(ids)
+        self.model.eval(list(context) + list(ids))
         return time.perf_counter() - t
 
-    def tg(self, bos, n):
-        self._use()
-        self.model.eval([bos])
-        ctx = [bos]
+    def tg(self, context, n):
+        ctx = list(context)
+        self._use(ctx)
         pred = getattr(self.ffn, "predictor", None)
         p0 = getattr(pred, "seconds", 0.0)
         t = time.perf_counter()
@@ -70,18 +80,34 @@ class LlamaCppRunner:
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                        n_batch=512, verbose=False)
 
-    def pp(self, ids):
-        self.llm.reset()
+    def _use(self, ids):
+        """The context holds exactly ids: a cached prefix is kept and the rest evaluated, the last token always,
+        so its logits are fresh (Llama.eval cuts the KV cache back to n_tokens before it decodes)."""
+        llm = self.llm
+        keep = 0
+        cached = llm.input_ids[:llm.n_tokens]
+        while keep < min(len(cached), len(ids) - 1) and cached[keep] == ids[keep]:
+            keep += 1
+        llm.n_tokens = keep
+        if ids:
+            llm.eval(ids[keep:])
+
+    def _next(self):
+        """Greedy next token from the last evaluated token's logits (Llama.eval keeps no scores unless every
+        token's logits are requested, so they are read from the context)."""
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))))
+
+    def pp(self, ids, context=()):
+        self._use(list(context))
         t = time.perf_counter()
         self.llm.eval(ids)
         return time.perf_counter() - t
 
-    def tg(self, bos, n):
-        self.llm.reset()
-        self.llm.eval([bos])
+    def tg(self, context, n):
+        self._use(list(context))
         t = time.perf_counter()
         for _ in range(n):
-            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
+            self.llm.eval([self._next()])
         return time.perf_counter() - t
 
 
@@ -119,9 +145,10 @@ def hybrid_fraction(mode):
 
 
 def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3, threads=None, sparsity=("threshold:0",),
-              text=None, fidelity_tokens=64, progress=None):
+              text=None, fidelity_tokens=64, progress=None, depth=0):
     """Returns a dict: model facts, one row per (mode, test) with t/s median and sd, and fidelity of
-    every sparse mode against dense. 'sparse' in modes expands to one mode per sparsity spec."""
+    every sparse mode against dense. 'sparse' in modes expands to one mode per sparsity spec. depth: tokens
+    of context in the cache before each test."""
     import sparserun
 
     from .model import default_threads
@@ -134,9 +161,11 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         raise SparserunError(f"unknown bench mode {bad[0]!r} (choose from {', '.join(MODES)}, hybrid:F)")
     if reps < 1 or n_prompt < 0 or n_gen < 0 or (n_prompt == 0 and n_gen == 0):
         raise SparserunError("bench needs -r >= 1 and at least one of -p / -n above 0")
+    if depth < 0:
+        raise SparserunError(f"bench depth (-d) must be 0 or more, got {depth}")
     policies = [parse_sparsity(s) for s in sparsity] if "sparse" in modes else []
     threads = threads or default_threads()
-    n_ctx = max(n_prompt, n_gen + 1, fidelity_tokens + 1) + 8
+    n_ctx = max(depth + n_prompt, depth + n_gen + 1, fidelity_tokens + 1) + 8
     runners = {}
     rss, fid, model = None, {}, None
     if "dense" in modes or policies:
@@ -160,7 +189,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
             progress(0, 0, f"{name}: {hm.placement.summary()}")
     for r in runners.values():  # compile / page in before any timing
         r.pp(list(range(1, 9)))
-        r.tg(max(bos, 0), 2)
+        r.tg([max(bos, 0)], 2)
     if model is not None:
         if policies:
             ids = model.tokenize(text or DEFAULT_TEXT)[:fidelity_tokens]
@@ -175,27 +204,34 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
     if "llama.cpp" in modes:
         runners["llama.cpp"] = LlamaCppRunner(path, threads, n_ctx)
         n_vocab, bos = runners["llama.cpp"].llm.n_vocab(), runners["llama.cpp"].llm.token_bos()
-        runners["llama.cpp"].tg(max(bos, 0), 2)
+        runners["llama.cpp"].tg([max(bos, 0)], 2)
     bos = max(bos, 0)
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(3, n_vocab, n_prompt)]
+    context = [bos] + [int(t) for t in rng.integers(3, n_vocab, depth - 1)] if depth else []
     tests = ([("pp", n_prompt)] if n_prompt else []) + ([("tg", n_gen)] if n_gen else [])
+    label = lambda test, n: f"{test}{n}" + (f" @ d{depth}" if depth else "")
+    for name, runner in runners.items():  # each mode's depth context, computed once (untimed)
+        if depth:
+            if progress:
+                progress(0, 0, f"{name}: {depth} tokens of context")
+            runner.pp([], context)
     times = {(mode, test): [] for mode in runners for test, _ in tests}
     steps, done = reps * len(runners) * len(tests), 0
     for r in range(reps):
         for mode, runner in runners.items():
             for test, n in tests:
-                dt = runner.pp(prompt) if test == "pp" else runner.tg(bos, n)
+                dt = runner.pp(prompt, context) if test == "pp" else runner.tg(context or [bos], n)
                 times[(mode, test)].append(n / dt)
                 done += 1
                 if progress:
-                    progress(done, steps, f"rep {r + 1}/{reps} {mode} {test}{n}: {n / dt:.1f} t/s")
+                    progress(done, steps, f"rep {r + 1}/{reps} {mode} {label(test, n)}: {n / dt:.1f} t/s")
     import os
 
     rows = []
     for (mode, test), tps in times.items():
         n = dict(tests)[test]
-        rows.append({"mode": mode, "test": f"{test}{n}", "tokens_per_s": statistics.median(tps),
+        rows.append({"mode": mode, "test": label(test, n), "tokens_per_s": statistics.median(tps),
                      "sd": statistics.stdev(tps) if len(tps) > 1 else 0.0, "samples": tps})
     for row in rows:
         shares = getattr(runners[row["mode"]], "predictor_share", None)
@@ -204,7 +240,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         for ref_mode, key in (("llama.cpp", "vs_llama_cpp"), ("dense", "vs_dense")):
             ref = next((x for x in rows if x["mode"] == ref_mode and x["test"] == row["test"]), None)
             row[key] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-    return {"model": str(path), "file_bytes": os.path.getsize(path), "threads": threads, "repetitions": reps,
+    return {"model": str(path), "file_bytes": os.path.getsize(path), "threads": threads, "repetitions": reps, "depth": depth,
             "peak_rss_bytes": rss, "rss_over_file": rss / os.path.getsize(path) if rss else None, "results": rows,
             "fidelity": fid}
 

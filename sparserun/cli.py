@@ -151,6 +151,7 @@ def bench(
     model: Path = ModelArg,
     n_prompt: int = typer.Option(64, "-p", "--n-prompt", help="prompt-processing test length (0 = skip)"),
     n_gen: int = typer.Option(32, "-n", "--n-gen", help="decode test length (0 = skip)"),
+    depth: int = typer.Option(0, "-d", "--depth", help="tokens of context already in the KV cache before each test"),
     reps: int = typer.Option(3, "-r", "--repetitions", help="repetitions (interleaved across modes)"),
     modes: str = typer.Option("dense,sparse,llama.cpp", "--modes", help="comma-separated: dense, sparse, llama.cpp, "
                               "hybrid:F (F of the model on the GPU, 0 < F <= 1; the first --sparsity policy)"),
@@ -180,7 +181,7 @@ def bench(
         raise SparserunError(f"{text}: no such text file")
     res = run_bench(model, [x.strip() for x in modes.split(",") if x.strip()], n_prompt, n_gen, reps, threads,
                     sparsity=sparsity, text=text.read_text(errors="replace") if text else None,
-                    fidelity_tokens=fidelity_tokens, progress=stderr_progress)
+                    fidelity_tokens=fidelity_tokens, progress=stderr_progress, depth=depth)
     typer.echo(format_table(res, output))
     if json_file:
         json_file.write_text(json.dumps(res, indent=2))

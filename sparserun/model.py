@@ -96,9 +96,9 @@ class Model:
                                      t["ffn_norm"].vector(), t.get("ffn_gate"), t["ffn_up"], t["ffn_down"]))
         self.rope_inv_freq = a.rope_inv_freq(f)
         self.act_id = ACT_IDS[a.activation]
-        # KV cache, preallocated: (layer, position, kv_dim)
-        self.k_cache = np.zeros((a.n_layer, self.n_ctx, a.kv_dim), np.float32)
-        self.v_cache = np.zeros((a.n_layer, self.n_ctx, a.kv_dim), np.float32)
+        # KV cache, preallocated: (layer, kv head, position, head_dim), each kv head's rows one stream (ops.attention)
+        self.k_cache = np.zeros((a.n_layer, a.n_head_kv, self.n_ctx, a.head_dim), np.float32)
+        self.v_cache = np.zeros((a.n_layer, a.n_head_kv, self.n_ctx, a.head_dim), np.float32)
         self.cached = []  # tokens whose keys/values are in the cache, in order
         self._tokenizer = None
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
@@ -168,9 +168,8 @@ class Model:
                 q, k, v = L.qkv(acts)  # (T, n_head*head_dim), (T, kv_dim), (T, kv_dim)
                 ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
                 ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
-                self.k_cache[li, pos0:pos0 + T] = k
-                self.v_cache[li, pos0:pos0 + T] = v
-                ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, a.n_head_kv, a.head_dim, att)
+                ops.store_kv(k, v, self.k_cache[li], self.v_cache[li], pos0)
+                ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, self.threads, att)
                 ops.add_inplace(x, L.wo.matmul(Acts(att)))
             ops.rmsnorm(x, L.ffn_norm, a.norm_eps, xn)
             ops.add_inplace(x, self.ffn(li, Acts(xn)))

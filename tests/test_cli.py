@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 
 def run(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "sparserun.cli", *map(str, args)], capture_output=True, text=True,
@@ -70,6 +72,43 @@ def test_bench_json(stories, tmp_path, monkeypatch):
     assert fid["sparse threshold:0"]["top1_agreement"] == 1.0 and fid["sparse threshold:0"]["mean_kl"] < 1e-6
     assert abs(fid["sparse topk:0.5"]["kept_mean"] - 86 / 172) < 1e-6 and fid["sparse topk:0.5"]["mean_kl"] > 0
     assert "| dense" in r.stdout and "vs llama.cpp" in r.stdout and "top-1 agreement" in r.stdout
+
+
+def test_bench_at_depth_keeps_each_modes_context(stories, tmp_path, monkeypatch):
+    """-d D: every test runs after D tokens of context. Each runner keeps its own cache: another mode running in
+    between leaves it intact, and a decode at depth continues the context exactly as a fresh model does."""
+    import sparserun
+    from sparserun.bench import LlamaCppRunner, SparserunRunner
+    from sparserun.sparse_ffn import SparseFFN
+    from sparserun.sparsity import parse_sparsity
+
+    monkeypatch.setenv("SPARSERUN_CACHE", str(tmp_path / "cache"))
+    m = sparserun.load(stories, threads=2, n_ctx=64)
+    ctx = m.tokenize("Once upon a time, there was a little dog")
+    dense, sparse = SparserunRunner(m), SparserunRunner(m, SparseFFN(m, parse_sparsity("topk:0.25")))
+    dense.pp([], ctx)
+    sparse.tg(ctx, 5)
+    assert dense.kv[2] == ctx and sparse.kv[2][:len(ctx)] == ctx and len(sparse.kv[2]) == len(ctx) + 4
+    dense.tg(ctx, 6)  # the kept context is reused: its tokens are the greedy continuation of ctx
+    fresh = sparserun.load(stories, threads=2, n_ctx=64)
+    out = list(ctx)
+    for _ in range(5):
+        out.append(int(np.argmax(fresh.eval(out)[-1])))
+    assert m.cached[:len(ctx) + 5] == out
+    np.testing.assert_allclose(m.eval(out)[-1], fresh.eval(out)[-1], rtol=1e-5, atol=1e-5)
+    lc = LlamaCppRunner(stories, 2, 64)
+    lc.tg(ctx, 5)
+    lc.tg(ctx, 5)  # cut back to ctx, then the same greedy tokens again
+    assert [int(t) for t in lc.llm.input_ids[:lc.llm.n_tokens]] == out[:len(ctx) + 5]
+
+    out_json = tmp_path / "d.json"
+    r = run("bench", stories, "-p", "8", "-n", "4", "-d", "40", "-r", "2", "--modes", "dense,llama.cpp", "--json", out_json)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out_json.read_text())
+    assert res["depth"] == 40 and {x["test"] for x in res["results"]} == {"pp8 @ d40", "tg4 @ d40"}
+    assert "tg4 @ d40" in r.stdout
+    bad = run("bench", stories, "-d", "-5")
+    assert bad.returncode != 0 and "depth" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_generate_with_sparsity(stories, tmp_path, monkeypatch):

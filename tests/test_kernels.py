@@ -187,6 +187,43 @@ def test_fast_exp_and_activations_match_float64():
         np.testing.assert_allclose(out, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_head, n_kv, hd, T, pos0, threads", [(8, 2, 16, 1, 0, 2), (8, 2, 16, 1, 37, 2),
+                                                                 (4, 4, 8, 5, 11, 2), (6, 1, 8, 3, 0, 1),
+                                                                 (8, 1, 16, 1, 20, 2), (4, 2, 64, 9, 100, 2)])
+def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads):
+    """ops.store_kv + ops.attention against causal GQA softmax attention in float64: single tokens, batches with the
+    causal mask inside them, MHA, MQA (one kv head: its query heads split across threads), 64-wide heads."""
+    import numba
+
+    from sparserun.kernels import ops
+
+    rng = np.random.default_rng(pos0 + 7 * T)
+    n_ctx = pos0 + T + 3
+    kc, vc = np.zeros((n_kv, n_ctx, hd), np.float32), np.zeros((n_kv, n_ctx, hd), np.float32)
+    keys = (rng.standard_normal((pos0 + T, n_kv * hd)) * 2).astype(np.float32)
+    vals = rng.standard_normal((pos0 + T, n_kv * hd)).astype(np.float32)
+    ops.store_kv(keys[:pos0], vals[:pos0], kc, vc, 0)  # the context already cached, then the batch
+    ops.store_kv(keys[pos0:], vals[pos0:], kc, vc, pos0)
+    kc[:, pos0 + T:], vc[:, pos0 + T:] = 1e4, 1e4  # positions past the batch must not be read
+    q = (rng.standard_normal((T, n_head * hd)) * 2).astype(np.float32)
+    out = np.empty_like(q)
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        ops.attention(q, kc, vc, pos0, n_head, threads, out)
+    finally:
+        numba.set_num_threads(old)
+    G = n_head // n_kv
+    for t in range(T):
+        n = pos0 + t + 1
+        for h in range(n_head):
+            g = h // G
+            k, v = keys[:n, g * hd:(g + 1) * hd].astype(np.float64), vals[:n, g * hd:(g + 1) * hd].astype(np.float64)
+            s = k @ q[t, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[t, h * hd:(h + 1) * hd], p @ v / p.sum(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
                     reason="the repacked Q4_0 layout is used only with the VNNI kernels")
 @pytest.mark.parametrize("cols", [256, 1056, 96])
