@@ -26,6 +26,7 @@ def default_model():
     return p
 Threads = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)")
 Ctx = typer.Option(2048, "--ctx", "-c", help="context size in tokens")
+KvType = typer.Option("f16", "--kv-type", help="KV cache type: f16 (as llama.cpp) or f32 (exact, twice the memory)")
 Sparsity = typer.Option("dense", "--sparsity", help="FFN sparsity: dense | topk:K (count or fraction, or one per layer "
                         "comma-separated) | threshold:T (value, per-layer values, or a thresholds JSON file)")
 
@@ -38,7 +39,8 @@ PlacementOpt = typer.Option(None, "--placement", help="a placement file from `sp
 ProfileOpt = typer.Option(None, "--profile", help="profile that ranks neurons for an on-the-fly placement")
 
 
-def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, placement=None, profile=None):
+def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, placement=None, profile=None,
+          kv_type="f16"):
     from . import kernels
     from .model import load
     from .sparsity import parse_sparsity
@@ -50,7 +52,7 @@ def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, 
     if not kernels.cache_is_warm():
         sys.stderr.write("sparserun: compiling numba kernels (first start only; cached for the next runs)...\n")
     m = load(model, threads=threads, n_ctx=ctx, sparsity=policy, device=device, vram_budget=vram_budget,
-             placement=placement, profile=profile)
+             placement=placement, profile=profile, kv_type=kv_type)
     if m.placement is not None:
         sys.stderr.write(f"sparserun: hybrid CPU/GPU: {m.placement.summary()}\n")
     return m
@@ -88,6 +90,7 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", "-s", help="random seed (default: random)"),
     threads: Optional[int] = Threads,
     ctx: int = Ctx,
+    kv_type: str = KvType,
     sparsity: str = Sparsity,
     timing: bool = typer.Option(True, "--timing/--no-timing", help="print a tokens/s line on stderr at the end"),
     device: Optional[str] = Device,
@@ -101,7 +104,7 @@ def generate(
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     if n < 0:
         raise SparserunError(f"--n-predict must be >= 0, got {n}")
-    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile)
+    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type)
     stats = GenerationStats()
     sys.stdout.write(prompt)
     try:
@@ -130,6 +133,7 @@ def chat(
     max_tokens: int = typer.Option(1024, "--n-predict", "-n", help="longest answer in tokens"),
     threads: Optional[int] = Threads,
     ctx: int = Ctx,
+    kv_type: str = KvType,
     sparsity: str = Sparsity,
     device: Optional[str] = Device,
     vram_budget: Optional[float] = VramBudget,
@@ -142,7 +146,7 @@ def chat(
     from .chat import run_chat
 
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile)
+    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type)
     run_chat(m, system=system, params=params, max_tokens=max_tokens)
 
 

@@ -49,12 +49,14 @@ def default_threads():
 class Model:
     """A loaded model with one KV cache. Use sparserun.load() to make one."""
 
-    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None):
+    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, kv_type="f16"):
         self.path = str(path)
         self.gguf = f = GGUFFile(path)
         self.args = a = arch.model_args(f)
         if n_ctx < 1:
             raise SparserunError(f"n_ctx must be at least 1, got {n_ctx}")
+        if kv_type not in ops.KV_TYPES:
+            raise SparserunError(f"KV cache type must be one of {', '.join(ops.KV_TYPES)}, got {kv_type!r}")
         self.n_ctx, self.n_batch = int(n_ctx), int(n_batch)
         self.threads = int(threads) if threads else default_threads()
         if not 1 <= self.threads <= numba.config.NUMBA_NUM_THREADS:
@@ -96,9 +98,11 @@ class Model:
                                      t["ffn_norm"].vector(), t.get("ffn_gate"), t["ffn_up"], t["ffn_down"]))
         self.rope_inv_freq = a.rope_inv_freq(f)
         self.act_id = ACT_IDS[a.activation]
-        # KV cache, preallocated: (layer, kv head, position, head_dim), each kv head's rows one stream (ops.attention)
-        self.k_cache = np.zeros((a.n_layer, a.n_head_kv, self.n_ctx, a.head_dim), np.float32)
-        self.v_cache = np.zeros((a.n_layer, a.n_head_kv, self.n_ctx, a.head_dim), np.float32)
+        # KV cache, preallocated: (layer, kv head, position, head_dim), each kv head's rows one stream (ops.attention);
+        # f16 (IEEE half bits, llama.cpp's default cache type: half the memory of f32) or f32
+        self.kv_type = kv_type
+        self.k_cache = np.zeros((a.n_layer, a.n_head_kv, self.n_ctx, a.head_dim), ops.KV_TYPES[kv_type])
+        self.v_cache = np.zeros((a.n_layer, a.n_head_kv, self.n_ctx, a.head_dim), ops.KV_TYPES[kv_type])
         self.cached = []  # tokens whose keys/values are in the cache, in order
         self._tokenizer = None
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
@@ -256,14 +260,18 @@ class ContextFullError(SparserunError):
 
 
 def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, device=None,
-         vram_budget=None, placement=None, profile=None, err=sys.stderr):
+         vram_budget=None, placement=None, profile=None, err=sys.stderr, kv_type="f16"):
     """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity="dense").
+
+    kv_type: the KV cache's type, "f16" (as llama.cpp by default) or "f32" (exact; twice the memory). Attention
+    placed on a GPU keeps a float32 cache there.
 
     device: "cpu", "cuda" or "auto" (None: auto when vram_budget is given, else cpu); vram_budget in GiB
     (None with a GPU: the whole model); placement: a `sparserun place` file; profile: the profile that an
     on-the-fly placement ranks neurons by (default <model>.profile.gguf when it exists). See hybrid.py."""
     t0 = time.perf_counter()
-    m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch, sparsity=sparsity, predictor=predictor)
+    m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch, sparsity=sparsity, predictor=predictor,
+              kv_type=kv_type)
     if device is not None or vram_budget is not None or placement is not None:
         from .hybrid import install, make_placement, resolve_device
 

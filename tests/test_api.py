@@ -57,10 +57,12 @@ def test_seeded_sampling_is_reproducible(stories):
     assert a == b
 
 
-def test_relu_model_matches_numpy_reference(make_model):
-    """A ReLU (ReGLU) model, which llama.cpp cannot run as such, against a plain numpy forward pass."""
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
+def test_relu_model_matches_numpy_reference(make_model, kv_type):
+    """A ReLU (ReGLU) model, which llama.cpp cannot run as such, against a plain numpy forward pass (whose keys and
+    values are rounded to float16 where the cache is f16)."""
     path = make_model("F32", shape="tiny", activation="relu")
-    m = sparserun.load(path)
+    m = sparserun.load(path, kv_type=kv_type)
     assert m.args.activation == "relu" and m.args.gated
     ids = m.tokenize("The quick brown fox jumps over the lazy dog")
     np.testing.assert_allclose(m.logits(ids), numpy_forward(m, ids), atol=2e-3)
@@ -87,6 +89,8 @@ def numpy_forward(m, ids):
     for L in m.layers:
         h = norm(x, L.attn_norm)
         q, k, v = rope(h @ W(L.wq).T, a.n_head), rope(h @ W(L.wk).T, a.n_head_kv), (h @ W(L.wv).T).reshape(T, a.n_head_kv, hd)
+        if m.kv_type == "f16":  # the cache's rounding (of float32 keys and values, as the engine computes them)
+            k, v = (z.astype(np.float32).astype(np.float16).astype(np.float64) for z in (k, v))
         g = a.n_head // a.n_head_kv
         out = np.zeros((T, a.n_head, hd))
         for hh in range(a.n_head):

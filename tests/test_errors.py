@@ -85,6 +85,8 @@ def test_bad_flag_values(stories):
     assert_one_line_error(run_cli("generate", stories, "--sparsity", "topk:2.5"), "k must be")
     assert_one_line_error(run_cli("bench", stories, "--sparsity", "fast"), "unknown policy")
     assert_one_line_error(run_cli("chat", stories, "--sparsity", "threshold:missing.json"), "no such thresholds file")
+    assert_one_line_error(run_cli("generate", stories, "--kv-type", "q8"), "KV cache type")
+    assert_one_line_error(run_cli("bench", stories, "-d", "-5"), "depth")
     r = run_cli("generate", stories, "--temp", "hot")
     assert r.returncode == 2 and "Traceback" not in r.stderr
 

@@ -187,24 +187,47 @@ def test_fast_exp_and_activations_match_float64():
         np.testing.assert_allclose(out, r, rtol=1e-5, atol=1e-6)
 
 
+def test_f16_cache_rounds_as_numpy():
+    """ops.store_kv into an f16 cache: numpy's float16 rounding (to nearest even) for ties, subnormals, overflow."""
+    from sparserun.kernels import ops
+
+    x = np.array([0.0, -0.0, 1.0, 1 + 2**-11, 1 + 3 * 2**-11, 65504, 65519, 65520, 1e6, -1e6, 6e-5, 3e-6, 1e-8,
+                  -2.9802322e-08, 3.14159], np.float32)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([x, (rng.standard_normal(4001) * 10.0 ** rng.integers(-9, 6, 4001)).astype(np.float32)])
+    kc, vc = np.zeros((1, 1, len(x)), np.uint16), np.zeros((1, 1, len(x)), np.uint16)
+    ops.store_kv(x[None], -x[None], kc, vc, 0)
+    with np.errstate(over="ignore"):  # numpy warns where it rounds to inf, as it should
+        np.testing.assert_array_equal(kc[0, 0], x.astype(np.float16).view(np.uint16))
+        np.testing.assert_array_equal(vc[0, 0], (-x).astype(np.float16).view(np.uint16))
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "f32"])
 @pytest.mark.parametrize("n_head, n_kv, hd, T, pos0, threads", [(8, 2, 16, 1, 0, 2), (8, 2, 16, 1, 37, 2),
                                                                  (4, 4, 8, 5, 11, 2), (6, 1, 8, 3, 0, 1),
                                                                  (8, 1, 16, 1, 20, 2), (4, 2, 64, 9, 100, 2)])
-def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads):
+def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads, kv_type):
     """ops.store_kv + ops.attention against causal GQA softmax attention in float64: single tokens, batches with the
-    causal mask inside them, MHA, MQA (one kv head: its query heads split across threads), 64-wide heads."""
+    causal mask inside them, MHA, MQA (one kv head: its query heads split across threads), 64-wide heads; an f16
+    cache holds numpy's float16 rounding of every key and value, and the reference reads those."""
     import numba
 
     from sparserun.kernels import ops
 
     rng = np.random.default_rng(pos0 + 7 * T)
     n_ctx = pos0 + T + 3
-    kc, vc = np.zeros((n_kv, n_ctx, hd), np.float32), np.zeros((n_kv, n_ctx, hd), np.float32)
+    dt = ops.KV_TYPES[kv_type]
+    kc, vc = np.zeros((n_kv, n_ctx, hd), dt), np.zeros((n_kv, n_ctx, hd), dt)
     keys = (rng.standard_normal((pos0 + T, n_kv * hd)) * 2).astype(np.float32)
     vals = rng.standard_normal((pos0 + T, n_kv * hd)).astype(np.float32)
     ops.store_kv(keys[:pos0], vals[:pos0], kc, vc, 0)  # the context already cached, then the batch
     ops.store_kv(keys[pos0:], vals[pos0:], kc, vc, pos0)
-    kc[:, pos0 + T:], vc[:, pos0 + T:] = 1e4, 1e4  # positions past the batch must not be read
+    if kv_type == "f16":
+        keys, vals = keys.astype(np.float16).astype(np.float32), vals.astype(np.float16).astype(np.float32)
+        stored = kc[:, :pos0 + T].view(np.float16).astype(np.float32).transpose(1, 0, 2).reshape(pos0 + T, -1)
+        np.testing.assert_array_equal(stored, keys)  # the same rounding as numpy's
+    poison = np.float16(1e4).view(np.uint16) if kv_type == "f16" else 1e4
+    kc[:, pos0 + T:], vc[:, pos0 + T:] = poison, poison  # positions past the batch must not be read
     q = (rng.standard_normal((T, n_head * hd)) * 2).astype(np.float32)
     out = np.empty_like(q)
     old = numba.get_num_threads()

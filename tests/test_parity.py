@@ -1,7 +1,7 @@
 """The dense engine against llama.cpp (llama-cpp-python, logits_all=True) on the same files.
 
 Tolerances are relative to the reference logits' standard deviation and reflect what llama.cpp itself
-rounds: it keeps the KV cache in F16 (all types), rounds activations to F16 / BF16 for F16 / BF16
+rounds: it keeps the KV cache in F16 (all types; so does this engine by default), rounds activations to F16 / BF16 for F16 / BF16
 weights, to int8 blocks (Q8_0) for Q4_0 / Q8_0 weights and to Q8_K for the K-quants, whereas this
 engine uses float32 activations everywhere except the int8 Q4_0 / Q8_0 path. Random models amplify
 these roundings through the layers, hence the looser bounds for the quantized types.
@@ -22,9 +22,9 @@ TOLERANCE = {
     "BF16": (0.08, 0.01, 0.97),
     "Q8_0": (0.2, 0.02, 0.9),
     "Q4_0": (0.2, 0.02, 0.9),
-    "Q4_K_M": (0.25, 0.03, 0.9),
-    "Q5_K_M": (0.25, 0.03, 0.9),
-    "Q6_K": (0.25, 0.03, 0.9),
+    "Q4_K_M": (0.3, 0.03, 0.9),  # measured 0.245 max with a float32 KV cache, 0.254 with f16 (mean 0.025 -> 0.024)
+    "Q5_K_M": (0.3, 0.03, 0.9),
+    "Q6_K": (0.3, 0.03, 0.9),
 }
 
 

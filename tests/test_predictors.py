@@ -4,7 +4,7 @@ import pytest
 
 import sparserun
 from predictors.format import load_predictors
-from predictors.lowrank import LayerPredictor, evaluate, threshold_for_recall, train_layer
+from predictors.lowrank import evaluate, threshold_for_recall, train_layer
 from predictors.train import train_predictors
 from sparserun.errors import SparserunError
 

@@ -117,6 +117,17 @@ def round_f16(typingctx, value):
 
 
 @intrinsic
+def half_bits(typingctx, value):
+    """The IEEE half nearest to float32 value (round to nearest even, as numpy's astype(float16)), as its uint16 bits."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _i16)
+
+    return sig, codegen
+
+
+@intrinsic
 def load_f32(typingctx, arr, off):
     """float32 value stored at arr's byte offset `off` (no alignment assumed)."""
     sig = types.float32(arr, off)
