@@ -7,7 +7,8 @@ after a context of D random tokens already in the KV cache (labelled "pp N @ dD"
 long context, where attention reads the whole cache every token. The depth context is computed once
 per mode, untimed, and kept (each mode of this engine has its own KV cache; llama.cpp's is cut back to
 it). Repetitions are interleaved across modes (rep 1 of every mode, then rep 2, ...) so all modes see
-the same machine state; each figure is a median with its standard deviation. Peak RSS of this engine is read before llama.cpp is loaded. Sparse modes
+the same machine state; each figure is a median with its standard deviation. Peak RSS of this engine is
+read before llama.cpp is loaded. Sparse modes
 share the dense mode's model (only the FFN object is swapped), and get fidelity figures against
 the dense path over a text: top-1 agreement and mean KL(dense || sparse) of next-token
 distributions, decoded token by token as in generation, and the kept fraction of FFN neurons (for
@@ -240,7 +241,8 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         for ref_mode, key in (("llama.cpp", "vs_llama_cpp"), ("dense", "vs_dense")):
             ref = next((x for x in rows if x["mode"] == ref_mode and x["test"] == row["test"]), None)
             row[key] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
-    return {"model": str(path), "file_bytes": os.path.getsize(path), "threads": threads, "repetitions": reps, "depth": depth,
+    return {"model": str(path), "file_bytes": os.path.getsize(path), "threads": threads, "repetitions": reps,
+            "depth": depth,
             "peak_rss_bytes": rss, "rss_over_file": rss / os.path.getsize(path) if rss else None, "results": rows,
             "fidelity": fid}
 

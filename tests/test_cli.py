@@ -102,7 +102,8 @@ def test_bench_at_depth_keeps_each_modes_context(stories, tmp_path, monkeypatch)
     assert [int(t) for t in lc.llm.input_ids[:lc.llm.n_tokens]] == out[:len(ctx) + 5]
 
     out_json = tmp_path / "d.json"
-    r = run("bench", stories, "-p", "8", "-n", "4", "-d", "40", "-r", "2", "--modes", "dense,llama.cpp", "--json", out_json)
+    r = run("bench", stories, "-p", "8", "-n", "4", "-d", "40", "-r", "2", "--modes", "dense,llama.cpp",
+            "--json", out_json)
     assert r.returncode == 0, r.stderr
     res = json.loads(out_json.read_text())
     assert res["depth"] == 40 and {x["test"] for x in res["results"]} == {"pp8 @ d40", "tg4 @ d40"}

@@ -205,11 +205,14 @@ def test_f16_cache_rounds_as_numpy():
 @pytest.mark.parametrize("kv_type", ["f16", "f32"])
 @pytest.mark.parametrize("n_head, n_kv, hd, T, pos0, threads", [(8, 2, 16, 1, 0, 2), (8, 2, 16, 1, 37, 2),
                                                                  (4, 4, 8, 5, 11, 2), (6, 1, 8, 3, 0, 1),
-                                                                 (8, 1, 16, 1, 20, 2), (4, 2, 64, 9, 100, 2)])
+                                                                 (8, 1, 16, 1, 20, 2), (8, 1, 16, 1, 5, 8),
+                                                                 (6, 2, 16, 1, 9, 4), (4, 2, 64, 9, 100, 2),
+                                                                 (8, 2, 128, 2, 60, 2)])
 def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads, kv_type):
     """ops.store_kv + ops.attention against causal GQA softmax attention in float64: single tokens, batches with the
-    causal mask inside them, MHA, MQA (one kv head: its query heads split across threads), 64-wide heads; an f16
-    cache holds numpy's float16 rounding of every key and value, and the reference reads those."""
+    causal mask inside them, MHA, MQA (one kv head: its query heads split across threads, into up to 8 shares: the
+    kernel is told the thread count, numba runs what this machine has), 64- and 128-wide heads; an f16 cache holds
+    numpy's float16 rounding of every key and value, and the reference reads those."""
     import numba
 
     from sparserun.kernels import ops
@@ -231,7 +234,7 @@ def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads, k
     q = (rng.standard_normal((T, n_head * hd)) * 2).astype(np.float32)
     out = np.empty_like(q)
     old = numba.get_num_threads()
-    numba.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
         ops.attention(q, kc, vc, pos0, n_head, threads, out)
     finally:

@@ -1,10 +1,11 @@
 """The dense engine against llama.cpp (llama-cpp-python, logits_all=True) on the same files.
 
 Tolerances are relative to the reference logits' standard deviation and reflect what llama.cpp itself
-rounds: it keeps the KV cache in F16 (all types; so does this engine by default), rounds activations to F16 / BF16 for F16 / BF16
-weights, to int8 blocks (Q8_0) for Q4_0 / Q8_0 weights and to Q8_K for the K-quants, whereas this
-engine uses float32 activations everywhere except the int8 Q4_0 / Q8_0 path. Random models amplify
-these roundings through the layers, hence the looser bounds for the quantized types.
+rounds: it keeps the KV cache in F16 (all types; so does this engine by default), rounds activations to
+F16 / BF16 for F16 / BF16 weights, to int8 blocks (Q8_0) for Q4_0 / Q8_0 weights and to Q8_K for the
+K-quants, whereas this engine uses float32 activations everywhere except the int8 paths (Q4_0 / Q8_0, and
+the K-quants on AVX512-VNNI CPUs). Random models amplify these roundings through the layers, hence the
+looser bounds for the quantized types.
 """
 import numpy as np
 import pytest

@@ -65,7 +65,8 @@ def rope(x, pos0, n_heads, head_dim, rope_dim, inv_freq, neox):
                 x[t, b] = x0 * s + x1 * c
 
 
-KV_TYPES = {"f16": np.uint16, "f32": np.float32}  # a KV cache's element type: IEEE half bits (llama.cpp's default), float32
+KV_TYPES = {"f16": np.uint16, "f32": np.float32}  # a KV cache's element type: IEEE half bits (llama.cpp's
+# default; numba has no float16 arrays) or float32
 
 
 def kv_get(c, g, j, d):

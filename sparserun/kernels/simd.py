@@ -118,7 +118,8 @@ def round_f16(typingctx, value):
 
 @intrinsic
 def half_bits(typingctx, value):
-    """The IEEE half nearest to float32 value (round to nearest even, as numpy's astype(float16)), as its uint16 bits."""
+    """The IEEE half nearest to float32 value (round to nearest even, as numpy's astype(float16)), as its uint16
+    bits."""
     sig = types.uint16(types.float32)
 
     def codegen(context, builder, signature, args):
