@@ -98,11 +98,12 @@ class Model:
                                      t["ffn_norm"].vector(), t.get("ffn_gate"), t["ffn_up"], t["ffn_down"]))
         self.rope_inv_freq = a.rope_inv_freq(f)
         self.act_id = ACT_IDS[a.activation]
-        # KV cache, preallocated: (layer, kv head, position, head_dim), each kv head's rows one stream (ops.attention);
-        # f16 (IEEE half bits, llama.cpp's default cache type: half the memory of f32) or f32
+        # KV cache, preallocated: per layer the shapes of ops.kv_shapes (keys in transposed blocks of 16 positions,
+        # values (kv head, position, head_dim)); f16 (IEEE half bits, llama.cpp's default: half the memory) or f32
         self.kv_type = kv_type
-        self.k_cache = np.zeros((a.n_layer, a.n_head_kv, self.n_ctx, a.head_dim), ops.KV_TYPES[kv_type])
-        self.v_cache = np.zeros((a.n_layer, a.n_head_kv, self.n_ctx, a.head_dim), ops.KV_TYPES[kv_type])
+        ks, vs = ops.kv_shapes(a.n_head_kv, self.n_ctx, a.head_dim)
+        self.k_cache = np.zeros((a.n_layer,) + ks, ops.KV_TYPES[kv_type])
+        self.v_cache = np.zeros((a.n_layer,) + vs, ops.KV_TYPES[kv_type])
         self.cached = []  # tokens whose keys/values are in the cache, in order
         self._tokenizer = None
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)

@@ -195,10 +195,11 @@ def test_f16_cache_rounds_as_numpy():
                   -2.9802322e-08, 3.14159], np.float32)
     rng = np.random.default_rng(0)
     x = np.concatenate([x, (rng.standard_normal(4001) * 10.0 ** rng.integers(-9, 6, 4001)).astype(np.float32)])
-    kc, vc = np.zeros((1, 1, len(x)), np.uint16), np.zeros((1, 1, len(x)), np.uint16)
+    ks, vs = ops.kv_shapes(1, 1, len(x))
+    kc, vc = np.zeros(ks, np.uint16), np.zeros(vs, np.uint16)
     ops.store_kv(x[None], -x[None], kc, vc, 0)
     with np.errstate(over="ignore"):  # numpy warns where it rounds to inf, as it should
-        np.testing.assert_array_equal(kc[0, 0], x.astype(np.float16).view(np.uint16))
+        np.testing.assert_array_equal(kc[0, 0, :, 0], x.astype(np.float16).view(np.uint16))
         np.testing.assert_array_equal(vc[0, 0], (-x).astype(np.float16).view(np.uint16))
 
 
@@ -207,12 +208,16 @@ def test_f16_cache_rounds_as_numpy():
                                                                  (4, 4, 8, 5, 11, 2), (6, 1, 8, 3, 0, 1),
                                                                  (8, 1, 16, 1, 20, 2), (8, 1, 16, 1, 5, 8),
                                                                  (6, 2, 16, 1, 9, 4), (4, 2, 64, 9, 100, 2),
-                                                                 (8, 2, 128, 2, 60, 2)])
+                                                                 (8, 2, 128, 2, 60, 2), (12, 4, 24, 1, 33, 2),
+                                                                 (16, 2, 32, 1, 40, 2), (24, 2, 16, 3, 10, 2),
+                                                                 (2, 2, 12, 2, 7, 2)])
 def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads, kv_type):
     """ops.store_kv + ops.attention against causal GQA softmax attention in float64: single tokens, batches with the
     causal mask inside them, MHA, MQA (one kv head: its query heads split across threads, into up to 8 shares: the
     kernel is told the thread count, numba runs what this machine has), 64- and 128-wide heads; an f16 cache holds
-    numpy's float16 rounding of every key and value, and the reference reads those."""
+    numpy's float16 rounding of every key and value, and the reference reads those. Widths 8-128 take the vector
+    blocks (8, 4 and 1 queries a call: groups of 8, 12 = 8 + 4, 4, 3 = 1 + 1 + 1; 1, 2 or 4 value vectors a pass),
+    width 12 the plain loop."""
     import numba
 
     from sparserun.kernels import ops
@@ -220,17 +225,23 @@ def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads, k
     rng = np.random.default_rng(pos0 + 7 * T)
     n_ctx = pos0 + T + 3
     dt = ops.KV_TYPES[kv_type]
-    kc, vc = np.zeros((n_kv, n_ctx, hd), dt), np.zeros((n_kv, n_ctx, hd), dt)
+    ks, vs = ops.kv_shapes(n_kv, n_ctx, hd)
+    kc, vc = np.zeros(ks, dt), np.zeros(vs, dt)
     keys = (rng.standard_normal((pos0 + T, n_kv * hd)) * 2).astype(np.float32)
     vals = rng.standard_normal((pos0 + T, n_kv * hd)).astype(np.float32)
     ops.store_kv(keys[:pos0], vals[:pos0], kc, vc, 0)  # the context already cached, then the batch
     ops.store_kv(keys[pos0:], vals[pos0:], kc, vc, pos0)
+    as_f32 = (lambda c: c.view(np.float16).astype(np.float32)) if kv_type == "f16" else (lambda c: c)
     if kv_type == "f16":
         keys, vals = keys.astype(np.float16).astype(np.float32), vals.astype(np.float16).astype(np.float32)
-        stored = kc[:, :pos0 + T].view(np.float16).astype(np.float32).transpose(1, 0, 2).reshape(pos0 + T, -1)
-        np.testing.assert_array_equal(stored, keys)  # the same rounding as numpy's
+    # the cache holds exactly these (numpy's float16 rounding for f16): keys in transposed blocks of positions
+    stored_k = as_f32(kc).transpose(1, 3, 0, 2).reshape(-1, n_kv * hd)[:pos0 + T]
+    np.testing.assert_array_equal(stored_k, keys)
+    np.testing.assert_array_equal(as_f32(vc)[:, :pos0 + T].transpose(1, 0, 2).reshape(pos0 + T, -1), vals)
     poison = np.float16(1e4).view(np.uint16) if kv_type == "f16" else 1e4
-    kc[:, pos0 + T:], vc[:, pos0 + T:] = poison, poison  # positions past the batch must not be read
+    for p in range(pos0 + T, ks[1] * ks[3]):  # positions past the batch (and the last block's padding) unread
+        kc[:, p // ks[3], :, p % ks[3]] = poison
+    vc[:, pos0 + T:] = poison
     q = (rng.standard_normal((T, n_head * hd)) * 2).astype(np.float32)
     out = np.empty_like(q)
     old = numba.get_num_threads()
