@@ -5,7 +5,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .simd import ATTENTION_HEADS, KEY_BLOCK, f32_from_bits, half_bits, key_block_dots, load_f16, load_f32, value_rows_sum
+from .simd import (ATTENTION_HEADS, KEY_BLOCK, f32_from_bits, half_bits, key_block_dots, load_f16, load_f32,
+                   value_rows_sum)
 
 
 @njit(cache=True, inline="always", fastmath=True)
@@ -154,8 +155,8 @@ def _attention_kernel(HD):
     widths that are not a multiple of 8 take a plain loop over the same layout.
     Measured (TinyLlama's 22 layers of decode attention at position 1000, cache not in L3, in one process): the
     previous kernel (one query head per item, a (position, kv_dim) float32 cache, an array view per key, whose
-    reference-count atomics and numba's negative-index checks kept it scalar) 7.00 ms; a group per item over
-    per-kv-head rows, width a compile-time constant, f16 cache, 2.40 ms; these vector blocks 1.85 ms."""
+    reference-count atomics and numba's negative-index checks kept it scalar) 8.54 ms; a group per item over
+    per-kv-head rows, width a compile-time constant, f16 cache, 2.67 ms; these vector blocks 1.83 ms."""
     vector = HD % 8 == 0
     NCH = 4 if HD % 32 == 0 else 2 if HD % 16 == 0 else 1  # 8-column vectors a value_rows_sum pass sums
     kb8, kb4, kb1 = (key_block_dots[h] for h in ATTENTION_HEADS)

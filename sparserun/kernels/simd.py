@@ -367,9 +367,10 @@ axpy_units_f32 = _axpy_units_intrinsic(128, _f32x32, False)
 axpy_units_f32.__doc__ = _AXPY_DOC.format(kind="float32", scales="")
 
 
-def _fma8(builder, a, b, c):
-    """a * b + c on <8 x float>, fused (one instruction, one rounding)."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3), "llvm.fma.v8f32")
+def _fma(builder, a, b, c):
+    """a * b + c on <n x float>, fused (one instruction, one rounding)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3),
+                                        f"llvm.fma.v{a.type.count}f32")
     return builder.call(fn, [a, b, c])
 
 
@@ -426,7 +427,7 @@ def _row_dot_q4_0_vnni(context, builder, sig, args):
         lanes = builder.call(dp, [builder.load(builder.gep(xbp, [b]), align=4),
                                   builder.bitcast(_nibbles32(builder, builder.gep(pb, [ir.Constant(_i32, 2)])), v8i),
                                   builder.bitcast(xv, v8i)])
-        builder.store(_fma8(builder, builder.sitofp(lanes, v8f), splat, builder.load(acc)), acc)
+        builder.store(_fma(builder, builder.sitofp(lanes, v8f), splat, builder.load(acc)), acc)
 
     two = ir.Constant(nb.type, 2)
     pairs = builder.udiv(nb, two)
@@ -517,7 +518,7 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP,
         for gp, row_sums, row_accs in zip(gps, _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps), accs):
             w8 = scales8(gp)
             for sums, xd8, a in zip(row_sums, xd8s, row_accs):
-                builder.store(_fma8(builder, builder.sitofp(sums, v8f), builder.fmul(w8, xd8), builder.load(a[0])), a[0])
+                builder.store(_fma(builder, builder.sitofp(sums, v8f), builder.fmul(w8, xd8), builder.load(a[0])), a[0])
     b0 = builder.mul(groups, c(G))  # the tail group, m < 8 blocks: m scales, then 16 m quant bytes
     m = builder.sub(nb, b0)
     tps = tail_at(groups, m) if tail_at else [builder.gep(wp, [builder.mul(groups, c(gstride))]) for wp in wps]
@@ -536,7 +537,7 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP,
             for (xv, xb, xds), a in zip(xs, row_accs):
                 acc = builder.select(odd, a[1], a[0])
                 lanes = builder.call(dp, [xb, nib, xv])
-                builder.store(_fma8(builder, builder.sitofp(lanes, v8f), builder.fmul(ws, xds), builder.load(acc)), acc)
+                builder.store(_fma(builder, builder.sitofp(lanes, v8f), builder.fmul(ws, xds), builder.load(acc)), acc)
     return [[_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in row_accs]
             for row_accs in accs]
 
@@ -593,7 +594,7 @@ def _q8_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
             lanes = builder.call(dp, [init, q, xv])
             scale = builder.fmul(ws, _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4)))
             a = acc_of(acc)
-            builder.store(_fma8(builder, builder.sitofp(lanes, v8f), scale, builder.load(a)), a)
+            builder.store(_fma(builder, builder.sitofp(lanes, v8f), scale, builder.load(a)), a)
 
     pairs = builder.udiv(nb, c(2))
     with cgutils.for_range(builder, pairs) as loop:  # two accumulators: the FMA chains interleave
@@ -630,9 +631,9 @@ def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
                 lanes = builder.call(dp, [init(xbv), q, xv])
                 xd = _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))
                 a = acc[j % 2]
-                builder.store(_fma8(builder, builder.sitofp(lanes, v8f), builder.fmul(scale, xd), builder.load(a)), a)
+                builder.store(_fma(builder, builder.sitofp(lanes, v8f), builder.fmul(scale, xd), builder.load(a)), a)
                 if min_scale is not None:
-                    builder.store(_fma8(builder, builder.sitofp(xbv, v8f), builder.fmul(_splat_f(builder, min_scale), xd),
+                    builder.store(_fma(builder, builder.sitofp(xbv, v8f), builder.fmul(_splat_f(builder, min_scale), xd),
                                         builder.load(acc[2])), acc[2])
 
         super_block(s, block)
@@ -968,19 +969,10 @@ def _cache_floats(builder, arrty, p, n):
     return builder.load(builder.bitcast(p, ir.VectorType(ir.FloatType(), n).as_pointer()), align=4)
 
 
-def _fma(builder, a, b, c):
-    """a * b + c on <n x float>, fused."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3),
-                                        f"llvm.fma.v{a.type.count}f32")
-    return builder.call(fn, [a, b, c])
-
-
 def _f32_ptr(context, builder, arrty, arr, idx):
     """Pointer to float32 element idx of a float32 array."""
-    i64 = ir.IntType(64)
-    idx = builder.sext(idx, i64) if idx.type.width < 64 else idx
-    return builder.bitcast(_ptr(context, builder, arrty, arr, builder.mul(idx, ir.Constant(i64, 4))),
-                           ir.FloatType().as_pointer())
+    off = builder.mul(_as_i64(builder, idx), ir.Constant(ir.IntType(64), 4))
+    return builder.bitcast(_ptr(context, builder, arrty, arr, off), ir.FloatType().as_pointer())
 
 
 def _as_i64(builder, v):
@@ -1005,10 +997,11 @@ def _key_block_dots(H):
             accs = [cgutils.alloca_once_value(builder, ir.Constant(v, [0.0] * KEY_BLOCK)) for _ in range(H)]
             with cgutils.for_range(builder, hd) as loop:
                 d = loop.index
-                kv = _cache_floats(builder, signature.args[0], builder.gep(kp, [builder.mul(d, builder.mul(c(KEY_BLOCK), esize))]),
-                                   KEY_BLOCK)
+                row = builder.gep(kp, [builder.mul(d, builder.mul(c(KEY_BLOCK), esize))])
+                kv = _cache_floats(builder, signature.args[0], row, KEY_BLOCK)
                 for h in range(H):
-                    qv = _splat_f(builder, builder.load(builder.gep(qp, [builder.add(builder.mul(c(h), hd), d)])), KEY_BLOCK)
+                    q = builder.load(builder.gep(qp, [builder.add(builder.mul(c(h), hd), d)]))
+                    qv = _splat_f(builder, q, KEY_BLOCK)
                     builder.store(_fma(builder, kv, qv, builder.load(accs[h])), accs[h])
             sp = _f32_ptr(context, builder, signature.args[5], s_a, si)
             for h in range(H):
