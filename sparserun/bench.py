@@ -50,9 +50,10 @@ class SparserunRunner:
             m.reset()
 
     def pp(self, ids, context=()):
-        self._use(list(context))
+        context = list(context)
+        self._use(context)
         t = time.perf_counter()
-        self.model.eval(list(context) + list(ids))
+        self.model.eval(context + list(ids))
         return time.perf_counter() - t
 
     def tg(self, context, n):
@@ -84,11 +85,10 @@ class LlamaCppRunner:
     def _use(self, ids):
         """The context holds exactly ids: a cached prefix is kept and the rest evaluated, the last token always,
         so its logits are fresh (Llama.eval cuts the KV cache back to n_tokens before it decodes)."""
+        from .model import common_prefix
+
         llm = self.llm
-        keep = 0
-        cached = llm.input_ids[:llm.n_tokens]
-        while keep < min(len(cached), len(ids) - 1) and cached[keep] == ids[keep]:
-            keep += 1
+        keep = common_prefix(llm.input_ids[:llm.n_tokens], ids, limit=len(ids) - 1)
         llm.n_tokens = keep
         if ids:
             llm.eval(ids[keep:])
