@@ -1,13 +1,20 @@
-"""Write random-weight llama GGUFs of any shape and weight type, with a real vocabulary.
+"""Write random-weight GGUFs of any supported architecture, shape and weight type, with a real vocabulary.
 
     python -m models.make_test_model out.gguf --dim 256 --ff 768 --layers 2 --type Q4_0
     python -m models.make_test_model out.gguf --preset tinyllama --type Q4_0
+    python -m models.make_test_model out.gguf --arch gemma3 --dim 640 --head-dim 256 --window 16 --type Q4_K_M
+
+Architectures: llama, qwen2 (q/k/v biases), qwen3 (QK-norm), gemma3 (QK-norm, post-norms, sliding window on 5 of
+every 6 layers, tied head), gemma2 (post-norms, soft-caps, alternating window), each with the tensors and keys
+llama.cpp's loader requires of it.
 
 The vocabulary (every tokenizer.* key) is copied from a vocab-only GGUF, by default llama.cpp's
-llama-spm vocab in ../shared/vocab/ (32000 tokens, the Llama 2 / TinyLlama tokenizer).
-F32, F16, BF16, Q8_0 and Q4_0 are written directly with the gguf package (every 2-D weight in that
-type, norms in F32: like llama.cpp's --pure). The K-quant mixes Q4_K_M, Q5_K_M and Q6_K are made as
-llama.cpp makes them: write F32, then quantize with llama.cpp's own quantizer (llama_model_quantize).
+llama-spm vocab in tests/data/vocab/ (32000 tokens, the Llama 2 / TinyLlama tokenizer).
+F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 are written directly with the gguf package (every 2-D weight in
+that type, norms in F32: like llama.cpp's --pure). The K-quant and IQ mixes (Q2_K, Q3_K_M, Q4_K_M, Q5_K_M, Q6_K,
+IQ4_NL, IQ4_XS) are made as llama.cpp makes them: write F32, then quantize with llama.cpp's own quantizer
+(llama_model_quantize), which also picks its fallback types (Q5_0, Q8_0, IQ4_NL...) for rows whose length is not a
+multiple of 256.
 """
 import argparse
 import ctypes
@@ -20,12 +27,14 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_VOCAB = REPO.parent / "shared" / "vocab" / "ggml-vocab-llama-spm.gguf"
+DEFAULT_VOCAB = REPO / "tests" / "data" / "vocab" / "ggml-vocab-llama-spm.gguf"
 
-DIRECT_TYPES = {"F32": GGMLQuantizationType.F32, "F16": GGMLQuantizationType.F16, "BF16": GGMLQuantizationType.BF16,
-                "Q8_0": GGMLQuantizationType.Q8_0, "Q4_0": GGMLQuantizationType.Q4_0}
+DIRECT_TYPES = {name: GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
+                                                               "Q5_1")}
 # llama_ftype values of llama.cpp (include/llama.h)
-LLAMA_FTYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+LLAMA_FTYPES = {"Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gemma2")
 TYPES = list(DIRECT_TYPES) + list(LLAMA_FTYPES)
 
 
@@ -39,6 +48,13 @@ class Shape:
     ctx: int = 2048
     rope_base: float = 10000.0
     tied: bool = False
+    arch: str = "llama"
+    head_dim: int = 0  # 0: dim // heads (gemma and qwen3 set it apart)
+    window: int = 0  # sliding window of the gemma local layers (0: the architecture's default, 4096)
+
+    @property
+    def hd(self):
+        return self.head_dim or self.dim // self.heads
 
 
 PRESETS = {
@@ -119,54 +135,76 @@ def plant_sparsity(w, shape, n_vocab, density, rng, alpha=1.0, rank=None):
 
 def random_weights(shape, n_vocab, rng):
     """name -> float32 array (rows, cols), scaled so activations and logits stay O(1) through the layers."""
-    d, ff, hd = shape.dim, shape.ff, shape.dim // shape.heads
-    kv = shape.kv_heads * hd
+    d, ff, hd = shape.dim, shape.ff, shape.hd
+    q, kv = shape.heads * hd, shape.kv_heads * hd
+    gemma, qk_norm = shape.arch.startswith("gemma"), shape.arch in ("qwen3", "gemma3")
 
     def lin(rows, cols, gain=1.0):
         return (rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(gain / np.sqrt(cols)))
 
-    w = {"token_embd.weight": rng.standard_normal((n_vocab, d), dtype=np.float32),
-         "output_norm.weight": (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)}
-    if not shape.tied:
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    # gemma multiplies embeddings by sqrt(dim): smaller rows keep the residual stream O(1) there too
+    w = {"token_embd.weight": rng.standard_normal((n_vocab, d), dtype=np.float32) / np.float32(np.sqrt(d) if gemma else 1),
+         "output_norm.weight": norm(d)}
+    if not (shape.tied or gemma):
         w["output.weight"] = lin(n_vocab, d, 2.0)
     for i in range(shape.layers):
         p = f"blk.{i}."
-        w[p + "attn_norm.weight"] = (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-        w[p + "attn_q.weight"] = lin(d, d, 2.0)
+        w[p + "attn_norm.weight"] = norm(d)
+        w[p + "attn_q.weight"] = lin(q, d, 2.0)
         w[p + "attn_k.weight"] = lin(kv, d, 2.0)
         w[p + "attn_v.weight"] = lin(kv, d)
-        w[p + "attn_output.weight"] = lin(d, d)
-        w[p + "ffn_norm.weight"] = (1.0 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        w[p + "attn_output.weight"] = lin(d, q)
+        if shape.arch == "qwen2":
+            for k, n in (("q", q), ("k", kv), ("v", kv)):
+                w[p + f"attn_{k}.bias"] = (0.5 * rng.standard_normal(n)).astype(np.float32)
+        if qk_norm:
+            w[p + "attn_q_norm.weight"] = norm(hd)
+            w[p + "attn_k_norm.weight"] = norm(hd)
+        if gemma:
+            w[p + "post_attention_norm.weight"] = norm(d)
+            w[p + "post_ffw_norm.weight"] = norm(d)
+        w[p + "ffn_norm.weight"] = norm(d)
         w[p + "ffn_gate.weight"] = lin(ff, d)
         w[p + "ffn_up.weight"] = lin(ff, d)
         w[p + "ffn_down.weight"] = lin(d, ff)
     return w
 
 
-def add_llama_hparams(writer, ctx, dim, layers, ff, heads, kv_heads, rope_base, eps):
-    """The llama.* hyperparameters every generated model writes (this generator and the storyteller's export)."""
+def add_llama_hparams(writer, ctx, dim, layers, ff, heads, kv_heads, rope_base, eps, head_dim=None):
+    """The <arch>.* hyperparameters every generated model writes (this generator and the storyteller's export)."""
+    head_dim = head_dim or dim // heads
     writer.add_context_length(ctx)
     writer.add_embedding_length(dim)
     writer.add_block_count(layers)
     writer.add_feed_forward_length(ff)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(dim // heads)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(rope_base)
     writer.add_layer_norm_rms_eps(eps)
+    if head_dim != dim // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
 
 
 def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None, planted_rank=None):
     rng = np.random.default_rng(seed)
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_name(f"sparserun-test-{shape.dim}x{shape.layers}")
+    writer = GGUFWriter(str(path), shape.arch)
+    writer.add_name(f"sparserun-test-{shape.arch}-{shape.dim}x{shape.layers}")
     n_vocab = copy_vocab(writer, n_vocab_path)
     add_llama_hparams(writer, shape.ctx, shape.dim, shape.layers, shape.ff, shape.heads, shape.kv_heads,
-                      shape.rope_base, 1e-5)
-    writer.add_file_type({GGMLQuantizationType.F32: 0, GGMLQuantizationType.F16: 1, GGMLQuantizationType.Q4_0: 2,
-                          GGMLQuantizationType.Q8_0: 7, GGMLQuantizationType.BF16: 32}[qtype])
+                      shape.rope_base, 1e-6 if shape.arch.startswith("gemma") else 1e-5, shape.hd)
+    if shape.arch.startswith("gemma"):
+        writer.add_sliding_window(shape.window or 4096)
+    if shape.arch == "gemma2":
+        writer.add_float32("gemma2.attn_logit_softcapping", 50.0)
+        writer.add_float32("gemma2.final_logit_softcapping", 30.0)
+    writer.add_file_type(FILE_TYPES[qtype.name])
     if activation != "silu":
-        writer.add_string("llama.ffn_activation", activation)
+        writer.add_string(f"{shape.arch}.ffn_activation", activation)
     weights = random_weights(shape, n_vocab, rng)
     if planted is not None:
         plant_sparsity(weights, shape, n_vocab, 1.0 - planted, rng, rank=planted_rank)
@@ -202,7 +240,8 @@ def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activa
                planted_rank=None, **shape_kw):
     """Write a random llama GGUF to path and return path. shape: a Shape or a preset name; shape_kw
     override its fields (dim=, ff=, layers=, heads=, kv_heads=, ctx=, tied=). planted: a target
-    fraction of zero FFN activations (e.g. 0.9) for a ReLU model with planted, skewed sparsity."""
+    fraction of zero FFN activations (e.g. 0.9) for a ReLU model with planted, skewed sparsity. arch= (a shape
+    field) picks the architecture (ARCHS)."""
     if planted is not None:
         if not 0.0 < planted < 1.0:
             raise ValueError(f"planted sparsity must be in (0, 1), got {planted}")
@@ -211,6 +250,10 @@ def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activa
     shape = Shape(**{**base.__dict__, **shape_kw})
     if type not in TYPES:
         raise ValueError(f"unknown type {type!r}; choose from {', '.join(TYPES)}")
+    if shape.arch not in ARCHS:
+        raise ValueError(f"unknown architecture {shape.arch!r}; choose from {', '.join(ARCHS)}")
+    if planted is not None and shape.arch != "llama":
+        raise ValueError("planted sparsity is made for the llama architecture (its ReLU FFN)")
     if not Path(vocab).exists():
         raise FileNotFoundError(f"vocabulary GGUF {vocab} not found (pass vocab=...)")
     path = Path(path)
@@ -229,7 +272,8 @@ def main(argv=None):
     ap.add_argument("out", help="output .gguf path")
     ap.add_argument("--type", default="F32", choices=TYPES)
     ap.add_argument("--preset", choices=list(PRESETS), help="a named shape (fields below override it)")
-    for field in ("dim", "ff", "layers", "heads", "kv_heads", "ctx"):
+    ap.add_argument("--arch", choices=ARCHS)
+    for field in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window"):
         ap.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field)
     ap.add_argument("--tied", action="store_true", help="no output.weight: the head reuses token_embd")
     ap.add_argument("--activation", default="silu", choices=["silu", "relu", "gelu"])
@@ -240,7 +284,8 @@ def main(argv=None):
     ap.add_argument("--vocab", default=str(DEFAULT_VOCAB), help="GGUF to copy the tokenizer from")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    kw = {k: getattr(a, k) for k in ("dim", "ff", "layers", "heads", "kv_heads", "ctx") if getattr(a, k) is not None}
+    kw = {k: getattr(a, k) for k in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window", "arch")
+          if getattr(a, k) is not None}
     if a.tied:
         kw["tied"] = True
     p = make_model(a.out, a.type, a.preset, a.seed, a.vocab, a.activation, a.planted, a.planted_rank, **kw)

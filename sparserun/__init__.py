@@ -1,6 +1,14 @@
-"""sparserun: run llama-family GGUF models on consumer CPUs, computing only the FFN neurons that matter."""
+"""sparserun: run GGUF language models on consumer CPUs, computing only the parts of each layer that matter."""
 from .errors import ModelFileError, SparserunError
-from .model import Model, load
 
 __version__ = "0.1.0"
 __all__ = ["load", "Model", "SparserunError", "ModelFileError", "__version__"]
+
+
+def __getattr__(name):
+    """load and Model on first use: importing a submodule that only reads files (gguf_file, arch) loads no kernels."""
+    if name in ("load", "Model"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'sparserun' has no attribute {name!r}")

@@ -4,14 +4,15 @@ Everything a kernel will touch is checked here (tensor extents inside the file, 
 known types), so a bad file becomes a ModelFileError naming the file and the problem, never a crash
 inside a JIT kernel.
 """
+import mmap
 import os
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGML_QUANT_SIZES
 
+from . import gguf_header
 from .errors import ModelFileError
-from .kernels.quant import BLOCKS
+from .qtypes import BLOCKS, TYPES, type_name as _type_name
 
 GGUF_MAGIC = b"GGUF"
 
@@ -36,15 +37,9 @@ class RawTensor:
         return self.raw.nbytes
 
 
-def _type_name(qtype):
-    try:
-        return GGMLQuantizationType(qtype).name
-    except ValueError:
-        return f"type {qtype}"
-
-
 class GGUFFile:
-    """A validated, memory-mapped GGUF file."""
+    """A validated, memory-mapped GGUF file. The header is parsed by gguf_header (string arrays such as the
+    vocabulary are skipped, not decoded); tensors are checked when first asked for."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -54,26 +49,24 @@ class GGUFFile:
             raise ModelFileError(self.path, "is a directory, not a GGUF file")
         with open(self.path, "rb") as fh:
             magic = fh.read(4)
-        if magic != GGUF_MAGIC:
-            raise ModelFileError(self.path, "not a GGUF file (bad magic bytes)")
-        try:
-            reader = GGUFReader(self.path, "r")
-        except Exception as e:  # gguf raises ValueError, IndexError, struct errors... on bad headers
-            raise ModelFileError(self.path, f"corrupted or truncated GGUF ({type(e).__name__}: {str(e)[:120]})") from None
-        self.file_size = os.path.getsize(self.path)
-        self.metadata = {}
-        for key, field in reader.fields.items():
+            if magic != GGUF_MAGIC:
+                raise ModelFileError(self.path, "not a GGUF file (bad magic bytes)")
             try:
-                self.metadata[key] = field.contents()
-            except Exception:
-                raise ModelFileError(self.path, f"corrupted metadata value for key {key!r}") from None
-        # name -> (ggml type id, ggml shape ne[], absolute byte offset). The reader itself is dropped:
-        # its per-field numpy objects cost ~90 MB on a 32000-token vocabulary.
-        self._tensors = {t.name: (int(t.tensor_type), [int(x) for x in t.shape], int(t.data_offset))
-                         for t in reader.tensors}
-        self._data = reader.data.view(np.ndarray)  # plain ndarray view of the memory map: numba does not take np.memmap
-        self._mmap = getattr(reader.data, "_mmap", None)
-        del reader
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise ModelFileError(self.path, f"cannot map the file ({e})") from None
+        self.file_size = len(self._mmap)
+        try:
+            self.version, self.metadata, infos, data_start = gguf_header.parse(memoryview(self._mmap))
+        except gguf_header.HeaderError as e:
+            raise ModelFileError(self.path, f"corrupted or truncated GGUF ({e})") from None
+        # name -> (ggml type id, ggml shape ne[], absolute byte offset)
+        self._tensors = {}
+        for name, qtype, ne, off in infos:
+            if name in self._tensors:
+                raise ModelFileError(self.path, f"corrupted GGUF: tensor {name!r} appears twice")
+            self._tensors[name] = (int(qtype), [int(x) for x in ne], data_start + int(off))
+        self._data = np.frombuffer(self._mmap, np.uint8)  # readonly view of the mapping (numba takes it)
 
     def release_pages(self, view):
         """Unmap from this process the file's pages under `view` (a RawTensor's raw bytes). They stay in the page
@@ -123,7 +116,9 @@ class GGUFFile:
         qtype, ne, start = t
         if qtype not in BLOCKS:
             raise ModelFileError(self.path, f"tensor {name!r} has unsupported type {_type_name(qtype)} "
-                                 f"(supported: {', '.join(_type_name(q) for q in BLOCKS)})")
+                                 f"(supported: {', '.join(t.name for t in TYPES.values())})")
+        if any(d <= 0 for d in ne):
+            raise ModelFileError(self.path, f"tensor {name!r} has an empty dimension {ne}")
         cols = ne[0]  # ggml order: ne[0] is the contiguous (column) dimension
         rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
         block, block_bytes = BLOCKS[qtype]
@@ -154,9 +149,6 @@ class GGUFFile:
         return sum(int(np.prod(t[1])) for t in self._tensors.values())
 
 
-assert all(GGML_QUANT_SIZES[GGMLQuantizationType(q)] == BLOCKS[q] for q in BLOCKS)
-
-
 def write_side_file(path, arch, values, tensors):
     """Write one of the project's own files (profile, predictors): a GGUF with architecture `arch`,
     string / int / float keys `values` and float32 `tensors` (numpy-shaped)."""
@@ -181,6 +173,8 @@ def write_side_file(path, arch, values, tensors):
 def read_side_file(path, arch):
     """(metadata dict, float32 tensors in numpy shape) of a file written by write_side_file. Raises on a
     file that is not a GGUF of architecture `arch`; callers turn that into their one-line error."""
+    from gguf import GGUFReader
+
     reader = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in reader.fields.items()}
     if meta.get("general.architecture") != arch:

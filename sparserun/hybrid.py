@@ -130,10 +130,10 @@ class GPUAttention:
         self.wq, self.wk, self.wv, self.wo = (DeviceWeight(w) for w in (L.wq, L.wk, L.wv, L.wo))
         self.kc = cuda.to_device(np.zeros((model.n_ctx, a.kv_dim), np.float32))  # (n_ctx, kv_dim)
         self.vc = cuda.to_device(np.zeros((model.n_ctx, a.kv_dim), np.float32))  # (n_ctx, kv_dim)
-        self.inv_freq = cuda.to_device(np.ascontiguousarray(model.rope_inv_freq, np.float32))
+        self.inv_freq = cuda.to_device(np.ascontiguousarray(L.rope_inv_freq, np.float32))
         from . import arch
 
-        self.neox = a.rope_type == arch.llama.ROPE_NEOX
+        self.neox = a.rope_type == arch.ROPE_NEOX
         self._buf = None
 
     def _buffers(self, T):
@@ -268,7 +268,7 @@ class HybridFFN:
 def install(model, placement):
     """Move the placement's attention projections and output head to the GPU and hook the hybrid FFN."""
     for li, L in enumerate(model.layers):
-        if placement.attn_gpu[li]:
+        if placement.attn_gpu[li] and L.plain_attention:  # the device kernel is llama's block only
             L.gpu_attn = GPUAttention(model, L)
     if placement.output_gpu:
         model.output = DeviceWeight(model.output)

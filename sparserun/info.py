@@ -1,6 +1,8 @@
 """`sparserun info`: what a GGUF holds, from metadata and tensor headers only (no weights read)."""
 from collections import Counter
 
+from .arch import ROPE_NEOX
+
 
 def model_info(model):
     f, a = model.gguf, model.args
@@ -20,6 +22,8 @@ def model_info(model):
         "rope_base": a.rope_base, "rope_dim": a.rope_dim, "norm_eps": a.norm_eps,
         "activation": a.activation + (" (gated)" if a.gated else ""),
         "tied_output": a.tied_output,
+        "rope_type": "neox" if a.rope_type == ROPE_NEOX else "normal",
+        "features": list(a.features),
         "chat_template": "yes" if f.get("tokenizer.chat_template") else "no",
     }
 
@@ -32,8 +36,9 @@ def format_info(info):
         ("quant mix", mix), ("layers", info["layers"]), ("dim / ffn", f"{info['dim']} / {info['ffn_dim']}"),
         ("heads / kv heads / head dim", f"{info['heads']} / {info['kv_heads']} / {info['head_dim']}"),
         ("vocab", info["vocab"]), ("context (train)", info["context_train"]),
-        ("rope base / dims", f"{info['rope_base']:g} / {info['rope_dim']}"), ("rms eps", f"{info['norm_eps']:g}"),
+        ("rope base / dims / type", f"{info['rope_base']:g} / {info['rope_dim']} / {info['rope_type']}"), ("rms eps", f"{info['norm_eps']:g}"),
         ("ffn activation", info["activation"]), ("tied output", info["tied_output"]),
+        ("features", ", ".join(info["features"]) or "none (llama's block)"),
         ("chat template", info["chat_template"]),
     ]
     w = max(len(k) for k, _ in rows)

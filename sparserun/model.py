@@ -5,6 +5,7 @@ One token's path: embedding row -> per layer [RMSNorm -> q,k,v matmuls -> RoPE -
 attention -> output matmul -> residual -> RMSNorm -> FFN (self.ffn, the hook the sparse policies
 replace) -> residual] -> final RMSNorm -> output head -> logits.
 """
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -33,11 +34,26 @@ class Layer:
     w_gate: Weight | None  # (n_ff, dim), None for a non-gated FFN
     w_up: Weight  # (n_ff, dim)
     w_down: Weight  # (dim, n_ff)
+    rope_inv_freq: np.ndarray = None  # (rope_dim/2,) this layer's RoPE frequencies
+    window: int = 0  # sliding window (0: full causal attention)
+    q_norm: np.ndarray = None  # (head_dim,) per-head RMSNorm gains of q and k (QK-norm), or None
+    k_norm: np.ndarray = None
+    attn_post_norm: np.ndarray = None  # (dim,) RMSNorm of attention's output before the residual add, or None
+    ffn_post_norm: np.ndarray = None  # (dim,) the same for the FFN's output
+    bq: np.ndarray = None  # (n_head*head_dim,), (kv_dim,), (kv_dim,) q/k/v biases, or None
+    bk: np.ndarray = None
+    bv: np.ndarray = None
     gpu_attn: object = None  # hybrid.GPUAttention when the placement put this layer's attention on the GPU
 
     def __post_init__(self):
         self.qkv = Matmuls([self.wq, self.wk, self.wv])  # one kernel call when the three share a type
         self.up_gate = Matmuls([self.w_up] + ([self.w_gate] if self.w_gate is not None else []))
+
+    @property
+    def plain_attention(self):
+        """llama's attention block exactly (what the GPU attention implements)."""
+        return (self.window == 0 and self.q_norm is None and self.attn_post_norm is None and self.bq is None
+                and self.bk is None and self.bv is None)
 
 
 def default_threads():
@@ -88,19 +104,25 @@ class Model:
         self.output = self.tok_embd if a.tied_output else mat("output.weight", (a.n_vocab, a.dim))
         self.layers = []
         for i in range(a.n_layer):
-            names = a.layer_tensors(i)
+            names = a.layer_tensors(i)  # key -> (tensor name, shape, required)
+            present = {k: (n, shape) for k, (n, shape, required) in names.items() if required or f.has(n)}
             t = {}
             for keys in (["attn_q", "attn_k", "attn_v"], ["ffn_up", "ffn_gate"]):  # each read by one kernel call
-                keys = [k for k in keys if k in names]
-                t.update(zip(keys, mats(*(names[k] for k in keys))))
-            t.update((k, mat(*ns)) for k, ns in names.items() if k not in t)
-            self.layers.append(Layer(t["attn_norm"].vector(), t["attn_q"], t["attn_k"], t["attn_v"], t["attn_output"],
-                                     t["ffn_norm"].vector(), t.get("ffn_gate"), t["ffn_up"], t["ffn_down"]))
+                keys = [k for k in keys if k in present]
+                t.update(zip(keys, mats(*(present[k] for k in keys))))
+            t.update((k, mat(*ns)) for k, ns in present.items() if k not in t)
+            vec = lambda k: t[k].vector() if k in t else None  # noqa: E731
+            self.layers.append(Layer(
+                vec("attn_norm"), t["attn_q"], t["attn_k"], t["attn_v"], t["attn_output"], vec("ffn_norm"),
+                t.get("ffn_gate"), t["ffn_up"], t["ffn_down"], rope_inv_freq=a.rope_inv_freq(f, i), window=a.window(i),
+                q_norm=vec("attn_q_norm"), k_norm=vec("attn_k_norm"), attn_post_norm=vec("post_attention_norm"),
+                ffn_post_norm=vec("post_ffw_norm"), bq=vec("attn_q.bias"), bk=vec("attn_k.bias"), bv=vec("attn_v.bias")))
         self.rope_inv_freq = a.rope_inv_freq(f)
         self.act_id = ACT_IDS[a.activation]
         # KV cache, preallocated: per layer the shapes of ops.kv_shapes (keys in transposed blocks of 16 positions,
         # values (kv head, position, head_dim)); f16 (IEEE half bits, llama.cpp's default: half the memory) or f32
         self.kv_type = kv_type
+        self.attn_scale = a.attn_scale or 1.0 / math.sqrt(a.head_dim)
         ks, vs = ops.kv_shapes(a.n_head_kv, self.n_ctx, a.head_dim)
         self.k_cache = np.zeros((a.n_layer,) + ks, ops.KV_TYPES[kv_type])
         self.v_cache = np.zeros((a.n_layer,) + vs, ops.KV_TYPES[kv_type])
@@ -155,33 +177,56 @@ class Model:
         ops.ffn_activate(g, u, self.act_id, h)
         return L.w_down.matmul(Acts(h))  # (T, dim)
 
+    def _attention(self, L, li, xn, pos0):
+        """Attention of layer li for normalized inputs xn (T, dim) at positions pos0..: returns (T, dim) and writes
+        the tokens' keys and values into the KV cache."""
+        a = self.args
+        T = xn.shape[0]
+        if L.gpu_attn is not None:  # the whole attention block, KV cache included, on the GPU
+            return L.gpu_attn(xn, pos0)
+        q, k, v = L.qkv(Acts(xn))  # (T, n_head*head_dim), (T, kv_dim), (T, kv_dim)
+        for y, b in ((q, L.bq), (k, L.bk), (v, L.bv)):
+            if b is not None:
+                y += b
+        if L.q_norm is not None:  # per-head RMSNorm (QK-norm), in place over (T*heads, head_dim) views
+            ops.rmsnorm(q.reshape(-1, a.head_dim), L.q_norm, a.norm_eps, q.reshape(-1, a.head_dim))
+            ops.rmsnorm(k.reshape(-1, a.head_dim), L.k_norm, a.norm_eps, k.reshape(-1, a.head_dim))
+        neox = a.rope_type == arch.ROPE_NEOX
+        ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, L.rope_inv_freq, neox)
+        ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, L.rope_inv_freq, neox)
+        ops.store_kv(k, v, self.k_cache[li], self.v_cache[li], pos0)
+        att = np.empty((T, a.n_head * a.head_dim), np.float32)  # (T, n_head*head_dim)
+        ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, self.threads, att, self.attn_scale,
+                      L.window, a.attn_softcap)
+        return L.wo.matmul(Acts(att))  # (T, dim)
+
     def _forward(self, ids, pos0, all_logits):
         """Run tokens ids at positions pos0.. through the model, filling the KV cache; returns logits
         (T, n_vocab) or (1, n_vocab) for the last token only."""
         a = self.args
-        T = len(ids)
         x = self.tok_embd.rows_f32(ids)  # (T, dim) residual stream
+        if a.emb_scale != 1.0:
+            x *= np.float32(a.emb_scale)
         xn = np.empty_like(x)  # (T, dim) normalized input of each sub-block
-        att = np.empty((T, a.n_head * a.head_dim), np.float32)  # (T, n_head*head_dim)
-        neox = a.rope_type == arch.llama.ROPE_NEOX
         for li, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, a.norm_eps, xn)
-            if L.gpu_attn is not None:  # the whole attention block, KV cache included, on the GPU
-                ops.add_inplace(x, L.gpu_attn(xn, pos0))
-            else:
-                acts = Acts(xn)
-                q, k, v = L.qkv(acts)  # (T, n_head*head_dim), (T, kv_dim), (T, kv_dim)
-                ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
-                ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, self.rope_inv_freq, neox)
-                ops.store_kv(k, v, self.k_cache[li], self.v_cache[li], pos0)
-                ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, self.threads, att)
-                ops.add_inplace(x, L.wo.matmul(Acts(att)))
+            h = self._attention(L, li, xn, pos0)  # (T, dim)
+            if L.attn_post_norm is not None:
+                ops.rmsnorm(h, L.attn_post_norm, a.norm_eps, h)
+            ops.add_inplace(x, h)
             ops.rmsnorm(x, L.ffn_norm, a.norm_eps, xn)
-            ops.add_inplace(x, self.ffn(li, Acts(xn)))
+            h = self.ffn(li, Acts(xn))  # (T, dim)
+            if L.ffn_post_norm is not None:
+                ops.rmsnorm(h, L.ffn_post_norm, a.norm_eps, h)
+            ops.add_inplace(x, h)
         rows = x if all_logits else x[-1:]  # (T or 1, dim)
         out = np.empty_like(rows)
         ops.rmsnorm(rows, self.output_norm, a.norm_eps, out)
-        return self.output.matmul(Acts(out))  # (T or 1, n_vocab)
+        logits = self.output.matmul(Acts(out))  # (T or 1, n_vocab)
+        if a.final_softcap:
+            c = np.float32(a.final_softcap)
+            np.multiply(np.tanh(logits / c), c, out=logits)
+        return logits
 
     def eval(self, ids, all_logits=False):
         """Extend the cached context to exactly `ids`, processing only what is not cached yet.

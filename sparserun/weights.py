@@ -16,7 +16,7 @@ class Acts:
 
     def __init__(self, x):
         self.x = x
-        self._forms = None
+        self._forms = self._kforms = None
 
     def forms(self):
         """(xq, xd, x8, xb, xt, xs): the int8 blocks as int16 values, their scales, as int8 values, the VNNI
@@ -25,6 +25,15 @@ class Acts:
         if self._forms is None:
             self._forms = K.acts_forms(self.x)
         return self._forms
+
+    def forms_for(self, qtype):
+        """The forms qtype's dense dots read: forms(), or for the K-quants on the VNNI route the same six places
+        rounded as llama.cpp's Q8_K (one scale per 256 values; quant.quantize_acts_k), computed once."""
+        if qtype in K.Q8K_TYPES:
+            if self._kforms is None:
+                self._kforms = K.acts_forms_k(self.x)
+            return self._kforms
+        return self.forms()
 
 
 class Weight:
@@ -154,7 +163,7 @@ class Matmuls:
         if out is None:
             out = np.empty((acts.x.shape[0], row0[-1]), np.float32)
         if w.qtype in K.VNNI_MATMUL and K.HAS_VNNI:
-            K.VNNI_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms()), out)
+            K.VNNI_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms_for(w.qtype)), out)
         elif w.qtype in K.INT8_MATMUL:
             K.INT8_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms()), out)
         elif f32 is not None:

@@ -9,17 +9,17 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+DATA = REPO / "tests" / "data"  # test data shipped with the repository (provenance: tests/data/README.md)
 sys.path.insert(0, str(REPO))  # models/ (the test-model generator) is a folder of the repo, not installed
 
-STORIES = SHARED / "models" / "stories260K.gguf"
-VOCAB = SHARED / "vocab"
+STORIES = DATA / "models" / "stories260K.gguf"
+VOCAB = DATA / "vocab"
 
 
 @pytest.fixture(scope="session")
 def stories():
     if not STORIES.exists():
-        pytest.fail(f"{STORIES} is missing: the shared test data must sit beside the repository")
+        pytest.fail(f"{STORIES} is missing: the repository's test data is incomplete")
     return STORIES
 
 

@@ -91,12 +91,14 @@ def numpy_forward(m, ids):
         q, k, v = rope(h @ W(L.wq).T, a.n_head), rope(h @ W(L.wk).T, a.n_head_kv), (h @ W(L.wv).T).reshape(T, a.n_head_kv, hd)
         if m.kv_type == "f16":  # the cache's rounding (of float32 keys and values, as the engine computes them)
             k, v = (z.astype(np.float32).astype(np.float16).astype(np.float64) for z in (k, v))
+        half = (lambda z: z.astype(np.float32).astype(np.float16).astype(np.float64)) if m.kv_type == "f16" else (
+            lambda z: z)  # with an f16 cache, the scaled queries and the probabilities are rounded too (llama.cpp's)
         g = a.n_head // a.n_head_kv
         out = np.zeros((T, a.n_head, hd))
         for hh in range(a.n_head):
-            s = q[:, hh] @ k[:, hh // g].T / np.sqrt(hd) + np.triu(np.full((T, T), -np.inf), 1)
+            s = half(q[:, hh] / np.sqrt(hd)) @ k[:, hh // g].T + np.triu(np.full((T, T), -np.inf), 1)
             p = np.exp(s - s.max(1, keepdims=True))
-            out[:, hh] = (p / p.sum(1, keepdims=True)) @ v[:, hh // g]
+            out[:, hh] = half(p / p.sum(1, keepdims=True)) @ v[:, hh // g]
         x = x + out.reshape(T, -1) @ W(L.wo).T
         h = norm(x, L.ffn_norm)
         x = x + (act(h @ W(L.w_gate).T) * (h @ W(L.w_up).T)) @ W(L.w_down).T

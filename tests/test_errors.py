@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 import sparserun
 from sparserun.errors import ModelFileError
@@ -33,8 +33,10 @@ def write_gguf(path, arch="llama", embd_type=GGMLQuantizationType.F32):
     emb = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
     if embd_type == GGMLQuantizationType.F32:
         w.add_tensor("token_embd.weight", emb)
-    else:
-        w.add_tensor("token_embd.weight", quants.quantize(emb, embd_type), raw_dtype=embd_type)
+    else:  # random blocks of a type the engine does not read (16 rows of one block each)
+        block, block_bytes = GGML_QUANT_SIZES[embd_type]
+        raw = np.random.default_rng(0).integers(0, 256, (16, block_bytes), dtype=np.uint8)
+        w.add_tensor("token_embd.weight", raw, raw_dtype=embd_type)
     w.add_tensor("output_norm.weight", np.ones(32, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -51,8 +53,8 @@ def bad_files(tmp_path, stories):
         "not gguf": (tmp_path / "text.gguf", "not a GGUF file"),
         "truncated": (tmp_path / "trunc.gguf", "truncated"),
         "corrupted header": (tmp_path / "hdr.gguf", "corrupted"),
-        "unsupported type": (write_gguf(tmp_path / "q41.gguf", embd_type=GGMLQuantizationType.Q4_1),
-                             "token_embd.weight' has unsupported type Q4_1"),
+        "unsupported type": (write_gguf(tmp_path / "iq2.gguf", embd_type=GGMLQuantizationType.IQ2_XXS),
+                             "token_embd.weight' has unsupported type IQ2_XXS"),
         "unsupported arch": (write_gguf(tmp_path / "gpt2.gguf", arch="gpt2"), "unsupported architecture 'gpt2'"),
     }
     (tmp_path / "text.gguf").write_text("hello, not a model\n")

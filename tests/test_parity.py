@@ -26,7 +26,24 @@ TOLERANCE = {
     "Q4_K_M": (0.3, 0.03, 0.9),  # measured 0.245 max with a float32 KV cache, 0.254 with f16 (mean 0.025 -> 0.024)
     "Q5_K_M": (0.3, 0.03, 0.9),
     "Q6_K": (0.3, 0.03, 0.9),
+    "Q4_1": (0.2, 0.02, 0.9),
+    "Q5_0": (0.2, 0.02, 0.9),
+    "Q5_1": (0.2, 0.02, 0.9),
+    "IQ4_NL": (0.2, 0.02, 0.9),
+    "IQ4_XS": (0.3, 0.03, 0.9),
+    "Q3_K_M": (0.3, 0.03, 0.9),
+    "Q2_K": (0.3, 0.03, 0.9),
 }
+
+# per architecture, the shape switches its generated models take: gemma's window (8) is shorter than the 40-token
+# text, so its local layers mask; head_dim apart from dim / heads where the family does that
+ARCH_SHAPES = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 32}, "gemma3": {"head_dim": 96, "window": 8, "layers": 7},
+               "gemma2": {"head_dim": 32, "window": 8, "layers": 3}}
+# (architecture, type, n_embd): a spread over the families, with widths that are not a multiple of 256 so that
+# llama.cpp's quantizer falls back to Q5_0 / Q8_0 / IQ4_NL for those rows as in real small models
+ARCH_CASES = [("qwen2", "F32", 256), ("qwen3", "F32", 256), ("gemma3", "F32", 256), ("gemma2", "F32", 256),
+              ("qwen2", "Q4_K_M", 320), ("qwen3", "Q5_0", 256), ("gemma3", "Q4_K_M", 320), ("gemma2", "Q8_0", 256),
+              ("llama", "Q4_K_M", 320)]
 
 
 def compare(path, ids, tol):
@@ -45,6 +62,15 @@ def test_generated_model_logits_match_llama_cpp(make_model, qtype):
     path = make_model(qtype)
     ids = sparserun.load(path).tokenize(TEXT)[:40]
     assert len(ids) >= 32
+    compare(path, ids, TOLERANCE[qtype])
+
+
+@pytest.mark.parametrize("arch,qtype,dim", ARCH_CASES, ids=lambda v: str(v))
+def test_architectures_match_llama_cpp(make_model, arch, qtype, dim):
+    path = make_model(qtype, arch=arch, dim=dim, **ARCH_SHAPES[arch])
+    m = sparserun.load(path)
+    assert m.args.arch == arch
+    ids = m.tokenize(TEXT)[:40]
     compare(path, ids, TOLERANCE[qtype])
 
 
@@ -76,9 +102,10 @@ def sparserun_greedy(path, ids, n):
     return stats.tokens[len(ids):]
 
 
-@pytest.mark.parametrize("which", ["stories260K", "F32"])
+@pytest.mark.parametrize("which", ["stories260K", "llama", "qwen2", "qwen3", "gemma3", "gemma2"])
 def test_greedy_continuation_matches_llama_cpp(stories, make_model, which):
-    path = stories if which == "stories260K" else make_model("F32")
+    """40 greedy tokens on F32 models, past the gemma models' sliding window (8)."""
+    path = stories if which == "stories260K" else make_model("F32", arch=which, **ARCH_SHAPES[which])
     ids = sparserun.load(path).tokenize("Once upon a time")
     ours = sparserun_greedy(path, ids, 40)
     assert ours == llama_cpp_greedy(path, ids, 40)

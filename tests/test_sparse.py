@@ -386,3 +386,27 @@ def test_non_vnni_build_runs_and_agrees(make_model, tmp_path):
     d = np.abs(there - here) / here.std()
     assert d.max() < 0.05, d.max()  # same int8 activations; the axpy rounds its coefficients on VNNI only
     assert (there.argmax(-1) == here.argmax(-1)).mean() > 0.9
+
+
+@pytest.mark.parametrize("arch,qtype,dim", [("qwen2", "F32", 256), ("gemma3", "F32", 256), ("qwen3", "Q5_0", 256),
+                                            ("gemma3", "Q4_K_M", 320)], ids=str)
+def test_every_policy_runs_on_other_architectures(make_model, arch, qtype, dim):
+    """topk, threshold and predictor on the other families' blocks (biases, QK-norm, post-norms, GELU, sliding
+    window; Q4_K_M at width 320 holds llama.cpp's Q5_0 / Q8_0 fallbacks): keeping every neuron gives the dense
+    logits, through the masked dense kernels (topk) and through the neuron packs (a predictor naming every neuron,
+    exact on F32 sources; elsewhere the packs' re-quantized down columns add their rounding)."""
+    from test_parity import ARCH_SHAPES
+
+    path = make_model(qtype, arch=arch, dim=dim, **ARCH_SHAPES[arch])
+    dense_model = sparserun.load(path)
+    ids = dense_model.tokenize("The quick brown fox jumps over the lazy dog and runs away")
+    dense = dense_model.logits(ids)
+    scale = np.abs(dense).max()
+    np.testing.assert_allclose(decode_logits(sparserun.load(path, sparsity="topk:1.0"), ids), dense, atol=1e-4 * scale)
+    n_ff = dense_model.args.n_ff
+    every = sparserun.load(path, predictor=lambda layer, x: [np.arange(n_ff)] * len(x))
+    d = np.abs(decode_logits(every, ids) - dense) / dense.std()
+    assert d.max() < (1e-3 if qtype == "F32" else 0.35), d.max()
+    for spec in ("topk:0.5", "threshold:0.05"):
+        got = decode_logits(sparserun.load(path, sparsity=spec), ids)
+        assert np.isfinite(got).all() and (got.argmax(1) == dense.argmax(1)).mean() >= 0.5, spec

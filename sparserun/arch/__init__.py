@@ -1,12 +1,14 @@
-"""Architecture registry: general.architecture -> module with ModelArgs.from_gguf and layer tensor names.
+"""Architecture registry: general.architecture -> the module whose model_args(gguf) builds its ModelArgs.
 
-A llama-like family (same block structure, different metadata or tensor names) is one small module
-that registers itself here.
+Every architecture runs the one shared block (model.Model._block); a module sets the switches in which its family
+differs from llama (arch/base.py lists them). Adding an architecture is a module here and its line in MODULES.
 """
 from ..errors import ModelFileError
-from . import llama
+from . import gemma3, llama, qwen2, qwen3
+from .base import ROPE_NEOX, ROPE_NORM, ModelArgs  # noqa: F401
 
-ARCHITECTURES = {name: llama for name in llama.NAMES}
+MODULES = (llama, qwen2, qwen3, gemma3)
+ARCHITECTURES = {name: module for module in MODULES for name in module.NAMES}
 
 
 def model_args(gguf):
@@ -14,4 +16,4 @@ def model_args(gguf):
     module = ARCHITECTURES.get(arch)
     if module is None:
         raise ModelFileError(gguf.path, f"unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
-    return module.ModelArgs.from_gguf(gguf)
+    return module.model_args(gguf)

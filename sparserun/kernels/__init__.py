@@ -12,7 +12,7 @@ import hashlib
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("simd.py", "quant.py", "ops.py", "sparse.py")
+SOURCES = ("simd.py", "quant.py", "dequant.py", "ops.py", "sparse.py")
 STAMP = "sparserun-kernels.sha256"
 
 

@@ -6,7 +6,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .simd import (ATTENTION_HEADS, KEY_BLOCK, f32_from_bits, half_bits, key_block_dots, load_f16, load_f32,
-                   value_rows_sum)
+                   round_f16, value_rows_sum)
 
 
 @njit(cache=True, inline="always", fastmath=True)
@@ -127,18 +127,24 @@ def store_kv(k, v, kc, vc, pos0):
                 kv_put(vf, (g * n_ctx + pos0 + t) * hd + d, v[t, g * hd + d])
 
 
-def attention(q, kc, vc, pos0, n_head, threads, out):
+def attention(q, kc, vc, pos0, n_head, threads, out, scale=None, window=0, softcap=0.0):
     """Causal GQA attention for T new tokens at positions pos0.. against one layer's cache.
 
     q: (T, n_head*head_dim); kc, vc: one layer's caches (kv_shapes) of a KV_TYPES type, positions [0, pos0+T)
     filled (store_kv); out: (T, n_head*head_dim). Query head h reads kv head h // (n_head / n_kv), as llama.cpp.
     threads: those the parallel loop runs on (numba.get_num_threads() inside a kernel would keep numba from
-    caching it). Runs a kernel compiled for this head_dim (_attention_kernel)."""
+    caching it). scale: of the scores (None: 1/sqrt(head_dim)); window > 0: the query at position p sees keys
+    p - window + 1 .. p only (llama.cpp's LLAMA_SWA_TYPE_STANDARD mask, is_masked_swa); softcap > 0: scores ->
+    softcap tanh(scores / softcap) after scaling (gemma2). With an f16 cache the scaled queries and the softmax's
+    probabilities are rounded to half before their products with the cached keys and values, as llama.cpp's
+    mul_mat with an F16 operand rounds its other operand (its vec_dot_type) when flash attention is off (the
+    llama-cpp-python default). Runs a kernel compiled for this head_dim."""
     hd = kc.shape[2]
     kernel = _ATTENTION.get(hd)
     if kernel is None:
         kernel = _ATTENTION[hd] = _attention_kernel(hd)
-    kernel(q, kc, vc, pos0, n_head, threads, out)
+    kernel(q, kc, vc, pos0, n_head, threads, out, np.float32(1.0 / math.sqrt(hd) if scale is None else scale),
+           int(window), np.float32(softcap), kc.dtype == np.uint16)
 
 
 _ATTENTION = {}  # head_dim -> its kernel
@@ -163,7 +169,7 @@ def _attention_kernel(HD):
     vs8, vs4, vs1 = (value_rows_sum[(h, NCH)] for h in ATTENTION_HEADS)
 
     @njit(parallel=True, cache=True, fastmath=True)
-    def attention_hd(q, kc, vc, pos0, n_head, threads, out):
+    def attention_hd(q, kc, vc, pos0, n_head, threads, out, scale, window, softcap, half):
         T = q.shape[0]
         n_kv, nkb = kc.shape[0], kc.shape[1]
         n_ctx = vc.shape[1]
@@ -172,21 +178,25 @@ def _attention_kernel(HD):
         while T * n_kv * S < threads and G % (2 * S) == 0:
             S *= 2
         H = G // S  # query heads per item
-        scale = np.float32(1.0 / math.sqrt(HD))
         q3 = q.reshape(T, n_head, HD)
         o3 = out.reshape(T, n_head, HD)
         for item in prange(T * n_kv * S):
             t, g, h0 = item // (n_kv * S), (item // S) % n_kv, (item % S) * H
             n_keys = pos0 + t + 1
+            j0 = max(0, n_keys - window) if window > 0 else 0  # first key the query sees
+            b0 = j0 // KEY_BLOCK  # key blocks before b0 are skipped; keys b0 * KEY_BLOCK .. j0 - 1 get weight 0
+            k0 = b0 * KEY_BLOCK
             nb = (n_keys + KEY_BLOCK - 1) // KEY_BLOCK
             sw = nb * KEY_BLOCK  # a query's row of scores, whole key blocks
             qs = np.empty(H * HD, np.float32)  # the item's queries, scaled
             for h in range(H):
                 for d in range(HD):
                     qs[h * HD + d] = q3[t, g * G + h0 + h, d] * scale
+                    if half:
+                        qs[h * HD + d] = round_f16(qs[h * HD + d])
             s = np.empty(H * sw, np.float32)  # scores, then softmax numerators
             if vector:
-                for b in range(nb):
+                for b in range(b0, nb):
                     kb = (g * nkb + b) * HD * KEY_BLOCK
                     h = 0
                     while h < H:
@@ -201,7 +211,7 @@ def _attention_kernel(HD):
                             h += 1
             else:
                 for h in range(H):
-                    for j in range(n_keys):
+                    for j in range(k0, n_keys):
                         a = np.float32(0.0)
                         for d in range(HD):
                             a += qs[h * HD + d] * kv_get(kc, key_index(nkb, HD, g, j, d))
@@ -209,33 +219,42 @@ def _attention_kernel(HD):
             inv = np.empty(H, np.float32)
             for h in range(H):
                 o = h * sw
+                if softcap > 0:
+                    for j in range(j0, n_keys):
+                        s[o + j] = softcap * np.float32(math.tanh(s[o + j] / softcap))
                 mx = np.float32(-np.inf)
-                for j in range(n_keys):
+                for j in range(j0, n_keys):
                     mx = max(mx, s[o + j])
                 total = np.float32(0.0)
-                for j in range(n_keys):
+                for j in range(j0, n_keys):
                     e = fast_exp(s[o + j] - mx)
                     s[o + j] = e
                     total += e
+                for j in range(k0, j0):  # masked keys of the first block read
+                    s[o + j] = np.float32(0.0)
                 inv[h] = np.float32(1.0) / total
+                if half:  # normalized, then rounded to half
+                    for j in range(j0, n_keys):
+                        s[o + j] = round_f16(s[o + j] * inv[h])
+                    inv[h] = np.float32(1.0)
             acc = np.zeros(H * HD, np.float32)
             if vector:
                 for c0 in range(0, HD, 8 * NCH):
-                    vi = g * n_ctx * HD + c0
+                    vi = (g * n_ctx + k0) * HD + c0
                     h = 0
                     while h < H:
                         if H - h >= 8:
-                            vs8(vc, vi, HD, n_keys, s, h * sw, sw, acc, h * HD + c0)
+                            vs8(vc, vi, HD, n_keys - k0, s, h * sw + k0, sw, acc, h * HD + c0)
                             h += 8
                         elif H - h >= 4:
-                            vs4(vc, vi, HD, n_keys, s, h * sw, sw, acc, h * HD + c0)
+                            vs4(vc, vi, HD, n_keys - k0, s, h * sw + k0, sw, acc, h * HD + c0)
                             h += 4
                         else:
-                            vs1(vc, vi, HD, n_keys, s, h * sw, sw, acc, h * HD + c0)
+                            vs1(vc, vi, HD, n_keys - k0, s, h * sw + k0, sw, acc, h * HD + c0)
                             h += 1
             else:
                 for h in range(H):
-                    for j in range(n_keys):
+                    for j in range(k0, n_keys):
                         w = s[h * sw + j]
                         for d in range(HD):
                             acc[h * HD + d] += w * kv_get(vc, (g * n_ctx + j) * HD + d)
@@ -248,13 +267,20 @@ def _attention_kernel(HD):
 
 @njit(cache=True, inline="always")
 def activate(a, act):
-    """act(a) for one float32; act: 0 silu, 1 relu, 2 gelu (tanh form; 1 + tanh(z) = 2 - 2 / (exp(2z) + 1))."""
+    """act(a) for one float32; act: 0 silu, 1 relu, 2 gelu (tanh form), as llama.cpp's CPU backend computes it
+    (GGML_GELU_FP16: its table of gelu at every half, indexed by the input rounded to half, the value rounded
+    to half; 0 below -10 and the identity above 10; ggml_vec_geglu_f32)."""
     if act == 0:
         return a / (np.float32(1.0) + fast_exp(-a))
     if act == 1:
         return a if a > 0 else np.float32(0.0)
-    z = np.float32(0.7978845608) * (a + np.float32(0.044715) * a * a * a)
-    return a - a / (fast_exp(np.float32(2.0) * z) + np.float32(1.0))
+    if a <= np.float32(-10.0):
+        return np.float32(0.0)
+    if a >= np.float32(10.0):
+        return a
+    h = round_f16(a)
+    z = np.float32(0.7978845608) * h * (np.float32(1.0) + np.float32(0.044715) * h * h)
+    return round_f16(np.float32(0.5) * h * (np.float32(1.0) + np.float32(math.tanh(z))))
 
 
 @njit(cache=True, inline="always")

@@ -13,20 +13,19 @@ Two matmul paths:
 import numpy as np
 from numba import njit, prange
 
-from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q8_0,
+from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0, dot_row_q8_0,
                    dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni,
                    dot_tokens_q4_k_vnni, dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16,
                    load_f16, load_f32, round_f16)
 
-# ggml type ids (gguf.GGMLQuantizationType), kept as plain ints so numba can branch on them.
-F32, F16, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 8, 12, 13, 14, 30
-Q4_0R = 1002  # not a ggml type: Q4_0 rows repacked at load for the VNNI kernels (repack_q4_0)
+# ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
+from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1,  # noqa: E402
+                      Q5_K, Q6_K, Q8_0)
+from .dequant import (dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1, dequant_q5_0,  # noqa: E402
+                      dequant_q5_1)
+
 QK = 32  # block size of Q4_0 / Q8_0 and of the int8 activation blocks
 QK_K = 256  # super-block size of the K-quants
-
-# type id -> (elements per block, bytes per block)
-BLOCKS = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34),
-          Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
 
 
 @njit(cache=True, inline="always")
@@ -90,6 +89,20 @@ def dequant_row(raw, off, qtype, n, out):
         _dequant_q5_k(raw, off, n, out)
     elif qtype == Q6_K:
         _dequant_q6_k(raw, off, n, out)
+    elif qtype == Q5_0:
+        dequant_q5_0(raw, off, n, out)
+    elif qtype == Q4_1:
+        dequant_q4_1(raw, off, n, out)
+    elif qtype == Q5_1:
+        dequant_q5_1(raw, off, n, out)
+    elif qtype == IQ4_NL:
+        dequant_iq4_nl(raw, off, n, out)
+    elif qtype == IQ4_XS:
+        dequant_iq4_xs(raw, off, n, out)
+    elif qtype == Q3_K:
+        dequant_q3_k(raw, off, n, out)
+    elif qtype == Q2_K:
+        dequant_q2_k(raw, off, n, out)
 
 
 # The K-quant dequantizers run in flat loops of 32 (or 16) values with every scale and shift fixed, so that
@@ -220,6 +233,43 @@ def acts_forms(x, needed=True):
              np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, n // QK), np.int32))
     if needed:
         quantize_acts(x, *forms)
+    return forms
+
+
+@njit(cache=True, fastmath={"nnan", "ninf", "nsz"}, error_model="numpy")
+def quantize_acts_k(x, x8, xd, xb):
+    """Round activations x (T, n) (n a multiple of 256) as llama.cpp's quantize_row_q8_K does for its K-quant dots:
+    one float32 scale per 256 values, d = max / -127 with max the value of largest magnitude (the first one on a
+    tie), values rint(x * -127 / max) capped at 127. Written in quantize_acts' VNNI forms (x8, xd per 32 values:
+    the super-block's d repeated, xb from x8), so the K-quant dots sum exactly the integers llama.cpp sums."""
+    T, n = x.shape
+    for t in range(T):
+        for sb in range(n // QK_K):
+            o = sb * QK_K
+            amax, mx = np.float32(0.0), np.float32(0.0)
+            for j in range(QK_K):
+                ax = abs(x[t, o + j])
+                if ax > amax:
+                    amax, mx = ax, x[t, o + j]
+            iscale = np.float32(-127.0) / mx if amax > 0 else np.float32(0.0)
+            d = np.float32(1.0) / iscale if amax > 0 else np.float32(0.0)
+            for j in range(QK_K):
+                x8[t, o + j] = min(127, np.int32(np.rint(iscale * x[t, o + j])))
+            for b in range(QK_K // QK):
+                xd[t, o // QK + b] = d
+            for l in range(QK_K // 4):
+                k = o + 4 * l
+                xb[t, o // 4 + l] = -8 * (np.int32(x8[t, k]) + np.int32(x8[t, k + 1]) + np.int32(x8[t, k + 2]) +
+                                          np.int32(x8[t, k + 3]))
+
+
+@njit(cache=True)
+def acts_forms_k(x):
+    """quantize_acts_k's forms of x (T, n) in acts_forms' six places (the forms K-quant dots do not read empty)."""
+    T, n = x.shape
+    forms = (np.empty((0, 0), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
+             np.empty((T, n // 4), np.int32), np.empty((0, 0), np.int8), np.empty((0, n // QK), np.int32))
+    quantize_acts_k(x, forms[2], forms[1], forms[3])
     return forms
 
 
@@ -360,10 +410,14 @@ def _nibble(raw, q, i):
 
 matmul_q4_0 = _make_matmul(_without_xb(dot_row_q4_0))
 matmul_q8_0 = _make_matmul(_without_xb(dot_row_q8_0))
-INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0}
-"""out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 weights W, activations as int8 blocks (quantize_acts)."""
+matmul_q5_0 = _make_matmul(_without_xb(dot_row_q5_0))
+INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0}
+"""out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W, activations as int8 blocks (quantize_acts), as llama.cpp's
+vec_dot_q5_0_q8_0 and its kin compute them."""
+# weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), where VNNI runs
+Q8K_TYPES = (Q4_K, Q5_K, Q6_K) if HAS_VNNI else ()
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI dots)
-INT8_TYPES = (Q4_0, Q8_0, Q4_0R) + ((Q4_K, Q5_K, Q6_K) if HAS_VNNI else ())
+INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R) + ((Q4_K, Q5_K, Q6_K) if HAS_VNNI else ())
 
 
 @njit(parallel=True, cache=True, fastmath=True)

@@ -224,6 +224,23 @@ def _q8_0_lanes(builder, qp, xp):
     return builder.add(_widen_madd(builder, _vload(builder, qp, 16), xlo), _widen_madd(builder, qhi, xhi))
 
 
+def _q5_0_lanes(builder, qp, xp):
+    """Q5_0's block after its scale: qh (32 fifth bits, little-endian), then Q4_0's nibble layout; values q - 16."""
+    v16i32 = ir.VectorType(_i32, 16)
+    qh = _splat_f(builder, builder.load(builder.bitcast(qp, _i32.as_pointer()), align=1), 16)
+    q = _vload(builder, builder.gep(qp, [ir.Constant(_i32, 4)]), 16)
+
+    def fifth(shift0):  # <16 x i8>: bit (shift0 + j) of qh, moved to bit 4
+        bits = builder.lshr(qh, ir.Constant(v16i32, list(range(shift0, shift0 + 16))))
+        return builder.shl(builder.trunc(builder.and_(bits, ir.Constant(v16i32, [1] * 16)), ir.VectorType(_i8, 16)),
+                           _splat(16, 4))
+
+    lo = builder.sub(builder.or_(builder.and_(q, _splat(16, 15)), fifth(0)), _splat(16, 16))
+    hi = builder.sub(builder.or_(builder.lshr(q, _splat(16, 4)), fifth(16)), _splat(16, 16))
+    xlo, xhi = _x_halves(builder, xp)
+    return builder.add(_widen_madd(builder, lo, xlo), _widen_madd(builder, hi, xhi))
+
+
 def _row_dot_intrinsic(block_bytes, block_lanes, doc):
     @intrinsic
     def row_dot(typingctx, w, woff, nb, x, xoff, xd, xdoff):
@@ -243,6 +260,8 @@ activations rounded to int8 and stored as int16 at x[xoff:] (flat element index,
 widened so the row loop only widens the weights), whose float32 block scales are xd[xdoff : xdoff+nb]."""
 dot_row_q4_0 = _row_dot_intrinsic(18, _q4_0_lanes, _ROW_DOT_DOC.format(name="Q4_0", bb=18))
 dot_row_q8_0 = _row_dot_intrinsic(34, _q8_0_lanes, _ROW_DOT_DOC.format(name="Q8_0", bb=34))
+dot_row_q5_0 = _row_dot_intrinsic(22, _q5_0_lanes, _ROW_DOT_DOC.format(name="Q5_0", bb=22).replace(
+    "then quants", "32 fifth bits, then nibbles"))
 
 
 def _prefetch_line(builder, p):
