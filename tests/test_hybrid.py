@@ -30,11 +30,13 @@ def tiny(make_model, stories):
 
 
 def hybrid_vs_cpu(path, frac, sparsity="dense", predictor=None):
-    """(max |d logit| of a prompt batch, of token-by-token decode, logits' std) hybrid against CPU."""
-    cpu = sparserun.load(path, n_ctx=32, sparsity=sparsity, predictor=predictor)
+    """(max |d logit| of a prompt batch, of token-by-token decode, logits' std) hybrid against CPU. Both keep a
+    float32 KV cache, as attention placed on the GPU does (an f16 one rounds keys, values, queries and
+    probabilities on the CPU only)."""
+    cpu = sparserun.load(path, n_ctx=32, sparsity=sparsity, predictor=predictor, kv_type="f32")
     ref = cpu.logits(IDS)
     hyb = sparserun.load(path, n_ctx=32, sparsity=sparsity, predictor=predictor, device="cuda",
-                         vram_budget=frac * device_bytes(cpu) / 2**30)
+                         vram_budget=frac * device_bytes(cpu) / 2**30, kv_type="f32")
     assert hyb.placement is not None
     batch = hyb.logits(IDS)
     hyb.reset()

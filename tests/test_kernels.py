@@ -55,9 +55,10 @@ def test_matmul_matches_numpy(qtype, T):
     from sparserun.kernels.quant import INT8_TYPES  # Q4_0, Q8_0; Q4_K and Q6_K too through their VNNI dots
 
     if int(qtype) in INT8_TYPES:
-        # the int8 path sees x rounded to int8 blocks: exact against that, close to the float product
-        xq, xd, *_ = Acts(x).forms()
-        xr = (xq.reshape(T, -1, 32).astype(np.float64) * xd[:, :, None]).reshape(T, cols)
+        # the int8 path sees x rounded to int8 blocks (per 256 values as llama.cpp's Q8_K for the K-quants on the
+        # VNNI route, Acts.forms_for): exact against that, close to the float product
+        _, xd, x8, *_ = Acts(x).forms_for(int(qtype))
+        xr = (x8.reshape(T, -1, 32).astype(np.float64) * xd[:, :, None]).reshape(T, cols)
         np.testing.assert_allclose(got, xr @ W.T, rtol=1e-4, atol=1e-4 * np.abs(xr @ W.T).max())
         exact = x.astype(np.float64) @ W.T
         assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
@@ -178,13 +179,17 @@ def test_fast_exp_and_activations_match_float64():
     g[0, :6] = [0, 1e-6, -1e-6, 40, -40, -100]
     u = np.random.default_rng(1).standard_normal((2, 999)).astype(np.float32)
     gd = g.astype(np.float64)
-    refs = {0: gd / (1 + np.exp(-gd)), 1: np.maximum(gd, 0), 2: 0.5 * gd * (1 + np.tanh(0.7978845608 * (gd + 0.044715 * gd ** 3)))}
+    h = g.astype(np.float16).astype(np.float64)  # GELU as ggml's table: input and value rounded to half
+    gelu = (0.5 * h * (1 + np.tanh(0.7978845608 * h * (1 + 0.044715 * h * h)))).astype(np.float16).astype(np.float64)
+    gelu = np.where(gd <= -10, 0.0, np.where(gd >= 10, gd, gelu))
+    refs = {0: gd / (1 + np.exp(-gd)), 1: np.maximum(gd, 0), 2: gelu}
     for act, r in refs.items():
+        rtol = 1e-3 if act == 2 else 1e-5  # the half rounding of a value computed in float32 may land a half-ulp away
         out = np.empty_like(g)
         ops.ffn_activate(g, u, act, out)
-        np.testing.assert_allclose(out, r * u, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out, r * u, rtol=rtol, atol=1e-6)
         ops.ffn_activate(g[:0], g, act, out)  # non-gated: act(u) with u = g
-        np.testing.assert_allclose(out, r, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out, r, rtol=rtol, atol=1e-6)
 
 
 def test_f16_cache_rounds_as_numpy():
@@ -256,9 +261,15 @@ def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads, k
         for h in range(n_head):
             g = h // G
             k, v = keys[:n, g * hd:(g + 1) * hd].astype(np.float64), vals[:n, g * hd:(g + 1) * hd].astype(np.float64)
-            s = k @ q[t, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            qs = q[t, h * hd:(h + 1) * hd] * np.float32(1 / np.sqrt(hd))
+            if kv_type == "f16":  # scaled queries and probabilities rounded to half, as llama.cpp's F16 mul_mat
+                qs = qs.astype(np.float16)
+            s = k @ qs.astype(np.float64)
             p = np.exp(s - s.max())
-            np.testing.assert_allclose(out[t, h * hd:(h + 1) * hd], p @ v / p.sum(), rtol=1e-4, atol=1e-5)
+            p /= p.sum()
+            if kv_type == "f16":
+                p = p.astype(np.float16).astype(np.float64)
+            np.testing.assert_allclose(out[t, h * hd:(h + 1) * hd], p @ v, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
