@@ -12,7 +12,7 @@ import hashlib
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("simd.py", "quant.py", "dequant.py", "ops.py", "sparse.py")
+SOURCES = tuple(sorted(f for f in os.listdir(HERE) if f.endswith(".py") and f != "__init__.py"))  # every kernel module
 STAMP = "sparserun-kernels.sha256"
 
 
