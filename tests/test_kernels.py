@@ -6,7 +6,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, quants
 from sparserun.weights import Acts, Weight
 from sparserun.gguf_file import RawTensor
 
-TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 
 def random_blocks(qtype, rows, cols, rng):
@@ -20,7 +20,7 @@ def random_blocks(qtype, rows, cols, rng):
     block, nbytes = GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (rows * cols // block, nbytes), dtype=np.uint8)
     scale = lambda: rng.uniform(0.001, 0.05, len(b)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    if qtype in (Q.Q4_0, Q.Q8_0):
+    if qtype in (Q.Q4_0, Q.Q8_0, Q.Q5_0):
         b[:, 0:2] = scale()
     elif qtype in (Q.Q4_K, Q.Q5_K):
         b[:, 0:2], b[:, 2:4] = scale(), scale()
@@ -394,7 +394,7 @@ def test_weights_in_memory_together_run_as_one_array():
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
                     reason="the batch matmuls are VNNI kernels")
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
 def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
     """A batch through a VNNI batch matmul (matmul_q4_0r_vnni on repacked Q4_0, matmul_q8_0_vnni, the K-quants': tiles of
     ROW_TILE rows, TOKENS tokens per dot_tokens call, then the leftover tokens one by one) is bit-identical to
@@ -420,10 +420,10 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
             if qtype == Q.Q4_0:
                 gguf = w.matmul(acts)
                 np.testing.assert_allclose(got, gguf, rtol=2e-6, atol=2e-6 * np.abs(gguf).max())
-            elif qtype == Q.Q8_0:
+            elif qtype in (Q.Q8_0, Q.Q5_0):  # the VNNI route against the generic int16 one
                 xq, xd, _, xb, *_ = acts.forms()
                 generic = np.empty_like(got)
-                K.matmul_q8_0((w.raw,), w.row_bytes, np.array([0, w.rows]), xq, xd, xb, generic)
+                K.INT8_MATMUL[int(qtype)]((w.raw,), w.row_bytes, np.array([0, w.rows]), xq, xd, xb, generic)
                 np.testing.assert_allclose(got, generic, rtol=1e-5, atol=1e-6 * np.abs(generic).max())
 
 

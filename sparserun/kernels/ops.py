@@ -265,6 +265,19 @@ def _attention_kernel(HD):
     return attention_hd
 
 
+def _gelu_half_table():
+    """ggml's ggml_table_gelu_f16 as float32: gelu (tanh form, float32 arithmetic as ggml_gelu_f32) of every half,
+    rounded to half; indexed by a value's half bits."""
+    h = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):
+        g = np.float32(0.5) * h * (np.float32(1.0) + np.tanh(np.float32(0.7978845608) * h *
+                                                             (np.float32(1.0) + np.float32(0.044715) * h * h)))
+    return np.nan_to_num(g.astype(np.float16).astype(np.float32))
+
+
+GELU_HALF = _gelu_half_table()  # (65536,) float32
+
+
 @njit(cache=True, inline="always")
 def activate(a, act):
     """act(a) for one float32; act: 0 silu, 1 relu, 2 gelu (tanh form), as llama.cpp's CPU backend computes it
@@ -274,13 +287,8 @@ def activate(a, act):
         return a / (np.float32(1.0) + fast_exp(-a))
     if act == 1:
         return a if a > 0 else np.float32(0.0)
-    if a <= np.float32(-10.0):
-        return np.float32(0.0)
-    if a >= np.float32(10.0):
-        return a
-    h = round_f16(a)
-    z = np.float32(0.7978845608) * h * (np.float32(1.0) + np.float32(0.044715) * h * h)
-    return round_f16(np.float32(0.5) * h * (np.float32(1.0) + np.float32(math.tanh(z))))
+    g = GELU_HALF[half_bits(a)]
+    return np.float32(0.0) if a <= np.float32(-10.0) else (a if a >= np.float32(10.0) else g)
 
 
 @njit(cache=True, inline="always")

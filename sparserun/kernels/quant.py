@@ -13,10 +13,11 @@ Two matmul paths:
 import numpy as np
 from numba import njit, prange
 
-from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0, dot_row_q8_0,
-                   dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni,
-                   dot_tokens_q4_k_vnni, dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16,
-                   load_f16, load_f32, round_f16)
+from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni,
+                   dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni,
+                   dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
+                   dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
+                   round_f16)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1,  # noqa: E402
@@ -354,13 +355,15 @@ def _make_batch_matmul(dot_row, dot_tokens):
 # weights in the repacked layout (repack_q4_0): A/B against one token per row dot, benchmarks/batch_matmul.py
 matmul_q4_0r_vnni = _make_batch_matmul(dot_row_q4_0r_vnni, dot_tokens_q4_0r_vnni)
 matmul_q8_0_vnni = _make_batch_matmul(dot_row_q8_0_vnni, dot_tokens_q8_0_vnni)
+matmul_q5_0_vnni = _make_batch_matmul(dot_row_q5_0_vnni, dot_tokens_q5_0_vnni)
 
 
 # used when HAS_VNNI (Q4_0R exists only then)
 matmul_q4_k_vnni = _make_batch_matmul(dot_row_q4_k_vnni, dot_tokens_q4_k_vnni)
 matmul_q5_k_vnni = _make_batch_matmul(dot_row_q5_k_vnni, dot_tokens_q5_k_vnni)
 matmul_q6_k_vnni = _make_batch_matmul(dot_row_q6_k_vnni, dot_tokens_q6_k_vnni)
-VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni, Q4_K: matmul_q4_k_vnni,
+VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni, Q5_0: matmul_q5_0_vnni,
+               Q4_K: matmul_q4_k_vnni,
                Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni}
 
 

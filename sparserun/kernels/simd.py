@@ -173,6 +173,14 @@ def _hsum8(builder, v):
     return s
 
 
+def _hsum8_ggml(builder, v):
+    """The sum of an <8 x float>'s lanes in ggml's order (hsum_float_8: the upper half added to the lower, then lanes
+    2-3 to 0-1, then lane 1 to 0), for dots whose rounding should be llama.cpp's."""
+    e = lambda i: builder.extract_element(v, ir.Constant(_i32, i))  # noqa: E731
+    r = [builder.fadd(e(i + 4), e(i)) for i in range(4)]
+    return builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
+
+
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
     """Shared body of the row-dot intrinsics: sum over nb blocks of d_w[b] * d_x[b] * idot(b), with
     an <8 x float> accumulator and one horizontal reduction at the end (as llama.cpp's AVX2 code)."""
@@ -624,6 +632,39 @@ def _q8_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
 
 
+def _q5_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
+    """A Q5_0 row (blocks of 22 bytes: fp16 scale, qh with the 32 fifth bits, 16 nibble bytes; value = q - 16)
+    dotted through vpdpbusd with one or more tokens' int8 activations, as _q8_0_token_dots: the 32 unsigned 5-bit
+    values assembled once per block for all tokens (nibbles split, fifth bits moved in from qh), each lane starting
+    from 2 xb = -16 times its 4 activations' sum, which takes the offset out: exact int32 sums. The floats round as
+    llama.cpp's (vec_dot_q5_0_q8_0 and its tinyBLAS batch kernel): one FMA chain over the blocks, ggml's lane sum.
+    Q5_0 rows are the q/k/gate/up of small models whose output a real model amplifies (Gemma 3 270M), so the order
+    is worth its single chain."""
+    v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
+    v32i32 = ir.VectorType(_i32, 32)
+    nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
+    c = lambda v: ir.Constant(i64, v)
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in xps]
+    shifts, ones = ir.Constant(v32i32, list(range(32))), ir.Constant(v32i32, [1] * 32)
+    with cgutils.for_range(builder, nb) as loop:
+        b = loop.index
+        bp = builder.gep(wp, [builder.mul(b, c(22))])
+        qs = _vload(builder, builder.gep(bp, [c(6)]), 16)
+        lo, hi = builder.and_(qs, _splat(16, 15)), builder.lshr(qs, _splat(16, 4))
+        nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))  # values 0..31
+        qh = _splat_f(builder, builder.load(builder.bitcast(builder.gep(bp, [c(2)]), _i32.as_pointer()), align=1), 32)
+        fifth = builder.trunc(builder.and_(builder.lshr(qh, shifts), ones), ir.VectorType(_i8, 32))
+        q = builder.bitcast(builder.or_(nib, builder.shl(fifth, _splat(32, 4))), v8i)
+        ws = _half_splat(builder, bp)
+        for xp, xdp, xbp, a in zip(xps, xdps, xbps, accs):
+            xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
+            init = builder.shl(builder.load(builder.gep(xbp, [b]), align=4), _splat(8, 1, _i32))
+            lanes = builder.call(dp, [init, q, xv])
+            scale = builder.fmul(ws, _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4)))
+            builder.store(_fma(builder, scale, builder.sitofp(lanes, v8f), builder.load(a)), a)
+    return [_hsum8_ggml(builder, builder.load(a)) for a in accs]
+
+
 def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
     """Shared frame of the K-quant VNNI dots, for one token or several (pointers per token, as
     _q4_0r_token_dots): super_block(s, block) emits super-block s (8 activation blocks), calling
@@ -759,6 +800,8 @@ def _q6_k_super_block(builder, wp):
 dot_row_q8_0_vnni = _row_intrinsic(_q8_0_token_dots, """A Q8_0 row's dot with one token's int8 activations through
     vpdpbusd (_q8_0_token_dots; x86 AVX512-VNNI only, as dot_row_q4_0_vnni): one xor and one vpdpbusd per block
     where the generic dot widens to int16 and runs two vpmaddwd.""")
+dot_row_q5_0_vnni = _row_intrinsic(_q5_0_token_dots, """A Q5_0 row's dot with one token's int8 activations through
+    vpdpbusd (_q5_0_token_dots; x86 AVX512-VNNI only).""")
 dot_row_q4_k_vnni = _row_intrinsic(_kquant_tokens(_q4_k_super_block), """A Q4_K row's dot with one token's int8 activations through
     vpdpbusd (x86 AVX512-VNNI only): exact integer sums of nibbles times activations per 32-value sub-block, scaled
     by d sc_j and the activations' block scale; the mins' term from the activations' block sums (xb).""")
@@ -809,6 +852,9 @@ _KQ_TOKENS_DOC = """dot_row_{0}_vnni of one row with TOKENS tokens' activations 
 dot_tokens_q4_k_vnni = _tokens_intrinsic(_kquant_tokens(_q4_k_super_block), _KQ_TOKENS_DOC.format("q4_k"))
 dot_tokens_q5_k_vnni = _tokens_intrinsic(_kquant_tokens(_q5_k_super_block), _KQ_TOKENS_DOC.format("q5_k"))
 dot_tokens_q6_k_vnni = _tokens_intrinsic(_kquant_tokens(_q6_k_super_block), _KQ_TOKENS_DOC.format("q6_k"))
+dot_tokens_q5_0_vnni = _tokens_intrinsic(_q5_0_token_dots, """dot_row_q5_0_vnni of one row with TOKENS tokens'
+    activations (_tokens_intrinsic): each block's values assembled once for all of them; each result identical to
+    the one-token dot.""")
 dot_tokens_q8_0_vnni = _tokens_intrinsic(_q8_0_token_dots, """dot_row_q8_0_vnni of one row with TOKENS tokens'
     activations (_tokens_intrinsic): each block's bytes flipped and its scale converted once for all of them;
     each result identical to the one-token dot.""")
