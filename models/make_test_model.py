@@ -5,8 +5,9 @@
     python -m models.make_test_model out.gguf --arch gemma3 --dim 640 --head-dim 256 --window 16 --type Q4_K_M
 
 Architectures: llama, qwen2 (q/k/v biases), qwen3 (QK-norm), gemma3 (QK-norm, post-norms, sliding window on 5 of
-every 6 layers, tied head), gemma2 (post-norms, soft-caps, alternating window), each with the tensors and keys
-llama.cpp's loader requires of it.
+every 6 layers, tied head), gemma2 (post-norms, soft-caps, alternating window), phi3 (fused attn_qkv and gate|up,
+partial rotary, LongRoPE factors and attention factor), each with the tensors and keys llama.cpp's loader
+requires of it.
 
 The vocabulary (every tokenizer.* key) is copied from a vocab-only GGUF, by default llama.cpp's
 llama-spm vocab in tests/data/vocab/ (32000 tokens, the Llama 2 / TinyLlama tokenizer).
@@ -28,13 +29,15 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, qu
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VOCAB = REPO / "tests" / "data" / "vocab" / "ggml-vocab-llama-spm.gguf"
+# llama.cpp looks up Phi-3's own special tokens (<|end|>...) when it loads a phi3 file's vocabulary
+ARCH_VOCAB = {"phi3": REPO / "tests" / "data" / "vocab" / "ggml-vocab-phi-3.gguf"}
 
 DIRECT_TYPES = {name: GGMLQuantizationType[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0",
                                                                "Q5_1")}
 # llama_ftype values of llama.cpp (include/llama.h)
 LLAMA_FTYPES = {"Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gemma2")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")
 TYPES = list(DIRECT_TYPES) + list(LLAMA_FTYPES)
 
 
@@ -51,6 +54,8 @@ class Shape:
     arch: str = "llama"
     head_dim: int = 0  # 0: dim // heads (gemma and qwen3 set it apart)
     window: int = 0  # sliding window of the gemma local layers (0: the architecture's default, 4096)
+    rope_dim: int = 0  # rotated dimensions of a head (0: all; phi3 tests a partial rotary)
+    rope_orig: int = 0  # phi3's rope.scaling.original_context_length (0: twice ctx, so the short factors apply)
 
     @property
     def hd(self):
@@ -170,10 +175,16 @@ def random_weights(shape, n_vocab, rng):
         w[p + "ffn_gate.weight"] = lin(ff, d)
         w[p + "ffn_up.weight"] = lin(ff, d)
         w[p + "ffn_down.weight"] = lin(d, ff)
+        if shape.arch == "phi3":  # fused as Phi-3's files hold them: q|k|v rows, gate|up rows
+            w[p + "attn_qkv.weight"] = np.concatenate([w.pop(p + f"attn_{k}.weight") for k in "qkv"])
+            w[p + "ffn_up.weight"] = np.concatenate([w.pop(p + "ffn_gate.weight"), w.pop(p + "ffn_up.weight")])
+    if shape.arch == "phi3":  # LongRoPE: per-pair frequency divisors for short and long contexts
+        for which in ("short", "long"):
+            w[f"rope_factors_{which}.weight"] = rng.uniform(1.0, 4.0, (shape.rope_dim or hd) // 2).astype(np.float32)
     return w
 
 
-def add_llama_hparams(writer, ctx, dim, layers, ff, heads, kv_heads, rope_base, eps, head_dim=None):
+def add_llama_hparams(writer, ctx, dim, layers, ff, heads, kv_heads, rope_base, eps, head_dim=None, rope_dim=None):
     """The <arch>.* hyperparameters every generated model writes (this generator and the storyteller's export)."""
     head_dim = head_dim or dim // heads
     writer.add_context_length(ctx)
@@ -182,7 +193,7 @@ def add_llama_hparams(writer, ctx, dim, layers, ff, heads, kv_heads, rope_base, 
     writer.add_feed_forward_length(ff)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(rope_dim or head_dim)
     writer.add_rope_freq_base(rope_base)
     writer.add_layer_norm_rms_eps(eps)
     if head_dim != dim // heads:
@@ -196,9 +207,12 @@ def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None, pla
     writer.add_name(f"sparserun-test-{shape.arch}-{shape.dim}x{shape.layers}")
     n_vocab = copy_vocab(writer, n_vocab_path)
     add_llama_hparams(writer, shape.ctx, shape.dim, shape.layers, shape.ff, shape.heads, shape.kv_heads,
-                      shape.rope_base, 1e-6 if shape.arch.startswith("gemma") else 1e-5, shape.hd)
+                      shape.rope_base, 1e-6 if shape.arch.startswith("gemma") else 1e-5, shape.hd, shape.rope_dim)
     if shape.arch.startswith("gemma"):
         writer.add_sliding_window(shape.window or 4096)
+    if shape.arch == "phi3":
+        writer.add_rope_scaling_orig_ctx_len(shape.rope_orig or shape.ctx * 2)
+        writer.add_rope_scaling_attn_factors(1.1902380714238083)  # sqrt(1 + log(32) / log(4096)), Phi-3's own
     if shape.arch == "gemma2":
         writer.add_float32("gemma2.attn_logit_softcapping", 50.0)
         writer.add_float32("gemma2.final_logit_softcapping", 30.0)
@@ -254,6 +268,8 @@ def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activa
         raise ValueError(f"unknown architecture {shape.arch!r}; choose from {', '.join(ARCHS)}")
     if planted is not None and shape.arch != "llama":
         raise ValueError("planted sparsity is made for the llama architecture (its ReLU FFN)")
+    if Path(vocab) == DEFAULT_VOCAB:
+        vocab = ARCH_VOCAB.get(shape.arch, vocab)
     if not Path(vocab).exists():
         raise FileNotFoundError(f"vocabulary GGUF {vocab} not found (pass vocab=...)")
     path = Path(path)
@@ -273,7 +289,7 @@ def main(argv=None):
     ap.add_argument("--type", default="F32", choices=TYPES)
     ap.add_argument("--preset", choices=list(PRESETS), help="a named shape (fields below override it)")
     ap.add_argument("--arch", choices=ARCHS)
-    for field in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window"):
+    for field in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window", "rope_dim"):
         ap.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field)
     ap.add_argument("--tied", action="store_true", help="no output.weight: the head reuses token_embd")
     ap.add_argument("--activation", default="silu", choices=["silu", "relu", "gelu"])
@@ -284,7 +300,8 @@ def main(argv=None):
     ap.add_argument("--vocab", default=str(DEFAULT_VOCAB), help="GGUF to copy the tokenizer from")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    kw = {k: getattr(a, k) for k in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window", "arch")
+    kw = {k: getattr(a, k) for k in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window", "rope_dim",
+                                     "arch")
           if getattr(a, k) is not None}
     if a.tied:
         kw["tied"] = True

@@ -35,6 +35,7 @@ class Layer:
     w_up: Weight  # (n_ff, dim)
     w_down: Weight  # (dim, n_ff)
     rope_inv_freq: np.ndarray = None  # (rope_dim/2,) this layer's RoPE frequencies
+    rope_scale: float = 1.0  # cos and sin multiplied by this (LongRoPE's attention factor)
     window: int = 0  # sliding window (0: full causal attention)
     q_norm: np.ndarray = None  # (head_dim,) per-head RMSNorm gains of q and k (QK-norm), or None
     k_norm: np.ndarray = None
@@ -52,7 +53,7 @@ class Layer:
     @property
     def plain_attention(self):
         """llama's attention block exactly (what the GPU attention implements)."""
-        return (self.window == 0 and self.q_norm is None and self.attn_post_norm is None and self.bq is None
+        return (self.window == 0 and self.rope_scale == 1.0 and self.q_norm is None and self.attn_post_norm is None and self.bq is None
                 and self.bk is None and self.bv is None)
 
 
@@ -111,13 +112,16 @@ class Model:
                 keys = [k for k in keys if k in present]
                 t.update(zip(keys, mats(*(present[k] for k in keys))))
             t.update((k, mat(*ns)) for k, ns in present.items() if k not in t)
+            for whole, parts in a.fused.items():  # row blocks of one matrix, back to back: still one stream
+                t.update(zip(parts, split_rows(t.pop(whole), [names_rows(a, k) for k in parts])))
             vec = lambda k: t[k].vector() if k in t else None  # noqa: E731
             self.layers.append(Layer(
                 vec("attn_norm"), t["attn_q"], t["attn_k"], t["attn_v"], t["attn_output"], vec("ffn_norm"),
-                t.get("ffn_gate"), t["ffn_up"], t["ffn_down"], rope_inv_freq=a.rope_inv_freq(f, i), window=a.window(i),
+                t.get("ffn_gate"), t["ffn_up"], t["ffn_down"], rope_inv_freq=a.rope_inv_freq(f, i, self.n_ctx),
+                rope_scale=a.rope_attn_factor, window=a.window(i),
                 q_norm=vec("attn_q_norm"), k_norm=vec("attn_k_norm"), attn_post_norm=vec("post_attention_norm"),
                 ffn_post_norm=vec("post_ffw_norm"), bq=vec("attn_q.bias"), bk=vec("attn_k.bias"), bv=vec("attn_v.bias")))
-        self.rope_inv_freq = a.rope_inv_freq(f)
+        self.rope_inv_freq = a.rope_inv_freq(f, None, self.n_ctx)
         self.act_id = ACT_IDS[a.activation]
         # KV cache, preallocated: per layer the shapes of ops.kv_shapes (keys in transposed blocks of 16 positions,
         # values (kv head, position, head_dim)); f16 (IEEE half bits, llama.cpp's default: half the memory) or f32
@@ -192,8 +196,8 @@ class Model:
             ops.rmsnorm(q.reshape(-1, a.head_dim), L.q_norm, a.norm_eps, q.reshape(-1, a.head_dim))
             ops.rmsnorm(k.reshape(-1, a.head_dim), L.k_norm, a.norm_eps, k.reshape(-1, a.head_dim))
         neox = a.rope_type == arch.ROPE_NEOX
-        ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, L.rope_inv_freq, neox)
-        ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, L.rope_inv_freq, neox)
+        ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, L.rope_inv_freq, neox, L.rope_scale)
+        ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, L.rope_inv_freq, neox, L.rope_scale)
         ops.store_kv(k, v, self.k_cache[li], self.v_cache[li], pos0)
         att = np.empty((T, a.n_head * a.head_dim), np.float32)  # (T, n_head*head_dim)
         ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, self.threads, att, self.attn_scale,
@@ -276,6 +280,26 @@ class Model:
         from .info import model_info
 
         return model_info(self)
+
+
+def names_rows(a, key):
+    """Rows of a layer weight's key (the parts of a fused tensor)."""
+    q, kv = a.n_head * a.head_dim, a.kv_dim
+    return {"attn_q": q, "attn_k": kv, "attn_v": kv, "ffn_gate": a.n_ff, "ffn_up": a.n_ff}[key]
+
+
+def split_rows(w, rows):
+    """Weight w as consecutive row blocks of the given heights (views of its bytes, so they stay one stream)."""
+    from .gguf_file import RawTensor
+
+    out, r0 = [], 0
+    for n in rows:
+        raw = w.raw[r0 * w.row_bytes:(r0 + n) * w.row_bytes]
+        part = Weight(RawTensor(w.name, w.qtype, n, w.cols, raw, w.row_bytes))
+        part.type_name = w.type_name
+        out.append(part)
+        r0 += n
+    return out
 
 
 def in_memory_bytes(f):

@@ -25,7 +25,8 @@ def test_opening_a_file_imports_no_kernels():
 
 @pytest.mark.parametrize("arch,words", [("gemma3", ["sliding window 8 on 6 of 7 layers", "QK-norm", "post-norms"]),
                                         ("gemma2", ["attention soft-cap 50", "final soft-cap 30"]),
-                                        ("qwen2", ["q/k/v biases"]), ("qwen3", ["QK-norm"])])
+                                        ("qwen2", ["q/k/v biases"]), ("qwen3", ["QK-norm"]),
+                                        ("phi3", ["fused attn_qkv", "fused ffn_up", "LongRoPE factors"])])
 def test_info_names_the_architecture_features(make_model, arch, words):
     m = sparserun.load(make_model("F32", arch=arch, **ARCH_SHAPES[arch]))
     info = m.info()

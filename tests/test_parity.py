@@ -38,12 +38,12 @@ TOLERANCE = {
 # per architecture, the shape switches its generated models take: gemma's window (8) is shorter than the 40-token
 # text, so its local layers mask; head_dim apart from dim / heads where the family does that
 ARCH_SHAPES = {"llama": {}, "qwen2": {}, "qwen3": {"head_dim": 32}, "gemma3": {"head_dim": 96, "window": 8, "layers": 7},
-               "gemma2": {"head_dim": 32, "window": 8, "layers": 3}}
+               "gemma2": {"head_dim": 32, "window": 8, "layers": 3}, "phi3": {"rope_dim": 32}}
 # (architecture, type, n_embd): a spread over the families, with widths that are not a multiple of 256 so that
 # llama.cpp's quantizer falls back to Q5_0 / Q8_0 / IQ4_NL for those rows as in real small models
 ARCH_CASES = [("qwen2", "F32", 256), ("qwen3", "F32", 256), ("gemma3", "F32", 256), ("gemma2", "F32", 256),
               ("qwen2", "Q4_K_M", 320), ("qwen3", "Q5_0", 256), ("gemma3", "Q4_K_M", 320), ("gemma2", "Q8_0", 256),
-              ("llama", "Q4_K_M", 320)]
+              ("llama", "Q4_K_M", 320), ("phi3", "F32", 256), ("phi3", "Q4_K_M", 320)]
 
 
 def compare(path, ids, tol):
@@ -74,6 +74,17 @@ def test_architectures_match_llama_cpp(make_model, arch, qtype, dim):
     compare(path, ids, TOLERANCE[qtype])
 
 
+def test_phi3_long_context_rope_factors(make_model):
+    """LongRoPE: with rope.scaling.original_context_length below the context (256 here; llama.cpp runs 512, this
+    engine 2048), both take rope_factors_long; the short ones give other logits."""
+    path = make_model("F32", arch="phi3", rope_orig=256, **ARCH_SHAPES["phi3"])
+    m = sparserun.load(path)
+    ids = m.tokenize(TEXT)[:40]
+    compare(path, ids, TOLERANCE["F32"])
+    short = sparserun.load(path, n_ctx=256).logits(ids)
+    assert np.abs(short - m.logits(ids)).max() > 0.1 * short.std()
+
+
 def test_stories260k_logits_match_llama_cpp(stories):
     m = sparserun.load(stories)
     ids = m.tokenize("Once upon a time, there was a little girl named Lily. She loved to play outside in the "
@@ -102,7 +113,7 @@ def sparserun_greedy(path, ids, n):
     return stats.tokens[len(ids):]
 
 
-@pytest.mark.parametrize("which", ["stories260K", "llama", "qwen2", "qwen3", "gemma3", "gemma2"])
+@pytest.mark.parametrize("which", ["stories260K", "llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3"])
 def test_greedy_continuation_matches_llama_cpp(stories, make_model, which):
     """40 greedy tokens on F32 models, past the gemma models' sliding window (8)."""
     path = stories if which == "stories260K" else make_model("F32", arch=which, **ARCH_SHAPES[which])

@@ -394,12 +394,13 @@ def test_non_vnni_build_runs_and_agrees(make_model, tmp_path):
 
 
 @pytest.mark.parametrize("arch,qtype,dim", [("qwen2", "F32", 256), ("gemma3", "F32", 256), ("qwen3", "Q5_0", 256),
-                                            ("gemma3", "Q4_K_M", 320)], ids=str)
+                                            ("gemma3", "Q4_K_M", 320), ("phi3", "Q4_K_M", 320)], ids=str)
 def test_every_policy_runs_on_other_architectures(make_model, arch, qtype, dim):
     """topk, threshold and predictor on the other families' blocks (biases, QK-norm, post-norms, GELU, sliding
-    window; Q4_K_M at width 320 holds llama.cpp's Q5_0 / Q8_0 fallbacks): keeping every neuron gives the dense
-    logits, through the masked dense kernels (topk) and through the neuron packs (a predictor naming every neuron,
-    exact on F32 sources; elsewhere the packs' re-quantized down columns add their rounding)."""
+    window, phi3's fused tensors and LongRoPE; Q4_K_M at width 320 holds llama.cpp's Q5_0 / Q8_0 fallbacks):
+    keeping every neuron gives the dense logits, through the masked dense kernels (topk) and through the neuron
+    packs (a predictor naming every neuron, exact on F32 sources; elsewhere the packs' re-quantized down columns
+    add their rounding)."""
     from test_parity import ARCH_SHAPES
 
     path = make_model(qtype, arch=arch, dim=dim, **ARCH_SHAPES[arch])

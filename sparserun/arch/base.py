@@ -44,6 +44,9 @@ class ModelArgs:
     swa_window: int = 0  # sliding window of the layers in swa_layers (keys at most swa_window - 1 positions back)
     swa_layers: tuple = ()  # one bool per layer
     rope_base_swa: float = 0.0  # the sliding-window layers' RoPE base (0: rope_base, unscaled)
+    rope_attn_factor: float = 1.0  # cos and sin scaled by this (rope.scaling.attn_factor: LongRoPE's, YaRN's)
+    n_ctx_orig: int = 0  # rope.scaling.original_context_length: past it, rope_factors_long replace the short ones
+    fused: dict = field(default_factory=dict)  # a fused tensor's key -> the keys of its row blocks, in order (phi3)
     features: list = field(default_factory=list)  # what `sparserun info` names
 
     @property
@@ -67,21 +70,28 @@ class ModelArgs:
         if self.post_norms:
             req.update(post_attention_norm=(1, d), post_ffw_norm=(1, d))
         opt = {"attn_q.bias": (1, q), "attn_k.bias": (1, kv), "attn_v.bias": (1, kv)}  # qwen2's; any arch may carry them
+        for whole, parts in self.fused.items():  # one tensor holding its parts' rows one after another
+            rows = sum(req.pop(k)[0] for k in parts)
+            req[whole] = (rows, d)
         out = {k: (p + k + ".weight", shape, True) for k, shape in req.items()}
         out.update({k: (p + k, shape, False) for k, shape in opt.items()})
         return out
 
-    def rope_inv_freq(self, f, i=None):
-        """Per-pair rotation frequency (rope_dim/2,) float64 of layer i, with llama3-style rope_freqs factors if
-        present. Sliding-window layers may rotate with a base of their own (rope_base_swa, unscaled: llama.cpp's
-        rope_freq_base_train_swa)."""
+    def rope_inv_freq(self, f, i=None, n_ctx=0):
+        """Per-pair rotation frequency (rope_dim/2,) float64 of layer i for a context of n_ctx, divided by the file's
+        frequency factors where it has them (llama.cpp's get_rope_factors: llama3's rope_freqs, else LongRoPE's
+        rope_factors_long past n_ctx_orig and rope_factors_short within it). Sliding-window layers may rotate with a
+        base of their own (rope_base_swa, unscaled, no factors: llama.cpp's rope_freq_base_train_swa)."""
         swa = i is not None and self.window(i) and self.rope_base_swa
         base, scale = (self.rope_base_swa, 1.0) if swa else (self.rope_base, self.rope_freq_scale)
         inv = scale * base ** (-np.arange(0, self.rope_dim, 2, dtype=np.float64) / self.rope_dim)
-        if f.has("rope_freqs.weight") and not swa:
-            ff = f.tensor("rope_freqs.weight", (1, self.rope_dim // 2))
+        names = ["rope_freqs.weight", "rope_factors_long.weight" if n_ctx > self.n_ctx_orig > 0
+                 else "rope_factors_short.weight"]
+        name = next((n for n in names if f.has(n)), None)
+        if name is not None and not swa:
+            ff = f.tensor(name, (1, self.rope_dim // 2))
             if ff.type_name != "F32":
-                raise ModelFileError(f.path, f"tensor 'rope_freqs.weight' must be F32, not {ff.type_name}")
+                raise ModelFileError(f.path, f"tensor {name!r} must be F32, not {ff.type_name}")
             inv = inv / ff.raw.view(np.float32).astype(np.float64)
         return inv
 
@@ -112,6 +122,8 @@ def common_args(f, **overrides):
         arch=a, n_layer=n_layer, dim=dim, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
         rope_dim=int(get("rope.dimension_count", head_dim)), rope_base=float(get("rope.freq_base", 10000.0)),
         rope_freq_scale=freq_scale, rope_type=ROPE_NORM,
+        rope_attn_factor=float(get("rope.scaling.attn_factor", 1.0) or 1.0),
+        n_ctx_orig=int(get("rope.scaling.original_context_length", 0) or 0),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         n_ctx_train=int(get("context_length", 2048)), n_vocab=tok.rows, activation=act,
         gated=f.has("blk.0.ffn_gate.weight"), tied_output=not f.has("output.weight"))

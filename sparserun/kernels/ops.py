@@ -45,11 +45,12 @@ def rmsnorm(x, w, eps, out):
 
 
 @njit(cache=True)
-def rope(x, pos0, n_heads, head_dim, rope_dim, inv_freq, neox):
+def rope(x, pos0, n_heads, head_dim, rope_dim, inv_freq, neox, mscale=1.0):
     """Rotate each head of x (T, n_heads*head_dim) in place; token t is at position pos0 + t.
 
     Pairs are (2i, 2i+1) in llama.cpp's normal mode and (i, i + rope_dim/2) in NeoX mode; only the
-    first rope_dim dimensions of a head rotate.
+    first rope_dim dimensions of a head rotate. cos and sin are multiplied by mscale (rope_yarn's attention
+    factor: LongRoPE's), so the rotated dimensions scale by it.
     """
     T = x.shape[0]
     half = rope_dim // 2
@@ -57,7 +58,7 @@ def rope(x, pos0, n_heads, head_dim, rope_dim, inv_freq, neox):
         p = pos0 + t
         for i in range(half):
             theta = p * inv_freq[i]
-            c, s = np.float32(math.cos(theta)), np.float32(math.sin(theta))
+            c, s = np.float32(math.cos(theta) * mscale), np.float32(math.sin(theta) * mscale)
             for h in range(n_heads):
                 base = h * head_dim
                 a, b = (base + i, base + i + half) if neox else (base + 2 * i, base + 2 * i + 1)
