@@ -37,13 +37,13 @@ class SparserunRunner:
     def __init__(self, model, ffn=None):
         self.model, self.ffn = model, ffn
         self.predictor_share = []
-        self.kv = (np.zeros_like(model.k_cache), np.zeros_like(model.v_cache), [])
+        self.kv = model.kv.fresh()
 
     def _use(self, ids):
         """The context holds exactly ids (a cached prefix is reused; the last one is recomputed)."""
         m = self.model
         m.sparse = self.ffn
-        m.k_cache, m.v_cache, m.cached = self.kv
+        m.use_cache(self.kv)
         if ids:
             m.eval(ids)
         else:

@@ -16,6 +16,7 @@ import numpy as np
 from . import arch
 from .errors import SparserunError
 from .gguf_file import GGUFFile
+from .kv_cache import KVCache
 from .kernels import ops
 from .memory import Arena
 from .weights import Acts, Matmuls, Weight, in_memory_together, stackable
@@ -123,14 +124,11 @@ class Model:
                 ffn_post_norm=vec("post_ffw_norm"), bq=vec("attn_q.bias"), bk=vec("attn_k.bias"), bv=vec("attn_v.bias")))
         self.rope_inv_freq = a.rope_inv_freq(f, None, self.n_ctx)
         self.act_id = ACT_IDS[a.activation]
-        # KV cache, preallocated: per layer the shapes of ops.kv_shapes (keys in transposed blocks of 16 positions,
-        # values (kv head, position, head_dim)); f16 (IEEE half bits, llama.cpp's default: half the memory) or f32
+        # KV cache, preallocated (kv_cache.KVCache: per layer ops.kv_shapes, a ring for sliding-window layers); f16
+        # (IEEE half bits, llama.cpp's default: half the memory) or f32
         self.kv_type = kv_type
         self.attn_scale = a.attn_scale or 1.0 / math.sqrt(a.head_dim)
-        ks, vs = ops.kv_shapes(a.n_head_kv, self.n_ctx, a.head_dim)
-        self.k_cache = np.zeros((a.n_layer,) + ks, ops.KV_TYPES[kv_type])
-        self.v_cache = np.zeros((a.n_layer,) + vs, ops.KV_TYPES[kv_type])
-        self.cached = []  # tokens whose keys/values are in the cache, in order
+        self.kv = KVCache(a, self.n_ctx, self.n_batch, kv_type)
         self._tokenizer = None
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
         self.set_sparsity(sparsity, predictor)
@@ -148,7 +146,18 @@ class Model:
             self.sparse = HybridFFN(self, self.policy, predictor, self.placement)
         else:
             self.sparse = None if dense else SparseFFN(self, self.policy, predictor)
-        self.cached.clear()  # cached keys/values were computed under the previous policy
+        self.kv.tokens.clear()  # cached keys/values were computed under the previous policy
+
+    @property
+    def cached(self):
+        """Token ids whose keys and values the current KV cache holds, in order."""
+        return self.kv.tokens
+
+    def use_cache(self, kv):
+        """Run on the KV cache kv (a KVCache of this model's, e.g. self.kv.fresh()) from now on; returns the previous
+        one. A caller keeps several contexts over one model this way (bench's modes)."""
+        old, self.kv = self.kv, kv
+        return old
 
     # ---- tokenizer ----
     @property
@@ -198,9 +207,9 @@ class Model:
         neox = a.rope_type == arch.ROPE_NEOX
         ops.rope(q, pos0, a.n_head, a.head_dim, a.rope_dim, L.rope_inv_freq, neox, L.rope_scale)
         ops.rope(k, pos0, a.n_head_kv, a.head_dim, a.rope_dim, L.rope_inv_freq, neox, L.rope_scale)
-        ops.store_kv(k, v, self.k_cache[li], self.v_cache[li], pos0)
+        ops.store_kv(k, v, self.kv.k[li], self.kv.v[li], pos0)
         att = np.empty((T, a.n_head * a.head_dim), np.float32)  # (T, n_head*head_dim)
-        ops.attention(q, self.k_cache[li], self.v_cache[li], pos0, a.n_head, self.threads, att, self.attn_scale,
+        ops.attention(q, self.kv.k[li], self.kv.v[li], pos0, a.n_head, self.threads, att, self.attn_scale,
                       L.window, a.attn_softcap)
         return L.wo.matmul(Acts(att))  # (T, dim)
 
@@ -245,6 +254,8 @@ class Model:
         if len(ids) > self.n_ctx:
             raise ContextFullError(self.n_ctx, len(ids))
         n = common_prefix(self.cached, ids, limit=0 if all_logits else len(ids) - 1)
+        if len(self.cached) - n > self.kv.rewind_limit:  # a window's ring no longer holds the keys before n
+            n = 0
         bad = [t for t in ids[n:] if not 0 <= t < self.args.n_vocab]  # cached ids were checked when they came in
         if bad:
             raise SparserunError(f"token id {bad[0]} out of range for a vocabulary of {self.args.n_vocab}")
@@ -267,7 +278,7 @@ class Model:
         return self.eval(ids, all_logits=True)
 
     def reset(self):
-        self.cached.clear()
+        self.kv.tokens.clear()
 
     # ---- generation ----
     def generate(self, prompt, max_tokens=128, **sampling):

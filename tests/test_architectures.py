@@ -75,3 +75,25 @@ def test_real_gemma3_270m():
     assert d[0].max() < 0.01 and d.mean() < 0.07 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.9, (d.max(), d.mean())
     text = "".join(m.generate("The capital of France is", max_tokens=8, temperature=0.0))
     assert text.startswith(" the capital of the country of France"), text
+
+
+def test_sliding_window_ring_cache(make_model):
+    """Local layers keep a ring of window + batch positions (16 here: window 8, batches of 8), which wraps twice in
+    40 tokens: logits equal llama.cpp's, token by token as in batches, and a context cut back further than the ring
+    keeps is recomputed rather than read from overwritten slots."""
+    from test_parity import TEXT
+
+    path = make_model("F32", arch="gemma3", **ARCH_SHAPES["gemma3"])
+    ring = sparserun.load(path, n_batch=8)
+    local = [li for li, L in enumerate(ring.layers) if L.window]
+    assert local and all(ring.kv.v[li].shape[1] == 16 for li in local)
+    assert all(ring.kv.v[li].shape[1] == ring.n_ctx for li in range(ring.args.n_layer) if li not in local)
+    ids = ring.tokenize(TEXT)[:40]
+    full = sparserun.load(path).logits(ids)  # one batch of 40: the ring (8 + 256 -> 272 slots) never wraps
+    np.testing.assert_allclose(ring.logits(ids), full, atol=1e-4 * np.abs(full).max())
+    ring.reset()
+    steps = np.array([ring.eval(ids[:i + 1])[-1] for i in range(len(ids))])
+    np.testing.assert_allclose(steps, full, atol=1e-4 * np.abs(full).max())
+    other = ids[:10] + ids[30:]  # shares 10 tokens with the 40 cached: 30 back, more than the ring's 8 spare slots
+    np.testing.assert_allclose(ring.eval(other)[-1], sparserun.load(path).logits(other)[-1],
+                               atol=1e-4 * np.abs(full).max())

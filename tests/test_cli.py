@@ -88,7 +88,7 @@ def test_bench_at_depth_keeps_each_modes_context(stories, tmp_path, monkeypatch)
     dense, sparse = SparserunRunner(m), SparserunRunner(m, SparseFFN(m, parse_sparsity("topk:0.25")))
     dense.pp([], ctx)
     sparse.tg(ctx, 5)
-    assert dense.kv[2] == ctx and sparse.kv[2][:len(ctx)] == ctx and len(sparse.kv[2]) == len(ctx) + 4
+    assert dense.kv.tokens == ctx and sparse.kv.tokens[:len(ctx)] == ctx and len(sparse.kv.tokens) == len(ctx) + 4
     dense.tg(ctx, 6)  # the kept context is reused: its tokens are the greedy continuation of ctx
     fresh = sparserun.load(stories, threads=2, n_ctx=64)
     out = list(ctx)

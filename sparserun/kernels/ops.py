@@ -116,23 +116,25 @@ def key_index(nkb, hd, g, j, d):
 @njit(cache=True)
 def store_kv(k, v, kc, vc, pos0):
     """Write T new tokens' keys and values (T, n_kv*head_dim) into one layer's caches kc, vc (kv_shapes) of a
-    KV_TYPES type at positions pos0..pos0+T-1."""
+    KV_TYPES type at positions pos0..pos0+T-1: position p in slot p % capacity (a ring where the capacity, vc's
+    second dimension, is shorter than the context: kv_cache.capacity)."""
     T = k.shape[0]
     n_kv, nkb, hd, _ = kc.shape
-    n_ctx = vc.shape[1]
+    cap = vc.shape[1]
     kf, vf = kc.reshape(-1), vc.reshape(-1)
     for t in range(T):
+        slot = (pos0 + t) % cap
         for g in range(n_kv):
             for d in range(hd):
-                kv_put(kf, key_index(nkb, hd, g, pos0 + t, d), k[t, g * hd + d])
-                kv_put(vf, (g * n_ctx + pos0 + t) * hd + d, v[t, g * hd + d])
+                kv_put(kf, key_index(nkb, hd, g, slot, d), k[t, g * hd + d])
+                kv_put(vf, (g * cap + slot) * hd + d, v[t, g * hd + d])
 
 
 def attention(q, kc, vc, pos0, n_head, threads, out, scale=None, window=0, softcap=0.0):
     """Causal GQA attention for T new tokens at positions pos0.. against one layer's cache.
 
     q: (T, n_head*head_dim); kc, vc: one layer's caches (kv_shapes) of a KV_TYPES type, positions [0, pos0+T)
-    filled (store_kv); out: (T, n_head*head_dim). Query head h reads kv head h // (n_head / n_kv), as llama.cpp.
+    filled (store_kv; a ring holds the last capacity positions, enough for the window); out: (T, n_head*head_dim). Query head h reads kv head h // (n_head / n_kv), as llama.cpp.
     threads: those the parallel loop runs on (numba.get_num_threads() inside a kernel would keep numba from
     caching it). scale: of the scores (None: 1/sqrt(head_dim)); window > 0: the query at position p sees keys
     p - window + 1 .. p only (llama.cpp's LLAMA_SWA_TYPE_STANDARD mask, is_masked_swa); softcap > 0: scores ->
@@ -173,7 +175,7 @@ def _attention_kernel(HD):
     def attention_hd(q, kc, vc, pos0, n_head, threads, out, scale, window, softcap, half):
         T = q.shape[0]
         n_kv, nkb = kc.shape[0], kc.shape[1]
-        n_ctx = vc.shape[1]
+        cap = vc.shape[1]  # positions held: the context, or a sliding window's ring (a whole number of key blocks)
         G = n_head // n_kv  # query heads per kv head
         S = 1  # shares a group's query heads are split into: enough items for the threads, each a divisor of G
         while T * n_kv * S < threads and G % (2 * S) == 0:
@@ -198,7 +200,7 @@ def _attention_kernel(HD):
             s = np.empty(H * sw, np.float32)  # scores, then softmax numerators
             if vector:
                 for b in range(b0, nb):
-                    kb = (g * nkb + b) * HD * KEY_BLOCK
+                    kb = (g * nkb + b % nkb) * HD * KEY_BLOCK  # b % nkb: the ring's block (b itself otherwise)
                     h = 0
                     while h < H:
                         if H - h >= 8:
@@ -215,7 +217,7 @@ def _attention_kernel(HD):
                     for j in range(k0, n_keys):
                         a = np.float32(0.0)
                         for d in range(HD):
-                            a += qs[h * HD + d] * kv_get(kc, key_index(nkb, HD, g, j, d))
+                            a += qs[h * HD + d] * kv_get(kc, key_index(nkb, HD, g, j % cap, d))
                         s[h * sw + j] = a
             inv = np.empty(H, np.float32)
             for h in range(H):
@@ -240,25 +242,31 @@ def _attention_kernel(HD):
                     inv[h] = np.float32(1.0)
             acc = np.zeros(H * HD, np.float32)
             if vector:
+                s0 = k0 % cap  # the keys' rows k0..n_keys-1 from slot s0, in two runs where a ring wraps
+                L1 = min(n_keys - k0, cap - s0)
                 for c0 in range(0, HD, 8 * NCH):
-                    vi = (g * n_ctx + k0) * HD + c0
-                    h = 0
-                    while h < H:
-                        if H - h >= 8:
-                            vs8(vc, vi, HD, n_keys - k0, s, h * sw + k0, sw, acc, h * HD + c0)
-                            h += 8
-                        elif H - h >= 4:
-                            vs4(vc, vi, HD, n_keys - k0, s, h * sw + k0, sw, acc, h * HD + c0)
-                            h += 4
-                        else:
-                            vs1(vc, vi, HD, n_keys - k0, s, h * sw + k0, sw, acc, h * HD + c0)
-                            h += 1
+                    for run in range(2):
+                        first, cnt, w0 = (s0, L1, k0) if run == 0 else (0, n_keys - k0 - L1, k0 + L1)
+                        if cnt == 0:
+                            continue
+                        vi = (g * cap + first) * HD + c0
+                        h = 0
+                        while h < H:
+                            if H - h >= 8:
+                                vs8(vc, vi, HD, cnt, s, h * sw + w0, sw, acc, h * HD + c0)
+                                h += 8
+                            elif H - h >= 4:
+                                vs4(vc, vi, HD, cnt, s, h * sw + w0, sw, acc, h * HD + c0)
+                                h += 4
+                            else:
+                                vs1(vc, vi, HD, cnt, s, h * sw + w0, sw, acc, h * HD + c0)
+                                h += 1
             else:
                 for h in range(H):
                     for j in range(k0, n_keys):
                         w = s[h * sw + j]
                         for d in range(HD):
-                            acc[h * HD + d] += w * kv_get(vc, (g * n_ctx + j) * HD + d)
+                            acc[h * HD + d] += w * kv_get(vc, (g * cap + j % cap) * HD + d)
             for h in range(H):
                 for d in range(HD):
                     o3[t, g * G + h0 + h, d] = acc[h * HD + d] * inv[h]
