@@ -27,6 +27,8 @@ def default_model():
 Threads = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores)")
 Ctx = typer.Option(2048, "--ctx", "-c", help="context size in tokens")
 KvType = typer.Option("f16", "--kv-type", help="KV cache type: f16 (as llama.cpp) or f32 (exact, twice the memory)")
+CheckTensors = typer.Option(False, "--check-tensors", help="check every tensor's values are finite at load (as "
+                            "llama.cpp's --check-tensors)")
 Sparsity = typer.Option("dense", "--sparsity", help="FFN sparsity: dense | topk:K (count or fraction, or one per layer "
                         "comma-separated) | threshold:T (value, per-layer values, or a thresholds JSON file)")
 
@@ -40,7 +42,7 @@ ProfileOpt = typer.Option(None, "--profile", help="profile that ranks neurons fo
 
 
 def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, placement=None, profile=None,
-          kv_type="f16"):
+          kv_type="f16", check_tensors=False):
     from . import kernels
     from .model import load
     from .sparsity import parse_sparsity
@@ -52,7 +54,7 @@ def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, 
     if not kernels.cache_is_warm():
         sys.stderr.write("sparserun: compiling numba kernels (first start only; cached for the next runs)...\n")
     m = load(model, threads=threads, n_ctx=ctx, sparsity=policy, device=device, vram_budget=vram_budget,
-             placement=placement, profile=profile, kv_type=kv_type)
+             placement=placement, profile=profile, kv_type=kv_type, check_tensors=check_tensors)
     if m.placement is not None:
         sys.stderr.write(f"sparserun: hybrid CPU/GPU: {m.placement.summary()}\n")
     return m
@@ -91,6 +93,7 @@ def generate(
     threads: Optional[int] = Threads,
     ctx: int = Ctx,
     kv_type: str = KvType,
+    check_tensors: bool = CheckTensors,
     sparsity: str = Sparsity,
     timing: bool = typer.Option(True, "--timing/--no-timing", help="print a tokens/s line on stderr at the end"),
     device: Optional[str] = Device,
@@ -104,7 +107,8 @@ def generate(
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     if n < 0:
         raise SparserunError(f"--n-predict must be >= 0, got {n}")
-    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type)
+    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type,
+              check_tensors)
     stats = GenerationStats()
     sys.stdout.write(prompt)
     try:
@@ -134,6 +138,7 @@ def chat(
     threads: Optional[int] = Threads,
     ctx: int = Ctx,
     kv_type: str = KvType,
+    check_tensors: bool = CheckTensors,
     sparsity: str = Sparsity,
     device: Optional[str] = Device,
     vram_budget: Optional[float] = VramBudget,
@@ -146,8 +151,80 @@ def chat(
     from .chat import run_chat
 
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
-    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type)
+    m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type,
+              check_tensors)
     run_chat(m, system=system, params=params, max_tokens=max_tokens)
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = DefaultModelArg,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback unless told otherwise)"),
+    port: int = typer.Option(8080, "--port"),
+    alias: Optional[str] = typer.Option(None, "--alias", help="the model's id in the API (default: the file name)"),
+    threads: Optional[int] = Threads,
+    ctx: int = Ctx,
+    kv_type: str = KvType,
+    check_tensors: bool = CheckTensors,
+    sparsity: str = Sparsity,
+    device: Optional[str] = Device,
+    vram_budget: Optional[float] = VramBudget,
+    placement: Optional[Path] = PlacementOpt,
+    profile: Optional[Path] = ProfileOpt,
+):
+    """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
+    from .server import serve as run_server
+
+    if not 0 < port < 65536:
+        raise SparserunError(f"--port must be in 1..65535, got {port}")
+    path = model or default_model()
+    m = _load(path, threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type, check_tensors)
+    name = alias or Path(path).name
+    sys.stderr.write(f"sparserun: serving {name} on http://{host}:{port}/v1 (OpenAI API), Ctrl-C to stop\n")
+    run_server(m, name, host=host, port=port)
+
+
+cache_app = typer.Typer(help="The neuron-pack cache: list its entries (the default) or clear them.",
+                        invoke_without_command=True, no_args_is_help=False)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.callback()
+def cache_list(ctx: typer.Context):
+    """List the cache's entries: model, size, packs, last used (most recent first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import time
+
+    from . import cache
+
+    es = cache.entries()
+    total = sum(e["bytes"] for e in es)
+    print(f"{cache.root()}: {len(es)} models, {cache.fmt_bytes(total)} "
+          f"(cap {cache.fmt_bytes(cache.max_bytes())}, $SPARSERUN_CACHE_MAX)")
+    for e in es:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["last_used"]))
+        print(f"  {cache.fmt_bytes(e['bytes']):>10}  {e['files']:>3} packs  {used}  {e['model']}")
+
+
+@cache_app.command("clear")
+def cache_clear(model: Optional[Path] = typer.Option(None, "--model", help="remove this model's entry"),
+                all_: bool = typer.Option(False, "--all", help="remove every entry")):
+    """Remove one model's entry (--model M) or all of them (--all)."""
+    from . import cache
+
+    if (model is None) == (not all_):
+        raise SparserunError("cache clear: say --model MODEL or --all")
+    if all_:
+        es = cache.entries()
+    else:
+        from .gguf_file import GGUFFile
+
+        folder = cache.entry_dir(GGUFFile(model).fingerprint())
+        es = [e for e in cache.entries() if e["folder"] == folder]
+    for e in es:
+        cache.remove(e["folder"])
+    print(f"removed {len(es)} entr{'y' if len(es) == 1 else 'ies'}, {cache.fmt_bytes(sum(e['bytes'] for e in es))}")
 
 
 @app.command()

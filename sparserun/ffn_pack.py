@@ -58,7 +58,9 @@ DOWN_KINDS = {S.DOWN_F32: "f32", S.DOWN_Q4: "q4", S.DOWN_Q8: "q8"}
 
 
 def cache_root():
-    return os.environ.get("SPARSERUN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparserun")
+    from .cache import root
+
+    return root()
 
 
 def down_kind(qtype):

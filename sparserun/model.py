@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from . import arch
-from .errors import SparserunError
+from .errors import ModelFileError, SparserunError
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
 from .kernels import ops
@@ -67,9 +67,12 @@ def default_threads():
 class Model:
     """A loaded model with one KV cache. Use sparserun.load() to make one."""
 
-    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, kv_type="f16"):
+    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, kv_type="f16",
+                 check_tensors=False):
         self.path = str(path)
         self.gguf = f = GGUFFile(path)
+        if check_tensors:
+            check_tensor_data(f)
         self.args = a = arch.model_args(f)
         if n_ctx < 1:
             raise SparserunError(f"n_ctx must be at least 1, got {n_ctx}")
@@ -232,6 +235,9 @@ class Model:
             if L.ffn_post_norm is not None:
                 ops.rmsnorm(h, L.ffn_post_norm, a.norm_eps, h)
             ops.add_inplace(x, h)
+            if not ops.all_finite(x):  # bad weights (NaN, Inf, garbage): say where, do not go on
+                raise SparserunError(f"{self.path}: the forward pass turned non-finite (NaN or Inf) in layer {li}: the "
+                                     "file's weights may hold NaN, Inf or garbage (--check-tensors checks them at load)")
         rows = x if all_logits else x[-1:]  # (T or 1, dim)
         out = np.empty_like(rows)
         ops.rmsnorm(rows, self.output_norm, a.norm_eps, out)
@@ -293,6 +299,18 @@ class Model:
         return model_info(self)
 
 
+def check_tensor_data(f):
+    """llama.cpp's --check-tensors: every tensor's values dequantized and checked finite (NaN / Inf values or block
+    scales), before anything runs; a one-line error naming the first bad tensor and row."""
+    from .kernels import quant as K
+
+    for name in f.tensor_names:
+        t = f.tensor(name)
+        r = K.nonfinite_row(t.raw, t.row_bytes, t.qtype, t.rows, t.cols)
+        if r >= 0:
+            raise ModelFileError(f.path, f"tensor {name!r} holds a non-finite value (NaN or Inf) in row {r}")
+
+
 def names_rows(a, key):
     """Rows of a layer weight's key (the parts of a fused tensor)."""
     q, kv = a.n_head * a.head_dim, a.kv_dim
@@ -341,18 +359,19 @@ class ContextFullError(SparserunError):
 
 
 def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, device=None,
-         vram_budget=None, placement=None, profile=None, err=sys.stderr, kv_type="f16"):
+         vram_budget=None, placement=None, profile=None, err=sys.stderr, kv_type="f16", check_tensors=False):
     """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity="dense").
 
     kv_type: the KV cache's type, "f16" (as llama.cpp by default) or "f32" (exact; twice the memory). Attention
-    placed on a GPU keeps a float32 cache there.
+    placed on a GPU keeps a float32 cache there. check_tensors: check every tensor's values are finite at load (as
+    llama.cpp's --check-tensors; without it a forward pass that turns non-finite is an error naming the layer).
 
     device: "cpu", "cuda" or "auto" (None: auto when vram_budget is given, else cpu); vram_budget in GiB
     (None with a GPU: the whole model); placement: a `sparserun place` file; profile: the profile that an
     on-the-fly placement ranks neurons by (default <model>.profile.gguf when it exists). See hybrid.py."""
     t0 = time.perf_counter()
     m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch, sparsity=sparsity, predictor=predictor,
-              kv_type=kv_type)
+              kv_type=kv_type, check_tensors=check_tensors)
     if device is not None or vram_budget is not None or placement is not None:
         from .hybrid import install, make_placement, resolve_device
 

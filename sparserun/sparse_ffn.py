@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from . import cache
 from .ffn_pack import NeuronPack, cache_root, part_sums
 from .gguf_file import RawTensor
 from .kernels import ops
@@ -62,6 +63,8 @@ class SparseFFN:
         # predictor policies gather the gate too, so their packs hold it; CATS computes it densely
         self.pack = [NeuronPack(L.w_gate if predictor is not None else None, L.w_up, L.w_down, self.cache_dir, i)
                      for i, L in enumerate(model.layers)]
+        cache.touch(self.cache_dir, model.path)  # this model's entry was used now: the last to be evicted
+        cache.evict(keep=self.cache_dir)
         self.idx = np.empty(a.n_ff, np.int64)  # (n_ff,) kept neuron ids, first n valid
         self.kept = np.zeros(a.n_layer)  # sum over tokens of the kept fraction, per layer
         self.tokens = np.zeros(a.n_layer)

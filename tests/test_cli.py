@@ -1,14 +1,16 @@
 """The command line as a user runs it: info, generate, chat (piped), bench."""
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 
-def run(*args, stdin=None):
+def run(*args, stdin=None, env=None):
     return subprocess.run([sys.executable, "-m", "sparserun.cli", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=600)
+                          input=stdin, timeout=600, env=dict(os.environ, **(env or {})))
 
 
 def test_info(stories):
@@ -114,3 +116,30 @@ def test_generate_with_sparsity(stories, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSERUN_CACHE", str(tmp_path / "cache"))
     r = run("generate", stories, "-p", "Once upon a time", "-n", "16", "--temp", "0", "--sparsity", "threshold:0")
     assert r.returncode == 0 and r.stdout.startswith("Once upon a time, there was a little girl named Lily."), r.stderr
+
+
+def test_cache_list_clear_and_size_cap(stories, make_model, tmp_path, monkeypatch):
+    """Each model's packs are one cache entry (listed with its model and size); clear removes one or all; past
+    $SPARSERUN_CACHE_MAX the least recently used other entries are evicted, never the one in use."""
+    import sparserun
+    from sparserun import cache
+
+    env = {"SPARSERUN_CACHE": str(tmp_path / "c")}
+    monkeypatch.setenv("SPARSERUN_CACHE", env["SPARSERUN_CACHE"])
+    other = make_model("F32", shape="tiny")
+    sparserun.load(stories, sparsity="topk:0.5")
+    sparserun.load(other, sparsity="topk:0.5")
+    es = cache.entries()
+    assert [e["model"] for e in es] == [str(other.resolve()), str(stories.resolve())] and all(e["bytes"] for e in es)
+    r = run("cache", env=env)
+    assert r.returncode == 0 and "2 models" in r.stdout and str(stories.resolve()) in r.stdout, r.stdout
+    # a cap below both entries: loading the storyteller's again evicts the other model's, keeps its own
+    monkeypatch.setenv("SPARSERUN_CACHE_MAX", "1K")
+    sparserun.load(stories, sparsity="topk:0.5")
+    assert [e["model"] for e in cache.entries()] == [str(stories.resolve())]
+    r = run("cache", "clear", "--model", stories, env=env)
+    assert r.returncode == 0 and "removed 1 entry" in r.stdout and cache.entries() == []
+    assert run("cache", "clear", env=env).returncode == 2
+    monkeypatch.setenv("SPARSERUN_CACHE_MAX", "lots")
+    with pytest.raises(sparserun.SparserunError, match="not a size"):
+        sparserun.load(stories, sparsity="topk:0.5")

@@ -16,4 +16,7 @@ def model_args(gguf):
     module = ARCHITECTURES.get(arch)
     if module is None:
         raise ModelFileError(gguf.path, f"unsupported architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
-    return module.model_args(gguf)
+    try:
+        return module.model_args(gguf)
+    except (TypeError, ValueError, OverflowError):  # a key of the wrong kind (a string or an array for a count...)
+        raise ModelFileError(gguf.path, "malformed hyperparameters (a value of the wrong kind)") from None

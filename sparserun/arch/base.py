@@ -102,13 +102,32 @@ def common_args(f, **overrides):
     get = lambda k, d=None: f.get(f"{a}.{k}", d)
     req = lambda k: f.require(f"{a}.{k}")
     tok = f.tensor("token_embd.weight")  # first: an unsupported type is named before any shape problem
-    try:
-        dim, n_head = int(req("embedding_length")), int(_scalar(req("attention.head_count")))
-        n_head_kv = int(_scalar(get("attention.head_count_kv", n_head)))
-        head_dim = int(get("attention.key_length", dim // n_head if n_head > 0 else 0))
-        n_layer, n_ff = int(req("block_count")), int(_scalar(req("feed_forward_length")))
-    except (TypeError, ValueError):
-        raise ModelFileError(f.path, "malformed hyperparameters (a count is not an integer)") from None
+    args = _read_args(f, a, get, req, tok)
+    args.update(overrides)
+    m = ModelArgs(**args)
+    if m.rope_dim <= 0 or m.rope_dim > m.head_dim or m.rope_dim % 2:
+        raise ModelFileError(f.path, f"invalid rope.dimension_count {m.rope_dim} for head_dim {m.head_dim}")
+    if f.has("blk.0.attn_q.bias"):
+        m.features.append("q/k/v biases")
+    return m
+
+
+def _scalar(v):
+    """A per-layer array key (some files store head counts per layer) as one value when all layers agree."""
+    if isinstance(v, np.ndarray):
+        if v.size == 0 or (v != v.flat[0]).any():
+            raise ValueError("per-layer values differ")
+        return v.flat[0]
+    return v
+
+
+def _read_args(f, a, get, req, tok):
+    """common_args' reading of the keys (a value of the wrong kind raises TypeError or ValueError: arch.model_args
+    turns that into one line)."""
+    dim, n_head = int(req("embedding_length")), int(_scalar(req("attention.head_count")))
+    n_head_kv = int(_scalar(get("attention.head_count_kv", n_head)))
+    head_dim = int(get("attention.key_length", dim // n_head if n_head > 0 else 0))
+    n_layer, n_ff = int(req("block_count")), int(_scalar(req("feed_forward_length")))
     if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv or head_dim <= 0 or n_layer <= 0 or n_ff <= 0:
         raise ModelFileError(f.path, f"invalid shape: {n_layer} layers, heads {n_head}/{n_head_kv}, head_dim {head_dim}, "
                                      f"n_ff {n_ff}")
@@ -127,19 +146,4 @@ def common_args(f, **overrides):
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         n_ctx_train=int(get("context_length", 2048)), n_vocab=tok.rows, activation=act,
         gated=f.has("blk.0.ffn_gate.weight"), tied_output=not f.has("output.weight"))
-    args.update(overrides)
-    m = ModelArgs(**args)
-    if m.rope_dim <= 0 or m.rope_dim > m.head_dim or m.rope_dim % 2:
-        raise ModelFileError(f.path, f"invalid rope.dimension_count {m.rope_dim} for head_dim {m.head_dim}")
-    if f.has("blk.0.attn_q.bias"):
-        m.features.append("q/k/v biases")
-    return m
-
-
-def _scalar(v):
-    """A per-layer array key (some files store head counts per layer) as one value when all layers agree."""
-    if isinstance(v, np.ndarray):
-        if v.size == 0 or (v != v.flat[0]).any():
-            raise ValueError("per-layer values differ")
-        return v.flat[0]
-    return v
+    return args

@@ -30,10 +30,11 @@ def fast_exp(x):
     return p * f32_from_bits((k + np.int32(127)) << np.int32(23))
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")
 def rmsnorm(x, w, eps, out):
     """out[t] = x[t] / rms(x[t]) * w   x, out: (T, n); w: (n,). The sum of squares in float64 (as ggml), in
-    any order (fastmath: the loop vectorizes)."""
+    any order (fastmath: the loop vectorizes). numpy's error model: a zero sum with a zero eps gives inf, never a
+    Python exception from inside the kernel (the forward's finiteness check names the layer)."""
     T, n = x.shape
     for t in range(T):
         ss = 0.0
@@ -171,7 +172,7 @@ def _attention_kernel(HD):
     kb8, kb4, kb1 = (key_block_dots[h] for h in ATTENTION_HEADS)
     vs8, vs4, vs1 = (value_rows_sum[(h, NCH)] for h in ATTENTION_HEADS)
 
-    @njit(parallel=True, cache=True, fastmath=True)
+    @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
     def attention_hd(q, kc, vc, pos0, n_head, threads, out, scale, window, softcap, half):
         T = q.shape[0]
         n_kv, nkb = kc.shape[0], kc.shape[1]
@@ -329,6 +330,25 @@ def ffn_activate(g, u, act, out):
             ut = u[t]
             for i in range(o.shape[0]):
                 o[i] *= ut[i]
+
+
+@njit(cache=True)
+def _no_max_exponent(bits):
+    """Whether no float32 (as uint32 bits, (T, n)) has the all-ones exponent of NaN and Inf: an integer OR-reduction
+    a row, which vectorizes without any fastmath flag (those would let LLVM assume the NaN away)."""
+    T, n = bits.shape
+    for t in range(T):
+        hit = np.uint32(0)
+        for i in range(n):
+            hit |= np.uint32((bits[t, i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+        if hit:
+            return False
+    return True
+
+
+def all_finite(x):
+    """Whether float32 x (T, n) holds no NaN and no Inf (no temporary array, no floating-point warnings)."""
+    return _no_max_exponent(x.view(np.uint32))
 
 
 @njit(cache=True)

@@ -456,6 +456,23 @@ def matmul_dequant(raws, row_bytes, qtype, row0, x, out):
                 out[t, r] = acc
 
 
+@njit(parallel=True, cache=True)
+def nonfinite_row(raw, row_bytes, qtype, rows, n):
+    """The first row of a tensor whose dequantized values hold a NaN or an Inf (a non-finite block scale, say), or -1."""
+    bad = np.zeros(rows, np.bool_)
+    for r in prange(rows):
+        scratch = np.empty(n, np.float32)
+        dequant_row(raw, r * row_bytes, qtype, n, scratch)
+        for i in range(n):
+            if not np.isfinite(scratch[i]):
+                bad[r] = True
+                break
+    for r in range(rows):
+        if bad[r]:
+            return r
+    return -1
+
+
 @njit(cache=True)
 def gather_rows(raw, row_bytes, qtype, n, ids, out):
     """out[i] = dequantized row ids[i] (embedding lookup)."""
