@@ -67,6 +67,7 @@ class ChatSession:
         self.model, self.out, self.err = model, out, err
         self.params = params or SamplingParams()
         self.system, self.max_tokens = system, max_tokens
+        self.reserve = min(max_tokens, model.n_ctx // 4) + 1  # room kept for an answer when the context is trimmed
         self.formatter = PromptFormatter(model)
         self.messages = []
         self.reset()
@@ -81,21 +82,25 @@ class ChatSession:
         """Answer one user message, streaming to self.out; returns the GenerationStats."""
         self.messages.append({"role": "user", "content": user_text})
         ids, stops = self._prompt_ids()
-        # a full context drops the oldest turns (the system prompt stays) until the prompt fits
-        while len(ids) + 16 > self.model.n_ctx:
+        # a full context drops the oldest half of the turns at once (the system prompt stays), as llama.cpp's
+        # context shift discards half: the cache is then shifted, not recomputed (generate's context_shift), and the
+        # next turns have room again
+        while len(ids) + self.reserve > self.model.n_ctx:
             first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
-            if len(self.messages) - first <= 1:
+            turns = len(self.messages) - first - 1  # before the new user message
+            if turns <= 0:
                 self.messages.pop()
                 raise ContextFullError(self.model.n_ctx, len(ids))
-            del self.messages[first:first + 2]
-            self.err.write("[context full: dropped the oldest turn]\n")
+            drop = max(2, turns // 2 // 2 * 2)  # whole user/assistant pairs
+            del self.messages[first:first + drop]
+            self.err.write(f"[context full: dropped the oldest {drop // 2} turn{'s' if drop > 2 else ''}]\n")
             ids, stops = self._prompt_ids()
         stats = GenerationStats()
         answer = ""
         p = self.params
         gen = generate(self.model, ids, max_tokens=self.max_tokens, stats=stats, temperature=p.temperature,
                        top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, repeat_penalty=p.repeat_penalty,
-                       repeat_last_n=p.repeat_last_n, seed=p.seed)
+                       repeat_last_n=p.repeat_last_n, seed=p.seed, context_shift=True)
         shown = 0  # characters of `answer` already written (text that might begin a stop string is held back)
         try:
             for piece in gen:

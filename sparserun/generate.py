@@ -4,7 +4,6 @@ import time
 
 import numpy as np
 
-from .model import common_prefix
 from .sampling import SamplingParams, sample
 
 
@@ -21,9 +20,11 @@ class GenerationStats:
                 f"{tg:.1f} tok/s")
 
 
-def generate(model, prompt, max_tokens=128, stats=None, add_bos=True, stop_at_end=True, **sampling):
+def generate(model, prompt, max_tokens=128, stats=None, add_bos=True, stop_at_end=True, context_shift=False,
+             **sampling):
     """Yield text pieces continuing `prompt` (text, or a list of token ids). Sampling keywords are
-    SamplingParams fields. The prompt reuses whatever prefix of it is already in the KV cache.
+    SamplingParams fields. The prompt reuses whatever prefix of it is already in the KV cache, and with
+    context_shift the cache is shifted where the prompt is the cached context with a span cut out (Model.eval).
     Stops at an end-of-generation token, after max_tokens, or when the context is full
     (stats.stop_reason says which)."""
     params = SamplingParams(**sampling).validate()
@@ -34,9 +35,8 @@ def generate(model, prompt, max_tokens=128, stats=None, add_bos=True, stop_at_en
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     t0 = time.perf_counter()
-    n_cached = common_prefix(model.cached, ids)
-    logits = model.eval(ids)[-1]
-    stats.prompt_tokens, stats.prompt_seconds = len(ids) - min(n_cached, len(ids) - 1), time.perf_counter() - t0
+    logits = model.eval(ids, shift=context_shift)[-1]
+    stats.prompt_tokens, stats.prompt_seconds = model.last_processed, time.perf_counter() - t0
     t0 = time.perf_counter()
     context = list(ids)
     try:

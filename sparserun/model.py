@@ -132,6 +132,7 @@ class Model:
         self.kv_type = kv_type
         self.attn_scale = a.attn_scale or 1.0 / math.sqrt(a.head_dim)
         self.kv = KVCache(a, self.n_ctx, self.n_batch, kv_type)
+        self.last_processed = 0  # tokens the last eval() computed
         self._tokenizer = None
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
         self.set_sparsity(sparsity, predictor)
@@ -247,12 +248,13 @@ class Model:
             np.multiply(np.tanh(logits / c), c, out=logits)
         return logits
 
-    def eval(self, ids, all_logits=False):
+    def eval(self, ids, all_logits=False, shift=False):
         """Extend the cached context to exactly `ids`, processing only what is not cached yet.
 
         Reuses the longest common prefix of the cache and ids (so a chat turn processes its new tokens
         only). Returns logits of the processed tokens (all_logits) or of the last token, (1, n_vocab).
-        At least the last token is always recomputed so its logits exist.
+        At least the last token is always recomputed so its logits exist. shift: where ids is the cached context
+        with a span cut out after a prefix, shift the cache instead of recomputing the rest (_shift_to).
         """
         ids = [int(t) for t in ids]
         if not ids:
@@ -260,12 +262,15 @@ class Model:
         if len(ids) > self.n_ctx:
             raise ContextFullError(self.n_ctx, len(ids))
         n = common_prefix(self.cached, ids, limit=0 if all_logits else len(ids) - 1)
+        if shift and not all_logits and n < len(self.cached):
+            n = self._shift_to(ids, n)
         if len(self.cached) - n > self.kv.rewind_limit:  # a window's ring no longer holds the keys before n
             n = 0
         bad = [t for t in ids[n:] if not 0 <= t < self.args.n_vocab]  # cached ids were checked when they came in
         if bad:
             raise SparserunError(f"token id {bad[0]} out of range for a vocabulary of {self.args.n_vocab}")
         del self.cached[n:]
+        self.last_processed = len(ids) - n  # tokens this call computes (the rest came from the cache)
         numba.set_num_threads(self.threads)
         outs = []
         for s in range(n, len(ids), self.n_batch):
@@ -277,6 +282,25 @@ class Model:
                 self._forward(chunk, s, False)
             self.cached.extend(int(t) for t in chunk)
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def _shift_to(self, ids, n):
+        """Where ids is the cached context with a span after its first n tokens cut out (a chat dropping its oldest
+        turns), move the cache to match instead of recomputing what follows the cut: the kept keys are rotated back
+        by the span's length (ops.shift_kv). As llama.cpp's context shift, this is an approximation: the kept
+        tokens' keys and values were computed while the dropped ones were in context. eval(shift=True) asks for
+        it (chat and serve do). Returns the new common prefix."""
+        c = self.cached
+        if any(L.gpu_attn is not None for L in self.layers):  # a device cache of its own: recompute
+            return n
+        for d in range(1, len(c) - n):
+            rest = len(c) - n - d  # cached tokens after the span
+            if c[n + d] == ids[n] and rest < len(ids) - n and c[n + d:] == ids[n:n + rest]:
+                for li, L in enumerate(self.layers):
+                    ops.shift_kv(self.kv.k[li], self.kv.v[li], n, d, len(c), L.rope_inv_freq, self.args.rope_dim,
+                                 self.args.rope_type == arch.ROPE_NEOX)
+                del c[n:n + d]
+                return common_prefix(c, ids, limit=len(ids) - 1)
+        return n
 
     def logits(self, ids):
         """Logits (len(ids), n_vocab) float32, one row per position, in a fresh context."""

@@ -128,7 +128,8 @@ class Engine:
         text, shown = "", 0
         hold = max((len(s) - 1 for s in r["stop"]), default=0)
         gen = generate(self.model, job.ids, max_tokens=r["max_tokens"], stats=job.stats, temperature=p.temperature,
-                       top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, repeat_penalty=p.repeat_penalty, seed=p.seed)
+                       top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, repeat_penalty=p.repeat_penalty, seed=p.seed,
+                       context_shift=True)
         try:
             for piece in gen:
                 if job.cancelled.is_set():

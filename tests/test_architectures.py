@@ -97,3 +97,33 @@ def test_sliding_window_ring_cache(make_model):
     other = ids[:10] + ids[30:]  # shares 10 tokens with the 40 cached: 30 back, more than the ring's 8 spare slots
     np.testing.assert_allclose(ring.eval(other)[-1], sparserun.load(path).logits(other)[-1],
                                atol=1e-4 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_context_shift_moves_the_cache(make_model, arch):
+    """eval(shift=True) on the cached context with a span cut out computes only the new tokens: layer 0's keys and
+    values (which depend on a token and its position only) equal a fresh computation of the shortened context at
+    the new positions; deeper layers keep what they computed (an approximation, as llama.cpp's context shift).
+    gemma3: NEOX RoPE, two RoPE bases, a ring of 16 slots (window 8, batches of 8) that the shift rewrites."""
+    path = make_model("F32", arch=arch, **ARCH_SHAPES[arch])
+    from test_parity import TEXT
+
+    m = sparserun.load(path, kv_type="f32", n_batch=8)
+    ids = m.tokenize(TEXT)[:40]
+    P, S, R = ids[:5], ids[5:17], ids[17:36]
+    m.eval(P + S + R)
+    out = m.eval(P + R + ids[36:38], shift=True)
+    assert m.last_processed == 2 and m.cached == P + R + ids[36:38] and np.isfinite(out).all()
+    fresh = sparserun.load(path, kv_type="f32", n_batch=8)
+    fresh.eval(P + R + ids[36:38])
+    n = len(P + R) + 2
+    cap = m.kv.v[0].shape[1]
+    for g in range(m.args.n_head_kv):
+        for p in range(max(0, n - cap), n):
+            k = lambda mm: mm.kv.k[0][g, (p % cap) // 16, :, p % 16]  # noqa: E731
+            np.testing.assert_allclose(k(m), k(fresh), rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(m.kv.v[0][g, p % cap], fresh.kv.v[0][g, p % cap])
+    m.reset()  # without shift=True the same call recomputes after the common prefix (from 0 where a ring was cut)
+    m.eval(P + S + R)
+    m.eval(P + R + ids[36:38])
+    assert m.last_processed == len(R) + 2 + (len(P) if arch == "gemma3" else 0)

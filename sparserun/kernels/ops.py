@@ -131,6 +131,44 @@ def store_kv(k, v, kc, vc, pos0):
                 kv_put(vf, (g * cap + slot) * hd + d, v[t, g * hd + d])
 
 
+@njit(cache=True)
+def shift_kv(kc, vc, n_keep, d, n_old, inv_freq, rope_dim, neox):
+    """Drop positions n_keep .. n_keep+d-1 of one layer's caches (kv_shapes; positions [0, n_old) filled, a ring
+    holding the last capacity of them) and move positions n_keep+d .. n_old-1 back by d, their keys rotated back by
+    d positions (a pure rotation by -d inv_freq per pair; the values move unchanged), as llama.cpp's context shift.
+    The moved entries go through a copy, so a ring's slots can be rewritten in any order."""
+    n_kv, nkb, hd, _ = kc.shape
+    cap = vc.shape[1]
+    first = max(n_keep + d, n_old - cap)  # the oldest moved position the cache still holds
+    m = n_old - first
+    if m <= 0:
+        return
+    half = rope_dim // 2
+    kf, vf = kc.reshape(-1), vc.reshape(-1)
+    ks = np.empty((m, n_kv, hd), np.float32)
+    vs = np.empty((m, n_kv, hd), np.float32)
+    cs, sn = np.empty(half, np.float64), np.empty(half, np.float64)
+    for i in range(half):
+        cs[i], sn[i] = math.cos(d * inv_freq[i]), math.sin(d * inv_freq[i])
+    for j in range(m):
+        slot = (first + j) % cap
+        for g in range(n_kv):
+            for e in range(hd):
+                ks[j, g, e] = kv_get(kf, key_index(nkb, hd, g, slot, e))
+                vs[j, g, e] = kv_get(vf, (g * cap + slot) * hd + e)
+            for i in range(half):
+                a, b = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                x0, x1 = ks[j, g, a], ks[j, g, b]
+                ks[j, g, a] = np.float32(x0 * cs[i] + x1 * sn[i])
+                ks[j, g, b] = np.float32(x1 * cs[i] - x0 * sn[i])
+    for j in range(m):
+        slot = (first + j - d) % cap
+        for g in range(n_kv):
+            for e in range(hd):
+                kv_put(kf, key_index(nkb, hd, g, slot, e), ks[j, g, e])
+                kv_put(vf, (g * cap + slot) * hd + e, vs[j, g, e])
+
+
 def attention(q, kc, vc, pos0, n_head, threads, out, scale=None, window=0, softcap=0.0):
     """Causal GQA attention for T new tokens at positions pos0.. against one layer's cache.
 
