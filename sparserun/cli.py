@@ -72,11 +72,10 @@ def info(model: Path = ModelArg, json_out: bool = typer.Option(False, "--json", 
     """Architecture, parameter count, size, quant mix, hyperparameters and activation of a GGUF."""
     import json
 
-    from .info import format_info
-    from .model import Model
+    from .info import file_info, format_info
 
-    m = Model(model, n_ctx=1)
-    typer.echo(json.dumps(m.info(), indent=2) if json_out else format_info(m.info()))
+    info = file_info(model)
+    typer.echo(json.dumps(info, indent=2) if json_out else format_info(info))
 
 
 @app.command()

@@ -181,4 +181,7 @@ def read_side_file(path, arch):
         raise ValueError(f"architecture is {meta.get('general.architecture')!r}, not {arch!r}")
     tensors = {t.name: np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
                for t in reader.tensors}
+    bad = next((name for name, a in tensors.items() if not np.isfinite(a).all()), None)
+    if bad is not None:  # a damaged file: refused before any value is cast or used
+        raise ValueError(f"tensor {bad!r} holds non-finite values")
     return meta, tensors

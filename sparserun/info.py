@@ -1,17 +1,25 @@
-"""`sparserun info`: what a GGUF holds, from metadata and tensor headers only (no weights read)."""
+"""`sparserun info`: what a GGUF holds, from metadata and tensor headers only (no weights read, no kernels loaded)."""
 from collections import Counter
 
 from .arch import ROPE_NEOX
 
 
-def model_info(model):
-    f, a = model.gguf, model.args
+def file_info(path):
+    """info of the GGUF at path without loading it (the header, the tensor table, the architecture's ModelArgs)."""
+    from .arch import model_args
+    from .gguf_file import GGUFFile
+
+    f = GGUFFile(path)
+    return model_info(f, model_args(f), str(path))
+
+
+def model_info(f, a, path):
     types = f.tensor_types()
     by_bytes = Counter()
     for name in f.tensor_names:
         by_bytes[types[name]] += f.tensor(name).n_bytes
     return {
-        "file": model.path,
+        "file": path,
         "architecture": a.arch,
         "name": f.get("general.name", ""),
         "parameters": f.n_params(),

@@ -320,7 +320,7 @@ class Model:
     def info(self):
         from .info import model_info
 
-        return model_info(self)
+        return model_info(self.gguf, self.args, self.path)
 
 
 def check_tensor_data(f):

@@ -109,3 +109,45 @@ def test_non_finite_weights_are_named(stories, tmp_path, value):
                             *extra], capture_output=True, text=True, timeout=300)
         lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("sparserun: compiling")]
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.filterwarnings("error")  # a warning would be a second line on the CLI's stderr
+def test_mutated_side_files_are_refused_in_one_line(stories, tmp_path):
+    """Profile, placement and predictor files, each mutated 40 ways (metadata and data bytes, truncation): each
+    loads, or is refused with one line naming the file; never another exception."""
+    from predictors.format import load_predictors
+    from predictors.train import train_predictors
+    from sparserun.placement import device_bytes, load_placement, plan, save_placement
+    from sparserun.profile import load_profile, profile_model, save_profile
+
+    m = sparserun.load(stories)
+    ids = m.tokenize("Once upon a time, there was a little girl named Lily. She loved to play outside in the park "
+                     "with her friends. One day, she saw a big red ball near the tree and ran to get it.")
+    prof = profile_model(m, ids)
+    save_profile(prof, tmp_path / "profile.gguf")
+    save_placement(plan(m, device_bytes(m) // 3, prof), tmp_path / "placement.gguf")
+    pset, _ = train_predictors(m, ids, ranks=(8,), epochs=0)
+    pset.save(tmp_path / "predictors.gguf")
+    loaders = {"profile.gguf": lambda p: load_profile(p, m), "placement.gguf": lambda p: load_placement(p, m),
+               "predictors.gguf": lambda p: load_predictors(p, m)}
+    rng = np.random.default_rng(7)
+    refused = 0
+    for name, load in loaders.items():
+        data = (tmp_path / name).read_bytes()
+        load(tmp_path / name)  # the unmutated file loads
+        for i in range(40):
+            d = bytearray(data)
+            if i % 3 == 0:
+                d = d[:int(rng.integers(0, len(d)))]
+            else:
+                lo, hi = (8, min(len(d), 4096)) if i % 3 == 1 else (0, len(d))
+                for at in rng.integers(lo, hi, 6):
+                    d[at] = rng.integers(0, 256)
+            path = tmp_path / f"m{i}-{name}"
+            path.write_bytes(bytes(d))
+            try:
+                load(path)
+            except SparserunError as e:
+                assert "\n" not in str(e) and str(path) in str(e), str(e)
+                refused += 1
+    assert refused > 40

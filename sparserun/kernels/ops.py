@@ -5,6 +5,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from .templates import define
 from .simd import (ATTENTION_HEADS, KEY_BLOCK, f32_from_bits, half_bits, key_block_dots, load_f16, load_f32,
                    round_f16, value_rows_sum)
 
@@ -205,112 +206,118 @@ def _attention_kernel(HD):
     previous kernel (one query head per item, a (position, kv_dim) float32 cache, an array view per key, whose
     reference-count atomics and numba's negative-index checks kept it scalar) 8.54 ms; a group per item over
     per-kv-head rows, width a compile-time constant, f16 cache, 2.67 ms; these vector blocks 1.83 ms."""
-    vector = HD % 8 == 0
-    NCH = 4 if HD % 32 == 0 else 2 if HD % 16 == 0 else 1  # 8-column vectors a value_rows_sum pass sums
-    kb8, kb4, kb1 = (key_block_dots[h] for h in ATTENTION_HEADS)
-    vs8, vs4, vs1 = (value_rows_sum[(h, NCH)] for h in ATTENTION_HEADS)
+    return define(globals(), _ATTENTION_SOURCE, name=f"attention_hd{HD}", HD=HD, vector=HD % 8 == 0,
+                  NCH=4 if HD % 32 == 0 else 2 if HD % 16 == 0 else 1)  # NCH: 8-column vectors a value pass sums
 
-    @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
-    def attention_hd(q, kc, vc, pos0, n_head, threads, out, scale, window, softcap, half):
-        T = q.shape[0]
-        n_kv, nkb = kc.shape[0], kc.shape[1]
-        cap = vc.shape[1]  # positions held: the context, or a sliding window's ring (a whole number of key blocks)
-        G = n_head // n_kv  # query heads per kv head
-        S = 1  # shares a group's query heads are split into: enough items for the threads, each a divisor of G
-        while T * n_kv * S < threads and G % (2 * S) == 0:
-            S *= 2
-        H = G // S  # query heads per item
-        q3 = q.reshape(T, n_head, HD)
-        o3 = out.reshape(T, n_head, HD)
-        for item in prange(T * n_kv * S):
-            t, g, h0 = item // (n_kv * S), (item // S) % n_kv, (item % S) * H
-            n_keys = pos0 + t + 1
-            j0 = max(0, n_keys - window) if window > 0 else 0  # first key the query sees
-            b0 = j0 // KEY_BLOCK  # key blocks before b0 are skipped; keys b0 * KEY_BLOCK .. j0 - 1 get weight 0
-            k0 = b0 * KEY_BLOCK
-            nb = (n_keys + KEY_BLOCK - 1) // KEY_BLOCK
-            sw = nb * KEY_BLOCK  # a query's row of scores, whole key blocks
-            qs = np.empty(H * HD, np.float32)  # the item's queries, scaled
+
+# the intrinsics the attention kernels call, as module globals (templates.define: no closure, so numba's cache works)
+_KB8, _KB4, _KB1 = (key_block_dots[h] for h in ATTENTION_HEADS)
+for _h in ATTENTION_HEADS:
+    for _nch in (1, 2, 4):
+        globals()[f"_VS{_h}_{_nch}"] = value_rows_sum[(_h, _nch)]
+
+_ATTENTION_SOURCE = """
+@njit(parallel=True, cache=True, fastmath=True, error_model="numpy")
+def {name}(q, kc, vc, pos0, n_head, threads, out, scale, window, softcap, half):
+    T = q.shape[0]
+    n_kv, nkb = kc.shape[0], kc.shape[1]
+    cap = vc.shape[1]  # positions held: the context, or a sliding window's ring (a whole number of key blocks)
+    G = n_head // n_kv  # query heads per kv head
+    S = 1  # shares a group's query heads are split into: enough items for the threads, each a divisor of G
+    while T * n_kv * S < threads and G % (2 * S) == 0:
+        S *= 2
+    H = G // S  # query heads per item
+    q3 = q.reshape(T, n_head, {HD})
+    o3 = out.reshape(T, n_head, {HD})
+    for item in prange(T * n_kv * S):
+        t, g, h0 = item // (n_kv * S), (item // S) % n_kv, (item % S) * H
+        n_keys = pos0 + t + 1
+        j0 = max(0, n_keys - window) if window > 0 else 0  # first key the query sees
+        b0 = j0 // KEY_BLOCK  # key blocks before b0 are skipped; keys b0 * KEY_BLOCK .. j0 - 1 get weight 0
+        k0 = b0 * KEY_BLOCK
+        nb = (n_keys + KEY_BLOCK - 1) // KEY_BLOCK
+        sw = nb * KEY_BLOCK  # a query's row of scores, whole key blocks
+        qs = np.empty(H * {HD}, np.float32)  # the item's queries, scaled
+        for h in range(H):
+            for d in range({HD}):
+                qs[h * {HD} + d] = q3[t, g * G + h0 + h, d] * scale
+                if half:
+                    qs[h * {HD} + d] = round_f16(qs[h * {HD} + d])
+        s = np.empty(H * sw, np.float32)  # scores, then softmax numerators
+        if {vector}:
+            for b in range(b0, nb):
+                kb = (g * nkb + b % nkb) * {HD} * KEY_BLOCK  # b % nkb: the ring's block (b itself otherwise)
+                h = 0
+                while h < H:
+                    if H - h >= 8:
+                        _KB8(kc, kb, {HD}, qs, h * {HD}, s, h * sw + b * KEY_BLOCK, sw)
+                        h += 8
+                    elif H - h >= 4:
+                        _KB4(kc, kb, {HD}, qs, h * {HD}, s, h * sw + b * KEY_BLOCK, sw)
+                        h += 4
+                    else:
+                        _KB1(kc, kb, {HD}, qs, h * {HD}, s, h * sw + b * KEY_BLOCK, sw)
+                        h += 1
+        else:
             for h in range(H):
-                for d in range(HD):
-                    qs[h * HD + d] = q3[t, g * G + h0 + h, d] * scale
-                    if half:
-                        qs[h * HD + d] = round_f16(qs[h * HD + d])
-            s = np.empty(H * sw, np.float32)  # scores, then softmax numerators
-            if vector:
-                for b in range(b0, nb):
-                    kb = (g * nkb + b % nkb) * HD * KEY_BLOCK  # b % nkb: the ring's block (b itself otherwise)
+                for j in range(k0, n_keys):
+                    a = np.float32(0.0)
+                    for d in range({HD}):
+                        a += qs[h * {HD} + d] * kv_get(kc, key_index(nkb, {HD}, g, j % cap, d))
+                    s[h * sw + j] = a
+        inv = np.empty(H, np.float32)
+        for h in range(H):
+            o = h * sw
+            if softcap > 0:
+                for j in range(j0, n_keys):
+                    s[o + j] = softcap * np.float32(math.tanh(s[o + j] / softcap))
+            mx = np.float32(-np.inf)
+            for j in range(j0, n_keys):
+                mx = max(mx, s[o + j])
+            total = np.float32(0.0)
+            for j in range(j0, n_keys):
+                e = fast_exp(s[o + j] - mx)
+                s[o + j] = e
+                total += e
+            for j in range(k0, j0):  # masked keys of the first block read
+                s[o + j] = np.float32(0.0)
+            inv[h] = np.float32(1.0) / total
+            if half:  # normalized, then rounded to half
+                for j in range(j0, n_keys):
+                    s[o + j] = round_f16(s[o + j] * inv[h])
+                inv[h] = np.float32(1.0)
+        acc = np.zeros(H * {HD}, np.float32)
+        if {vector}:
+            s0 = k0 % cap  # the keys' rows k0..n_keys-1 from slot s0, in two runs where a ring wraps
+            L1 = min(n_keys - k0, cap - s0)
+            for c0 in range(0, {HD}, 8 * {NCH}):
+                for run in range(2):
+                    first, cnt, w0 = (s0, L1, k0) if run == 0 else (0, n_keys - k0 - L1, k0 + L1)
+                    if cnt == 0:
+                        continue
+                    vi = (g * cap + first) * {HD} + c0
                     h = 0
                     while h < H:
                         if H - h >= 8:
-                            kb8(kc, kb, HD, qs, h * HD, s, h * sw + b * KEY_BLOCK, sw)
+                            _VS8_{NCH}(vc, vi, {HD}, cnt, s, h * sw + w0, sw, acc, h * {HD} + c0)
                             h += 8
                         elif H - h >= 4:
-                            kb4(kc, kb, HD, qs, h * HD, s, h * sw + b * KEY_BLOCK, sw)
+                            _VS4_{NCH}(vc, vi, {HD}, cnt, s, h * sw + w0, sw, acc, h * {HD} + c0)
                             h += 4
                         else:
-                            kb1(kc, kb, HD, qs, h * HD, s, h * sw + b * KEY_BLOCK, sw)
+                            _VS1_{NCH}(vc, vi, {HD}, cnt, s, h * sw + w0, sw, acc, h * {HD} + c0)
                             h += 1
-            else:
-                for h in range(H):
-                    for j in range(k0, n_keys):
-                        a = np.float32(0.0)
-                        for d in range(HD):
-                            a += qs[h * HD + d] * kv_get(kc, key_index(nkb, HD, g, j % cap, d))
-                        s[h * sw + j] = a
-            inv = np.empty(H, np.float32)
+        else:
             for h in range(H):
-                o = h * sw
-                if softcap > 0:
-                    for j in range(j0, n_keys):
-                        s[o + j] = softcap * np.float32(math.tanh(s[o + j] / softcap))
-                mx = np.float32(-np.inf)
-                for j in range(j0, n_keys):
-                    mx = max(mx, s[o + j])
-                total = np.float32(0.0)
-                for j in range(j0, n_keys):
-                    e = fast_exp(s[o + j] - mx)
-                    s[o + j] = e
-                    total += e
-                for j in range(k0, j0):  # masked keys of the first block read
-                    s[o + j] = np.float32(0.0)
-                inv[h] = np.float32(1.0) / total
-                if half:  # normalized, then rounded to half
-                    for j in range(j0, n_keys):
-                        s[o + j] = round_f16(s[o + j] * inv[h])
-                    inv[h] = np.float32(1.0)
-            acc = np.zeros(H * HD, np.float32)
-            if vector:
-                s0 = k0 % cap  # the keys' rows k0..n_keys-1 from slot s0, in two runs where a ring wraps
-                L1 = min(n_keys - k0, cap - s0)
-                for c0 in range(0, HD, 8 * NCH):
-                    for run in range(2):
-                        first, cnt, w0 = (s0, L1, k0) if run == 0 else (0, n_keys - k0 - L1, k0 + L1)
-                        if cnt == 0:
-                            continue
-                        vi = (g * cap + first) * HD + c0
-                        h = 0
-                        while h < H:
-                            if H - h >= 8:
-                                vs8(vc, vi, HD, cnt, s, h * sw + w0, sw, acc, h * HD + c0)
-                                h += 8
-                            elif H - h >= 4:
-                                vs4(vc, vi, HD, cnt, s, h * sw + w0, sw, acc, h * HD + c0)
-                                h += 4
-                            else:
-                                vs1(vc, vi, HD, cnt, s, h * sw + w0, sw, acc, h * HD + c0)
-                                h += 1
-            else:
-                for h in range(H):
-                    for j in range(k0, n_keys):
-                        w = s[h * sw + j]
-                        for d in range(HD):
-                            acc[h * HD + d] += w * kv_get(vc, (g * cap + j % cap) * HD + d)
-            for h in range(H):
-                for d in range(HD):
-                    o3[t, g * G + h0 + h, d] = acc[h * HD + d] * inv[h]
+                for j in range(k0, n_keys):
+                    w = s[h * sw + j]
+                    for d in range({HD}):
+                        acc[h * {HD} + d] += w * kv_get(vc, (g * cap + j % cap) * {HD} + d)
+        for h in range(H):
+            for d in range({HD}):
+                o3[t, g * G + h0 + h, d] = acc[h * {HD} + d] * inv[h]
+"""
 
-    return attention_hd
 
 
 def _gelu_half_table():

@@ -22,6 +22,7 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1,  # noqa: E402
                       Q5_K, Q6_K, Q8_0)
+from .templates import define  # noqa: E402
 from .dequant import (dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1, dequant_q5_0,  # noqa: E402
                       dequant_q5_1)
 
@@ -292,76 +293,72 @@ def _part(row0, r):
 # loader repacked into one buffer come as one array (weights.joined: 2.37 -> 2.24 ms in a later A/B).
 
 
-def _make_matmul(row_dot):
-    """A matmul kernel over int8 activations through row_dot(raw, base, nb, x, xoff, xd, xb, xdoff), one compiled
-    kernel per row layout, so the row loop carries no per-row type branch. x is x8 for the VNNI dots, xq (int16)
-    for the generic ones (which ignore xb: _without_xb)."""
-    @njit(parallel=True, cache=True)
-    def matmul(raws, row_bytes, row0, x, xd, xb, out):
-        T, n = x.shape
-        nb = n // QK
-        for r in prange(row0[-1]):
-            p = _part(row0, r)
-            raw, base = raws[p], (r - row0[p]) * row_bytes
-            for t in range(T):
-                out[t, r] = row_dot(raw, base, nb, x, t * n, xd, xb, t * nb)
-
-    return matmul
+_MATMUL = """
+@njit(parallel=True, cache=True)
+def {name}(raws, row_bytes, row0, x, xd, xb, out):
+    T, n = x.shape
+    nb = n // QK
+    for r in prange(row0[-1]):
+        p = _part(row0, r)
+        raw, base = raws[p], (r - row0[p]) * row_bytes
+        for t in range(T):
+            out[t, r] = {dot}(raw, base, nb, x, t * n, xd, {xb}t * nb)
+"""
 
 
-def _without_xb(row_dot):
-    """A generic int8 row dot (no block-sum argument) in _make_matmul's row_dot signature."""
-    @njit(inline="always")
-    def dot(raw, base, nb, x, xoff, xd, xb, xdoff):
-        return row_dot(raw, base, nb, x, xoff, xd, xdoff)
-
-    return dot
+def _make_matmul(name, row_dot, vnni=False):
+    """A matmul kernel over int8 activations through the row dot named row_dot, one compiled kernel per row layout,
+    so the row loop carries no per-row type branch. x is x8 for the VNNI dots (which take the offset terms xb too),
+    xq (int16) for the generic ones. Defined from a template (templates.define: cached across processes)."""
+    return define(globals(), _MATMUL, name=name, dot=row_dot, xb="xb, " if vnni else "")
 
 
-matmul_q4_0_vnni = _make_matmul(dot_row_q4_0_vnni)  # HAS_VNNI only
+matmul_q4_0_vnni = _make_matmul("matmul_q4_0_vnni", "dot_row_q4_0_vnni", vnni=True)  # HAS_VNNI only
 
 
 ROW_TILE = 32  # rows per tile of a batch matmul: 37 KB of TinyLlama rows, L2-resident while the token tiles pass
 
+_BATCH_MATMUL = """
+@njit(parallel=True, cache=True)
+def {name}(raws, row_bytes, row0, x, xd, xb, out):
+    T, n = x.shape
+    nb = n // QK
+    rows = row0[-1]
+    for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
+        r0, r1 = tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)
+        t = 0
+        while t + TOKENS <= T:
+            for r in range(r0, r1):
+                p = _part(row0, r)
+                d = {dot_tokens}(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, n, xd, xb, t * nb, nb)
+                for k in range(TOKENS):
+                    out[t + k, r] = d[k]
+            t += TOKENS
+        for t in range(t, T):
+            for r in range(r0, r1):
+                p = _part(row0, r)
+                out[t, r] = {dot_row}(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, xd, xb, t * nb)
+"""
 
-def _make_batch_matmul(dot_row, dot_tokens):
+
+def _make_batch_matmul(name, dot_row, dot_tokens):
     """_make_matmul's kernel for VNNI row dots that also come in a TOKENS-token form. A batch runs in tiles:
     ROW_TILE rows (read from memory once, then from L2) against TOKENS tokens at a time (their activations, 16 KB
     for 2048 wide, stay in L1), each block's weights unpacked once for the TOKENS (dot_tokens); the remaining
     tokens one by one. The same results as one token at a time."""
-    @njit(parallel=True, cache=True)
-    def matmul(raws, row_bytes, row0, x, xd, xb, out):
-        T, n = x.shape
-        nb = n // QK
-        rows = row0[-1]
-        for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
-            r0, r1 = tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)
-            t = 0
-            while t + TOKENS <= T:
-                for r in range(r0, r1):
-                    p = _part(row0, r)
-                    d = dot_tokens(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, n, xd, xb, t * nb, nb)
-                    for k in range(TOKENS):
-                        out[t + k, r] = d[k]
-                t += TOKENS
-            for t in range(t, T):
-                for r in range(r0, r1):
-                    p = _part(row0, r)
-                    out[t, r] = dot_row(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, xd, xb, t * nb)
-
-    return matmul
+    return define(globals(), _BATCH_MATMUL, name=name, dot_row=dot_row, dot_tokens=dot_tokens)
 
 
 # weights in the repacked layout (repack_q4_0): A/B against one token per row dot, benchmarks/batch_matmul.py
-matmul_q4_0r_vnni = _make_batch_matmul(dot_row_q4_0r_vnni, dot_tokens_q4_0r_vnni)
-matmul_q8_0_vnni = _make_batch_matmul(dot_row_q8_0_vnni, dot_tokens_q8_0_vnni)
-matmul_q5_0_vnni = _make_batch_matmul(dot_row_q5_0_vnni, dot_tokens_q5_0_vnni)
+matmul_q4_0r_vnni = _make_batch_matmul("matmul_q4_0r_vnni", "dot_row_q4_0r_vnni", "dot_tokens_q4_0r_vnni")
+matmul_q8_0_vnni = _make_batch_matmul("matmul_q8_0_vnni", "dot_row_q8_0_vnni", "dot_tokens_q8_0_vnni")
+matmul_q5_0_vnni = _make_batch_matmul("matmul_q5_0_vnni", "dot_row_q5_0_vnni", "dot_tokens_q5_0_vnni")
 
 
 # used when HAS_VNNI (Q4_0R exists only then)
-matmul_q4_k_vnni = _make_batch_matmul(dot_row_q4_k_vnni, dot_tokens_q4_k_vnni)
-matmul_q5_k_vnni = _make_batch_matmul(dot_row_q5_k_vnni, dot_tokens_q5_k_vnni)
-matmul_q6_k_vnni = _make_batch_matmul(dot_row_q6_k_vnni, dot_tokens_q6_k_vnni)
+matmul_q4_k_vnni = _make_batch_matmul("matmul_q4_k_vnni", "dot_row_q4_k_vnni", "dot_tokens_q4_k_vnni")
+matmul_q5_k_vnni = _make_batch_matmul("matmul_q5_k_vnni", "dot_row_q5_k_vnni", "dot_tokens_q5_k_vnni")
+matmul_q6_k_vnni = _make_batch_matmul("matmul_q6_k_vnni", "dot_row_q6_k_vnni", "dot_tokens_q6_k_vnni")
 VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni, Q5_0: matmul_q5_0_vnni,
                Q4_K: matmul_q4_k_vnni,
                Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni}
@@ -411,9 +408,9 @@ def _nibble(raw, q, i):
     return (v >> 4) if i >= 16 else (v & 15)
 
 
-matmul_q4_0 = _make_matmul(_without_xb(dot_row_q4_0))
-matmul_q8_0 = _make_matmul(_without_xb(dot_row_q8_0))
-matmul_q5_0 = _make_matmul(_without_xb(dot_row_q5_0))
+matmul_q4_0 = _make_matmul("matmul_q4_0", "dot_row_q4_0")
+matmul_q8_0 = _make_matmul("matmul_q8_0", "dot_row_q8_0")
+matmul_q5_0 = _make_matmul("matmul_q5_0", "dot_row_q5_0")
 INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W, activations as int8 blocks (quantize_acts), as llama.cpp's
 vec_dot_q5_0_q8_0 and its kin compute them."""
