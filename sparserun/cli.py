@@ -8,7 +8,7 @@ import typer
 from .errors import SparserunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Run llama-family GGUF models fast on a CPU, computing only the FFN neurons that matter.")
+                  help="Run GGUF language models fast on a CPU, computing only the FFN neurons that matter.")
 
 ModelArg = typer.Argument(..., help="path to a GGUF model file", show_default=False)
 DefaultModelArg = typer.Argument(None, help="path to a GGUF model file (default: the project's own storyteller, "
