@@ -55,7 +55,7 @@ def main(argv=None):
     x = Acts(rng.standard_normal((1, m.args.dim)).astype(np.float32))
 
     def run(ffn):
-        m.sparse = ffn
+        m.use_ffn(ffn)
         t = time.perf_counter()
         for li in range(n_layer):
             m.ffn(li, Acts(x.x))

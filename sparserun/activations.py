@@ -11,26 +11,18 @@ from .kernels import ops
 def watch_ffn(model, ids, on_layer, batch=256, progress=None):
     import time
 
-    original = model.ffn
-
-    def watching_ffn(li, acts):
+    def observe(li, acts):
         L = model.layers[li]
         pre = (L.w_gate if L.w_gate is not None else L.w_up).matmul(acts)
         a = np.empty_like(pre)
         ops.ffn_activate(pre[:0], pre, model.act_id, a)
         on_layer(li, acts.x, np.abs(a))
-        return original(li, acts)
 
-    sparse, model.sparse = model.sparse, None
-    model.ffn = watching_ffn
     t0 = time.perf_counter()
-    try:
+    with model.observing_ffn(observe):
         for s in range(0, len(ids), batch):
             model.reset()
             model.eval(ids[s:s + batch])
             if progress:
                 done = min(len(ids), s + batch)
                 progress(done, len(ids), done / (time.perf_counter() - t0))
-    finally:
-        model.ffn, model.sparse = original, sparse
-        model.reset()

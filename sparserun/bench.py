@@ -42,7 +42,7 @@ class SparserunRunner:
     def _use(self, ids):
         """The context holds exactly ids (a cached prefix is reused; the last one is recomputed)."""
         m = self.model
-        m.sparse = self.ffn
+        m.use_ffn(self.ffn)
         m.use_cache(self.kv)
         if ids:
             m.eval(ids)
@@ -124,7 +124,7 @@ def log_softmax(x):
 def fidelity(model, ffn, ids, dense_logits):
     """Top-1 agreement, mean KL(dense || sparse) and kept fraction per layer over ids, decoding one token
     at a time through the sparse FFN (as generation does)."""
-    model.sparse = ffn
+    model.use_ffn(ffn)
     ffn.reset_stats()
     model.reset()
     rows = np.array([model.eval(ids[: i + 1])[-1] for i in range(len(ids))])
@@ -194,7 +194,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
     if model is not None:
         if policies:
             ids = model.tokenize(text or DEFAULT_TEXT)[:fidelity_tokens]
-            model.sparse = None
+            model.use_ffn(None)
             dense_logits = model.logits(ids)
             for name, r in runners.items():
                 if r.ffn is not None:

@@ -267,10 +267,6 @@ class HybridFFN:
 
 def install(model, placement):
     """Move the placement's attention projections and output head to the GPU and hook the hybrid FFN."""
-    for li, L in enumerate(model.layers):
-        if placement.attn_gpu[li] and L.plain_attention:  # the device kernel is llama's block only
-            L.gpu_attn = GPUAttention(model, L)
-    if placement.output_gpu:
-        model.output = DeviceWeight(model.output)
-    model.placement = placement
-    model.set_sparsity(model.policy, model.predictor_arg)
+    attention = {li: GPUAttention(model, L) for li, L in enumerate(model.layers)
+                 if placement.attn_gpu[li] and L.plain_attention}  # the device kernel is llama's block only
+    model.place_on_device(placement, attention, DeviceWeight(model.output) if placement.output_gpu else None)

@@ -8,6 +8,7 @@ replace) -> residual] -> final RMSNorm -> output head -> logits.
 import math
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numba
@@ -135,6 +136,7 @@ class Model:
         self.last_processed = 0  # tokens the last eval() computed
         self._tokenizer = None
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
+        self._ffn_observer = None  # observing_ffn's callback
         self.set_sparsity(sparsity, predictor)
 
     def set_sparsity(self, sparsity="dense", predictor=None):
@@ -182,9 +184,39 @@ class Model:
     def n_vocab(self):
         return self.args.n_vocab
 
+    def use_ffn(self, ffn):
+        """Run the FFNs through ffn (a SparseFFN or HybridFFN of this model; None: dense) from now on; returns the
+        previous one. bench keeps one per mode this way."""
+        old, self.sparse = self.sparse, ffn
+        return old
+
+    @contextmanager
+    def observing_ffn(self, observer):
+        """Within the block, the FFNs run dense and call observer(layer, acts) first (profiling, calibration and
+        predictor training watch the activations this way: activations.watch_ffn)."""
+        saved = self.sparse, self._ffn_observer
+        self.sparse, self._ffn_observer = None, observer
+        try:
+            yield self
+        finally:
+            self.sparse, self._ffn_observer = saved
+            self.reset()
+
+    def place_on_device(self, placement, attention, output):
+        """hybrid.install's placement: attention blocks {layer: GPUAttention} and the output head (a DeviceWeight,
+        or None to keep the CPU's) move to the GPU; the FFNs follow through set_sparsity (HybridFFN)."""
+        for li, att in attention.items():
+            self.layers[li].gpu_attn = att
+        if output is not None:
+            self.output = output
+        self.placement = placement
+        self.set_sparsity(self.policy, self.predictor_arg)
+
     # ---- forward ----
     def ffn(self, layer_index, acts):
         """FFN of one layer: (T, dim) -> (T, dim), dense or through the sparsity policy."""
+        if self._ffn_observer is not None:
+            self._ffn_observer(layer_index, acts)
         if self.sparse is not None:
             return self.sparse(layer_index, acts)
         L = self.layers[layer_index]

@@ -10,7 +10,7 @@
 
 For SwiGLU models activations are act(gate) (CATS: gate computed densely, then up and down for the
 kept neurons only); ReLU-family models also skip their natural zeros in every sparse mode.
-A policy can instead be handed a predicted neuron set per layer (predictor policies, next issue):
+A policy can instead be handed a predicted neuron set per layer (the predictor policy, predictor_policy.py):
 then gate, up and down are all computed for those neurons alone.
 """
 import json

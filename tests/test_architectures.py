@@ -17,12 +17,6 @@ GEMMA = Path(os.environ.get("SPARSERUN_GEMMA3_270M", Path.home() / ".cache" / "g
                             "gemma-3-270m-q4_k_m.gguf"))
 
 
-def test_opening_a_file_imports_no_kernels():
-    code = "import sys, sparserun.gguf_file, sparserun.arch; assert 'numba' not in sys.modules, 'numba imported'"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-
-
 @pytest.mark.parametrize("arch,words", [("gemma3", ["sliding window 8 on 6 of 7 layers", "QK-norm", "post-norms"]),
                                         ("gemma2", ["attention soft-cap 50", "final soft-cap 30"]),
                                         ("qwen2", ["q/k/v biases"]), ("qwen3", ["QK-norm"]),
