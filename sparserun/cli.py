@@ -174,8 +174,15 @@ def serve(
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from .server import serve as run_server
 
+    import socket
+
     if not 0 < port < 65536:
         raise SparserunError(f"--port must be in 1..65535, got {port}")
+    try:  # a taken port or an unknown host: one line before the model loads, not uvicorn's log and exit code 1
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise SparserunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     path = model or default_model()
     m = _load(path, threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type, check_tensors)
     name = alias or Path(path).name

@@ -179,3 +179,12 @@ def test_disconnect_mid_stream_stops_generation(server, client, stories):
     assert health(server)["cancelled"] == before + 1
     r = client.completions.create(model=stories.name, prompt="Once", max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
+
+
+def test_a_taken_port_or_bad_flag_is_one_line(server, stories):
+    port = server.rsplit(":", 1)[1]
+    for args in (["--port", port], ["--port", "70000"]):
+        r = subprocess.run([sys.executable, "-m", "sparserun.cli", "serve", str(stories), *args], capture_output=True,
+                           text=True, timeout=120)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
