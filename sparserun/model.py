@@ -55,8 +55,8 @@ class Layer:
     @property
     def plain_attention(self):
         """llama's attention block exactly (what the GPU attention implements)."""
-        return (self.window == 0 and self.rope_scale == 1.0 and self.q_norm is None and self.attn_post_norm is None and self.bq is None
-                and self.bk is None and self.bv is None)
+        return (self.window == 0 and self.rope_scale == 1.0 and self.q_norm is None and self.attn_post_norm is None
+                and self.bq is None and self.bk is None and self.bv is None)
 
 
 def default_threads():
@@ -118,7 +118,7 @@ class Model:
                 t.update(zip(keys, mats(*(present[k] for k in keys))))
             t.update((k, mat(*ns)) for k, ns in present.items() if k not in t)
             for whole, parts in a.fused.items():  # row blocks of one matrix, back to back: still one stream
-                t.update(zip(parts, split_rows(t.pop(whole), [names_rows(a, k) for k in parts])))
+                t.update(zip(parts, split_rows(t.pop(whole), [a.layer_shapes()[0][k][0] for k in parts])))
             vec = lambda k: t[k].vector() if k in t else None  # noqa: E731
             self.layers.append(Layer(
                 vec("attn_norm"), t["attn_q"], t["attn_k"], t["attn_v"], t["attn_output"], vec("ffn_norm"),
@@ -365,12 +365,6 @@ def check_tensor_data(f):
         r = K.nonfinite_row(t.raw, t.row_bytes, t.qtype, t.rows, t.cols)
         if r >= 0:
             raise ModelFileError(f.path, f"tensor {name!r} holds a non-finite value (NaN or Inf) in row {r}")
-
-
-def names_rows(a, key):
-    """Rows of a layer weight's key (the parts of a fused tensor)."""
-    q, kv = a.n_head * a.head_dim, a.kv_dim
-    return {"attn_q": q, "attn_k": kv, "attn_v": kv, "ffn_gate": a.n_ff, "ffn_up": a.n_ff}[key]
 
 
 def split_rows(w, rows):

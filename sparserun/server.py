@@ -65,11 +65,10 @@ def parse_request(body, chat):
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise BadRequest("'stop' must be a string or up to 4 non-empty strings", param="stop")
-    params = SamplingParams(temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None
-                                              else 1.0),
-                            top_p=float(body.get("top_p") if body.get("top_p") is not None else 1.0),
-                            top_k=int(body.get("top_k") or 0), min_p=float(body.get("min_p") or 0.0),
-                            repeat_penalty=float(body.get("repeat_penalty") or 1.0), seed=body.get("seed"))
+    get = lambda k, default: default if body.get(k) is None else body[k]  # noqa: E731 -- JSON null = not given
+    params = SamplingParams(temperature=float(get("temperature", 1.0)), top_p=float(get("top_p", 1.0)),
+                            top_k=int(get("top_k", 0)), min_p=float(get("min_p", 0.0)),
+                            repeat_penalty=float(get("repeat_penalty", 1.0)), seed=body.get("seed"))
     try:
         params.validate()
     except SparserunError as e:

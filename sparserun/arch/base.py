@@ -57,10 +57,9 @@ class ModelArgs:
         """Sliding window of layer i (0: full causal attention)."""
         return self.swa_window if self.swa_layers and self.swa_layers[i] else 0
 
-    def layer_tensors(self, i):
-        """name -> (GGUF tensor name, (rows, cols), required) of layer i's weights, in llama.cpp's naming."""
+    def layer_shapes(self):
+        """(required, optional): key -> (rows, cols) of a layer's weights, each fused tensor's parts apart."""
         d, kv, ff, q, hd = self.dim, self.kv_dim, self.n_ff, self.n_head * self.head_dim, self.head_dim
-        p = f"blk.{i}."
         req = {"attn_norm": (1, d), "attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
                "ffn_norm": (1, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}
         if self.gated:
@@ -70,9 +69,14 @@ class ModelArgs:
         if self.post_norms:
             req.update(post_attention_norm=(1, d), post_ffw_norm=(1, d))
         opt = {"attn_q.bias": (1, q), "attn_k.bias": (1, kv), "attn_v.bias": (1, kv)}  # qwen2's; any arch may carry them
+        return req, opt
+
+    def layer_tensors(self, i):
+        """name -> (GGUF tensor name, (rows, cols), required) of layer i's weights, in llama.cpp's naming."""
+        p = f"blk.{i}."
+        req, opt = self.layer_shapes()
         for whole, parts in self.fused.items():  # one tensor holding its parts' rows one after another
-            rows = sum(req.pop(k)[0] for k in parts)
-            req[whole] = (rows, d)
+            req[whole] = (sum(req.pop(k)[0] for k in parts), self.dim)
         out = {k: (p + k + ".weight", shape, True) for k, shape in req.items()}
         out.update({k: (p + k, shape, False) for k, shape in opt.items()})
         return out
