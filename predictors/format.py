@@ -1,21 +1,18 @@
-"""The predictor file: a GGUF (no executable content) with architecture "sparserun-predictors".
+"""The predictor file: a GGUF side file (sparserun/side_files.py) with architecture "sparserun-predictors".
 
 Keys: sparserun.predictors.{model_fingerprint, target_recall}. Tensors (float32): decision_thresholds
 (n_layer), label_thresholds (n_layer: what "active" meant in training, 0 = non-zero), and per layer
 blk.N.w1 (dim x r, stored as r rows of dim), blk.N.b1 (r), blk.N.w2 (r x n_ff, stored as n_ff rows of
 r), blk.N.b2 (n_ff). Both matrices are stored row-per-output so the runtime kernels are row dots.
 """
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from sparserun.errors import SparserunError
-from sparserun.gguf_file import read_side_file, write_side_file
+from sparserun.side_files import PREDICTORS
 
 from .lowrank import LayerPredictor
-
-ARCH = "sparserun-predictors"
 
 
 @dataclass
@@ -30,29 +27,21 @@ class PredictorSet:
                    "label_thresholds": self.label_thresholds}
         for i, p in enumerate(self.layers):  # both matrices row-per-output: the runtime kernels are row dots
             tensors.update({f"blk.{i}.w1": p.w1.T, f"blk.{i}.b1": p.b1, f"blk.{i}.w2": p.w2.T, f"blk.{i}.b2": p.b2})
-        write_side_file(path, ARCH, {"sparserun.predictors.model_fingerprint": self.fingerprint,
-                                     "sparserun.predictors.target_recall": float(self.target_recall)}, tensors)
+        PREDICTORS.write(path, self.fingerprint, {"target_recall": float(self.target_recall)}, tensors)
 
 
 def load_predictors(path, model=None):
     """Read a predictor file; with `model`, refuse one made for another model or of the wrong shape."""
-    if not os.path.exists(path):
-        raise SparserunError(f"{path}: no such predictor file")
-    try:
-        meta, t = read_side_file(path, ARCH)
+    def build(v, t):
         thr = t["decision_thresholds"].reshape(-1)
         layers = [LayerPredictor(np.ascontiguousarray(t[f"blk.{i}.w1"].T), t[f"blk.{i}.b1"].reshape(-1),
                                  np.ascontiguousarray(t[f"blk.{i}.w2"].T), t[f"blk.{i}.b2"].reshape(-1), float(thr[i]))
                   for i in range(len(thr))]
-        ps = PredictorSet(str(meta["sparserun.predictors.model_fingerprint"]), layers,
-                          t["label_thresholds"].reshape(-1), float(meta["sparserun.predictors.target_recall"]))
-    except Exception as e:
-        raise SparserunError(f"{path}: not a valid predictor file ({type(e).__name__}: {str(e)[:100]})") from None
+        return layers, t["label_thresholds"].reshape(-1), float(v["target_recall"])
+
+    (layers, labels, recall), fingerprint = PREDICTORS.read(path, build, model)
     if model is not None:
-        if ps.fingerprint != model.gguf.fingerprint():
-            raise SparserunError(f"{path}: these predictors were made for another model (fingerprint "
-                                 f"{ps.fingerprint[:12]}..., {model.path} is {model.gguf.fingerprint()[:12]}...)")
         a = model.args
         if len(layers) != a.n_layer or any(p.w1.shape[0] != a.dim or p.w2.shape[1] != a.n_ff for p in layers):
             raise SparserunError(f"{path}: predictor shapes do not match {model.path}")
-    return ps
+    return PredictorSet(fingerprint, layers, labels, recall)

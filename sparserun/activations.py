@@ -25,4 +25,4 @@ def watch_ffn(model, ids, on_layer, batch=256, progress=None):
             model.eval(ids[s:s + batch])
             if progress:
                 done = min(len(ids), s + batch)
-                progress(done, len(ids), done / (time.perf_counter() - t0))
+                progress(done, len(ids), f"{done}/{len(ids)} tokens, {done / (time.perf_counter() - t0):.0f} tok/s")

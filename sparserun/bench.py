@@ -17,7 +17,6 @@ hybrid:F modes, each its own model with part of it on the GPU, the fraction the 
 import json
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -278,12 +277,3 @@ def _md(head, body):
     w = [max(len(row[i]) for row in [head] + body) for i in range(len(head))]
     line = lambda row: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(row)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(r) for r in body])
-
-
-def stderr_progress(done, total, text):
-    if not total:  # a one-off step (fidelity), on a line of its own
-        sys.stderr.write(f"\r{text}".ljust(70) + "\n")
-        sys.stderr.flush()
-        return
-    sys.stderr.write(f"\r[{done}/{total}] {text}".ljust(70) + ("\n" if done == total else ""))
-    sys.stderr.flush()

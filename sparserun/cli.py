@@ -36,7 +36,7 @@ Sparsity = typer.Option("dense", "--sparsity", help="FFN sparsity: dense | topk:
 Device = typer.Option(None, "--device", help="cpu | cuda | auto (default: auto with --vram-budget or --placement, "
                       "else cpu); auto falls back to the CPU with one line when no CUDA GPU works")
 VramBudget = typer.Option(None, "--vram-budget", help="GiB of GPU memory for hot neurons, attention and output head "
-                          "(placed on the fly from <model>.profile.gguf or --profile); default with a GPU: all")
+                          "(placed on the fly from <model>.gguf.profile.gguf or --profile); default with a GPU: all")
 PlacementOpt = typer.Option(None, "--placement", help="a placement file from `sparserun place` (instead of planning)")
 ProfileOpt = typer.Option(None, "--profile", help="profile that ranks neurons for an on-the-fly placement")
 
@@ -254,7 +254,8 @@ def bench(
     with fidelity of each sparse mode against dense (top-1 agreement, KL, kept fraction)."""
     import json
 
-    from .bench import format_table, run_bench, stderr_progress
+    from .bench import format_table, run_bench
+    from .progress import stderr_progress
     from .gguf_file import GGUFFile
 
     if output not in ("md", "csv", "json"):
@@ -322,23 +323,23 @@ def profile(
     model: Path = ModelArg,
     corpus: Path = typer.Option(..., "--corpus", help="text file to run the model over"),
     tokens: int = typer.Option(4096, "--tokens", help="tokens of the corpus to use at most"),
-    out: Optional[Path] = typer.Option(None, "-o", "--output", help="profile file (default: <model>.profile.gguf)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="profile file (default: <model>.gguf.profile.gguf)"),
     sparsity: float = typer.Option(0.5, "--target-sparsity",
                                    help="SwiGLU: 'active' means above the thresholds for this sparsity"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the hotness picture and CDF to this PNG"),
     threads: Optional[int] = Threads,
 ):
     """Neuron hotness over a corpus: per-neuron activity and mean magnitude, per-layer histograms."""
-    from .profile import format_summary, plot_profile, profile_model, save_profile, stderr_progress
+    from .profile import format_summary, plot_profile, profile_model, save_profile
+    from .progress import stderr_progress
+    from .side_files import PROFILE
 
     if not 0.0 <= sparsity < 1.0:
         raise SparserunError(f"--target-sparsity must be in [0, 1), got {sparsity}")
     m = _load(model, threads, 256)
     ids = _corpus_ids(m, corpus, tokens)
     p = profile_model(m, ids, target_sparsity=sparsity, progress=stderr_progress)
-    from .profile import default_path
-
-    out = out or Path(default_path(model))
+    out = out or Path(PROFILE.default_path(model))
     save_profile(p, out)
     typer.echo(format_summary(p))
     typer.echo(f"wrote {out}")
@@ -350,26 +351,26 @@ def profile(
 @app.command()
 def place(
     model: Path = ModelArg,
-    profile: Optional[Path] = typer.Option(None, "--profile", help="neuron hotness (default: <model>.profile.gguf)"),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="neuron hotness (default: <model>.gguf.profile.gguf)"),
     vram_budget: float = typer.Option(..., "--vram-budget", help="GiB of GPU memory to fill"),
-    out: Optional[Path] = typer.Option(None, "-o", "--output", help="placement file (default: <model>.placement.gguf)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="placement file (default: <model>.gguf.placement.gguf)"),
     predictor: bool = typer.Option(False, "--for-predictor", help="plan for the predictor policy (no dense CPU gate)"),
 ):
     """Decide which neurons, attention blocks and output head go to the GPU under a VRAM budget."""
-    from . import profile as Pr
     from .hybrid import make_placement
     from .model import Model
-    from .placement import default_path, device_bytes, save_placement
+    from .placement import device_bytes, save_placement
+    from .side_files import PLACEMENT, PROFILE
 
     if vram_budget < 0:
         raise SparserunError(f"--vram-budget must be >= 0 GiB, got {vram_budget}")
     m = Model(model, n_ctx=1)
-    if profile is None and not Path(Pr.default_path(model)).is_file():
+    if profile is None and not Path(PROFILE.default_path(model)).is_file():
         raise SparserunError(f"no profile: run `sparserun profile {model} --corpus FILE` first, or pass --profile")
     if profile is not None and not profile.is_file():
         raise SparserunError(f"{profile}: no such profile file")
     p = make_placement(m, vram_budget, profile=profile, gate_dense=not predictor)
-    out = out or Path(default_path(model))
+    out = out or Path(PLACEMENT.default_path(model))
     save_placement(p, out)
     typer.echo(f"{p.summary()} (the whole model on the device: {device_bytes(m) / 2**30:.3f} GiB)")
     for li, g in enumerate(p.gpu_neurons):
@@ -383,7 +384,7 @@ def train_predictors_cmd(
     model: Path = ModelArg,
     corpus: Path = typer.Option(..., "--corpus", help="text file to collect activations from"),
     tokens: int = typer.Option(2048, "--tokens", help="tokens of the corpus to use at most (60/20/20 split)"),
-    out: Optional[Path] = typer.Option(None, "-o", "--output", help="predictor file (default: <model>.predictors.gguf)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="predictor file (default: <model>.gguf.predictors.gguf)"),
     recall: float = typer.Option(0.95, "--target-recall", help="fraction of true activations to keep"),
     sparsity: float = typer.Option(0.5, "--target-sparsity", help="SwiGLU: 'active' means above this sparsity's thresholds"),
     epochs: int = typer.Option(30, "--epochs"),
@@ -392,18 +393,18 @@ def train_predictors_cmd(
     """Train per-layer low-rank activation predictors on the model's own activations."""
     from predictors.train import format_report, train_predictors
 
-    from .predictor_policy import default_path
+    from .progress import stderr_progress
+    from .side_files import PREDICTORS
 
     m = _load(model, threads, 256)
     ids = _corpus_ids(m, corpus, tokens)
 
     def progress(done, total, row):
-        sys.stderr.write(f"\rlayer {done}/{total}: rank {row['rank']}, held-out recall {row['recall']:.3f}, "
-                         f"predicted density {row['predicted_density']:.3f}".ljust(78) + ("\n" if done == total else ""))
-        sys.stderr.flush()
+        stderr_progress(done, total, f"layer {done}/{total}: rank {row['rank']}, held-out recall {row['recall']:.3f}, "
+                                     f"predicted density {row['predicted_density']:.3f}")
 
     pset, report = train_predictors(m, ids, target_recall=recall, sparsity=sparsity, epochs=epochs, progress=progress)
-    out = out or Path(default_path(model))
+    out = out or Path(PREDICTORS.default_path(model))
     pset.save(out)
     typer.echo(format_report(report))
     typer.echo(f"wrote {out} (held-out figures: the last 20% of the {len(ids)} tokens)")

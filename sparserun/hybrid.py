@@ -66,16 +66,17 @@ def resolve_device(device, vram_budget=None, err=sys.stderr):
 def make_placement(model, vram_budget=None, placement=None, profile=None, gate_dense=True):
     """A saved placement (checked against the model): `placement`, or without a budget the one `sparserun place`
     saved beside the model; else a plan for vram_budget GiB (None: the whole model) from the profile (a path, or
-    <model>.profile.gguf when it exists; without one every neuron counts as equally hot)."""
+    <model>.gguf.profile.gguf when it exists; without one every neuron counts as equally hot)."""
     from . import placement as P
     from . import profile as Pr
+    from .side_files import PLACEMENT, PROFILE
 
-    if placement is None and vram_budget is None and os.path.exists(P.default_path(model.path)):
-        placement = P.default_path(model.path)
+    if placement is None and vram_budget is None and os.path.exists(PLACEMENT.default_path(model.path)):
+        placement = PLACEMENT.default_path(model.path)
     if placement is not None:
         return P.load_placement(placement, model)
-    if profile is None and os.path.exists(Pr.default_path(model.path)):
-        profile = Pr.default_path(model.path)
+    if profile is None and os.path.exists(PROFILE.default_path(model.path)):
+        profile = PROFILE.default_path(model.path)
     prof = Pr.load_profile(profile, model) if profile is not None else None
     budget = P.device_bytes(model) if vram_budget is None else int(vram_budget * GIB)
     return P.plan(model, budget, prof, gate_dense=gate_dense)
@@ -176,9 +177,7 @@ class HybridFFN:
         from .sparse_ffn import SparseFFN
 
         a = model.args
-        if policy.kind == "topk":
-            raise SparserunError("--sparsity topk ranks all of a layer's neurons together, so it cannot be split "
-                                 "between CPU and GPU: use threshold:... or predictor with --device cuda")
+        thr = np.array([policy.device_threshold(p) for p in policy.layer_params(a.n_layer, a.n_ff)], np.float32)
         self.model, self.placement, self.dim, self.act = model, placement, a.dim, model.act_id
         hot = [np.asarray(g, np.int64) for g in placement.gpu_neurons]
         cold = [np.setdiff1d(np.arange(a.n_ff), g) for g in hot]
@@ -188,11 +187,7 @@ class HybridFFN:
         if self.predictor is not None:  # run it once per layer here; both halves use its answer
             self.cpu.predictor = lambda li, x: self.predicted
         self.cpu_empty = [len(c) == 0 for c in cold]
-        if policy.kind == "threshold":
-            thr = [float(t) for t in self.cpu.t]
-        else:  # dense and predictor keep every (predicted) neuron; ReLU zeros cost nothing in the down kernel
-            thr = [-1.0] * a.n_layer
-        self.thr = np.array(thr, np.float32)
+        self.thr = thr  # (n_layer,) the GPU share's keep rule; -1 keeps every (predicted) neuron
         self.stream = cuda.stream()
         self.layers = []  # per layer: None, or (hot ids, gate^T, up^T, down neuron-major, hot position map)
         for li, (L, ids) in enumerate(zip(model.layers, hot)):

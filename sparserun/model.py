@@ -140,7 +140,7 @@ class Model:
         self.set_sparsity(sparsity, predictor)
 
     def set_sparsity(self, sparsity="dense", predictor=None):
-        """Choose the FFN sparsity policy (a spec string or SparsityPolicy; see sparsity.py)."""
+        """Choose the FFN sparsity policy (a spec string or sparsity.Policy; see sparsity.py)."""
         from .sparse_ffn import SparseFFN
         from .sparsity import parse_sparsity
 
@@ -418,7 +418,7 @@ def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predicto
 
     device: "cpu", "cuda" or "auto" (None: auto when vram_budget is given, else cpu); vram_budget in GiB
     (None with a GPU: the whole model); placement: a `sparserun place` file; profile: the profile that an
-    on-the-fly placement ranks neurons by (default <model>.profile.gguf when it exists). See hybrid.py."""
+    on-the-fly placement ranks neurons by (default <model>.gguf.profile.gguf when it exists). See hybrid.py."""
     t0 = time.perf_counter()
     m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch, sparsity=sparsity, predictor=predictor,
               kv_type=kv_type, check_tensors=check_tensors)
@@ -426,6 +426,6 @@ def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predicto
         from .hybrid import install, make_placement, resolve_device
 
         if resolve_device(device, vram_budget if placement is None else 0, err) == "cuda":
-            install(m, make_placement(m, vram_budget, placement, profile, gate_dense=m.policy.kind != "predictor"))
+            install(m, make_placement(m, vram_budget, placement, profile, gate_dense=m.policy.gate_dense))
     m.load_seconds = time.perf_counter() - t0
     return m

@@ -2,7 +2,7 @@
 
 Cost model (what is modelled): decode is memory-bound on the CPU, so the value of moving an item to the GPU is
 the CPU bytes per token it removes, and its cost is the VRAM it takes as stored on the device (float32 rows for
-F32 models, float16 for every other type: see gpu/hybrid.py). Items:
+F32 models, float16 for every other type: see hybrid.py). Items:
 - one FFN neuron of layer l (its gate row, up row and down column together): VRAM 3 * dim * s (2 * dim * s
   without a gate), value = the gate row's CPU bytes (the CPU computes the gate of every neuron it owns) plus
   p * (up row + down column bytes), where p is the neuron's profiled activation frequency;
@@ -27,20 +27,13 @@ device size places everything.
 File: GGUF side file "sparserun-placement", fingerprint-bound like the profile: per layer blk.N.gpu_neurons
 (neuron ids, float32-stored integers), attn_gpu (n_layer,), output_gpu (1,), and the budget and bytes used.
 """
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import SparserunError
-from .gguf_file import read_side_file, write_side_file
+from .side_files import PLACEMENT
 
-ARCH = "sparserun-placement"
-
-
-def default_path(model_path):
-    """Where `sparserun place` writes and later loads without a budget look: model.gguf.placement.gguf."""
-    return str(model_path) + ".placement.gguf"
 
 
 def device_itemsize(w):
@@ -138,34 +131,25 @@ def save_placement(p, path):
     for li, g in enumerate(p.gpu_neurons):
         # float32 holds integers exactly below 2**24; an empty layer is stored as [-1] (GGUF has no empty tensors)
         tensors[f"blk.{li}.gpu_neurons"] = g.astype(np.float32) if len(g) else np.array([-1.0], np.float32)
-    write_side_file(path, ARCH, {"sparserun.placement.model_fingerprint": p.fingerprint,
-                                 "sparserun.placement.budget_bytes": int(p.budget),
-                                 "sparserun.placement.used_bytes": int(p.used),
-                                 "sparserun.placement.cpu_bytes_removed": float(p.cpu_bytes_removed),
-                                 "sparserun.placement.cpu_bytes_total": float(p.cpu_bytes_total)}, tensors)
+    PLACEMENT.write(path, p.fingerprint, {"budget_bytes": int(p.budget), "used_bytes": int(p.used),
+                                          "cpu_bytes_removed": float(p.cpu_bytes_removed),
+                                          "cpu_bytes_total": float(p.cpu_bytes_total)}, tensors)
 
 
 def load_placement(path, model):
     """Read a placement and check it against `model` (fingerprint, layer count, neuron ids). One-line errors."""
-    if not os.path.exists(path):
-        raise SparserunError(f"{path}: no such placement file")
-    a = model.args
-    try:
-        meta, t = read_side_file(path, ARCH)
-        fp = str(meta["sparserun.placement.model_fingerprint"])
+    def build(v, t):
         attn = t["attn_gpu"] > 0.5
         gpu = []
         for li in range(len(attn)):
             g = t[f"blk.{li}.gpu_neurons"].astype(np.int64)
             gpu.append(np.sort(g[g >= 0]))
-        p = Placement(fp, int(meta["sparserun.placement.budget_bytes"]), int(meta["sparserun.placement.used_bytes"]),
-                      gpu, attn, bool(t["output_gpu"][0] > 0.5), float(meta["sparserun.placement.cpu_bytes_removed"]),
-                      float(meta["sparserun.placement.cpu_bytes_total"]))
-    except Exception as e:
-        raise SparserunError(f"{path}: not a valid sparserun placement ({type(e).__name__}: {str(e)[:100]})") from None
-    if p.fingerprint != model.gguf.fingerprint():
-        raise SparserunError(f"{path}: this placement was made for another model (fingerprint {p.fingerprint[:12]}..., "
-                             f"{model.path} is {model.gguf.fingerprint()[:12]}...)")
+        return int(v["budget_bytes"]), int(v["used_bytes"]), gpu, attn, bool(t["output_gpu"][0] > 0.5), \
+            float(v["cpu_bytes_removed"]), float(v["cpu_bytes_total"])
+
+    fields, fingerprint = PLACEMENT.read(path, build, model)
+    p = Placement(fingerprint, *fields)
+    a = model.args
     if len(p.gpu_neurons) != a.n_layer or any(len(g) and (g[-1] >= a.n_ff or len(np.unique(g)) != len(g))
                                               for g in p.gpu_neurons):
         raise SparserunError(f"{path}: placement does not match the model's shape ({a.n_layer} layers, {a.n_ff} neurons)")

@@ -7,22 +7,19 @@ sparsity are derived later (CATS / TEAL style). "Active" is non-zero for ReLU-fa
 target sparsity).
 
 File format: a GGUF (written with the gguf package, no executable content) with architecture
-"sparserun-profile"; keys sparserun.profile.{model_fingerprint, tokens, activation, threshold_rule}
+"sparserun-profile" (side_files.py); keys sparserun.profile.{model_fingerprint, tokens, activation}
 and per layer the float32 tensors blk.N.frequency (n_ff), blk.N.mean_magnitude (n_ff),
 blk.N.histogram (bins + 1: exact zeros first); plus hist_edges (bins + 1) and thresholds (n_layer).
 A profile is bound to its model by the model's tensor fingerprint.
 """
-import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import SparserunError
-from .gguf_file import read_side_file, write_side_file
+from .side_files import PROFILE
 from .activations import watch_ffn
 
-ARCH = "sparserun-profile"
 EDGES = np.logspace(-6, 3, 361).astype(np.float32)  # 360 log bins from 1e-6 to 1e3; below -> first bin
 
 
@@ -104,41 +101,26 @@ def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, p
                    (mag / n).astype(np.float32), hist, thresholds)
 
 
-def default_path(model_path):
-    """Where `sparserun profile` writes and on-the-fly placements look: model.gguf -> model.gguf.profile.gguf."""
-    return str(model_path) + ".profile.gguf"
-
-
 def save_profile(profile, path):
     tensors = {"hist_edges": profile.edges, "thresholds": profile.thresholds}
     for li in range(profile.frequency.shape[0]):
         tensors[f"blk.{li}.frequency"] = profile.frequency[li]
         tensors[f"blk.{li}.mean_magnitude"] = profile.mean_magnitude[li]
         tensors[f"blk.{li}.histogram"] = profile.histogram[li]
-    write_side_file(path, ARCH, {"sparserun.profile.model_fingerprint": profile.fingerprint,
-                                 "sparserun.profile.tokens": int(profile.tokens),
-                                 "sparserun.profile.activation": profile.activation}, tensors)
+    PROFILE.write(path, profile.fingerprint, {"tokens": int(profile.tokens), "activation": profile.activation},
+                  tensors)
 
 
 def load_profile(path, model=None):
     """Read a profile; with `model`, refuse one made for another model. Errors are one line."""
-    if not os.path.exists(path):
-        raise SparserunError(f"{path}: no such profile file")
-    try:
-        meta, t = read_side_file(path, ARCH)
+    def build(v, t):
         n_layer = len(t["thresholds"])
-        p = Profile(str(meta["sparserun.profile.model_fingerprint"]), int(meta["sparserun.profile.tokens"]),
-                    str(meta["sparserun.profile.activation"]),
-                    np.stack([t[f"blk.{i}.frequency"] for i in range(n_layer)]),
-                    np.stack([t[f"blk.{i}.mean_magnitude"] for i in range(n_layer)]),
-                    np.stack([t[f"blk.{i}.histogram"] for i in range(n_layer)]).astype(np.int64),
-                    t["thresholds"], t["hist_edges"])
-    except Exception as e:
-        raise SparserunError(f"{path}: not a valid sparserun profile ({type(e).__name__}: {str(e)[:100]})") from None
-    if model is not None and p.fingerprint != model.gguf.fingerprint():
-        raise SparserunError(f"{path}: this profile was made for another model (fingerprint {p.fingerprint[:12]}..., "
-                             f"{model.path} is {model.gguf.fingerprint()[:12]}...)")
-    return p
+        layers = lambda key: np.stack([t[f"blk.{i}.{key}"] for i in range(n_layer)])  # noqa: E731
+        return int(v["tokens"]), str(v["activation"]), layers("frequency"), layers("mean_magnitude"), \
+            layers("histogram").astype(np.int64), t["thresholds"], t["hist_edges"]
+
+    fields, fingerprint = PROFILE.read(path, build, model)
+    return Profile(fingerprint, *fields)
 
 
 def format_summary(profile):
@@ -174,12 +156,3 @@ def plot_profile(profile, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def stderr_progress(done, total, tps):
-    width = 30
-    filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tokens, {tps:.0f} tok/s")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()

@@ -47,18 +47,13 @@ def row_subset(w, ids):
 class SparseFFN:
     def __init__(self, model, policy, predictor=None, cpu_neurons=None):
         a = model.args
-        if policy.kind == "predictor" and predictor is None:  # --sparsity predictor[:FILE]
-            from .predictor_policy import load_policy
-
-            predictor = load_policy(model, policy.values[0] if policy.values else None)
+        if predictor is None:  # --sparsity predictor[:FILE]; None for the policies that select by activation
+            predictor = policy.predictor(model)
         self.model, self.policy, self.predictor = model, policy, predictor
         self.n_ff, self.act_id = a.n_ff, model.act_id
-        if policy.kind == "topk":
-            self.k = policy.topk_counts(a.n_layer, a.n_ff)
-        elif policy.kind == "threshold":
-            self.t = np.array(policy.per_layer(a.n_layer), np.float32)
-        # decode tokens of a threshold policy go straight to the fused kernel (_selected)
-        self.fused = policy.kind == "threshold" and predictor is None
+        self.param = policy.layer_params(a.n_layer, a.n_ff)  # per layer: what policy.select needs
+        # decode tokens of a policy that allows it go straight to the fused kernel (_selected)
+        self.fused = policy.fused_decode and predictor is None
         self.cache_dir = os.path.join(cache_root(), model.gguf.fingerprint()[:32])
         # predictor policies gather the gate too, so their packs hold it; CATS computes it densely
         self.pack = [NeuronPack(L.w_gate if predictor is not None else None, L.w_up, L.w_down, self.cache_dir, i)
@@ -88,7 +83,7 @@ class SparseFFN:
         self.up_gate = [Matmuls([u] + ([g] if g is not None else [])) for u, g in zip(self.up_w, self.gate_w)]
         if self.fused:  # select_pack_ffn's per-layer arguments: selection rows (gate, or up when not gated)
             self.sel = [P.selected_args(g if g is not None else u, gid, t, self.act_id, g is not None)
-                        for P, g, u, gid, t in zip(self.pack, self.gate_w, self.up_w, self.gid, self.t)]
+                        for P, g, u, gid, t in zip(self.pack, self.gate_w, self.up_w, self.gid, self.param)]
 
     def reset_stats(self):
         self.kept[:] = 0
@@ -96,11 +91,6 @@ class SparseFFN:
 
     def kept_fraction(self):
         return self.kept / np.maximum(self.tokens, 1)
-
-    def _select(self, li, a, idx):
-        if self.policy.kind == "topk":
-            return S.select_topk(a, self.k[li], idx)
-        return S.select_threshold(a, self.t[li], idx)
 
     def _act(self, x):
         out = np.empty_like(x)
@@ -136,7 +126,7 @@ class SparseFFN:
             mode = S.GATED_DOTS if L.w_gate is not None else S.ACT_OF_DOT
         else:
             a = self._act((self.gate_w[li] if L.w_gate is not None else self.up_w[li]).matmul(acts))[0]  # (n_own,)
-            n = self._select(li, a, idx)
+            n = self.policy.select(a, self.param[li], idx)
             if n > DENSE_ABOVE * self.n_ff:
                 up = self.up_w[li].matmul(acts)[0] if L.w_gate is not None else None
                 return self._dense_rest(li, L, acts, a, idx[:n], up)
@@ -185,16 +175,15 @@ class SparseFFN:
         u, *g = self.up_gate[li](acts)  # (T, n_own) each
         g = g[0] if g else u[:0]
         h = np.empty_like(u)  # (T, n_own)
-        if predicted is None and not self.policy.is_dense:  # activation and mask in one pass
+        mask = self.policy.mask_args(self.param[li]) if predicted is None else None
+        if mask is not None:  # activation and mask in one pass
             counts = np.empty(h.shape[0], np.int64)
-            topk = self.policy.kind == "topk"
-            S.activate_masked(g, u, self.act_id, self.k[li] if topk else 0, np.float32(0 if topk else self.t[li]), h,
-                              counts)
+            S.activate_masked(g, u, self.act_id, *mask, h, counts)
             for n in counts:
                 self._count(li, int(n))
             return L.w_down.matmul(Acts(self._scatter(li, h)))
         ops.ffn_activate(g, u, self.act_id, h)
-        if predicted is None and self.policy.is_dense:
+        if predicted is None:  # a policy that keeps every neuron
             for _ in range(h.shape[0]):
                 self._count(li, h.shape[1])
         else:  # predicted neuron sets

@@ -6,33 +6,39 @@
     threshold:T                neurons with |activation| > T; one value, one per layer, or a
                                file: threshold:thresholds.json ({"thresholds": [t0, t1, ...]})
     predictor[:FILE]           neurons an activation predictor (sparserun train-predictors) calls
-                               active; FILE defaults to <model>.predictors.gguf beside the model
+                               active; FILE defaults to <model>.gguf.predictors.gguf beside the model
 
 For SwiGLU models activations are act(gate) (CATS: gate computed densely, then up and down for the
-kept neurons only); ReLU-family models also skip their natural zeros in every sparse mode.
-A policy can instead be handed a predicted neuron set per layer (the predictor policy, predictor_policy.py):
-then gate, up and down are all computed for those neurons alone.
+kept neurons only); ReLU-family models also skip their natural zeros in every sparse mode. A predictor
+policy hands the FFN a predicted neuron set per layer instead: then gate, up and down are all computed
+for those neurons alone.
+
+Each policy is a class that owns its selection: the sparse FFN (sparse_ffn.py) and the hybrid (hybrid.py)
+ask it, never test which policy it is. A new policy is a subclass registered in POLICIES.
 """
 import json
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import SparserunError
+from .kernels import sparse as S
 
-KINDS = ("dense", "topk", "threshold", "predictor")
 
+class Policy:
+    """The dense policy, and the interface of every policy. `values`: the spec's numbers, one or one per layer."""
 
-@dataclass
-class SparsityPolicy:
-    kind: str = "dense"
-    values: tuple = ()  # per layer: k (int count or float fraction) for topk, threshold for threshold
-    spec: str = "dense"
+    name = "dense"
+    is_dense = True  # computes every neuron: the model runs without a sparse FFN
+    fused_decode = False  # decode tokens may run selection and pack in one kernel (select_pack_ffn)
+    gate_dense = True  # the gate rows are read densely to select (placement counts them as always read)
 
-    @property
-    def is_dense(self):
-        return self.kind == "dense"
+    def __init__(self, values=(), spec=None):
+        self.values = tuple(values)
+        self.spec = spec or self.name
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.spec!r})"
 
     def per_layer(self, n_layer):
         if len(self.values) == 1:
@@ -42,9 +48,83 @@ class SparsityPolicy:
                                  "(give one value, or one per layer)")
         return list(self.values)
 
-    def topk_counts(self, n_layer, n_ff):
-        """k per layer as a neuron count."""
+    def layer_params(self, n_layer, n_ff):
+        """What select() needs per layer (a count, a threshold), resolved once for a model's shape."""
+        return [None] * n_layer
+
+    def select(self, a, param, idx):
+        """Kept neuron ids of one token's activations a (n,) into idx; returns how many."""
+        idx[:len(a)] = np.arange(len(a))
+        return len(a)
+
+    def mask_args(self, param):
+        """(k, t) for kernels.sparse.activate_masked (a prompt batch's selection), or None: keep every neuron."""
+        return None
+
+    def device_threshold(self, param):
+        """The keep rule of the GPU's share of a layer (hybrid.py): |a| > t, -1 keeps every neuron."""
+        return -1.0
+
+    def predictor(self, model):
+        """A callable (layer, x (T, dim)) -> list of T id arrays when the policy predicts its neuron sets."""
+        return None
+
+
+class TopK(Policy):
+    name, is_dense = "topk", False
+
+    def check(self):
+        for v in self.values:
+            if v <= 0 or (isinstance(v, float) and v > 1.0):
+                raise SparserunError(f"--sparsity {self.spec}: k must be a count >= 1 or a fraction in (0, 1], got {v}")
+
+    def layer_params(self, n_layer, n_ff):
         return [max(1, min(n_ff, int(round(v * n_ff)) if isinstance(v, float) else v)) for v in self.per_layer(n_layer)]
+
+    def select(self, a, k, idx):
+        return S.select_topk(a, k, idx)
+
+    def mask_args(self, k):
+        return k, np.float32(0.0)
+
+    def device_threshold(self, k):
+        raise SparserunError("--sparsity topk ranks all of a layer's neurons together, so it cannot be split "
+                             "between CPU and GPU: use threshold:... or predictor with --device cuda")
+
+
+class Threshold(Policy):
+    name, is_dense, fused_decode = "threshold", False, True
+
+    def check(self):
+        for v in self.values:
+            if v < 0 or not np.isfinite(v):
+                raise SparserunError(f"--sparsity {self.spec}: thresholds must be finite and >= 0, got {v}")
+
+    def layer_params(self, n_layer, n_ff):
+        return [np.float32(t) for t in self.per_layer(n_layer)]
+
+    def select(self, a, t, idx):
+        return S.select_threshold(a, t, idx)
+
+    def mask_args(self, t):
+        return 0, np.float32(t)
+
+    def device_threshold(self, t):
+        return float(t)
+
+
+class Predicted(Policy):
+    """Neuron sets from trained predictors (predictor.py); values: (FILE,) or ()."""
+
+    name, is_dense, gate_dense = "predictor", False, False
+
+    def predictor(self, model):
+        from .predictor import load_predictor
+
+        return load_predictor(model, self.values[0] if self.values else None)
+
+
+POLICIES = {p.name: p for p in (Policy, TopK, Threshold, Predicted)}
 
 
 def _number(text, spec):
@@ -55,33 +135,31 @@ def _number(text, spec):
 
 
 def parse_sparsity(spec):
-    """A SparsityPolicy from a spec string (see the module doc); a clear error for anything else."""
-    if isinstance(spec, SparsityPolicy):
+    """A Policy from a spec string (see the module doc); a clear error for anything else."""
+    if isinstance(spec, Policy):
         return spec
     spec = (spec or "dense").strip()
-    kind, _, arg = spec.partition(":")
-    kind = kind.lower()
-    if kind not in KINDS:
-        raise SparserunError(f"--sparsity {spec}: unknown policy {kind!r} (choose from dense, topk:K, threshold:T|FILE, "
-                             "predictor[:FILE])")
-    if kind == "dense":
+    name, _, arg = spec.partition(":")
+    cls = POLICIES.get(name.lower())
+    if cls is None:
+        raise SparserunError(f"--sparsity {spec}: unknown policy {name.lower()!r} (choose from dense, topk:K, "
+                             "threshold:T|FILE, predictor[:FILE])")
+    if cls is Policy:
         if arg:
             raise SparserunError(f"--sparsity {spec}: dense takes no value")
-        return SparsityPolicy("dense", (), spec)
-    if kind == "predictor":
-        return SparsityPolicy("predictor", (arg,) if arg else (), spec)
+        return Policy(spec=spec)
+    if cls is Predicted:
+        return Predicted((arg,) if arg else (), spec)
     if not arg:
-        raise SparserunError(f"--sparsity {spec}: {kind} needs a value, e.g. {kind}:{'0.1' if kind == 'topk' else '0.05'}")
-    if kind == "threshold" and not _looks_numeric(arg):
+        raise SparserunError(f"--sparsity {spec}: {cls.name} needs a value, e.g. "
+                             f"{cls.name}:{'0.1' if cls is TopK else '0.05'}")
+    if cls is Threshold and not _looks_numeric(arg):
         values = tuple(load_thresholds(arg))
     else:
         values = tuple(_number(x, spec) for x in arg.split(","))
-    for v in values:
-        if kind == "topk" and (v <= 0 or (isinstance(v, float) and v > 1.0)):
-            raise SparserunError(f"--sparsity {spec}: k must be a count >= 1 or a fraction in (0, 1], got {v}")
-        if kind == "threshold" and (v < 0 or not np.isfinite(v)):
-            raise SparserunError(f"--sparsity {spec}: thresholds must be finite and >= 0, got {v}")
-    return SparsityPolicy(kind, values, spec)
+    policy = cls(values, spec)
+    policy.check()
+    return policy
 
 
 def _looks_numeric(arg):

@@ -52,9 +52,9 @@ def test_train_save_load_and_run_on_a_relu_model(make_model, tmp_path):
         np.testing.assert_array_equal(a.w2, b.w2)
         assert a.threshold == b.threshold
     # the runtime numba evaluation agrees with the numpy predictor
-    from sparserun.predictor_policy import PredictorPolicy
+    from sparserun.predictor import Predictor
 
-    pol = PredictorPolicy(back)
+    pol = Predictor(back)
     x = np.random.default_rng(1).standard_normal((3, m.args.dim)).astype(np.float32)
     for li, layer in enumerate(back.layers):
         want = [np.flatnonzero(row) for row in layer.predict(x)]
@@ -82,9 +82,9 @@ def test_predictor_file_refusals(stories, make_model, tmp_path):
         load_predictors(f, other)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(f.read_bytes()[:300])
-    with pytest.raises(SparserunError, match="not a valid predictor file"):
+    with pytest.raises(SparserunError, match="not a valid sparserun predictor file"):
         load_predictors(bad)
-    with pytest.raises(SparserunError, match="not a valid predictor file"):
+    with pytest.raises(SparserunError, match="not a valid sparserun predictor file"):
         load_predictors(stories)
     with pytest.raises(SparserunError, match="no such predictor file"):
         sparserun.load(stories, sparsity="predictor")  # default path beside the model: none there

@@ -7,7 +7,7 @@ from sparserun.errors import SparserunError
 from sparserun.kernels import ops
 from sparserun.kernels import quant as K
 from sparserun.kernels import sparse as S
-from sparserun.sparsity import parse_sparsity, save_thresholds
+from sparserun.sparsity import POLICIES, parse_sparsity, save_thresholds
 
 
 @pytest.fixture(autouse=True)
@@ -175,7 +175,7 @@ def test_int8_coefficient_axpy_equals_its_rounding(cnt):
                                               ("threshold:0.1,0.2", "threshold", (0.1, 0.2))])
 def test_parse_sparsity(spec, kind, values):
     p = parse_sparsity(spec)
-    assert p.kind == kind and p.values == values
+    assert p.name == kind and p.values == values and type(p) is POLICIES[kind]
 
 
 @pytest.mark.parametrize("spec,words", [("sparse", "unknown policy"), ("topk", "needs a value"), ("topk:0", "k must be"),

@@ -1,7 +1,8 @@
-"""numba kernels: quant (weight types, matmuls), ops (norm, rope, attention, activations), simd (LLVM IR).
+"""numba kernels: quant (weight types, matmuls), dequant (the other types' rows), ops (norm, rope, attention,
+activations), sparse (the sparse FFN), templates (kernels stamped out per layout), simd/ (LLVM IR, by family).
 
 numba's on-disk cache is invalidated only when the file defining a jitted function changes, not when
-a function or intrinsic it calls from another file does (an edit to simd.py would leave quant.py's
+a function or intrinsic it calls from another file does (an edit to simd/legacy.py would leave quant.py's
 kernels running stale machine code). So a hash of all kernel sources is stamped beside the cache,
 and a mismatch clears this package's cached kernels before any of them is imported. The hash also covers
 whether the VNNI intrinsics are real or traps (simd.HAS_X86_VNNI, which SPARSERUN_NO_VNNI=1 turns off):
@@ -12,7 +13,9 @@ import hashlib
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = tuple(sorted(f for f in os.listdir(HERE) if f.endswith(".py") and f != "__init__.py"))  # every kernel module
+# every kernel module, as paths relative to HERE (simd/ included)
+SOURCES = tuple(sorted(os.path.relpath(f, HERE) for f in glob.glob(os.path.join(HERE, "**", "*.py"), recursive=True)
+                       if f != os.path.join(HERE, "__init__.py")))
 STAMP = "sparserun-kernels.sha256"
 
 
@@ -22,8 +25,9 @@ def cache_dirs():
 
 
 def _cache_files(d):
-    return [f for m in SOURCES for ext in ("nbi", "nbc")
-            for f in glob.glob(os.path.join(d, "**", f"{m[:-3]}.*.{ext}"), recursive=True)]
+    stems = {os.path.basename(m)[:-3] for m in SOURCES}
+    return [f for m in stems for ext in ("nbi", "nbc")
+            for f in glob.glob(os.path.join(d, "**", f"{m}.*.{ext}"), recursive=True)]
 
 
 def sources_digest(here=HERE):

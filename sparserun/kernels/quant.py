@@ -4,11 +4,12 @@ Weights stay in the GGUF file's own block layout, read in place from the memory 
 stays near the file size). Every kernel addresses a tensor as (raw uint8 bytes, row_bytes): row r
 starts at byte r * row_bytes. Shapes and offsets are validated in Python before these run.
 
-Two matmul paths:
-- Q4_0 / Q8_0: activations are rounded to int8 per 32-block (as llama.cpp does) and each block dot is an
-  integer SIMD intrinsic (kernels.simd); this is the fast path the benchmarks measure.
-- Every other type: a row is dequantized into a float32 scratch row (L1-resident), then dotted with
-  each activation row; F32 rows are dotted in place. Correct for all types, slower for K-quants.
+Two matmul routes:
+- Integer dots: activations are rounded to int8 per 32-block (Q8_K per 256 for the K-quants, as llama.cpp does)
+  and each block dot is an integer SIMD intrinsic (kernels.simd): Q4_0 (repacked at load), Q5_0, Q8_0 on every
+  CPU; Q4_K, Q5_K, Q6_K where AVX512-VNNI exists.
+- Every other type (and the K-quants without VNNI): a row is dequantized into a float32 scratch row (L1-resident),
+  then dotted with each activation row; F32 rows are dotted in place.
 """
 import numpy as np
 from numba import njit, prange

@@ -421,8 +421,9 @@ def _ids_above(z, t, idx):
 
 @njit(parallel=True, cache=True, fastmath=True)
 def predict_active_i8(x, q1, s1, b1, q2, s2, b2, t, idx):
-    """predict_active with int8 weights and a float32 scale per output row (q1 (r, dim), q2 (n_ff, r)): a
-    quarter of the bytes per token; the flat int8 -> float loops vectorize."""
+    """Neurons a low-rank predictor calls active for one token: z = W2 relu(W1 x + b1) + b2, kept where z > t;
+    idx receives the ids, the count is returned. x (dim,); W1, W2 as int8 with a float32 scale per output row,
+    q1 (r, dim), q2 (n_ff, r) row-per-output: a quarter of float32's bytes; the int8 -> float loops vectorize."""
     r, n_ff = q1.shape[0], q2.shape[0]
     h = np.empty(r, np.float32)
     for k in prange(r):
@@ -436,24 +437,4 @@ def predict_active_i8(x, q1, s1, b1, q2, s2, b2, t, idx):
         for k in range(r):
             acc += np.float32(q2[j, k]) * h[k]
         z[j] = acc * s2[j] + b2[j]
-    return _ids_above(z, t, idx)
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def predict_active(x, w1t, b1, w2t, b2, t, idx):
-    """Neurons a low-rank predictor calls active for one token: z = W2 relu(W1 x + b1) + b2, kept where
-    z > t. x (dim,), w1t (r, dim), w2t (n_ff, r) row-per-output; idx receives the ids; returns the count."""
-    r, n_ff = w1t.shape[0], w2t.shape[0]
-    h = np.empty(r, np.float32)
-    for k in prange(r):
-        acc = b1[k]
-        for i in range(x.shape[0]):
-            acc += w1t[k, i] * x[i]
-        h[k] = max(acc, np.float32(0.0))
-    z = np.empty(n_ff, np.float32)
-    for j in prange(n_ff):
-        acc = b2[j]
-        for k in range(r):
-            acc += w2t[j, k] * h[k]
-        z[j] = acc
     return _ids_above(z, t, idx)

@@ -1,4 +1,4 @@
-"""Run-time side of the predictor policy (`--sparsity predictor[:FILE]`): evaluates each layer's
+"""Run-time side of the predictor policy (`--sparsity predictor[:FILE]`, sparsity.Predicted): evaluates each layer's
 low-rank predictor on the FFN input with a numba kernel and hands the predicted neuron ids to the
 sparse FFN, which then computes gate, up and down for those neurons alone. Its own time is summed in
 `seconds` so its cost per token can be reported."""
@@ -7,15 +7,10 @@ import time
 import numpy as np
 
 from .kernels import sparse as S
+from .side_files import PREDICTORS
 
 
-def default_path(model_path):
-    """Where `--sparsity predictor` (no file) looks: model.gguf -> model.predictors.gguf."""
-    base = str(model_path)
-    return (base[:-5] if base.endswith(".gguf") else base) + ".predictors.gguf"
-
-
-class PredictorPolicy:
+class Predictor:
     """Weights held as int8 with a float32 scale per output row (predictors.lowrank.round_to_int8: files
     written by train-predictors are already on that grid, so this is exact for them)."""
 
@@ -42,7 +37,8 @@ class PredictorPolicy:
         return out
 
 
-def load_policy(model, path=None):
+def load_predictor(model, path=None):
+    """The predictor of FILE, or of the model's default predictor file (side_files.PREDICTORS)."""
     from predictors.format import load_predictors
 
-    return PredictorPolicy(load_predictors(path or default_path(model.path), model))
+    return Predictor(load_predictors(path or PREDICTORS.default_path(model.path), model))

@@ -1,0 +1,21 @@
+"""LLVM vector-IR intrinsics for the block dot products numba will not vectorize on its own, one module per family:
+
+    ir          the frame: pointers, loads, fp16, horizontal sums, prefetch, the VNNI intrinsic frames
+    legacy      Q4_0 / Q4_0R, Q5_0, Q8_0 and float32 row dots (generic and VNNI), token tiles for prompts
+    kquants     Q4_K, Q5_K, Q6_K VNNI row dots and token tiles
+    axpy        the sparse FFN's down-column accumulations and fused gate/up dots
+    attention   key-block scores and value-row sums
+
+numba's loops over quantized blocks (a scale per 32 weights, nibbles to split) stay scalar; these emit the
+vector code directly. A new weight type's dots go in its family's module and are named here.
+"""
+from .ir import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, f32_from_bits, half_bits, load_bf16, load_f16, load_f32, prefetch,
+    round_f16)  # noqa: F401
+from .legacy import (dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0,
+    dot_row_q5_0_vnni, dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q5_0_vnni,
+    dot_tokens_q8_0_vnni)  # noqa: F401
+from .kquants import (dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_tokens_q4_k_vnni,
+    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni)  # noqa: F401
+from .axpy import (AXPY_Q4_COLUMNS, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, coefs_q4_vnni,
+    dot_gate_up_q4_0r_vnni)  # noqa: F401
+from .attention import (ATTENTION_HEADS, KEY_BLOCK, key_block_dots, value_rows_sum)  # noqa: F401

@@ -1,0 +1,240 @@
+"""The sparse FFN's intrinsics: down columns of kept neurons accumulated into the output (axpy over neuron units,
+Q4 / int8 / float32 and the Q4_0 VNNI form with its coefficients), and a neuron's gate and up rows dotted in
+one pass (dot_gate_up_q4_0r_vnni, the interleaved rows of ffn_pack).
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from .ir import (Q4_0R_GROUP, _half_splat, _i32, _i8, _prefetch_line, _ptr, _splat, _splat_f, _vload, _vnni_dot_setup,
+    _vnni_or_trap)
+from .legacy import (_q4_0r_dots)
+
+def _i8x32_floats(builder, qp):
+    """32 int8 at qp as <32 x float>."""
+    return builder.sitofp(_vload(builder, qp, 32), ir.VectorType(ir.FloatType(), 32))
+
+
+def _q4x32_floats(builder, qp):
+    """32 4-bit values in 16 bytes at qp (value j in the low nibble of byte j, j+16 in its high
+    nibble, offset by 8, as Q4_0) as <32 x float>. The bytes are widened to int32 lanes first and split
+    there (no byte shuffles: 7% faster axpy than splitting the bytes, A/B in one process)."""
+    w = builder.zext(_vload(builder, qp, 16), ir.VectorType(_i32, 16))
+    lo = builder.sub(builder.and_(w, _splat(16, 15, _i32)), _splat(16, 8, _i32))
+    hi = builder.sub(builder.lshr(w, _splat(16, 4, _i32)), _splat(16, 8, _i32))
+    both = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
+    return builder.sitofp(both, ir.VectorType(ir.FloatType(), 32))
+
+
+def _f32x32(builder, qp):
+    """32 float32 at qp."""
+    return builder.load(builder.bitcast(qp, ir.VectorType(ir.FloatType(), 32).as_pointer()), align=1)
+
+
+def _axpy_units_intrinsic(block_bytes, block_floats, scaled):
+    @intrinsic
+    def axpy_units(typingctx, acc, u, offs, h, cnt, nb):
+        sig = types.void(acc, u, offs, h, cnt, nb)
+
+        def codegen(context, builder, signature, args):
+            acc_a, u_a, o_a, h_a, cnt_v, nb_v = args
+            i64, f32 = ir.IntType(64), ir.FloatType()
+            v32f = ir.VectorType(f32, 32)
+            arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+            A, U, O, H = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(3, h_a)
+            accp = builder.bitcast(A.data, v32f.as_pointer())
+            ub = builder.bitcast(U.data, _i8.as_pointer())
+            cnt = builder.sext(cnt_v, i64) if cnt_v.type.width < 64 else cnt_v
+            nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+            scales = builder.mul(nb, ir.Constant(i64, block_bytes))  # the fp16 scales follow the quants
+            with cgutils.for_range(builder, nb) as blk:
+                b = blk.index
+                ap = builder.gep(accp, [b])
+                total = cgutils.alloca_once_value(builder, builder.load(ap, align=4))
+                with cgutils.for_range(builder, cnt) as grp:
+                    g = grp.index
+                    base = builder.gep(ub, [builder.load(builder.gep(O.data, [g]))])
+                    f = _splat_f(builder, builder.load(builder.gep(H.data, [g])), 32)
+                    if scaled:  # a splat of the fp16 scale (_half_splat: no false dependency)
+                        sp = builder.gep(base, [builder.add(scales, builder.mul(b, ir.Constant(i64, 2)))])
+                        f = builder.fmul(f, _half_splat(builder, sp, 32))
+                    qv = block_floats(builder, builder.gep(base, [builder.mul(b, ir.Constant(i64, block_bytes))]))
+                    builder.store(builder.fadd(builder.load(total), builder.fmul(qv, f)), total)
+                builder.store(builder.load(total), ap, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return axpy_units
+
+
+_AXPY_DOC = """acc[:] += sum_{{g < cnt}} h[g] * column(offs[g]) over nb blocks of 32 values: a group of kept neurons'
+down columns, each {kind} at byte offset offs[g] of u{scales}, added to acc (32 nb,) float32. Each 32-value
+slice of acc is loaded and stored once per group rather than once per neuron."""
+_SCALES = " (nb blocks of quants, then nb fp16 scales)"
+axpy_units_q4 = _axpy_units_intrinsic(16, _q4x32_floats, True)
+axpy_units_q4.__doc__ = _AXPY_DOC.format(kind="4-bit (Q4_0 nibble order, offset 8)", scales=_SCALES)
+axpy_units_i8 = _axpy_units_intrinsic(32, _i8x32_floats, True)
+axpy_units_i8.__doc__ = _AXPY_DOC.format(kind="int8", scales=_SCALES)
+axpy_units_f32 = _axpy_units_intrinsic(128, _f32x32, False)
+axpy_units_f32.__doc__ = _AXPY_DOC.format(kind="float32", scales="")
+
+
+@intrinsic
+def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, xt, xoff, xd, xs, xdoff, pf, pf_lines):
+    """(gate . x, up . x) for a neuron's gate and up rows, repacked Q4_0 (quant.repack_q4_0) and interleaved from
+    byte off of w: each whole group of Q4_0R_GROUP blocks of the gate (144 bytes), then the up row's same group;
+    then the gate's shorter last group, if any, and the up row's (ffn_pack.interleave_rows). One block loop
+    over one stream of bytes: each block's activations (xt[xoff:], block scales and offset terms from xdoff, as
+    dot_row_q4_0r_vnni reads them) are loaded once for both rows, and the rows' independent chains interleave. Each result is bit-identical to
+    dot_row_q4_0r_vnni of that row.
+    Where pf >= 0, whole group g also prefetches pf_lines cache lines of w from byte pf + 64 pf_lines g:
+    pack_ffn's prefetch of a later unit, issued at the pace of the compute (see sparse.PREFETCH_AHEAD)."""
+    sig = types.UniTuple(types.float32, 2)(w, off, nb, xt, xoff, xd, xs, xdoff, pf, pf_lines)
+
+    def codegen(context, builder, signature, args):
+        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args[:8], per_block=1)
+        gb = 18 * Q4_0R_GROUP
+        i64 = ir.IntType(64)
+        c = lambda v: ir.Constant(i64, v)
+        w0 = _ptr(context, builder, signature.args[0], args[0], c(0))
+        pf, k = [builder.sext(v, i64) if v.type.width < 64 else v for v in args[8:10]]
+
+        def each_group(g):
+            with builder.if_then(builder.icmp_signed(">=", pf, c(0))):
+                at = builder.gep(w0, [builder.add(pf, builder.mul(builder.mul(g, k), c(64)))])
+                with cgutils.for_range(builder, k) as line:
+                    _prefetch_line(builder, builder.gep(at, [builder.mul(line.index, c(64))]))
+
+        tail = lambda groups, m: [builder.gep(wp, [builder.mul(groups, c(2 * gb))]),
+                                  builder.gep(wp, [builder.add(builder.mul(groups, c(2 * gb)), builder.mul(m, c(18)))])]
+        dots = [d[0] for d in _q4_0r_dots(builder, [wp, builder.gep(wp, [c(gb)])], args[2], [xp], [xdp], [xbp], dp,
+                                          2 * gb, tail, each_group)]
+        return context.make_tuple(builder, signature.return_type, dots)
+
+    return sig, _vnni_or_trap(codegen)
+
+
+AXPY_Q4_COLUMNS = 8  # down columns axpy_q4_vnni adds per call: two vpdpbusd per half block into one int32 sum
+
+
+@intrinsic
+def coefs_q4_vnni(typingctx, u, offs, h, nb, qbytes, cw, cz, cs):
+    """axpy_q4_vnni's int8 coefficients for AXPY_Q4_COLUMNS down columns at u[offs[g]:] (nb blocks of 16 quant
+    bytes, then nb fp16 scales from byte qbytes): c_g = h[g] * scale(g, b), cs[b] = max_g
+    |c_g| / 127, q_g = rint(c_g * 127 / max) (0 where the max is 0), cw[k nb + b] = q_4k..q_4k+3 as bytes of one
+    int32, cz[b] = -8 * sum_g q_g; 16 blocks a vector, then the rest one at a time. Plain vector IR (no x86
+    instruction): numba left the scalar loop over blocks unvectorized, 8.6 ns a neuron for four columns and 15.6
+    for eight, against 7.2 here (from L2, separate runs; the max as a tree of selects: 12.8 with llvm.maxnum in
+    a chain)."""
+    sig = types.void(u, offs, h, nb, qbytes, cw, cz, cs)
+    G = AXPY_Q4_COLUMNS
+
+    def codegen(context, builder, signature, args):
+        u_a, o_a, h_a, nb_v, qb_v, cw_a, cz_a, cs_a = args
+        i64, f32, f16 = ir.IntType(64), ir.FloatType(), ir.HalfType()
+        c = lambda v: ir.Constant(i64, v)
+        arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+        O, H, CW, CZ, CS = arr(1, o_a), arr(2, h_a), arr(5, cw_a), arr(6, cz_a), arr(7, cs_a)
+        ub = builder.bitcast(arr(0, u_a).data, _i8.as_pointer())
+        nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+        qb = builder.sext(qb_v, i64) if qb_v.type.width < 64 else qb_v
+        sp = [builder.bitcast(builder.gep(ub, [builder.add(builder.load(builder.gep(O.data, [c(g)])), qb)]), f16.as_pointer())
+              for g in range(G)]
+        hs = [builder.load(builder.gep(H.data, [c(g)])) for g in range(G)]
+
+        def blocks(b, W):  # blocks b .. b + W - 1
+            vf, vi = ir.VectorType(f32, W), ir.VectorType(_i32, W)
+            fn = lambda name, ty: cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty]), f"llvm.{name}.v{W}f32")
+            vec = lambda p, ty: builder.bitcast(builder.gep(p, [b]), ty.as_pointer())
+            cg = [builder.fmul(builder.fpext(builder.load(vec(sp[g], ir.VectorType(f16, W)), align=1), vf),
+                               _splat_f(builder, hs[g], W)) for g in range(G)]
+            m = [builder.call(fn("fabs", vf), [x]) for x in cg]
+            while len(m) > 1:  # a tree of plain compares and selects (vmaxps; maxnum's NaN rules cost 3 instructions)
+                m = [builder.select(builder.fcmp_ordered(">", a, b), a, b) for a, b in zip(m[0::2], m[1::2])]
+            m = m[0]
+            zero = ir.Constant(vf, [0.0] * W)
+            pos = builder.fcmp_ordered(">", m, zero)
+            inv = builder.select(pos, builder.fdiv(ir.Constant(vf, [127.0] * W), builder.select(pos, m, ir.Constant(vf, [1.0] * W))), zero)
+            q = [builder.fptosi(builder.call(fn("rint", vf), [builder.fmul(x, inv)]), vi) for x in cg]
+            total = q[0]
+            for g in range(1, G):
+                total = builder.add(total, q[g])
+            builder.store(builder.mul(total, _splat(W, -8, _i32)), vec(CZ.data, vi), align=4)
+            builder.store(builder.fmul(m, ir.Constant(vf, [1.0 / 127.0] * W)), vec(CS.data, vf), align=4)
+            for k in range(G // 4):
+                w = builder.and_(q[4 * k], _splat(W, 255, _i32))
+                for j in range(1, 4):
+                    w = builder.or_(w, builder.shl(builder.and_(q[4 * k + j], _splat(W, 255, _i32)), _splat(W, 8 * j, _i32)))
+                at = builder.add(builder.mul(nb, c(k)), b)
+                builder.store(w, builder.bitcast(builder.gep(CW.data, [at]), vi.as_pointer()), align=4)
+
+        full = builder.udiv(nb, c(16))
+        with cgutils.for_range(builder, full) as loop:
+            blocks(builder.mul(loop.index, c(16)), 16)
+        with cgutils.for_range_slice(builder, builder.mul(full, c(16)), nb, c(1)) as (b, _):
+            blocks(b, 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def axpy_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
+    """axpy_units_q4 for 8 neurons at once through vpdpbusd (x86 AVX512-VNNI only, see the module note):
+    acc[32b : 32b+32] += cs[b] * sum_g cq[g, b] * (nibbles of column g, block b), where the int8 cq[g, b] (h_g
+    times the column's block scale, rounded with one scale cs[b] per block: see sparse._coefs_i8) are packed
+    four to an int32, columns 4k..4k+3 in cw[k nb + b], and cz[b] = -8 * sum_g cq[g, b] takes Q4_0's nibble
+    offset back out. Per block and four columns, their 16 bytes are transposed into one 64-byte register (byte
+    4k+g = column g's byte k: vpermb) so each int32 lane holds one output's 4 weights; the nibbles are split,
+    and the two quads' vpdpbusd sum into one int32 lane per output, converted and added with one FMA per 16
+    outputs. From L2, 29-33 against 38.5 ns a neuron for the 4-column form (whose per-quad convert, multiply and
+    acc load/store this halves); the float axpy took 2.5x the 4-column form. The rounding adds at most 1/254 of
+    the group's largest term to each output per block.
+    pf (8,) int64: block b also prefetches two of u's cache lines, v = 2b and 2b + 1 at byte pf[v % 8] + 64
+    (v // 8), none where pf[v % 8] < 0: pack_ffn's prefetch of later units' last lines, at the pace of the
+    compute (nb / 4 lines of each unit per call)."""
+    sig = types.void(acc, u, offs, cw, cz, cs, nb, pf)
+    G, Q = AXPY_Q4_COLUMNS, AXPY_Q4_COLUMNS // 4
+
+    def codegen(context, builder, signature, args):
+        acc_a, u_a, o_a, cw_a, cz_a, cs_a, nb_v, pf_a = args
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        c = lambda v: ir.Constant(i64, v)
+        v16f, v16i = ir.VectorType(f32, 16), ir.VectorType(_i32, 16)
+        arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+        A, U, O, CW, CZ, CS = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(3, cw_a), arr(4, cz_a), arr(5, cs_a)
+        PF = arr(7, pf_a)
+        accp = builder.bitcast(A.data, v16f.as_pointer())
+        ub = builder.bitcast(U.data, _i8.as_pointer())
+        nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+        cols = [builder.gep(ub, [builder.load(builder.gep(O.data, [c(g)]))]) for g in range(G)]
+        transpose = ir.Constant(ir.VectorType(_i32, 64), [16 * (j % 4) + j // 4 for j in range(64)])
+        cat = lambda a, b: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, 2 * a.type.count),
+                                                                    list(range(2 * a.type.count))))
+        with cgutils.for_range(builder, nb) as blk:
+            b = blk.index
+            for k in range(Q):
+                v = builder.add(builder.mul(b, c(Q)), c(k))
+                at = builder.load(builder.gep(PF.data, [builder.urem(v, c(G))]))
+                with builder.if_then(builder.icmp_signed(">=", at, c(0))):
+                    _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.udiv(v, c(G)), c(64)))]))
+            lanes = [_splat_f(builder, builder.load(builder.gep(CZ.data, [b])), 16)] * 2  # outputs 32b + 16k + (0..15)
+            for k in range(Q):
+                q = [_vload(builder, builder.gep(cols[4 * k + g], [builder.mul(b, c(16))]), 16) for g in range(4)]
+                t = builder.shuffle_vector(cat(cat(q[0], q[1]), cat(q[2], q[3])),
+                                           ir.Constant(ir.VectorType(_i8, 64), None), transpose)
+                coef = builder.bitcast(_splat_f(builder, builder.load(builder.gep(CW.data, [builder.add(builder.mul(nb, c(k)), b)])),
+                                                16), v16i)
+                nibs = (builder.and_(t, _splat(64, 15)), builder.and_(builder.lshr(t, _splat(64, 4)), _splat(64, 15)))
+                lanes = [builder.call(dp, [lanes[h], builder.bitcast(nibs[h], v16i), coef]) for h in range(2)]
+            scale = _splat_f(builder, builder.load(builder.gep(CS.data, [b])), 16)
+            for h in range(2):
+                ap = builder.gep(accp, [builder.add(builder.mul(b, c(2)), c(h))])
+                builder.store(builder.call(fma, [builder.sitofp(lanes[h], v16f), scale, builder.load(ap, align=4)]), ap, align=4)
+        return context.get_dummy_value()
+
+    return sig, _vnni_or_trap(codegen)

@@ -1,0 +1,294 @@
+"""The frame every intrinsic of this package is built on: pointers, vector loads and splats, fp16 / bf16 loads,
+horizontal sums, prefetch, and the two VNNI intrinsic frames (one token: _row_intrinsic; TOKENS tokens:
+_tokens_intrinsic) that each weight type's token_dots plugs into.
+
+The intrinsics emit generic LLVM vector IR (so they also build for ARM), except the x86 ones that call
+AVX512-VNNI's vpdpbusd: kernels compile those into a branch taken only when HAS_X86_VNNI; on any other CPU their
+body is a trap (_vnni_or_trap), so the kernels still compile there and the branch is never taken.
+
+All pointers are (array, byte offset) pairs: callers validate offsets before any kernel runs
+(see sparserun.gguf_file), so these do no bounds checks of their own.
+"""
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_i8, _i16, _i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+def _has_x86_vnni():
+    """AVX512-VNNI (with VL for 256-bit forms) on this CPU, unless SPARSERUN_NO_VNNI=1 (A/B runs, or a fallback)."""
+    import os
+
+    import llvmlite.binding as llvm
+
+    if os.environ.get("SPARSERUN_NO_VNNI") == "1":
+        return False
+    try:
+        f = llvm.get_host_cpu_features()
+        return bool(f.get("avx512vnni") and f.get("avx512vl"))
+    except Exception:
+        return False
+
+
+HAS_X86_VNNI = _has_x86_vnni()
+Q4_0R_GROUP = 8  # blocks per group of the repacked Q4_0 row layout (quant.repack_q4_0)
+
+
+def _vnni_or_trap(codegen):
+    """codegen where HAS_X86_VNNI, else a body that traps (callers only reach it when HAS_X86_VNNI)."""
+    if HAS_X86_VNNI:
+        return codegen
+
+    def trap(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.trap")
+        builder.call(fn, [])
+        return context.get_constant_null(signature.return_type) if signature.return_type != types.void \
+            else context.get_dummy_value()
+
+    return trap
+
+
+def _ptr(context, builder, arrty, arr, off):
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(builder.bitcast(data, _i8.as_pointer()), [off])
+
+
+def _vload(builder, ptr, n):
+    vty = ir.VectorType(_i8, n)
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1)
+
+
+def _splat(n, value, ty=_i8):
+    return ir.Constant(ir.VectorType(ty, n), [value] * n)
+
+
+@intrinsic
+def load_f16(typingctx, arr, off):
+    """float32 value of the IEEE half stored at arr's byte offset `off`."""
+    sig = types.float32(arr, off)
+
+    def codegen(context, builder, signature, args):
+        p = _ptr(context, builder, signature.args[0], args[0], args[1])
+        h = builder.load(builder.bitcast(p, ir.HalfType().as_pointer()), align=1)
+        return builder.fpext(h, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def load_bf16(typingctx, arr, off):
+    """float32 value of the bfloat16 stored at arr's byte offset `off` (its upper 16 bits)."""
+    sig = types.float32(arr, off)
+
+    def codegen(context, builder, signature, args):
+        p = _ptr(context, builder, signature.args[0], args[0], args[1])
+        h = builder.load(builder.bitcast(p, _i16.as_pointer()), align=1)
+        bits = builder.shl(builder.zext(h, _i32), ir.Constant(_i32, 16))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits` (builds 2**n for ops.fast_exp; vectorizes)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def round_f16(typingctx, value):
+    """value rounded to the nearest IEEE half, as float32 (llama.cpp stores block scales as fp16)."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def half_bits(typingctx, value):
+    """The IEEE half nearest to float32 value (round to nearest even, as numpy's astype(float16)), as its uint16
+    bits."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _i16)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_f32(typingctx, arr, off):
+    """float32 value stored at arr's byte offset `off` (no alignment assumed)."""
+    sig = types.float32(arr, off)
+
+    def codegen(context, builder, signature, args):
+        p = _ptr(context, builder, signature.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(p, ir.FloatType().as_pointer()), align=1)
+
+    return sig, codegen
+
+
+def _even_odd_add(builder, v):
+    """Sum adjacent lane pairs of an int32 vector: <2n x i32> -> <n x i32> (LLVM matches this plus the
+    widening multiply to pmaddwd)."""
+    n = v.type.count // 2
+    ev = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), list(range(0, 2 * n, 2))))
+    od = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, n), list(range(1, 2 * n, 2))))
+    return builder.add(ev, od)
+
+
+def _half_splat(builder, p, n=8):
+    """The fp16 at p as an <n x float> splat (vpbroadcastw from memory + vcvtph2ps). Every lane is used by
+    the caller, so LLVM cannot narrow it to a scalar half load, which it lowers to vpinsrw into whatever
+    register is free, often the loop's accumulator: that false dependency chained every block to the
+    previous one (3x slower row dots in a fused kernel, 5% in the dense matmul; A/B in one process)."""
+    h = builder.load(builder.bitcast(p, ir.HalfType().as_pointer()), align=1)
+    return builder.fpext(_splat_f(builder, h, n), ir.VectorType(ir.FloatType(), n))
+
+
+def _splat_f(builder, value, n=8):
+    """A scalar (float, half or int) as an <n x same type> splat."""
+    v = ir.VectorType(value.type, n)
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(v, ir.Undefined), value, ir.Constant(_i32, 0)),
+                                  ir.Constant(v, ir.Undefined), ir.Constant(ir.VectorType(_i32, n), [0] * n))
+
+
+def _hsum8(builder, v):
+    """The sum of an <8 x float>'s lanes (once per row, after the block loop)."""
+    s = builder.extract_element(v, ir.Constant(_i32, 0))
+    for i in range(1, 8):
+        s = builder.fadd(s, builder.extract_element(v, ir.Constant(_i32, i)))
+    return s
+
+
+def _hsum8_ggml(builder, v):
+    """The sum of an <8 x float>'s lanes in ggml's order (hsum_float_8: the upper half added to the lower, then lanes
+    2-3 to 0-1, then lane 1 to 0), for dots whose rounding should be llama.cpp's."""
+    e = lambda i: builder.extract_element(v, ir.Constant(_i32, i))  # noqa: E731
+    r = [builder.fadd(e(i + 4), e(i)) for i in range(4)]
+    return builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
+
+
+def _prefetch_line(builder, p):
+    """llvm.prefetch of the cache line at byte pointer p into L2 (locality 2: more requests can be in flight
+    than for L1, measured faster for row gathers; locality 1 measured alike, 3 and 0 1.4x slower in pack_ffn)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
+                                        "llvm.prefetch.p0i8")
+    builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)])
+
+
+@intrinsic
+def prefetch(typingctx, arr, off, nbytes):
+    """Hint the cache to load arr's bytes [off, off+nbytes), one line per 64 bytes (_prefetch_line): a
+    gathered row starts where the hardware prefetcher has no stream running."""
+    sig = types.void(arr, off, nbytes)
+
+    def codegen(context, builder, signature, args):
+        p = _ptr(context, builder, signature.args[0], args[0], args[1])
+        with cgutils.for_range_slice(builder, ir.Constant(args[2].type, 0), args[2], ir.Constant(args[2].type, 64)) as (i, _):
+            _prefetch_line(builder, builder.gep(p, [i]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _fma(builder, a, b, c):
+    """a * b + c on <n x float>, fused (one instruction, one rounding)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3),
+                                        f"llvm.fma.v{a.type.count}f32")
+    return builder.call(fn, [a, b, c])
+
+
+def _nibbles32(builder, qp):
+    """The 32 nibbles of a Q4_0 block's 16 quant bytes at qp as <32 x i8> 0..15, low nibbles first: the bytes
+    loaded into both 128-bit halves, the upper half shifted by 4 (vbroadcasti128, vpsrlvq, vpand: one
+    instruction fewer than splitting and re-joining two halves)."""
+    q = _vload(builder, qp, 16)
+    both = builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(_i32, 32), list(range(16)) * 2))
+    i64x4 = ir.VectorType(ir.IntType(64), 4)
+    both = builder.lshr(builder.bitcast(both, i64x4), ir.Constant(i64x4, [0, 0, 4, 4]))
+    return builder.and_(builder.bitcast(both, ir.VectorType(_i8, 32)), _splat(32, 15))
+
+
+def _vpdpbusd(builder):
+    """llvm.x86.avx512.vpdpbusd.256: (acc <8 x i32>, unsigned bytes, signed bytes) -> acc + 4-byte dot per lane."""
+    v8i = ir.VectorType(_i32, 8)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]),
+                                          "llvm.x86.avx512.vpdpbusd.256")
+
+
+def _bias_ptr(context, builder, arrty, arr, blk, per_block):
+    """The activations' offset terms from block blk on: xb (8 int32 a block, as <8 x i32>*) or xs (per_block = 1:
+    one int32 a block, as i32*; the repacked Q4_0 dots, see quant.quantize_acts)."""
+    ty = ir.VectorType(_i32, 8) if per_block == 8 else _i32
+    return builder.bitcast(_ptr(context, builder, arrty, arr, builder.mul(blk, ir.Constant(blk.type, 4 * per_block))),
+                           ty.as_pointer())
+
+
+def _vnni_dot_setup(context, builder, sig, args, per_block=8):
+    """The VNNI row dots' pointers (weights, x8, xd as float*, the offset terms: _bias_ptr) and vpdpbusd."""
+    w, woff, nb, x8, xoff, xd, xb, xdoff = args
+    f32 = ir.FloatType()
+    wp = _ptr(context, builder, sig.args[0], w, woff)
+    xp = _ptr(context, builder, sig.args[3], x8, xoff)
+    xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
+                          f32.as_pointer())
+    return wp, xp, xdp, _bias_ptr(context, builder, sig.args[6], xb, xdoff, per_block), _vpdpbusd(builder)
+
+
+TOKENS = 4  # tokens per call of dot_tokens_q4_0r_vnni
+
+
+def _row_intrinsic(token_dots, doc):
+    """A VNNI row dot with one token (the signature of dot_row_q4_0_vnni) through token_dots(builder, wp, nb, xps,
+    xdps, xbps, dp), the same code _tokens_intrinsic runs for TOKENS tokens: the two forms give identical results."""
+    @intrinsic
+    def row_dot(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
+        sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
+
+        def codegen(context, builder, signature, args):
+            wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
+            return token_dots(builder, wp, args[2], [xp], [xdp], [xbp], dp)[0]
+
+        return sig, _vnni_or_trap(codegen)
+
+    row_dot.__doc__ = doc
+    return row_dot
+
+
+def _tokens_intrinsic(token_dots, doc, per_block=8):
+    """An intrinsic dotting one row with TOKENS tokens through token_dots (the batch matmuls' inner call): token
+    k's activations at x8[xoff + k xstride:], its block scales and offset terms (per_block int32 a block:
+    _bias_ptr) from block xdoff + k xdstride."""
+    @intrinsic
+    def dot_tokens(typingctx, w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride):
+        sig = types.UniTuple(types.float32, TOKENS)(w, woff, nb, x8, xoff, xstride, xd, xb, xdoff, xdstride)
+
+        def codegen(context, builder, signature, args):
+            w_, woff_, nb_, x8_, xoff_, xstride_, xd_, xb_, xdoff_, xdstride_ = args
+            f32 = ir.FloatType()
+            wp = _ptr(context, builder, signature.args[0], w_, woff_)
+            xps, xdps, xbps = [], [], []
+            for k in range(TOKENS):
+                kk = ir.Constant(xstride_.type, k)
+                xps.append(_ptr(context, builder, signature.args[3], x8_, builder.add(xoff_, builder.mul(xstride_, kk))))
+                xdo = builder.add(xdoff_, builder.mul(xdstride_, ir.Constant(xdstride_.type, k)))
+                xdps.append(builder.bitcast(_ptr(context, builder, signature.args[6], xd_,
+                                                 builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
+                xbps.append(_bias_ptr(context, builder, signature.args[7], xb_, xdo, per_block))
+            return context.make_tuple(builder, signature.return_type,
+                                      token_dots(builder, wp, nb_, xps, xdps, xbps, _vpdpbusd(builder)))
+
+        return sig, _vnni_or_trap(codegen)
+
+    dot_tokens.__doc__ = doc
+    return dot_tokens
