@@ -56,6 +56,7 @@ class Shape:
     window: int = 0  # sliding window of the gemma local layers (0: the architecture's default, 4096)
     rope_dim: int = 0  # rotated dimensions of a head (0: all; phi3 tests a partial rotary)
     rope_orig: int = 0  # phi3's rope.scaling.original_context_length (0: twice ctx, so the short factors apply)
+    n_vocab: int = 0  # 0: the vocabulary GGUF's size; larger: padded with placeholder tokens (a big head's speed)
 
     @property
     def hd(self):
@@ -69,15 +70,20 @@ PRESETS = {
 }
 
 
-def copy_vocab(writer, vocab_path):
-    """Copy every tokenizer.* key of a GGUF into writer; returns the vocabulary size."""
+def copy_vocab(writer, vocab_path, pad_to=0):
+    """Copy every tokenizer.* key of a GGUF into writer; returns the vocabulary size. pad_to: extend the token list
+    (and its scores and types) with placeholder tokens "<pad_N>" up to that many."""
     r = GGUFReader(str(vocab_path))
     n_vocab = None
+    n_src = len(r.fields["tokenizer.ggml.tokens"].contents()) if "tokenizer.ggml.tokens" in r.fields else 0
+    extra = max(0, pad_to - n_src)
     for key, field in r.fields.items():
         if not key.startswith("tokenizer."):
             continue
         vtype = field.types[0]
         value = field.contents()
+        if vtype == GGUFValueType.ARRAY and extra and key in PAD_WITH:
+            value = list(value) + PAD_WITH[key](n_src, extra)
         if vtype == GGUFValueType.ARRAY:
             writer.add_key_value(key, value, vtype, sub_type=field.types[-1])
             if key == "tokenizer.ggml.tokens":
@@ -87,6 +93,11 @@ def copy_vocab(writer, vocab_path):
     if n_vocab is None:
         raise SystemExit(f"{vocab_path}: no tokenizer.ggml.tokens, not a vocabulary GGUF")
     return n_vocab
+
+
+PAD_WITH = {"tokenizer.ggml.tokens": lambda n, k: [f"<pad_{i}>" for i in range(n, n + k)],
+            "tokenizer.ggml.scores": lambda n, k: [-1e4] * k,
+            "tokenizer.ggml.token_type": lambda n, k: [4] * k}  # user-defined: matched whole, never merged
 
 
 def planted_firing_rates(n, density, rng, skew=1.3):
@@ -205,7 +216,7 @@ def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None, pla
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), shape.arch)
     writer.add_name(f"sparserun-test-{shape.arch}-{shape.dim}x{shape.layers}")
-    n_vocab = copy_vocab(writer, n_vocab_path)
+    n_vocab = copy_vocab(writer, n_vocab_path, shape.n_vocab)
     add_llama_hparams(writer, shape.ctx, shape.dim, shape.layers, shape.ff, shape.heads, shape.kv_heads,
                       shape.rope_base, 1e-6 if shape.arch.startswith("gemma") else 1e-5, shape.hd, shape.rope_dim)
     if shape.arch.startswith("gemma"):
@@ -289,7 +300,7 @@ def main(argv=None):
     ap.add_argument("--type", default="F32", choices=TYPES)
     ap.add_argument("--preset", choices=list(PRESETS), help="a named shape (fields below override it)")
     ap.add_argument("--arch", choices=ARCHS)
-    for field in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window", "rope_dim"):
+    for field in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window", "rope_dim", "n_vocab"):
         ap.add_argument(f"--{field.replace('_', '-')}", type=int, dest=field)
     ap.add_argument("--tied", action="store_true", help="no output.weight: the head reuses token_embd")
     ap.add_argument("--activation", default="silu", choices=["silu", "relu", "gelu"])
@@ -301,7 +312,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     kw = {k: getattr(a, k) for k in ("dim", "ff", "layers", "heads", "kv_heads", "ctx", "head_dim", "window", "rope_dim",
-                                     "arch")
+                                     "n_vocab", "arch")
           if getattr(a, k) is not None}
     if a.tied:
         kw["tied"] = True

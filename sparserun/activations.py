@@ -8,7 +8,20 @@ import numpy as np
 from .kernels import ops
 
 
-def watch_ffn(model, ids, on_layer, batch=256, progress=None):
+class _HeadRecorder:
+    """A dense head that also hands each batch's head inputs and greedy tokens to on_head(x (T, dim), argmax (T,))."""
+
+    def __init__(self, model, on_head):
+        self.model, self.on_head = model, on_head
+
+    def __call__(self, acts, prior=(), ids=()):
+        logits = self.model.output.matmul(acts)
+        self.on_head(acts.x, logits.argmax(1))
+        return logits
+
+
+def watch_ffn(model, ids, on_layer, batch=256, progress=None, on_head=None):
+    """on_head: also called per batch with the output head's inputs (T, dim) and the dense model's greedy tokens."""
     import time
 
     def observe(li, acts):
@@ -19,10 +32,14 @@ def watch_ffn(model, ids, on_layer, batch=256, progress=None):
         on_layer(li, acts.x, np.abs(a))
 
     t0 = time.perf_counter()
-    with model.observing_ffn(observe):
-        for s in range(0, len(ids), batch):
-            model.reset()
-            model.eval(ids[s:s + batch])
-            if progress:
-                done = min(len(ids), s + batch)
-                progress(done, len(ids), f"{done}/{len(ids)} tokens, {done / (time.perf_counter() - t0):.0f} tok/s")
+    old_head = model.use_head(_HeadRecorder(model, on_head) if on_head else model.head)
+    try:
+        with model.observing_ffn(observe):
+            for s in range(0, len(ids), batch):
+                model.reset()
+                model.eval(ids[s:s + batch], all_logits=on_head is not None)
+                if progress:
+                    done = min(len(ids), s + batch)
+                    progress(done, len(ids), f"{done}/{len(ids)} tokens, {done / (time.perf_counter() - t0):.0f} tok/s")
+    finally:
+        model.use_head(old_head)

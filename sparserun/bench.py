@@ -8,7 +8,7 @@ long context, where attention reads the whole cache every token. The depth conte
 per mode, untimed, and kept (each mode of this engine has its own KV cache; llama.cpp's is cut back to
 it). Repetitions are interleaved across modes (rep 1 of every mode, then rep 2, ...) so all modes see
 the same machine state; each figure is a median with its standard deviation. Peak RSS of this engine is
-read before llama.cpp is loaded. Sparse modes
+read before llama.cpp is loaded and before the fidelity pass. Sparse modes
 share the dense mode's model (only the FFN object is swapped), and get fidelity figures against
 the dense path over a text: top-1 agreement and mean KL(dense || sparse) of next-token
 distributions, decoded token by token as in generation, and the kept fraction of FFN neurons (for
@@ -33,8 +33,8 @@ class SparserunRunner:
     """This engine in one mode: the shared model with this mode's FFN (None = dense) and this mode's own KV
     cache swapped in, so a depth context computed once stays cached for every repetition."""
 
-    def __init__(self, model, ffn=None):
-        self.model, self.ffn = model, ffn
+    def __init__(self, model, ffn=None, head=None):
+        self.model, self.ffn, self.head = model, ffn, head
         self.predictor_share = []
         self.kv = model.kv.fresh()
 
@@ -42,6 +42,7 @@ class SparserunRunner:
         """The context holds exactly ids (a cached prefix is reused; the last one is recomputed)."""
         m = self.model
         m.use_ffn(self.ffn)
+        m.use_head(self.head)
         m.use_cache(self.kv)
         if ids:
             m.eval(ids)
@@ -120,18 +121,33 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def fidelity(model, ffn, ids, dense_logits):
-    """Top-1 agreement, mean KL(dense || sparse) and kept fraction per layer over ids, decoding one token
-    at a time through the sparse FFN (as generation does)."""
+def fidelity(model, ffn, ids, dense_logits, head=None):
+    """Top-1 agreement, mean KL(dense || mode), perplexity of the text under both, and the kept fraction per layer
+    over ids, decoding one token at a time through the mode's FFN and head (as generation does)."""
     model.use_ffn(ffn)
-    ffn.reset_stats()
+    model.use_head(head)
+    if ffn is not None:
+        ffn.reset_stats()
+    if head is not None:
+        head.reset_stats()
     model.reset()
-    rows = np.array([model.eval(ids[: i + 1])[-1] for i in range(len(ids))])
-    p, q = log_softmax(dense_logits), log_softmax(rows)
-    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
-    top1 = float((rows.argmax(-1) == dense_logits.argmax(-1)).mean())
-    return {"top1_agreement": top1, "mean_kl": kl, "kept_per_layer": [float(x) for x in ffn.kept_fraction()],
-            "kept_mean": float(ffn.kept_fraction().mean()), "tokens": len(ids)}
+    kl = agree = nll = nll_dense = 0.0
+    for i in range(len(ids)):  # one row at a time: a 262k vocabulary's rows in float64 are 2 MB each
+        row = model.eval(ids[: i + 1])[-1]
+        p, q = log_softmax(dense_logits[i]), log_softmax(row)
+        kl += float((np.exp(p) * (p - q)).sum())
+        agree += int(row.argmax() == dense_logits[i].argmax())
+        if i + 1 < len(ids):
+            nll, nll_dense = nll - q[ids[i + 1]], nll_dense - p[ids[i + 1]]
+    model.use_head(None)
+    n = len(ids)
+    kept = ffn.kept_fraction() if ffn is not None else np.ones(model.args.n_layer)
+    ppl = lambda s: float(np.exp(s / (n - 1))) if n > 1 else float("nan")  # noqa: E731
+    kl, top1 = kl / n, agree / n
+    extra = {} if head is None else {"cold_argmax_share": head.cold_argmax / max(head.rows, 1),
+                                     "cold_rows_computed": head.computed / max(head.rows, 1)}
+    return {**extra, "top1_agreement": top1, "mean_kl": kl, "ppl": ppl(nll), "ppl_dense": ppl(nll_dense),
+            "kept_per_layer": [float(x) for x in kept], "kept_mean": float(kept.mean()), "tokens": len(ids)}
 
 
 def hybrid_fraction(mode):
@@ -145,9 +161,10 @@ def hybrid_fraction(mode):
 
 
 def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3, threads=None, sparsity=("threshold:0",),
-              text=None, fidelity_tokens=64, progress=None, depth=0):
+              text=None, fidelity_tokens=64, progress=None, depth=0, heads=()):
     """Returns a dict: model facts, one row per (mode, test) with t/s median and sd, and fidelity of
-    every sparse mode against dense. 'sparse' in modes expands to one mode per sparsity spec. depth: tokens
+    every sparse mode against dense. 'sparse' in modes expands to one mode per sparsity spec; each head spec of
+    heads other than dense adds a mode with the dense FFN and that output head (head.py). depth: tokens
     of context in the cache before each test."""
     import sparserun
 
@@ -168,13 +185,19 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
     n_ctx = max(depth + n_prompt, depth + n_gen + 1, fidelity_tokens + 1) + 8
     runners = {}
     rss, fid, model = None, {}, None
-    if "dense" in modes or policies:
+    heads = [h for h in heads if h.strip().lower() != "dense"]
+    if "dense" in modes or policies or heads:
         model = sparserun.load(path, threads=threads, n_ctx=n_ctx)
         n_vocab, bos = model.n_vocab, model.tokenizer.bos_id
         if "dense" in modes:
             runners["dense"] = SparserunRunner(model)
         for pol in policies:
             runners[f"sparse {pol.spec}"] = SparserunRunner(model, SparseFFN(model, pol))
+        for spec in heads:
+            runners[f"head {spec}"] = SparserunRunner(model, head=model.set_head(spec))
+            model.use_head(None)
+            if progress:
+                progress(0, 0, f"head {spec}: {runners[f'head {spec}'].head.describe()}")
     for frac in hybrids:  # each its own model: its weights and FFN live partly on the GPU
         from .hybrid import install, make_placement, resolve_device
         from .placement import device_bytes
@@ -191,16 +214,17 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         r.pp(list(range(1, 9)))
         r.tg([max(bos, 0)], 2)
     if model is not None:
-        if policies:
+        rss = peak_rss()  # the engine's own memory, before the fidelity pass's logits of the whole text
+        if policies or heads:
             ids = model.tokenize(text or DEFAULT_TEXT)[:fidelity_tokens]
             model.use_ffn(None)
+            model.use_head(None)
             dense_logits = model.logits(ids)
             for name, r in runners.items():
-                if r.ffn is not None:
-                    fid[name] = fidelity(r.model, r.ffn, ids, dense_logits)
+                if r.ffn is not None or r.head is not None:
+                    fid[name] = fidelity(r.model, r.ffn, ids, dense_logits, r.head)
                     if progress:
                         progress(0, 0, f"fidelity {name}: top-1 {fid[name]['top1_agreement']:.3f}")
-        rss = peak_rss()
     if "llama.cpp" in modes:
         runners["llama.cpp"] = LlamaCppRunner(path, threads, n_ctx)
         n_vocab, bos = runners["llama.cpp"].llm.n_vocab(), runners["llama.cpp"].llm.token_bos()
@@ -255,20 +279,25 @@ def format_table(res, fmt="md"):
     ratio = lambda x: f"{x:.2f}x" if x else ""
     body = [[r["mode"], name, size, str(res["threads"]), r["test"], f"{r['tokens_per_s']:.2f} ± {r['sd']:.2f}",
              ratio(r["vs_dense"]), ratio(r["vs_llama_cpp"])] for r in res["results"]]
-    fhead = ["mode", "top-1 agreement", "mean KL", "kept (mean)", "kept per layer"]
-    fbody = [[m, f"{f['top1_agreement']:.3f}", f"{f['mean_kl']:.4f}", f"{f['kept_mean']:.3f}",
-              " ".join(f"{x:.2f}" for x in f["kept_per_layer"])] for m, f in res["fidelity"].items()]
+    fhead = ["mode", "top-1 agreement", "mean KL", "ppl (dense)", "kept (mean)", "kept per layer"]
+    fbody = [[m, f"{f['top1_agreement']:.3f}", f"{f['mean_kl']:.4f}", f"{f['ppl']:.3f} ({f['ppl_dense']:.3f})",
+              f"{f['kept_mean']:.3f}", " ".join(f"{x:.2f}" for x in f["kept_per_layer"])]
+             for m, f in res["fidelity"].items()]
     if fmt == "csv":
         rows = [head] + body + ([[], fhead] + fbody if fbody else [])
         return "\n".join(",".join(x.replace(",", ";") for x in row) for row in rows)
     out = _md(head, body)
     if fbody:
         out += f"\n\nfidelity against dense over {next(iter(res['fidelity'].values()))['tokens']} tokens:\n" + _md(fhead, fbody)
+    for m, f in res["fidelity"].items():
+        if "cold_argmax_share" in f:
+            out += (f"\n\n{m}: the argmax was a cold row's at {100 * f['cold_argmax_share']:.1f}% of tokens; "
+                    f"{f['cold_rows_computed']:.0f} cold rows computed exactly per token")
     shares = [f"{r['mode']}: {100 * r['predictor_share']:.1f}%" for r in res["results"] if r.get("predictor_share") is not None]
     if shares:
         out += "\n\npredictor time as a share of decode time: " + ", ".join(shares)
     if res["peak_rss_bytes"]:
-        out += (f"\n\npeak RSS (sparserun, before llama.cpp loads): {res['peak_rss_bytes'] / 2**20:.0f} MiB = "
+        out += (f"\n\npeak RSS (sparserun, before the fidelity pass and llama.cpp): {res['peak_rss_bytes'] / 2**20:.0f} MiB = "
                 f"{res['rss_over_file']:.2f}x the file")
     return out
 

@@ -38,11 +38,14 @@ Device = typer.Option(None, "--device", help="cpu | cuda | auto (default: auto w
 VramBudget = typer.Option(None, "--vram-budget", help="GiB of GPU memory for hot neurons, attention and output head "
                           "(placed on the fly from <model>.gguf.profile.gguf or --profile); default with a GPU: all")
 PlacementOpt = typer.Option(None, "--placement", help="a placement file from `sparserun place` (instead of planning)")
-ProfileOpt = typer.Option(None, "--profile", help="profile that ranks neurons for an on-the-fly placement")
+ProfileOpt = typer.Option(None, "--profile", help="profile that ranks neurons for an on-the-fly placement and the "
+                          "hot output head's tokens (default: <model>.gguf.profile.gguf when it exists)")
+HeadOpt = typer.Option("dense", "--head", help="output head: dense | hot[:K] (K rows exact every token, the rest "
+                       "estimated and the best of them computed; see `sparserun bench --head`)")
 
 
 def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, placement=None, profile=None,
-          kv_type="f16", check_tensors=False):
+          kv_type="f16", check_tensors=False, head="dense"):
     from . import kernels
     from .model import load
     from .sparsity import parse_sparsity
@@ -54,7 +57,9 @@ def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, 
     if not kernels.cache_is_warm():
         sys.stderr.write("sparserun: compiling numba kernels (first start only; cached for the next runs)...\n")
     m = load(model, threads=threads, n_ctx=ctx, sparsity=policy, device=device, vram_budget=vram_budget,
-             placement=placement, profile=profile, kv_type=kv_type, check_tensors=check_tensors)
+             placement=placement, profile=profile, kv_type=kv_type, check_tensors=check_tensors, head=head)
+    if m.head is not None:
+        sys.stderr.write(f"sparserun: {m.head.describe()}\n")
     if m.placement is not None:
         sys.stderr.write(f"sparserun: hybrid CPU/GPU: {m.placement.summary()}\n")
     return m
@@ -99,6 +104,7 @@ def generate(
     vram_budget: Optional[float] = VramBudget,
     placement: Optional[Path] = PlacementOpt,
     profile: Optional[Path] = ProfileOpt,
+    head: str = HeadOpt,
 ):
     """Continue a prompt, streaming the text to stdout."""
     from .generate import GenerationStats
@@ -107,7 +113,7 @@ def generate(
     if n < 0:
         raise SparserunError(f"--n-predict must be >= 0, got {n}")
     m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type,
-              check_tensors)
+              check_tensors, head)
     stats = GenerationStats()
     sys.stdout.write(prompt)
     try:
@@ -143,6 +149,7 @@ def chat(
     vram_budget: Optional[float] = VramBudget,
     placement: Optional[Path] = PlacementOpt,
     profile: Optional[Path] = ProfileOpt,
+    head: str = HeadOpt,
 ):
     """Chat with a model: /help for commands, \"\"\" for multi-line input, Ctrl-C stops an answer.
 
@@ -151,7 +158,7 @@ def chat(
 
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type,
-              check_tensors)
+              check_tensors, head)
     run_chat(m, system=system, params=params, max_tokens=max_tokens)
 
 
@@ -170,6 +177,7 @@ def serve(
     vram_budget: Optional[float] = VramBudget,
     placement: Optional[Path] = PlacementOpt,
     profile: Optional[Path] = ProfileOpt,
+    head: str = HeadOpt,
 ):
     """An OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health."""
     from .server import serve as run_server
@@ -184,7 +192,7 @@ def serve(
     except OSError as e:
         raise SparserunError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     path = model or default_model()
-    m = _load(path, threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type, check_tensors)
+    m = _load(path, threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type, check_tensors, head)
     name = alias or Path(path).name
     sys.stderr.write(f"sparserun: serving {name} on http://{host}:{port}/v1 (OpenAI API), Ctrl-C to stop\n")
     run_server(m, name, host=host, port=port)
@@ -244,6 +252,8 @@ def bench(
                               "hybrid:F (F of the model on the GPU, 0 < F <= 1; the first --sparsity policy)"),
     sparsity: list[str] = typer.Option(["threshold:0"], "--sparsity",
                                        help="policy of the sparse mode; repeat for several sparse modes"),
+    heads: list[str] = typer.Option([], "--head", help="also bench the dense FFN with this output head (hot[:K]); "
+                                    "repeat for several"),
     text: Optional[Path] = typer.Option(None, "--text", help="text for the fidelity figures (default: built in)"),
     fidelity_tokens: int = typer.Option(64, "--fidelity-tokens", help="tokens of the text used for fidelity"),
     threads: Optional[int] = Threads,
@@ -269,7 +279,7 @@ def bench(
         raise SparserunError(f"{text}: no such text file")
     res = run_bench(model, [x.strip() for x in modes.split(",") if x.strip()], n_prompt, n_gen, reps, threads,
                     sparsity=sparsity, text=text.read_text(errors="replace") if text else None,
-                    fidelity_tokens=fidelity_tokens, progress=stderr_progress, depth=depth)
+                    fidelity_tokens=fidelity_tokens, progress=stderr_progress, depth=depth, heads=heads)
     typer.echo(format_table(res, output))
     if json_file:
         json_file.write_text(json.dumps(res, indent=2))

@@ -137,6 +137,7 @@ class Model:
         self._tokenizer = None
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
         self._ffn_observer = None  # observing_ffn's callback
+        self.head = None  # None: the dense head (self.output); else a head.HotHead (set_head)
         self.set_sparsity(sparsity, predictor)
 
     def set_sparsity(self, sparsity="dense", predictor=None):
@@ -153,6 +154,19 @@ class Model:
         else:
             self.sparse = None if dense else SparseFFN(self, self.policy, predictor)
         self.kv.tokens.clear()  # cached keys/values were computed under the previous policy
+
+    def set_head(self, spec="dense", profile=None):
+        """The output head: "dense" or "hot[:K]" (head.py; the hot set and estimate from the model's profile when it
+        has one). Returns the head object (None for dense)."""
+        from .head import make_head
+
+        self.head = make_head(self, spec, profile)
+        return self.head
+
+    def use_head(self, head):
+        """Run with this head object (None: dense) from now on; returns the previous one (bench's modes)."""
+        old, self.head = self.head, head
+        return old
 
     @property
     def cached(self):
@@ -274,7 +288,10 @@ class Model:
         rows = x if all_logits else x[-1:]  # (T or 1, dim)
         out = np.empty_like(rows)
         ops.rmsnorm(rows, self.output_norm, a.norm_eps, out)
-        logits = self.output.matmul(Acts(out))  # (T or 1, n_vocab)
+        if self.head is None:
+            logits = self.output.matmul(Acts(out))  # (T or 1, n_vocab)
+        else:  # the hot/cold head: row i's context is the cache and ids up to its token
+            logits = self.head(Acts(out), self.cached, ids)
         if a.final_softcap:
             c = np.float32(a.final_softcap)
             np.multiply(np.tanh(logits / c), c, out=logits)
@@ -409,9 +426,12 @@ class ContextFullError(SparserunError):
 
 
 def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, device=None,
-         vram_budget=None, placement=None, profile=None, err=sys.stderr, kv_type="f16", check_tensors=False):
-    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity="dense").
+         vram_budget=None, placement=None, profile=None, err=sys.stderr, kv_type="f16", check_tensors=False,
+         head="dense"):
+    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity="dense", head="dense").
 
+    head: "dense", or "hot[:K]" (head.py): K rows of the output head computed exactly every token, the rest
+    estimated and the best of them computed (the hot set from the model's profile when there is one).
     kv_type: the KV cache's type, "f16" (as llama.cpp by default) or "f32" (exact; twice the memory). Attention
     placed on a GPU keeps a float32 cache there. check_tensors: check every tensor's values are finite at load (as
     llama.cpp's --check-tensors; without it a forward pass that turns non-finite is an error naming the layer).
@@ -422,6 +442,7 @@ def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predicto
     t0 = time.perf_counter()
     m = Model(path, threads=threads, n_ctx=n_ctx, n_batch=n_batch, sparsity=sparsity, predictor=predictor,
               kv_type=kv_type, check_tensors=check_tensors)
+    m.set_head(head, profile)
     if device is not None or vram_budget is not None or placement is not None:
         from .hybrid import install, make_placement, resolve_device
 

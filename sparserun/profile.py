@@ -9,8 +9,10 @@ target sparsity).
 File format: a GGUF (written with the gguf package, no executable content) with architecture
 "sparserun-profile" (side_files.py); keys sparserun.profile.{model_fingerprint, tokens, activation}
 and per layer the float32 tensors blk.N.frequency (n_ff), blk.N.mean_magnitude (n_ff),
-blk.N.histogram (bins + 1: exact zeros first); plus hist_edges (bins + 1) and thresholds (n_layer).
-A profile is bound to its model by the model's tensor fingerprint.
+blk.N.histogram (bins + 1: exact zeros first); plus hist_edges (bins + 1) and thresholds (n_layer); and for the
+hot/cold output head (head.py) token_frequency (n_vocab: the corpus's tokens plus the dense model's greedy tokens
+over it) and head_covariance (dim, dim: the mean outer product of the head's inputs). A profile is bound to its
+model by the model's tensor fingerprint.
 """
 from dataclasses import dataclass, field
 
@@ -33,6 +35,8 @@ class Profile:
     histogram: np.ndarray  # (n_layer, bins + 1) counts; column 0 counts exact zeros
     thresholds: np.ndarray  # (n_layer,) the "active" rule used (0 = non-zero)
     edges: np.ndarray = field(default_factory=lambda: EDGES.copy())
+    token_frequency: np.ndarray = None  # (n_vocab,) the head's hot set ranks tokens by it; None in older profiles
+    head_covariance: np.ndarray = None  # (dim, dim) mean h h^T of the head's inputs (the cold rows' estimate)
 
     def threshold_for(self, sparsity):
         """Per-layer thresholds under which `sparsity` of all activations fall (from the histograms)."""
@@ -61,8 +65,9 @@ class Profile:
         return rows
 
 
-def record(model, ids, thresholds, batch=256, progress=None):
-    """Run the dense model over ids; accumulate per-neuron activity and per-layer histograms."""
+def record(model, ids, thresholds, batch=256, progress=None, head=None):
+    """Run the dense model over ids; accumulate per-neuron activity and per-layer histograms (and with head, a
+    dict, the token counts and head-input moment of the head's statistics)."""
     n_layer, n_ff = model.args.n_layer, model.args.n_ff
     count = np.zeros((n_layer, n_ff), np.int64)
     mag = np.zeros((n_layer, n_ff), np.float64)
@@ -75,7 +80,16 @@ def record(model, ids, thresholds, batch=256, progress=None):
         nz = a[~zeros]
         hist[li, 1:] += np.histogram(np.clip(nz, EDGES[0], EDGES[-1] * 0.999), bins=EDGES)[0]
 
-    watch_ffn(model, ids, on_layer, batch, progress)
+    on_head = None
+    if head is not None:
+        head["tokens"] = np.bincount(np.asarray(ids, np.int64), minlength=model.args.n_vocab).astype(np.float64)
+        head["cov"] = np.zeros((model.args.dim, model.args.dim), np.float64)
+
+        def on_head(x, greedy):
+            head["tokens"] += np.bincount(greedy, minlength=model.args.n_vocab)
+            head["cov"] += x.T.astype(np.float64) @ x
+
+    watch_ffn(model, ids, on_layer, batch, progress, on_head)
     return count, mag, hist
 
 
@@ -95,10 +109,12 @@ def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, p
     thresholds = np.asarray(thresholds, np.float32)
     if thresholds.shape != (n_layer,):
         raise SparserunError(f"{len(thresholds)} thresholds for a model of {n_layer} layers")
-    count, mag, hist = record(model, ids, thresholds, batch, progress)
+    head = {}
+    count, mag, hist = record(model, ids, thresholds, batch, progress, head)
     n = len(ids)
     return Profile(model.gguf.fingerprint(), n, model.args.activation, (count / n).astype(np.float32),
-                   (mag / n).astype(np.float32), hist, thresholds)
+                   (mag / n).astype(np.float32), hist, thresholds, EDGES.copy(),
+                   (head["tokens"] / (2 * n)).astype(np.float32), (head["cov"] / n).astype(np.float32))
 
 
 def save_profile(profile, path):
@@ -107,6 +123,9 @@ def save_profile(profile, path):
         tensors[f"blk.{li}.frequency"] = profile.frequency[li]
         tensors[f"blk.{li}.mean_magnitude"] = profile.mean_magnitude[li]
         tensors[f"blk.{li}.histogram"] = profile.histogram[li]
+    if profile.token_frequency is not None:
+        tensors["token_frequency"] = profile.token_frequency
+        tensors["head_covariance"] = profile.head_covariance
     PROFILE.write(path, profile.fingerprint, {"tokens": int(profile.tokens), "activation": profile.activation},
                   tensors)
 
@@ -117,7 +136,8 @@ def load_profile(path, model=None):
         n_layer = len(t["thresholds"])
         layers = lambda key: np.stack([t[f"blk.{i}.{key}"] for i in range(n_layer)])  # noqa: E731
         return int(v["tokens"]), str(v["activation"]), layers("frequency"), layers("mean_magnitude"), \
-            layers("histogram").astype(np.int64), t["thresholds"], t["hist_edges"]
+            layers("histogram").astype(np.int64), t["thresholds"], t["hist_edges"], t.get("token_frequency"), \
+            t.get("head_covariance")
 
     fields, fingerprint = PROFILE.read(path, build, model)
     return Profile(fingerprint, *fields)

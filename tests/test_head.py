@@ -1,0 +1,128 @@
+"""The hot/cold output head (--head hot[:K]): exact where it says it is, cached per model, measured as a mode."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sparserun
+from sparserun.errors import SparserunError
+from sparserun.head import fit_estimate, parse_head
+
+TEXT = "Once upon a time there was a little girl named Lily. She loved to play outside in the sun with her dog."
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERUN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_whole_vocabulary_hot_is_the_dense_head(stories, cache):
+    m = sparserun.load(stories)
+    ids = m.tokenize(TEXT)
+    dense = m.logits(ids)
+    m.set_head(f"hot:{m.n_vocab}")
+    assert np.array_equal(m.logits(ids), dense)
+
+
+def test_hot_rows_exact_cold_rows_estimated(stories, cache):
+    m = sparserun.load(stories)
+    ids = m.tokenize(TEXT)
+    dense = m.logits(ids)
+    head = m.set_head("hot:96")
+    got = m.logits(ids)
+    assert len(head.hot) == 96 and len(head.cold) == m.n_vocab - 96
+    np.testing.assert_array_equal(got[:, head.hot], dense[:, head.hot])  # the same kernel on the same rows
+    # the rows computed exactly for the last position: its context's cold tokens and the top estimates
+    ctx_cold = [t for t in set(ids) if head.is_cold[t]]
+    np.testing.assert_allclose(got[-1, ctx_cold], dense[-1, ctx_cold], rtol=1e-4, atol=1e-4)
+    # rank 64 = the model's width: the estimate is the row itself up to int8 rounding
+    err = np.abs(got - dense)[:, head.cold].max()
+    assert 0 < err < 0.05 * np.abs(dense).max()
+    assert (got.argmax(1) == dense.argmax(1)).all()
+    assert head.rows == len(ids) and head.computed >= head.top * len(ids)
+
+
+def test_estimate_fits_the_rows(stories):
+    """Without hidden states the estimate is the cold rows' principal projection: at full rank it reproduces them."""
+    m = sparserun.load(stories)
+    w = m.output
+    cold = np.arange(100, 300)
+    p, a, scale = fit_estimate(w, cold, w.cols)
+    rows = w.rows_f32(cold)
+    x = np.random.default_rng(0).standard_normal(w.cols).astype(np.float32)
+    est = (a.astype(np.float32) @ (p @ x)) * scale
+    np.testing.assert_allclose(est, rows @ x, atol=0.02 * np.abs(rows @ x).max())
+    cov = np.cov(np.random.default_rng(1).standard_normal((500, w.cols)).T)
+    p2, a2, s2 = fit_estimate(w, cold, w.cols, cov)  # with hidden states: still exact at full rank
+    est2 = (a2.astype(np.float32) @ (p2 @ x)) * s2
+    np.testing.assert_allclose(est2, rows @ x, atol=0.02 * np.abs(rows @ x).max())
+
+
+def test_cached_estimate_is_reused_and_bound_to_its_model(stories, cache):
+    m = sparserun.load(stories)
+    m.set_head("hot:128")
+    files = list(cache.rglob("head.*.npz"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    m.set_head("hot:128")  # the same hot set: read back, not fitted again
+    assert files[0].stat().st_mtime_ns == stamp
+    with np.load(files[0]) as z:
+        data = dict(z)
+    data["fingerprint"] = np.array("0" * 64)
+    np.savez(files[0], **data)
+    with pytest.raises(SparserunError, match="made for another model"):
+        m.set_head("hot:128")
+
+
+def test_profile_gives_the_hot_set_and_the_estimate_basis(stories, cache, tmp_path):
+    from sparserun.profile import load_profile, profile_model, save_profile
+
+    m = sparserun.load(stories)
+    ids = m.tokenize(TEXT * 8)
+    prof = profile_model(m, ids)
+    assert prof.token_frequency.shape == (m.n_vocab,) and prof.head_covariance.shape == (m.args.dim, m.args.dim)
+    assert prof.token_frequency[ids].min() > 0
+    path = tmp_path / "p.gguf"
+    save_profile(prof, path)
+    back = load_profile(path, m)
+    np.testing.assert_array_equal(back.token_frequency, prof.token_frequency)
+    head = m.set_head("hot:64", path)
+    assert head.calibrated
+    freq = prof.token_frequency
+    assert freq[head.hot].min() >= np.sort(freq)[-64]  # the 64 most frequent tokens are the hot set
+
+
+@pytest.mark.parametrize("spec,words", [("hot:0", "between 1"), ("hot:x", "not a count"), ("cold", "unknown head"),
+                                        ("hot:100000", "between 1")])
+def test_bad_head_specs(spec, words):
+    with pytest.raises(SparserunError, match=words):
+        parse_head(spec, 512)
+    assert parse_head("dense", 512) is None and parse_head("hot:0.25", 512) == 128
+
+
+def test_cli_head_option(stories, cache):
+    env = {**os.environ, "SPARSERUN_CACHE": str(cache)}
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "generate", str(stories), "-p", "Once", "-n", "8",
+                        "--temp", "0", "--head", "hot:200"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "hot head: 200 of 512 rows" in r.stderr
+    bad = subprocess.run([sys.executable, "-m", "sparserun.cli", "generate", str(stories), "--head", "hot:0"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--head" in bad.stderr
+
+
+def test_bench_reports_the_head_mode(stories, cache, tmp_path):
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "bench", str(stories), "-p", "8", "-n", "8", "-r", "2",
+                        "--modes", "dense", "--head", "hot:128", "--fidelity-tokens", "24", "--json", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "SPARSERUN_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert {x["mode"] for x in res["results"]} == {"dense", "head hot:128"}
+    f = res["fidelity"]["head hot:128"]
+    assert f["top1_agreement"] > 0.9 and 0 <= f["cold_argmax_share"] <= 1 and f["cold_rows_computed"] >= 256
+    assert f["ppl"] > 0 and f["ppl_dense"] > 0 and "argmax was a cold row's" in r.stdout
