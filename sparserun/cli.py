@@ -285,6 +285,41 @@ def bench(
         json_file.write_text(json.dumps(res, indent=2))
 
 
+@app.command()
+def perplexity(
+    model: Path = ModelArg,
+    text: Path = typer.Option(..., "-f", "--file", help="text file to score (held-out text)"),
+    ctx: int = typer.Option(512, "--ctx", "-c", help="tokens per chunk (the second half of each is scored)"),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="score at most this many chunks"),
+    threads: Optional[int] = Threads,
+    sparsity: str = Sparsity,
+    head: str = HeadOpt,
+    profile: Optional[Path] = ProfileOpt,
+    llama_cpp: bool = typer.Option(False, "--llama-cpp", help="also score the same chunks with llama.cpp (dense)"),
+):
+    """Perplexity over a text, chunked and scored as llama.cpp's llama-perplexity does."""
+    from .perplexity import chunk_tokens, llama_cpp_perplexity, model_perplexity, summary
+
+    if not text.is_file():
+        raise SparserunError(f"{text}: no such text file")
+    m = _load(model, threads, ctx, sparsity, profile=profile, head=head)
+    ids = m.tokenize(text.read_text(errors="replace"), special=False)  # as llama-perplexity: control text stays text
+    parts = chunk_tokens(ids, ctx, chunks, m.tokenizer.bos_id)
+    typer.echo(f"perplexity: {len(parts)} chunks of {ctx} tokens, the last {ctx - 1 - ctx // 2} of each scored "
+               f"({len(ids)} tokens in the text); sparsity {m.policy.spec}, head {head}")
+
+    def show(i, ppl):
+        sys.stdout.write(f"[{i + 1}]{ppl:.4f},")
+        sys.stdout.flush()
+
+    ppl, err = summary(model_perplexity(m, parts, show))
+    typer.echo(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}")
+    if llama_cpp:
+        typer.echo("llama.cpp on the same chunks:")
+        ref, ref_err = summary(llama_cpp_perplexity(model, parts, m.threads, show))
+        typer.echo(f"\nllama.cpp: PPL = {ref:.4f} +/- {ref_err:.5f}; sparserun / llama.cpp = {ppl / ref:.4f}")
+
+
 def _corpus_ids(m, corpus, tokens):
     if not corpus.is_file():
         raise SparserunError(f"{corpus}: no such corpus file")

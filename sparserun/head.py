@@ -172,7 +172,9 @@ class HotHead:
         before = np.concatenate([np.asarray(prior, np.int64), ids[:max(first, 0)]])
         before = np.unique(before[(before >= 0) & (before < self.n_vocab)])
         ctx = before[self.is_cold[before]]  # the context's cold tokens: computed exactly (sorted, unique)
-        z = x @ self.p.T  # (T, rank)
+        z = np.empty((T, self.rank), np.float32)  # (T, rank) the hidden states on the estimate's basis
+        for t in range(T):
+            KH.matvec(self.p, x[t], z[t])
         for t in range(T):
             tok = ids[first + t] if first + t >= 0 else -1
             if 0 <= tok < self.n_vocab and self.is_cold[tok]:
@@ -182,7 +184,9 @@ class HotHead:
             n = KH.top_rows(self.est, self.cold, self.top, self.cand)
             KH.scatter(hot[t], self.hot, row)
             exact_ids = np.union1d(self.cand[:n], ctx)
-            KH.scatter(self.w.rows_f32(exact_ids) @ x[t], exact_ids, row)  # a few hundred rows: float dots
+            exact = np.empty(len(exact_ids), np.float32)
+            KH.matvec(self.w.rows_f32(exact_ids), x[t], exact)  # a few hundred rows: float dots
+            KH.scatter(exact, exact_ids, row)
             self.computed += len(exact_ids)
             self.cold_argmax += bool(self.is_cold[int(np.argmax(row))])
         self.rows += T
