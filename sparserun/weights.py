@@ -27,7 +27,7 @@ class Acts:
         return self._forms
 
     def forms_for(self, qtype):
-        """The forms qtype's dense dots read: forms(), or for the K-quants on the VNNI route the same six places
+        """The forms qtype's dense dots read: forms(), or for the K-quants (VNNI or generic route) the same six places
         rounded as llama.cpp's Q8_K (one scale per 256 values; quant.quantize_acts_k), computed once."""
         if qtype in K.Q8K_TYPES:
             if self._kforms is None:
@@ -162,7 +162,9 @@ class Matmuls:
         w, raws, f32, row0, _ = self.groups[k]
         if out is None:
             out = np.empty((acts.x.shape[0], row0[-1]), np.float32)
-        if w.qtype in K.VNNI_MATMUL and K.HAS_VNNI:
+        if w.qtype in K.KQ_MATMUL:  # the K-quants' integer dots, VNNI or generic
+            K.KQ_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms_for(w.qtype)), out)
+        elif w.qtype in K.VNNI_MATMUL and K.HAS_VNNI:
             K.VNNI_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms_for(w.qtype)), out)
         elif w.qtype in K.INT8_MATMUL:
             K.INT8_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms()), out)

@@ -427,6 +427,31 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
                 np.testing.assert_allclose(got, generic, rtol=1e-5, atol=1e-6 * np.abs(generic).max())
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+def test_generic_kquant_dots_equal_the_vnni_ones(qtype):
+    """The K-quants' route for CPUs without AVX512-VNNI (matmul_q*_k_generic: vpdpbusd's arithmetic in generic vector
+    IR) against numpy on the same Q8_K-rounded activations, and, where this CPU has VNNI, bit for bit against the
+    vpdpbusd kernels: one token and batches with leftover tokens."""
+    from sparserun.kernels import quant as K
+
+    rng = np.random.default_rng(21)
+    w = weight(qtype, 40, 1280, rng)
+    generic = {Q.Q4_K: K.matmul_q4_k_generic, Q.Q5_K: K.matmul_q5_k_generic, Q.Q6_K: K.matmul_q6_k_generic}[qtype]
+    vnni = {Q.Q4_K: K.matmul_q4_k_vnni, Q.Q5_K: K.matmul_q5_k_vnni, Q.Q6_K: K.matmul_q6_k_vnni}[qtype]
+    values = w.dequantize().astype(np.float64)
+    for T in (1, K.TOKENS + 1):
+        x = rng.standard_normal((T, 1280)).astype(np.float32)
+        _, xd, x8, xb, _, _ = K.acts_forms_k(x)
+        got = np.empty((T, 40), np.float32)
+        generic((w.raw,), w.row_bytes, np.array([0, w.rows]), x8, xd, xb, got)
+        ref = (x8.astype(np.float64) * np.repeat(xd, 32, axis=1)) @ values.T
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        if K.HAS_VNNI:
+            want = np.empty_like(got)
+            vnni((w.raw,), w.row_bytes, np.array([0, w.rows]), x8, xd, xb, want)
+            np.testing.assert_array_equal(got, want)
+
+
 def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
     """numba compiles a kernel's callees with the caller's flags: quantize_acts first compiled inside a fastmath
     kernel (as select_pack_ffn calls it) must still round to nearest, there and in later direct calls. A
@@ -458,3 +483,39 @@ def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     inside, direct = map(float, r.stdout.split())
     assert inside < 0.005 and direct < 0.005, (inside, direct)  # ties and the fp16-rounded scale aside
+
+
+def test_generic_kernels_build_for_aarch64():
+    """The route for CPUs without VNNI is generic LLVM vector IR, so it must build for ARM: the generic row dots
+    (K-quants, Q4_0, Q5_0, Q8_0) are compiled here into a function's LLVM IR, then llvmlite emits AArch64 object code
+    from it (x86 target attributes stripped). Checked: code generation for aarch64. Not run: the code itself on ARM."""
+    import re
+
+    import llvmlite.binding as llvm
+    from numba import njit
+
+    from sparserun.kernels import simd
+
+    @njit(_nrt=False)  # no reference counting: its helpers are numba's runtime, x86 atomics once optimized here
+    def dots(w, x8, xd, xb, xq):
+        a = simd.dot_row_q4_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_q6_k_generic(w, 0, 8, x8, 0, xd, xb, 0)
+        t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
+        return a + t[0] + simd.dot_row_q4_0(w, 0, 8, xq, 0, xd, 0) + simd.dot_row_q8_0(w, 0, 8, xq, 0, xd, 0)
+
+    args = (np.zeros(4096, np.uint8), np.zeros((8, 256), np.int8), np.ones((8, 8), np.float32),
+            np.zeros((8, 64), np.int32), np.zeros((8, 256), np.int16))
+    dots(*args)
+    text = dots.inspect_llvm(dots.signatures[0])
+    assert "vpdpbusd" not in text and "llvm.x86" not in text  # nothing x86-only in the generic route
+    text = re.sub(r'"target-(cpu|features)"="[^"]*"', "", text)
+    text = re.sub(r"^target (datalayout|triple) = .*$", "", text, flags=re.M)
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    tm = llvm.Target.from_triple("aarch64-unknown-linux-gnu").create_target_machine(opt=2)
+    mod = llvm.parse_assembly(text)
+    mod.triple, mod.data_layout = "aarch64-unknown-linux-gnu", str(tm.target_data)
+    mod.verify()
+    obj = tm.emit_object(mod)
+    assert len(obj) > 1000 and obj[:4] == b"\x7fELF"
+    assembly = tm.emit_assembly(mod)
+    assert re.search(r"\tsmull2?\t", assembly) and re.search(r"\taddp\t", assembly)  # NEON widening multiplies, pairwise adds

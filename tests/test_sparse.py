@@ -393,6 +393,29 @@ def test_non_vnni_build_runs_and_agrees(make_model, tmp_path):
     assert (there.argmax(-1) == here.argmax(-1)).mean() > 0.9
 
 
+def test_non_vnni_kquant_model_agrees(make_model, tmp_path):
+    """SPARSERUN_NO_VNNI=1 on a Q4_K_M model: the K-quant rows are dotted in integers through the generic kernels
+    (not dequantized), with the same sums as the VNNI ones, so the logits match this process's."""
+    import os
+    import subprocess
+    import sys
+
+    path = make_model("Q4_K_M", shape="small", dim=256)
+    m = sparserun.load(path)
+    ids = m.tokenize("The quick brown fox jumps over the lazy dog")
+    here = m.logits(ids)
+    out = tmp_path / "logits.npy"
+    script = ("import sys, numpy as np, sparserun; from sparserun.kernels import quant; from sparserun.weights import "
+              "Weight; assert not quant.HAS_VNNI and quant.KQ_MATMUL[quant.Q4_K] is quant.matmul_q4_k_generic; "
+              f"m = sparserun.load(sys.argv[1]); np.save(sys.argv[2], m.logits({list(ids)}))")
+    env = dict(os.environ, SPARSERUN_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    r = subprocess.run([sys.executable, "-c", script, str(path), str(out)], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    there = np.load(out)
+    assert np.abs(there - here).max() < 1e-3 * np.abs(here).max()  # Q4_0-free model: only the K and Q8_0/Q5_0 routes
+
+
 @pytest.mark.parametrize("arch,qtype,dim", [("qwen2", "F32", 256), ("gemma3", "F32", 256), ("qwen3", "Q5_0", 256),
                                             ("gemma3", "Q4_K_M", 320), ("phi3", "Q4_K_M", 320)], ids=str)
 def test_every_policy_runs_on_other_architectures(make_model, arch, qtype, dim):

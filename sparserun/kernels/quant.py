@@ -18,7 +18,8 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0
                    dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni,
                    dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
                    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
-                   round_f16)
+                   round_f16, dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic,
+                   dot_tokens_q4_k_generic, dot_tokens_q5_k_generic, dot_tokens_q6_k_generic)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1,  # noqa: E402
@@ -363,6 +364,12 @@ matmul_q6_k_vnni = _make_batch_matmul("matmul_q6_k_vnni", "dot_row_q6_k_vnni", "
 VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni, Q5_0: matmul_q5_0_vnni,
                Q4_K: matmul_q4_k_vnni,
                Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni}
+# the K-quants on CPUs without VNNI: the same frames with vpdpbusd's arithmetic in generic vector IR (identical sums)
+matmul_q4_k_generic = _make_batch_matmul("matmul_q4_k_generic", "dot_row_q4_k_generic", "dot_tokens_q4_k_generic")
+matmul_q5_k_generic = _make_batch_matmul("matmul_q5_k_generic", "dot_row_q5_k_generic", "dot_tokens_q5_k_generic")
+matmul_q6_k_generic = _make_batch_matmul("matmul_q6_k_generic", "dot_row_q6_k_generic", "dot_tokens_q6_k_generic")
+KQ_MATMUL = ({Q4_K: matmul_q4_k_vnni, Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni} if HAS_VNNI else
+             {Q4_K: matmul_q4_k_generic, Q5_K: matmul_q5_k_generic, Q6_K: matmul_q6_k_generic})
 
 
 def dot_forms(qtype, forms):
@@ -371,7 +378,7 @@ def dot_forms(qtype, forms):
     xq, xd, x8, xb, xt, xs = forms
     if qtype == Q4_0R:
         return xt, xd, xs
-    return (x8, xd, xb) if HAS_VNNI and qtype in VNNI_MATMUL else (xq, xd, xb)
+    return (x8, xd, xb) if qtype in KQ_MATMUL or HAS_VNNI and qtype in VNNI_MATMUL else (xq, xd, xb)
 
 
 @njit(parallel=True, cache=True)
@@ -415,10 +422,10 @@ matmul_q5_0 = _make_matmul("matmul_q5_0", "dot_row_q5_0")
 INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W, activations as int8 blocks (quantize_acts), as llama.cpp's
 vec_dot_q5_0_q8_0 and its kin compute them."""
-# weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), where VNNI runs
-Q8K_TYPES = (Q4_K, Q5_K, Q6_K) if HAS_VNNI else ()
-# weight types whose row dots read the int8 activation forms (the K-quants through their VNNI dots)
-INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R) + ((Q4_K, Q5_K, Q6_K) if HAS_VNNI else ())
+# weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
+Q8K_TYPES = (Q4_K, Q5_K, Q6_K)
+# weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)
+INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K)
 
 
 @njit(parallel=True, cache=True, fastmath=True)

@@ -12,7 +12,8 @@ from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, Q
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4,
                    coefs_q4_vnni, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni,
                    dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
-                   dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, prefetch)
+                   dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, prefetch, dot_row_q4_k_generic,
+                   dot_row_q5_k_generic, dot_row_q6_k_generic)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -122,6 +123,12 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
         return dot_row_q5_k_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q6_K and vnni:
         return dot_row_q6_k_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
+    if qtype == Q4_K:  # CPUs without VNNI: the same sums in generic vector IR
+        return dot_row_q4_k_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
+    if qtype == Q5_K:
+        return dot_row_q5_k_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
+    if qtype == Q6_K:
+        return dot_row_q6_k_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q8_0:
         return dot_row_q8_0(u, off, cols // QK, xq, 0, xd, 0)
     if qtype == Q5_0 and vnni:

@@ -14,7 +14,8 @@ from .ir import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, f32_from_bits, half_bits, lo
 from .legacy import (dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0,
     dot_row_q5_0_vnni, dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q5_0_vnni,
     dot_tokens_q8_0_vnni)  # noqa: F401
-from .kquants import (dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_tokens_q4_k_vnni,
+from .kquants import (dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic, dot_tokens_q4_k_generic,
+    dot_tokens_q5_k_generic, dot_tokens_q6_k_generic, dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_tokens_q4_k_vnni,
     dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni)  # noqa: F401
 from .axpy import (AXPY_Q4_COLUMNS, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, coefs_q4_vnni,
     dot_gate_up_q4_0r_vnni)  # noqa: F401

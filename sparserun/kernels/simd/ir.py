@@ -226,6 +226,29 @@ def _vpdpbusd(builder):
                                           "llvm.x86.avx512.vpdpbusd.256")
 
 
+def _dpbusd_generic(builder):
+    """vpdpbusd's arithmetic in generic vector IR, for CPUs without AVX512-VNNI (and ARM): acc + per lane the dot of
+    4 unsigned bytes with 4 signed bytes. Products fit int16 (255 x 127), so the widen-multiply-pairwise-add below is
+    the pattern LLVM lowers to vpmaddwd on x86 (a second pairwise add makes the 4-byte groups); wrap-around exactly
+    as vpdpbusd. An internal always-inline function, so the K-quant frames call it as they call the intrinsic."""
+    name = "sparserun.dpbusd.generic"
+    fn = builder.module.globals.get(name)
+    if fn is not None:
+        return fn
+    v8i = ir.VectorType(_i32, 8)
+    fn = ir.Function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]), name)
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    b = ir.IRBuilder(fn.append_basic_block())
+    acc, a, x = fn.args
+    v32i8, v32i16, v32i32 = ir.VectorType(_i8, 32), ir.VectorType(_i16, 32), ir.VectorType(_i32, 32)
+    a16 = b.zext(b.bitcast(a, v32i8), v32i16)
+    x16 = b.sext(b.bitcast(x, v32i8), v32i16)
+    pairs = _even_odd_add(b, b.mul(b.sext(a16, v32i32), b.sext(x16, v32i32)))  # <16 x i32>
+    b.ret(b.add(acc, _even_odd_add(b, pairs)))  # <8 x i32>: 4-byte groups
+    return fn
+
+
 def _bias_ptr(context, builder, arrty, arr, blk, per_block):
     """The activations' offset terms from block blk on: xb (8 int32 a block, as <8 x i32>*) or xs (per_block = 1:
     one int32 a block, as i32*; the repacked Q4_0 dots, see quant.quantize_acts)."""
@@ -234,38 +257,41 @@ def _bias_ptr(context, builder, arrty, arr, blk, per_block):
                            ty.as_pointer())
 
 
-def _vnni_dot_setup(context, builder, sig, args, per_block=8):
-    """The VNNI row dots' pointers (weights, x8, xd as float*, the offset terms: _bias_ptr) and vpdpbusd."""
+def _vnni_dot_setup(context, builder, sig, args, per_block=8, generic=False):
+    """The VNNI row dots' pointers (weights, x8, xd as float*, the offset terms: _bias_ptr) and vpdpbusd (generic: its
+    arithmetic in plain vector IR, _dpbusd_generic)."""
     w, woff, nb, x8, xoff, xd, xb, xdoff = args
     f32 = ir.FloatType()
     wp = _ptr(context, builder, sig.args[0], w, woff)
     xp = _ptr(context, builder, sig.args[3], x8, xoff)
     xdp = builder.bitcast(_ptr(context, builder, sig.args[5], xd, builder.mul(xdoff, ir.Constant(xdoff.type, 4))),
                           f32.as_pointer())
-    return wp, xp, xdp, _bias_ptr(context, builder, sig.args[6], xb, xdoff, per_block), _vpdpbusd(builder)
+    dp = _dpbusd_generic(builder) if generic else _vpdpbusd(builder)
+    return wp, xp, xdp, _bias_ptr(context, builder, sig.args[6], xb, xdoff, per_block), dp
 
 
 TOKENS = 4  # tokens per call of dot_tokens_q4_0r_vnni
 
 
-def _row_intrinsic(token_dots, doc):
+def _row_intrinsic(token_dots, doc, generic=False):
     """A VNNI row dot with one token (the signature of dot_row_q4_0_vnni) through token_dots(builder, wp, nb, xps,
-    xdps, xbps, dp), the same code _tokens_intrinsic runs for TOKENS tokens: the two forms give identical results."""
+    xdps, xbps, dp), the same code _tokens_intrinsic runs for TOKENS tokens: the two forms give identical results.
+    generic: vpdpbusd's arithmetic in plain vector IR (every CPU), the same results."""
     @intrinsic
     def row_dot(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
         sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
 
         def codegen(context, builder, signature, args):
-            wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args)
+            wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args, generic=generic)
             return token_dots(builder, wp, args[2], [xp], [xdp], [xbp], dp)[0]
 
-        return sig, _vnni_or_trap(codegen)
+        return sig, codegen if generic else _vnni_or_trap(codegen)
 
     row_dot.__doc__ = doc
     return row_dot
 
 
-def _tokens_intrinsic(token_dots, doc, per_block=8):
+def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False):
     """An intrinsic dotting one row with TOKENS tokens through token_dots (the batch matmuls' inner call): token
     k's activations at x8[xoff + k xstride:], its block scales and offset terms (per_block int32 a block:
     _bias_ptr) from block xdoff + k xdstride."""
@@ -286,9 +312,10 @@ def _tokens_intrinsic(token_dots, doc, per_block=8):
                                                  builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
                 xbps.append(_bias_ptr(context, builder, signature.args[7], xb_, xdo, per_block))
             return context.make_tuple(builder, signature.return_type,
-                                      token_dots(builder, wp, nb_, xps, xdps, xbps, _vpdpbusd(builder)))
+                                      token_dots(builder, wp, nb_, xps, xdps, xbps,
+                                                 _dpbusd_generic(builder) if generic else _vpdpbusd(builder)))
 
-        return sig, _vnni_or_trap(codegen)
+        return sig, codegen if generic else _vnni_or_trap(codegen)
 
     dot_tokens.__doc__ = doc
     return dot_tokens

@@ -136,3 +136,17 @@ _KQ_TOKENS_DOC = """dot_row_{0}_vnni of one row with TOKENS tokens' activations 
 dot_tokens_q4_k_vnni = _tokens_intrinsic(_kquant_tokens(_q4_k_super_block), _KQ_TOKENS_DOC.format("q4_k"))
 dot_tokens_q5_k_vnni = _tokens_intrinsic(_kquant_tokens(_q5_k_super_block), _KQ_TOKENS_DOC.format("q5_k"))
 dot_tokens_q6_k_vnni = _tokens_intrinsic(_kquant_tokens(_q6_k_super_block), _KQ_TOKENS_DOC.format("q6_k"))
+
+
+# The same dots for CPUs without AVX512-VNNI (AVX2 laptops, ARM): vpdpbusd's arithmetic in generic vector IR
+# (ir._dpbusd_generic), identical results; the K-quant rows are dotted in integers there too instead of being
+# dequantized to floats.
+dot_row_q4_k_generic = _row_intrinsic(_kquant_tokens(_q4_k_super_block), "dot_row_q4_k_vnni in generic IR.", True)
+dot_row_q5_k_generic = _row_intrinsic(_kquant_tokens(_q5_k_super_block), "dot_row_q5_k_vnni in generic IR.", True)
+dot_row_q6_k_generic = _row_intrinsic(_kquant_tokens(_q6_k_super_block), "dot_row_q6_k_vnni in generic IR.", True)
+dot_tokens_q4_k_generic = _tokens_intrinsic(_kquant_tokens(_q4_k_super_block), "dot_tokens_q4_k_vnni in generic IR.",
+                                            generic=True)
+dot_tokens_q5_k_generic = _tokens_intrinsic(_kquant_tokens(_q5_k_super_block), "dot_tokens_q5_k_vnni in generic IR.",
+                                            generic=True)
+dot_tokens_q6_k_generic = _tokens_intrinsic(_kquant_tokens(_q6_k_super_block), "dot_tokens_q6_k_vnni in generic IR.",
+                                            generic=True)
