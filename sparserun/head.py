@@ -9,9 +9,9 @@ embedding is 72% of them), and which rows matter is Zipfian, as PowerInfer's neu
     logits[cand] = W[cand] h             exact
     logits = hot, exact candidates and estimates elsewhere                                  (V,)
 
-P (r, dim) spans the cold rows' top r principal directions (their Gram matrix's eigenvectors) and A = W_cold P^T,
-rounded to int8 with a scale per row: the estimate reads r bytes a row where the head reads its row (680 bytes
-for Q8_0 at 640 wide). The estimate is computed once per model and hot set and cached beside the neuron packs,
+P (r, dim) and A (int8, a scale per row) come from fit_estimate: the cold rows' principal projection, or with a
+profile the projection of least logit error over the profile's head inputs. The estimate reads r bytes a row where
+the head reads its row (680 bytes for Q8_0 at 640 wide). The estimate is computed once per model and hot set and cached beside the neuron packs,
 bound to the model's fingerprint. A hot set covering the whole vocabulary is the dense head exactly.
 
 The hot set: the K tokens most frequent in a profile's corpus (the text's own tokens and the dense model's argmax
@@ -24,10 +24,7 @@ import os
 import numpy as np
 
 from .errors import SparserunError
-from .gguf_file import RawTensor
 from .kernels import head as KH
-from .memory import huge_page_buffer
-from .weights import Weight
 
 RANK = 64  # the cold estimate's rank: 32 and 64 measured in docs/PERFORMANCE_LOG.md (64: a third fewer misses)
 TOP = 256  # cold rows computed exactly per token, by estimate
@@ -67,14 +64,6 @@ def default_order(model):
 def frequency_order(freq):
     """Token ids by decreasing frequency, ties by ascending id."""
     return np.lexsort((np.arange(len(freq)), -np.asarray(freq, np.float64)))
-
-
-def _subset_weight(w, ids, name):
-    """Rows ids of w copied into one contiguous huge-page buffer (the hot rows stream as one matrix)."""
-    raw = huge_page_buffer(len(ids) * w.row_bytes)
-    raw.reshape(len(ids), w.row_bytes)[:] = w.raw.reshape(w.rows, w.row_bytes)[ids]
-    raw.flags.writeable = False
-    return Weight(RawTensor(name, w.qtype, len(ids), w.cols, raw, w.row_bytes))
 
 
 def _sqrt_and_inverse(g):
@@ -122,13 +111,13 @@ class HotHead:
 
     def __init__(self, model, k, order=None, cov=None, rank=RANK, top=TOP):
         w = model.output
-        self.w, self.n_vocab, self.top = w, w.rows, top
+        self.w, self.n_vocab = w, w.rows
         order = default_order(model) if order is None else np.asarray(order, np.int64)
         self.hot = np.sort(order[:k]).astype(np.int64)  # (K,) vocabulary ids computed exactly every token
         self.is_cold = np.ones(w.rows, bool)  # (V,)
         self.is_cold[self.hot] = False
         self.cold = np.nonzero(self.is_cold)[0].astype(np.int64)  # (V - K,)
-        self.hot_w = _subset_weight(w, self.hot, f"{w.name}[hot]") if len(self.cold) else w
+        self.hot_w = w.subset(self.hot, f"{w.name}[hot]") if len(self.cold) else w
         self.rank = min(rank, w.cols) if len(self.cold) else 0
         self.calibrated = cov is not None
         self.p, self.a, self.scale = self._estimate(model, cov)
@@ -200,10 +189,6 @@ class HotHead:
         return (f"hot head: {len(self.hot)} of {self.n_vocab} rows exact every token, the other {len(self.cold)} "
                 f"estimated at rank {self.rank} ({how}), the top {self.top} of them and the context's tokens exact")
 
-    def read_bytes(self):
-        """Bytes of the head a decode token reads (without the context's rows)."""
-        return len(self.hot) * self.w.row_bytes + self.a.nbytes + self.scale.nbytes + self.top * self.w.row_bytes
-
 
 def load_estimate(path, fingerprint):
     """(p, a, scale) of a cached estimate, None where there is none or it is damaged; a cache written for another
@@ -233,7 +218,7 @@ def make_head(model, spec, profile=None):
     from .profile import load_profile
     from .side_files import PROFILE
 
-    path = profile or (PROFILE.default_path(model.path) if os.path.exists(PROFILE.default_path(model.path)) else None)
+    path = PROFILE.given_or_default(profile, model.path)
     prof = load_profile(path, model) if path else None
     if prof is not None and prof.token_frequency is not None and len(prof.token_frequency) == model.output.rows:
         return HotHead(model, k, frequency_order(prof.token_frequency), prof.head_covariance)

@@ -14,7 +14,6 @@ A placed layer's whole attention block runs on the GPU (GPUAttention: projection
 attention), and a placed output head is a GPU matvec (DeviceWeight). Nothing here is imported unless a GPU
 path is asked for.
 """
-import os
 import sys
 
 import numpy as np
@@ -71,12 +70,11 @@ def make_placement(model, vram_budget=None, placement=None, profile=None, gate_d
     from . import profile as Pr
     from .side_files import PLACEMENT, PROFILE
 
-    if placement is None and vram_budget is None and os.path.exists(PLACEMENT.default_path(model.path)):
-        placement = PLACEMENT.default_path(model.path)
+    if vram_budget is None:  # a budget plans anew; without one, a saved placement is used
+        placement = PLACEMENT.given_or_default(placement, model.path)
     if placement is not None:
         return P.load_placement(placement, model)
-    if profile is None and os.path.exists(PROFILE.default_path(model.path)):
-        profile = PROFILE.default_path(model.path)
+    profile = PROFILE.given_or_default(profile, model.path)
     prof = Pr.load_profile(profile, model) if profile is not None else None
     budget = P.device_bytes(model) if vram_budget is None else int(vram_budget * GIB)
     return P.plan(model, budget, prof, gate_dense=gate_dense)

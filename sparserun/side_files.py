@@ -21,6 +21,13 @@ class SideFile:
         """model.gguf -> model.gguf.<kind>.gguf (where the command that writes it puts it, and loads look)."""
         return f"{model_path}.{self.kind}.gguf"
 
+    def given_or_default(self, path, model_path):
+        """path when given, else the default file when it exists, else None (loads that use a file if there is one)."""
+        if path is not None:
+            return path
+        default = self.default_path(model_path)
+        return default if os.path.exists(default) else None
+
     def write(self, path, fingerprint, values, tensors):
         """values: the file's own keys without the prefix; tensors: name -> float32 array."""
         keys = {self.prefix + "model_fingerprint": fingerprint}

@@ -26,22 +26,15 @@ import numpy as np
 
 from . import cache
 from .ffn_pack import NeuronPack, cache_root, part_sums
-from .gguf_file import RawTensor
 from .kernels import ops
 from .kernels import sparse as S
-from .weights import Acts, Matmuls, Weight
+from .weights import Acts, Matmuls
 
 DENSE_ABOVE = 0.4  # kept fraction above which the masked dense kernels are cheaper than the pack
 # The same for a predicted set (gate, up and down all read from the pack, page-sized units): the pack costs
 # 0.57 of the dense FFN at 0.5 kept, 0.82 at 0.75, 1.03 at 0.9 (benchmarks/ffn_kernels.py, TinyLlama Q4_0)
 PREDICTED_DENSE_ABOVE = 0.85
 NO_COEF = np.empty(0, np.float32)  # the pack kernel's coef for modes that take none
-
-
-def row_subset(w, ids):
-    """A Weight made of rows ids of w (a contiguous copy: the gathered rows are read as one matrix)."""
-    raw = np.ascontiguousarray(w.raw.reshape(w.rows, w.row_bytes)[ids]).reshape(-1)
-    return Weight(RawTensor(f"{w.name}[subset]", w.qtype, len(ids), w.cols, raw, w.row_bytes))
 
 
 class SparseFFN:
@@ -78,8 +71,8 @@ class SparseFFN:
                 self.own[li] = self.gid[li] = ids
                 self.local[li] = np.full(a.n_ff, -1, np.int64)
                 self.local[li][ids] = np.arange(len(ids))
-                self.gate_w[li] = row_subset(L.w_gate, ids) if L.w_gate is not None else None
-                self.up_w[li] = row_subset(L.w_up, ids)
+                self.gate_w[li] = L.w_gate.subset(ids) if L.w_gate is not None else None
+                self.up_w[li] = L.w_up.subset(ids)
         self.up_gate = [Matmuls([u] + ([g] if g is not None else [])) for u, g in zip(self.up_w, self.gate_w)]
         if self.fused:  # select_pack_ffn's per-layer arguments: selection rows (gate, or up when not gated)
             self.sel = [P.selected_args(g if g is not None else u, gid, t, self.act_id, g is not None)

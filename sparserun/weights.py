@@ -59,6 +59,14 @@ class Weight:
             self._stack = Matmuls([self])
         return self._stack.run(0, acts, out)
 
+    def subset(self, ids, name=None):
+        """A Weight of rows ids of this one, copied into one contiguous huge-page buffer: the gathered rows stream as
+        one matrix (the hybrid's CPU share of gate and up rows, the hot head's rows)."""
+        raw = huge_page_buffer(len(ids) * self.row_bytes)
+        raw.reshape(len(ids), self.row_bytes)[:] = self.raw.reshape(self.rows, self.row_bytes)[ids]
+        raw.flags.writeable = False
+        return Weight(RawTensor(name or f"{self.name}[subset]", self.qtype, len(ids), self.cols, raw, self.row_bytes))
+
     def repacked(self, into=None):
         """This Q4_0 weight with its rows in the VNNI kernels' layout (quant.repack_q4_0), as an in-memory copy
         (into: the uint8 slice to hold it, see in_memory_together): the same bytes per row, so row offsets and row

@@ -283,7 +283,6 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
     from sparserun.ffn_pack import down_kind
     from sparserun.kernels import quant as K
     from sparserun.kernels import sparse as S
-    from sparserun.sparse_ffn import row_subset
 
     assert down_kind(K.Q4_0R) == down_kind(K.Q4_0) == S.DOWN_Q4  # a repacked down matrix still packs 4-bit columns
     rng = np.random.default_rng(cols)
@@ -297,7 +296,7 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
         np.testing.assert_allclose(r.matmul(acts), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
     ids = np.array([3, 0, 39, 17])
     acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
-    np.testing.assert_array_equal(row_subset(r, ids).matmul(acts), r.matmul(acts)[:, ids])
+    np.testing.assert_array_equal(r.subset(ids).matmul(acts), r.matmul(acts)[:, ids])
     # a pack whose up rows are the repacked rows: COEF_TIMES_DOT gives the GGUF rows' result
     down = rng.standard_normal((40, 32)).astype(np.float32)
     idx = np.array([1, 5, 6, 30], np.int64)
