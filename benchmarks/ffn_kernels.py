@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sparserun  # noqa: E402
 from benchmarks.unit_reads import SPREAD, read_units  # noqa: E402
 from sparserun.sparse_ffn import SparseFFN  # noqa: E402
-from sparserun.sparsity import SparsityPolicy  # noqa: E402
+from sparserun.sparsity import Policy  # noqa: E402
 from sparserun.weights import Acts  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main(argv=None):
     ffns, sets = {}, {}
     for f in fractions:
         sets[f] = [np.sort(rng.choice(n_ff, max(1, int(round(f * n_ff))), replace=False)) for _ in range(n_layer)]
-        ffns[f] = SparseFFN(m, SparsityPolicy(), predictor=lambda li, x, s=sets[f]: [s[li]])
+        ffns[f] = SparseFFN(m, Policy(), predictor=lambda li, acts, s=sets[f]: [s[li]])
     x = Acts(rng.standard_normal((1, m.args.dim)).astype(np.float32))
 
     def run(ffn):

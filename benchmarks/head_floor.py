@@ -52,7 +52,7 @@ def main():
             if rep:  # the first round compiles and pages in
                 rates[name].append(a.n / (time.perf_counter() - t))
     dense = statistics.median(rates["dense"])
-    print(f"| head | t/s | vs dense |\n|---|---|---|")
+    print("| head | t/s | vs dense |\n|---|---|---|")
     for name, r in rates.items():
         print(f"| {name} | {statistics.median(r):.2f} ± {statistics.stdev(r):.2f} | {statistics.median(r) / dense:.2f}x |")
 

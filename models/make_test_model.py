@@ -6,8 +6,9 @@
 
 Architectures: llama, qwen2 (q/k/v biases), qwen3 (QK-norm), gemma3 (QK-norm, post-norms, sliding window on 5 of
 every 6 layers, tied head), gemma2 (post-norms, soft-caps, alternating window), phi3 (fused attn_qkv and gate|up,
-partial rotary, LongRoPE factors and attention factor), each with the tensors and keys llama.cpp's loader
-requires of it.
+partial rotary, LongRoPE factors and attention factor), bamboo (PowerInfer's: ReLU on gate and up), each with the
+tensors and keys llama.cpp's loader requires of it. --powerinfer writes PowerInfer's PWRI layout (ffn_down_t, the
+predictors fc1 / fc2, the magic "PWRI"): see powerinfer_predictors.
 
 The vocabulary (every tokenizer.* key) is copied from a vocab-only GGUF, by default llama.cpp's
 llama-spm vocab in tests/data/vocab/ (32000 tokens, the Llama 2 / TinyLlama tokenizer).
@@ -37,7 +38,7 @@ DIRECT_TYPES = {name: GGMLQuantizationType[name] for name in ("F32", "F16", "BF1
 # llama_ftype values of llama.cpp (include/llama.h)
 LLAMA_FTYPES = {"Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gemma2", "phi3", "bamboo")
 TYPES = list(DIRECT_TYPES) + list(LLAMA_FTYPES)
 
 
@@ -123,7 +124,9 @@ def plant_sparsity(w, shape, n_vocab, density, rng, alpha=1.0, rank=None):
     (std sigma), so neuron i fires with probability about p_i. Deeper layers drift from this; measure
     the result (`sparserun profile`, bench's kept fraction) rather than assume it.
     With `rank`, every layer's gate rows are drawn from a rank-`rank` basis, so which neurons fire is a
-    low-rank function of the input, the structure activation predictors (Deja Vu) rely on in real LLMs.
+    low-rank function of the input, the structure activation predictors (Deja Vu) rely on in real LLMs; then the
+    return value is each layer's factors (A (ff, rank+1), B (rank+1, dim)) with gate = A B (the basis and the
+    planted direction u), else an empty list.
     """
     from statistics import NormalDist
 
@@ -133,20 +136,53 @@ def plant_sparsity(w, shape, n_vocab, density, rng, alpha=1.0, rank=None):
     w["token_embd.weight"] += (alpha * np.sqrt(d) * u).astype(np.float32)
     inv = NormalDist().inv_cdf
     shrink = np.sqrt(1.0 + alpha * alpha)  # RMSNorm divides by this (|z|^2 ~ d plus the shared part)
+    factors = []
     for i in range(shape.layers):
         g = w[f"blk.{i}.ffn_gate.weight"].astype(np.float64)
         if rank:
             basis = rng.standard_normal((rank, d)) / np.sqrt(d)
-            g = rng.standard_normal((shape.ff, rank)) @ basis / np.sqrt(rank)
+            coef = rng.standard_normal((shape.ff, rank))
+            g = coef @ basis / np.sqrt(rank)
+            basis = (basis - np.outer(basis @ u, u)) / np.sqrt(rank)  # g = coef @ basis after the line below
         g -= np.outer(g @ u, u)  # the random part ignores u; only the planted bias reads it
         sigma = np.linalg.norm(g, axis=1) / shrink  # std of g_i . z / shrink for z ~ N(0, I)
         p = planted_firing_rates(shape.ff, density, rng)
         bias = sigma * np.array([inv(1.0 - x) for x in p])  # fire when g_i . x > bias_i
         proj = alpha * np.sqrt(d) / shrink  # x . u after RMSNorm
         w[f"blk.{i}.ffn_gate.weight"] = (g - np.outer(bias / proj, u)).astype(np.float32)
+        if rank:
+            factors.append((np.hstack([coef, -(bias / proj)[:, None]]), np.vstack([basis, u])))
         # small output projections keep the shared component dominant through the layers
         w[f"blk.{i}.attn_output.weight"] *= np.float32(0.1)
         w[f"blk.{i}.ffn_down.weight"] *= np.float32(0.1)
+    return factors
+
+
+def powerinfer_predictors(w, shape, factors, rng, rank=64):
+    """PowerInfer's per-layer predictors fc1 (r, dim), fc2 (n_ff, r), bias-free, on the FFN's residual input.
+
+    With planted low-rank factors (gate = A B) they are exact: the gate reads rmsnorm(x) * w_norm, so its sign is the
+    sign of A (B diag(w_norm)) x (RMSNorm only scales x), and with M = B diag(w_norm), fc1 = [M; -M] and
+    fc2 = [A, -A] give fc2 relu(fc1 x) = A M x (relu(z) - relu(-z) = z): at threshold 0 the predicted set is the set
+    of firing neurons, up to the weights' rounding. r = 2 (planted rank + 1), padded with zeros to a multiple of 32
+    (quantized rows are whole 32-blocks). Without factors they are random (rank r), for the path's tests."""
+    out = {}
+    for i in range(shape.layers):
+        if factors:
+            a, b = factors[i]
+            m = b * w[f"blk.{i}.ffn_norm.weight"][None, :]
+            # balance each rank-1 term (|A_k| = |M_k|): a quantized fc2 row then keeps the small planted-bias
+            # column, which decides firing, instead of rounding it away beside the basis columns
+            c = np.sqrt(np.linalg.norm(m, axis=1) / np.linalg.norm(a, axis=0))
+            a, m = a * c[None, :], m / c[:, None]
+            fc1, fc2 = np.vstack([m, -m]), np.hstack([a, -a])
+        else:
+            fc1 = rng.standard_normal((rank, shape.dim)) / np.sqrt(shape.dim)
+            fc2 = rng.standard_normal((shape.ff, rank)) / np.sqrt(rank)
+        r = -(-fc1.shape[0] // 32) * 32
+        out[f"blk.{i}.fc1.weight"] = np.pad(fc1, ((0, r - fc1.shape[0]), (0, 0))).astype(np.float32)
+        out[f"blk.{i}.fc2.weight"] = np.pad(fc2, ((0, 0), (0, r - fc2.shape[1]))).astype(np.float32)
+    return out
 
 
 def random_weights(shape, n_vocab, rng):
@@ -212,7 +248,7 @@ def add_llama_hparams(writer, ctx, dim, layers, ff, heads, kv_heads, rope_base, 
         writer.add_value_length(head_dim)
 
 
-def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None, planted_rank=None):
+def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None, planted_rank=None, powerinfer=False):
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), shape.arch)
     writer.add_name(f"sparserun-test-{shape.arch}-{shape.dim}x{shape.layers}")
@@ -228,22 +264,37 @@ def _write(path, shape, n_vocab_path, qtype, seed, activation, planted=None, pla
         writer.add_float32("gemma2.attn_logit_softcapping", 50.0)
         writer.add_float32("gemma2.final_logit_softcapping", 30.0)
     writer.add_file_type(FILE_TYPES[qtype.name])
-    if activation != "silu":
+    if activation != "silu" and not powerinfer:  # PowerInfer's files say nothing: its sparse graph is ReLU
         writer.add_string(f"{shape.arch}.ffn_activation", activation)
     weights = random_weights(shape, n_vocab, rng)
-    if planted is not None:
-        plant_sparsity(weights, shape, n_vocab, 1.0 - planted, rng, rank=planted_rank)
+    factors = plant_sparsity(weights, shape, n_vocab, 1.0 - planted, rng, rank=planted_rank) if planted is not None else []
+    types = {}
+    if powerinfer:  # PowerInfer's layout: down neuron-major, the predictors beside (sparserun/powerinfer.py)
+        writer.add_float32("powerinfer.sparse_threshold", 0.0)
+        for i in range(shape.layers):
+            weights[f"blk.{i}.ffn_down_t.weight"] = np.ascontiguousarray(weights.pop(f"blk.{i}.ffn_down.weight").T)
+        pred = powerinfer_predictors(weights, shape, factors, rng)
+        weights.update(pred)
+        # its quantizer's rule (llama_model_quantize_internal): Q4_0 predictors in a Q4_0 file, Q5_0 in other quantized ones
+        if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            types = dict.fromkeys(pred, GGMLQuantizationType.Q4_0 if qtype == GGMLQuantizationType.Q4_0
+                                  else GGMLQuantizationType.Q5_0)
     for name, arr in weights.items():
-        if arr.ndim == 1 or qtype == GGMLQuantizationType.F32 or name.endswith("norm.weight"):
+        t = types.get(name, qtype)
+        if arr.ndim == 1 or t == GGMLQuantizationType.F32 or name.endswith("norm.weight"):
             writer.add_tensor(name, arr)
-        elif qtype == GGMLQuantizationType.F16:
+        elif t == GGMLQuantizationType.F16:
             writer.add_tensor(name, arr.astype(np.float16))
         else:
-            writer.add_tensor(name, quants.quantize(arr, qtype), raw_dtype=qtype)
+            writer.add_tensor(name, quants.quantize(arr, t), raw_dtype=t)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if powerinfer:
+        from sparserun.powerinfer import mark_powerinfer
+
+        mark_powerinfer(path)
 
 
 def llama_quantize(src, dst, ftype_name, threads=2):
@@ -262,11 +313,12 @@ def llama_quantize(src, dst, ftype_name, threads=2):
 
 
 def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activation="silu", planted=None,
-               planted_rank=None, **shape_kw):
+               planted_rank=None, powerinfer=False, **shape_kw):
     """Write a random llama GGUF to path and return path. shape: a Shape or a preset name; shape_kw
     override its fields (dim=, ff=, layers=, heads=, kv_heads=, ctx=, tied=). planted: a target
     fraction of zero FFN activations (e.g. 0.9) for a ReLU model with planted, skewed sparsity. arch= (a shape
-    field) picks the architecture (ARCHS)."""
+    field) picks the architecture (ARCHS). powerinfer: write PowerInfer's PWRI layout (ffn_down_t, predictors fc1/fc2
+    exact for a planted-rank model, random otherwise; see powerinfer_predictors) in a directly written type."""
     if planted is not None:
         if not 0.0 < planted < 1.0:
             raise ValueError(f"planted sparsity must be in (0, 1), got {planted}")
@@ -277,15 +329,18 @@ def make_model(path, type="F32", shape=None, seed=0, vocab=DEFAULT_VOCAB, activa
         raise ValueError(f"unknown type {type!r}; choose from {', '.join(TYPES)}")
     if shape.arch not in ARCHS:
         raise ValueError(f"unknown architecture {shape.arch!r}; choose from {', '.join(ARCHS)}")
-    if planted is not None and shape.arch != "llama":
+    if planted is not None and shape.arch not in ("llama", "bamboo"):
         raise ValueError("planted sparsity is made for the llama architecture (its ReLU FFN)")
+    if powerinfer and (shape.arch not in ("llama", "bamboo") or type not in DIRECT_TYPES):
+        raise ValueError("PowerInfer files are written for llama and bamboo in a directly written type "
+                         f"({', '.join(DIRECT_TYPES)}): llama.cpp's quantizer cannot read them")
     if Path(vocab) == DEFAULT_VOCAB:
         vocab = ARCH_VOCAB.get(shape.arch, vocab)
     if not Path(vocab).exists():
         raise FileNotFoundError(f"vocabulary GGUF {vocab} not found (pass vocab=...)")
     path = Path(path)
     if type in DIRECT_TYPES:
-        _write(path, shape, vocab, DIRECT_TYPES[type], seed, activation, planted, planted_rank)
+        _write(path, shape, vocab, DIRECT_TYPES[type], seed, activation, planted, planted_rank, powerinfer)
     else:
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             f32 = Path(tmp) / "f32.gguf"
@@ -308,6 +363,8 @@ def main(argv=None):
                     help="ReLU model whose FFN activations are about FRAC zeros, with power-law neuron hotness")
     ap.add_argument("--planted-rank", type=int, dest="planted_rank", metavar="R",
                     help="with --planted-sparsity: gate rows from a rank-R basis (low-rank predictable activations)")
+    ap.add_argument("--powerinfer", action="store_true",
+                    help="PowerInfer's PWRI file: ffn_down_t and predictors fc1/fc2 (exact with --planted-rank)")
     ap.add_argument("--vocab", default=str(DEFAULT_VOCAB), help="GGUF to copy the tokenizer from")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -316,7 +373,7 @@ def main(argv=None):
           if getattr(a, k) is not None}
     if a.tied:
         kw["tied"] = True
-    p = make_model(a.out, a.type, a.preset, a.seed, a.vocab, a.activation, a.planted, a.planted_rank, **kw)
+    p = make_model(a.out, a.type, a.preset, a.seed, a.vocab, a.activation, a.planted, a.planted_rank, a.powerinfer, **kw)
     print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
 
 

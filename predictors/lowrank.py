@@ -51,6 +51,27 @@ def rrr_init(x, g, w, rank):
     return LayerPredictor(V, c, np.ascontiguousarray(U), b2, 0.0)
 
 
+def bias_free_init(xr, w_eff, rank):
+    """PowerInfer's form of rrr_init: a predictor without biases, on the residual input xr (N, dim) of a layer whose
+    gate reads rmsnorm(xr) * w_norm, i.e. w_eff = W diag(w_norm) (n_ff, dim) applied to xr and divided by rms(xr). The
+    division only scales, so the sign of each pre-activation is the sign of xr w_eff^T, a linear map: reduced-rank
+    regression onto it (no centring: there is no intercept to absorb it) gives V (dim, r), U (r, n_ff), and
+    w1 = [V, -V], w2 = [U; -U] make relu(x w1) w2 = x V U exactly (relu(z) - relu(-z) = z). Hidden size 2r."""
+    g = xr @ w_eff.T  # (N, n_ff): the pre-activations times rms(xr)
+    _, _, vt = np.linalg.svd(g, full_matrices=False)
+    P = vt[:rank].T.astype(np.float32)  # (n_ff, r)
+    V = (w_eff.T @ P).astype(np.float32)  # (dim, r)
+    r2 = 2 * V.shape[1]
+    return LayerPredictor(np.hstack([V, -V]), np.zeros(r2, np.float32), np.ascontiguousarray(np.vstack([P.T, -P.T])),
+                          np.zeros(g.shape[1], np.float32), 0.0)
+
+
+def round_to_f16(pred):
+    """The predictor with its matrices rounded to float16, the type PowerInfer's converter writes them in."""
+    return LayerPredictor(pred.w1.astype(np.float16).astype(np.float32), pred.b1,
+                          pred.w2.astype(np.float16).astype(np.float32), pred.b2, pred.threshold)
+
+
 def train_layer(x, y, rank, epochs=30, batch=256, lr=3e-3, seed=0, init=None):
     """Fit a rank-`rank` predictor to inputs x (N, dim) float32 and labels y (N, n_ff) bool with a
     class-balanced logistic loss (positives weighted by their rarity per neuron), from `init` (a

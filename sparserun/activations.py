@@ -20,8 +20,10 @@ class _HeadRecorder:
         return logits
 
 
-def watch_ffn(model, ids, on_layer, batch=256, progress=None, on_head=None):
-    """on_head: also called per batch with the output head's inputs (T, dim) and the dense model's greedy tokens."""
+def watch_ffn(model, ids, on_layer, batch=256, progress=None, on_head=None, residual=False):
+    """on_head: also called per batch with the output head's inputs (T, dim) and the dense model's greedy tokens.
+    residual: on_layer receives the residual stream the FFN input was normalized from instead (PowerInfer's
+    predictors read that)."""
     import time
 
     def observe(li, acts):
@@ -29,7 +31,7 @@ def watch_ffn(model, ids, on_layer, batch=256, progress=None, on_head=None):
         pre = (L.w_gate if L.w_gate is not None else L.w_up).matmul(acts)
         a = np.empty_like(pre)
         ops.ffn_activate(pre[:0], pre, model.act_id, a)
-        on_layer(li, acts.x, np.abs(a))
+        on_layer(li, acts.residual if residual else acts.x, np.abs(a))
 
     t0 = time.perf_counter()
     old_head = model.use_head(_HeadRecorder(model, on_head) if on_head else model.head)

@@ -15,6 +15,7 @@ distributions, decoded token by token as in generation, and the kept fraction of
 hybrid:F modes, each its own model with part of it on the GPU, the fraction the CPU half computes).
 """
 import json
+import os
 import resource
 import statistics
 import time
@@ -161,13 +162,15 @@ def hybrid_fraction(mode):
 
 
 def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3, threads=None, sparsity=("threshold:0",),
-              text=None, fidelity_tokens=64, progress=None, depth=0, heads=()):
+              text=None, fidelity_tokens=64, progress=None, depth=0, heads=(), llama_cpp_model=None):
     """Returns a dict: model facts, one row per (mode, test) with t/s median and sd, and fidelity of
     every sparse mode against dense. 'sparse' in modes expands to one mode per sparsity spec; each head spec of
     heads other than dense adds a mode with the dense FFN and that output head (head.py). depth: tokens
-    of context in the cache before each test."""
+    of context in the cache before each test. llama_cpp_model: the file llama.cpp runs instead of path (a plain GGUF
+    of a PowerInfer file's weights: llama.cpp cannot open PWRI files)."""
     import sparserun
 
+    from .gguf_file import GGUFFile
     from .model import default_threads
     from .sparse_ffn import SparseFFN
     from .sparsity import parse_sparsity
@@ -180,6 +183,9 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         raise SparserunError("bench needs -r >= 1 and at least one of -p / -n above 0")
     if depth < 0:
         raise SparserunError(f"bench depth (-d) must be 0 or more, got {depth}")
+    if "llama.cpp" in modes and llama_cpp_model is None and GGUFFile(path).powerinfer:
+        raise SparserunError(f"{path}: llama.cpp cannot open PowerInfer (PWRI) files: give the same weights as a plain "
+                             "GGUF with --llama-cpp-model, or leave llama.cpp out of --modes")
     policies = [parse_sparsity(s) for s in sparsity] if "sparse" in modes else []
     threads = threads or default_threads()
     n_ctx = max(depth + n_prompt, depth + n_gen + 1, fidelity_tokens + 1) + 8
@@ -226,7 +232,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
                     if progress:
                         progress(0, 0, f"fidelity {name}: top-1 {fid[name]['top1_agreement']:.3f}")
     if "llama.cpp" in modes:
-        runners["llama.cpp"] = LlamaCppRunner(path, threads, n_ctx)
+        runners["llama.cpp"] = LlamaCppRunner(llama_cpp_model or path, threads, n_ctx)
         n_vocab, bos = runners["llama.cpp"].llm.n_vocab(), runners["llama.cpp"].llm.token_bos()
         runners["llama.cpp"].tg([max(bos, 0)], 2)
     bos = max(bos, 0)
@@ -265,7 +271,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
             ref = next((x for x in rows if x["mode"] == ref_mode and x["test"] == row["test"]), None)
             row[key] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
     return {"model": str(path), "file_bytes": os.path.getsize(path), "threads": threads, "repetitions": reps,
-            "depth": depth,
+            "depth": depth, "llama_cpp_model": str(llama_cpp_model) if llama_cpp_model and "llama.cpp" in modes else None,
             "peak_rss_bytes": rss, "rss_over_file": rss / os.path.getsize(path) if rss else None, "results": rows,
             "fidelity": fid}
 
@@ -276,8 +282,11 @@ def format_table(res, fmt="md"):
     head = ["mode", "model", "size", "threads", "test", "t/s", "vs dense", "vs llama.cpp"]
     name = res["model"].rsplit("/", 1)[-1]
     size = f"{res['file_bytes'] / 2**20:.1f} MiB"
+    other = res.get("llama_cpp_model")  # llama.cpp ran the plain GGUF of a PWRI model's weights
+    files = {m: (other.rsplit("/", 1)[-1], f"{os.path.getsize(other) / 2**20:.1f} MiB") if other and m == "llama.cpp"
+             else (name, size) for m in {r["mode"] for r in res["results"]}}
     ratio = lambda x: f"{x:.2f}x" if x else ""
-    body = [[r["mode"], name, size, str(res["threads"]), r["test"], f"{r['tokens_per_s']:.2f} ± {r['sd']:.2f}",
+    body = [[r["mode"], *files[r["mode"]], str(res["threads"]), r["test"], f"{r['tokens_per_s']:.2f} ± {r['sd']:.2f}",
              ratio(r["vs_dense"]), ratio(r["vs_llama_cpp"])] for r in res["results"]]
     fhead = ["mode", "top-1 agreement", "mean KL", "ppl (dense)", "kept (mean)", "kept per layer"]
     fbody = [[m, f"{f['top1_agreement']:.3f}", f"{f['mean_kl']:.4f}", f"{f['ppl']:.3f} ({f['ppl_dense']:.3f})",

@@ -259,6 +259,8 @@ def bench(
     threads: Optional[int] = Threads,
     output: str = typer.Option("md", "-o", "--output", help="md, csv or json"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write every figure to this JSON file"),
+    llama_cpp_model: Optional[Path] = typer.Option(None, "--llama-cpp-model", help="the file llama.cpp runs instead "
+                                                   "(a PowerInfer PWRI model's weights as a plain GGUF)"),
 ):
     """Tokens/s of this engine (dense and sparse) and of llama.cpp on the same file, llama-bench style,
     with fidelity of each sparse mode against dense (top-1 agreement, KL, kept fraction)."""
@@ -273,13 +275,16 @@ def bench(
     from .sparsity import parse_sparsity
 
     GGUFFile(model)  # a bad file or spec fails here with its one-line error, before anything loads
+    if llama_cpp_model is not None:
+        GGUFFile(llama_cpp_model)
     for spec in sparsity:
         parse_sparsity(spec)
     if text is not None and not text.is_file():
         raise SparserunError(f"{text}: no such text file")
     res = run_bench(model, [x.strip() for x in modes.split(",") if x.strip()], n_prompt, n_gen, reps, threads,
                     sparsity=sparsity, text=text.read_text(errors="replace") if text else None,
-                    fidelity_tokens=fidelity_tokens, progress=stderr_progress, depth=depth, heads=heads)
+                    fidelity_tokens=fidelity_tokens, progress=stderr_progress, depth=depth, heads=heads,
+                    llama_cpp_model=llama_cpp_model)
     typer.echo(format_table(res, output))
     if json_file:
         json_file.write_text(json.dumps(res, indent=2))
@@ -431,6 +436,8 @@ def train_predictors_cmd(
     tokens: int = typer.Option(2048, "--tokens", help="tokens of the corpus to use at most (60/20/20 split)"),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="predictor file (default: <model>.gguf.predictors.gguf)"),
     recall: float = typer.Option(0.95, "--target-recall", help="fraction of true activations to keep"),
+    form: str = typer.Option("sparserun", "--form", help="sparserun (biases, the FFN's normalized input) or powerinfer "
+                             "(PowerInfer's: no biases, the residual input; for export-powerinfer)"),
     sparsity: float = typer.Option(0.5, "--target-sparsity", help="SwiGLU: 'active' means above this sparsity's thresholds"),
     epochs: int = typer.Option(30, "--epochs"),
     threads: Optional[int] = Threads,
@@ -448,11 +455,33 @@ def train_predictors_cmd(
         stderr_progress(done, total, f"layer {done}/{total}: rank {row['rank']}, held-out recall {row['recall']:.3f}, "
                                      f"predicted density {row['predicted_density']:.3f}")
 
-    pset, report = train_predictors(m, ids, target_recall=recall, sparsity=sparsity, epochs=epochs, progress=progress)
+    pset, report = train_predictors(m, ids, target_recall=recall, sparsity=sparsity, epochs=epochs, progress=progress,
+                                    form=form)
     out = out or Path(PREDICTORS.default_path(model))
     pset.save(out)
     typer.echo(format_report(report))
     typer.echo(f"wrote {out} (held-out figures: the last 20% of the {len(ids)} tokens)")
+
+
+@app.command("export-powerinfer")
+def export_powerinfer(
+    model: Path = ModelArg,
+    predictors: Optional[Path] = typer.Option(None, "--predictors", help="predictors trained with --form powerinfer "
+                                              "(default: <model>.gguf.predictors.gguf)"),
+    out: Path = typer.Option(..., "-o", "--output", help="the PWRI file to write (PowerInfer names them *.powerinfer.gguf)"),
+):
+    """Write a ReLU llama / bamboo model and its predictors as PowerInfer's PWRI file (PowerInfer and sparserun both
+    run it)."""
+    from predictors.format import load_predictors
+
+    from .powerinfer import export
+    from .side_files import PREDICTORS
+
+    m = _load(model, None, 8)
+    pset = load_predictors(str(predictors or PREDICTORS.default_path(model)), m)
+    threshold, per_layer = export(m, pset, out)
+    typer.echo(f"wrote {out}: powerinfer.sparse_threshold {threshold:g} (per layer, as trained: "
+               f"{', '.join(f'{t:.3g}' for t in per_layer)})")
 
 
 def main(argv=None):

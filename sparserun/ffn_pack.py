@@ -10,7 +10,8 @@ Unit i (bytes) = [ gate row i | up row i | down column i ]
 - the down column in the format below.
 
 GGUF stores ffn_down as (dim rows, n_ff cols), so a neuron's down weights are a strided column. At first
-use it is dequantized, transposed and re-quantized per 32 values, at the precision of the source:
+use it is dequantized, transposed and re-quantized per 32 values, at the precision of the source (PowerInfer's files
+store it neuron-major as ffn_down_t: there F32, Q4_0 and Q8_0 columns are taken as they are, see down_columns):
 - float32 for F32 models (exact);
 - 4-bit (Q4_0's nibble order and rounding) for 4-bit sources (Q4_0, Q4_K): as many quant bytes per neuron
   as the original, so skipping neurons saves what it should;
@@ -83,7 +84,17 @@ def save_aligned(path, units):
 
 
 def down_columns(down, kind):
-    """ffn_down (dim, n_ff) -> (n_ff, bytes) uint8: each neuron's column in the pack's down format."""
+    """ffn_down (dim, n_ff) -> (n_ff, bytes) uint8: each neuron's column in the pack's down format. A down matrix
+    stored neuron-major (weights.TransposedWeight: PowerInfer's ffn_down_t) in F32, Q8_0 or Q4_0 gives its columns
+    as they are, only the bytes reordered (quants, then the fp16 scales): no re-quantization, no added error."""
+    src = getattr(down, "source", None)  # the file's own rows (n_ff, dim), when it stores them neuron-major
+    if src is not None:
+        rows = src.raw.reshape(src.rows, src.row_bytes)
+        if kind == S.DOWN_F32 and src.qtype == K.F32:
+            return rows
+        if (kind, src.qtype) in ((S.DOWN_Q4, K.Q4_0), (S.DOWN_Q8, K.Q8_0)):
+            blocks = rows.reshape(src.rows, src.cols // K.QK, -1)  # (n_ff, dim/32, 2 + quant bytes): d, then quants
+            return np.concatenate([blocks[:, :, 2:].reshape(src.rows, -1), blocks[:, :, :2].reshape(src.rows, -1)], 1)
     wt = np.ascontiguousarray(down.dequantize().T)  # (n_ff, dim) float32
     if kind == S.DOWN_F32:
         return wt.view(np.uint8)

@@ -14,7 +14,7 @@ from . import gguf_header
 from .errors import ModelFileError
 from .qtypes import BLOCKS, TYPES, type_name as _type_name
 
-GGUF_MAGIC = b"GGUF"
+GGUF_MAGIC, POWERINFER_MAGIC = gguf_header.MAGICS
 
 
 @dataclass
@@ -49,8 +49,9 @@ class GGUFFile:
             raise ModelFileError(self.path, "is a directory, not a GGUF file")
         with open(self.path, "rb") as fh:
             magic = fh.read(4)
-            if magic != GGUF_MAGIC:
+            if magic not in gguf_header.MAGICS:
                 raise ModelFileError(self.path, "not a GGUF file (bad magic bytes)")
+            self.powerinfer = magic == POWERINFER_MAGIC  # PowerInfer's PWRI file (powerinfer.py)
             try:
                 self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             except (OSError, ValueError) as e:
@@ -104,6 +105,10 @@ class GGUFFile:
     @property
     def tensor_names(self):
         return list(self._tensors)
+
+    def dims(self, name):
+        """Tensor name's dimensions as stored (ggml order: ne[0] is the row length)."""
+        return list(self._tensors[name][1])
 
     def tensor_types(self):
         return {name: _type_name(t[0]) for name, t in self._tensors.items()}

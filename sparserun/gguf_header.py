@@ -18,6 +18,8 @@ _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: n
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 STRING, ARRAY = 8, 9
 MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+# "PWRI": PowerInfer's files, a GGUF whose magic its converter overwrites (powerinfer.py has the format's details)
+MAGICS = (b"GGUF", b"PWRI")
 
 
 class HeaderError(ValueError):
@@ -93,11 +95,13 @@ class _Cursor:
         raise HeaderError(f"unknown array item type {itype} at byte {self.at}")
 
 
-def parse(buf):
+def parse(buf, meta_end=None):
     """(version, metadata dict, [(name, ggml type, dims (ne order), offset from the data start)], data start)
-    of the GGUF bytes buf (a memoryview or mmap). Raises HeaderError on anything malformed."""
+    of the GGUF (or PWRI) bytes buf (a memoryview or mmap). Raises HeaderError on anything malformed. meta_end: a
+    list that receives the byte offset where the key/values end."""
+    meta_end = [] if meta_end is None else meta_end
     c = _Cursor(buf)
-    if bytes(buf[:4]) != b"GGUF":
+    if bytes(buf[:4]) not in MAGICS:
         raise HeaderError("bad magic bytes")
     c.take(4)
     version = c.scalar(4)
@@ -110,6 +114,7 @@ def parse(buf):
     for _ in range(n_kv):
         key = c.string()
         meta[key] = c.value(c.scalar(4))
+    meta_end[:] = [c.at]
     tensors = []
     for _ in range(n_tensors):
         name = c.string()
@@ -123,3 +128,30 @@ def parse(buf):
         raise HeaderError(f"general.alignment {align!r} is not a power of two")
     start = -(-c.at // align) * align
     return version, meta, tensors, start
+
+
+def metadata_only(buf, arch=None):
+    """The GGUF of buf's key/values alone, no tensors, with the GGUF magic: what llama.cpp's vocab_only load reads
+    (a PowerInfer file's tokenizer, which llama.cpp cannot open under its PWRI magic). arch: rename the architecture
+    (general.architecture and every `<arch>.` key) to one llama.cpp knows."""
+    _, meta, _, _ = parse(buf)
+    old = meta.get("general.architecture")
+    c = _Cursor(buf)
+    c.take(4)
+    version = c.scalar(4)
+    c.scalar(10)
+    n_kv = c.scalar(10)
+    out = [b"GGUF", struct.pack("<IQQ", version, 0, n_kv)]
+    enc = lambda text: struct.pack("<Q", len(text.encode())) + text.encode()  # noqa: E731
+    for _ in range(n_kv):
+        key = c.string()
+        vtype = c.scalar(4)
+        a = c.at
+        c.value(vtype)
+        value = bytes(buf[a:c.at])
+        if arch and key == "general.architecture":
+            value = enc(arch)
+        elif arch and old and key.startswith(old + "."):
+            key = arch + key[len(old):]
+        out.append(enc(key) + struct.pack("<I", vtype) + value)
+    return b"".join(out)

@@ -25,10 +25,10 @@ def matvec_t(wt, x, out):
 
 @cuda.jit(device=True)
 def activate(a, act):
-    """0 silu, 1 relu, 2 gelu (tanh form): the CPU's ops.ffn_activate."""
+    """0 silu, 1 relu, 2 gelu (tanh form), 3 relu (relu_sym): the CPU's ops.ffn_activate."""
     if act == 0:
         return a / (float32(1.0) + float32(math.exp(-a)))
-    if act == 1:
+    if act == 1 or act == 3:
         return a if a > 0 else float32(0.0)
     return float32(0.5) * a * (float32(1.0) + float32(math.tanh(float32(0.7978845608) * (a + float32(0.044715) * a * a * a))))
 
@@ -54,7 +54,7 @@ def hot_ffn_in(gt, ut, x, gated, act, thr, mask, use_mask, h):
         if abs(a) <= thr:
             h[t, j] = 0.0
         else:
-            h[t, j] = a * u if gated else a
+            h[t, j] = a * (max(u, float32(0.0)) if act == 3 else u) if gated else a
 
 
 @cuda.jit

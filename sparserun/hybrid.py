@@ -63,7 +63,8 @@ def resolve_device(device, vram_budget=None, err=sys.stderr):
 
 
 def make_placement(model, vram_budget=None, placement=None, profile=None, gate_dense=True):
-    """A saved placement (checked against the model): `placement`, or without a budget the one `sparserun place`
+    """A saved placement (checked against the model): `placement` (a `sparserun place` file or PowerInfer's GPU index),
+    or without a budget the one `sparserun place`
     saved beside the model; else a plan for vram_budget GiB (None: the whole model) from the profile (a path, or
     <model>.gguf.profile.gguf when it exists; without one every neuron counts as equally hot)."""
     from . import placement as P
@@ -73,6 +74,10 @@ def make_placement(model, vram_budget=None, placement=None, profile=None, gate_d
     if vram_budget is None:  # a budget plans anew; without one, a saved placement is used
         placement = PLACEMENT.given_or_default(placement, model.path)
     if placement is not None:
+        from . import powerinfer
+
+        if powerinfer.is_gpu_index(placement):  # PowerInfer's *.gpuidx: its FFN neurons on the GPU
+            return powerinfer.read_gpu_index(placement, model)
         return P.load_placement(placement, model)
     profile = PROFILE.given_or_default(profile, model.path)
     prof = Pr.load_profile(profile, model) if profile is not None else None
@@ -230,7 +235,7 @@ class HybridFFN:
         x = np.ascontiguousarray(acts.x, np.float32)  # (T, dim)
         T = x.shape[0]
         if self.predictor is not None:
-            self.predicted = self.predictor(li, x)
+            self.predicted = self.predictor(li, acts)
         part = self.layers[li]
         if part is None:
             return self.cpu(li, acts)

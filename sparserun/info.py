@@ -33,7 +33,23 @@ def model_info(f, a, path):
         "rope_type": "neox" if a.rope_type == ROPE_NEOX else "normal",
         "features": list(a.features),
         "chat_template": "yes" if f.get("tokenizer.chat_template") else "no",
+        "powerinfer": powerinfer_info(f, a),
     }
+
+
+def powerinfer_info(f, a):
+    """What a PowerInfer (PWRI) file carries beyond the model, or None for a plain GGUF."""
+    from . import powerinfer
+
+    if not f.powerinfer:
+        return None
+    out = {"ffn_down_t": a.down_t, "predictors": None}
+    if powerinfer.has_predictors(f):
+        fc1 = [f.tensor(f"blk.{i}.fc1.weight") for i in range(a.n_layer)]
+        out["predictors"] = {"ranks": sorted({t.rows for t in fc1}), "type": fc1[0].type_name,
+                             "threshold": powerinfer.file_threshold(f),
+                             "bytes": sum(t.n_bytes + f.tensor(f"blk.{i}.fc2.weight").n_bytes for i, t in enumerate(fc1))}
+    return out
 
 
 def format_info(info):
@@ -49,5 +65,11 @@ def format_info(info):
         ("features", ", ".join(info["features"]) or "none (llama's block)"),
         ("chat template", info["chat_template"]),
     ]
+    pi = info.get("powerinfer")
+    if pi is not None:
+        p = pi["predictors"]
+        rows.append(("PowerInfer (PWRI)", "ffn_down stored transposed (ffn_down_t); " + (
+            f"predictors fc1/fc2 of rank {'/'.join(map(str, p['ranks']))} in {p['type']} ({p['bytes'] / 2**20:.1f} MiB), "
+            f"threshold {p['threshold']:g} (--sparsity predictor runs them)" if p else "no predictors")))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

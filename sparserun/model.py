@@ -20,9 +20,9 @@ from .gguf_file import GGUFFile
 from .kv_cache import KVCache
 from .kernels import ops
 from .memory import Arena
-from .weights import Acts, Matmuls, Weight, in_memory_together, stackable
+from .weights import Acts, Matmuls, TransposedWeight, Weight, in_memory_together, stackable
 
-ACT_IDS = {"silu": 0, "relu": 1, "gelu": 2}
+ACT_IDS = {"silu": 0, "relu": 1, "gelu": 2, "relu_sym": ops.RELU_SYM}  # relu_sym: relu(gate) * relu(up) (bamboo)
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Layer:
     ffn_norm: np.ndarray  # (dim,)
     w_gate: Weight | None  # (n_ff, dim), None for a non-gated FFN
     w_up: Weight  # (n_ff, dim)
-    w_down: Weight  # (dim, n_ff)
+    w_down: Weight  # (dim, n_ff); a weights.TransposedWeight where the file holds ffn_down_t (PowerInfer)
     rope_inv_freq: np.ndarray = None  # (rope_dim/2,) this layer's RoPE frequencies
     rope_scale: float = 1.0  # cos and sin multiplied by this (LongRoPE's attention factor)
     window: int = 0  # sliding window (0: full causal attention)
@@ -119,6 +119,8 @@ class Model:
             t.update((k, mat(*ns)) for k, ns in present.items() if k not in t)
             for whole, parts in a.fused.items():  # row blocks of one matrix, back to back: still one stream
                 t.update(zip(parts, split_rows(t.pop(whole), [a.layer_shapes()[0][k][0] for k in parts])))
+            if a.down_t:  # neuron-major rows; the packs read the file's own bytes (source)
+                t["ffn_down"] = TransposedWeight(t.pop("ffn_down_t"), f.tensor(present["ffn_down_t"][0]))
             vec = lambda k: t[k].vector() if k in t else None  # noqa: E731
             self.layers.append(Layer(
                 vec("attn_norm"), t["attn_q"], t["attn_k"], t["attn_v"], t["attn_output"], vec("ffn_norm"),
@@ -278,7 +280,7 @@ class Model:
                 ops.rmsnorm(h, L.attn_post_norm, a.norm_eps, h)
             ops.add_inplace(x, h)
             ops.rmsnorm(x, L.ffn_norm, a.norm_eps, xn)
-            h = self.ffn(li, Acts(xn))  # (T, dim)
+            h = self.ffn(li, Acts(xn, residual=x))  # (T, dim)
             if L.ffn_post_norm is not None:
                 ops.rmsnorm(h, L.ffn_post_norm, a.norm_eps, h)
             ops.add_inplace(x, h)

@@ -8,8 +8,8 @@ Decode (one token), gated FFN (SwiGLU / ReGLU), CATS-style:
 Non-gated FFN: a = act(W_up x), h = a[idx], and the kernel reads only the down columns. Threshold policies
 run all four steps in one kernel (select_pack_ffn: the dense gate stream hides the kept units' latency).
 With a predicted neuron set (predictor policies) the pack holds the gate rows too, so all three matrices are
-read for the predicted neurons alone, in one pass. A predictor is a callable (layer, x (T, dim)) -> list of
-T int arrays of ids.
+read for the predicted neurons alone, in one pass. A predictor is a callable (layer, acts: the FFN's weights.Acts of T
+tokens) -> list of T int arrays of ids.
 
 Prompt batches (T > 1), and decode tokens that keep more than DENSE_ABOVE (predicted sets:
 PREDICTED_DENSE_ABOVE) of the neurons (where the pack kernels stop paying: benchmarks/ffn_kernels.py),
@@ -104,7 +104,7 @@ class SparseFFN:
         T = acts.x.shape[0]
         if self.fused and T == 1 and self.last_kept[li] <= DENSE_ABOVE:
             return self._selected(li, L, acts)
-        predicted = self.predictor(li, acts.x) if self.predictor is not None else None
+        predicted = self.predictor(li, acts) if self.predictor is not None else None
         if predicted is not None:
             predicted = [self._owned(li, p) for p in predicted]
         if T > 1 or self.policy.is_dense and predicted is None or (
@@ -158,7 +158,8 @@ class SparseFFN:
     def _dense_rest(self, li, L, acts, a, keep, u):
         """One token keeping many neurons: up and down densely, dropped ones zeroed (a, keep, u: owned space)."""
         h = np.zeros_like(a)
-        h[keep] = a[keep] if u is None else a[keep] * u[keep]  # non-gated: h = act(up), already in a
+        up = None if u is None else (np.maximum(u[keep], 0) if self.act_id == ops.RELU_SYM else u[keep])
+        h[keep] = a[keep] if u is None else a[keep] * up  # non-gated: h = act(up), already in a
         self._count(li, len(keep))
         return L.w_down.matmul(Acts(self._scatter(li, h[None])))
 

@@ -6,7 +6,9 @@
     threshold:T                neurons with |activation| > T; one value, one per layer, or a
                                file: threshold:thresholds.json ({"thresholds": [t0, t1, ...]})
     predictor[:FILE]           neurons an activation predictor (sparserun train-predictors) calls
-                               active; FILE defaults to <model>.gguf.predictors.gguf beside the model
+                               active; FILE defaults to <model>.gguf.predictors.gguf beside the model;
+                               a PowerInfer (PWRI) model's own predictors by default, predictor:T
+                               runs them at threshold T instead of the file's
 
 For SwiGLU models activations are act(gate) (CATS: gate computed densely, then up and down for the
 kept neurons only); ReLU-family models also skip their natural zeros in every sparse mode. A predictor
@@ -66,7 +68,8 @@ class Policy:
         return -1.0
 
     def predictor(self, model):
-        """A callable (layer, x (T, dim)) -> list of T id arrays when the policy predicts its neuron sets."""
+        """A callable (layer, acts: the FFN's weights.Acts of T tokens) -> list of T id arrays when the policy predicts
+        its neuron sets."""
         return None
 
 
@@ -114,14 +117,20 @@ class Threshold(Policy):
 
 
 class Predicted(Policy):
-    """Neuron sets from trained predictors (predictor.py); values: (FILE,) or ()."""
+    """Neuron sets from trained predictors; values: (FILE,), (THRESHOLD,) or (). A PowerInfer (PWRI) model's own
+    predictors run by default, at the file's threshold or THRESHOLD (powerinfer.py); otherwise FILE, or the model's
+    default predictor file, from `sparserun train-predictors` (predictor.py)."""
 
     name, is_dense, gate_dense = "predictor", False, False
 
     def predictor(self, model):
+        from . import powerinfer
         from .predictor import load_predictor
 
-        return load_predictor(model, self.values[0] if self.values else None)
+        arg = self.values[0] if self.values else None
+        if isinstance(arg, float) or (arg is None and powerinfer.has_predictors(model.gguf)):
+            return powerinfer.PowerInferPredictor(model, arg)
+        return load_predictor(model, arg)
 
 
 POLICIES = {p.name: p for p in (Policy, TopK, Threshold, Predicted)}
@@ -148,8 +157,9 @@ def parse_sparsity(spec):
         if arg:
             raise SparserunError(f"--sparsity {spec}: dense takes no value")
         return Policy(spec=spec)
-    if cls is Predicted:
-        return Predicted((arg,) if arg else (), spec)
+    if cls is Predicted:  # a number is a PowerInfer model's threshold, anything else a predictor file
+        value = float(arg) if arg and _looks_numeric(arg) and "," not in arg else arg
+        return Predicted((value,) if arg else (), spec)
     if not arg:
         raise SparserunError(f"--sparsity {spec}: {cls.name} needs a value, e.g. "
                              f"{cls.name}:{'0.1' if cls is TopK else '0.05'}")

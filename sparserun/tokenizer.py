@@ -28,9 +28,11 @@ class Tokenizer:
     def __init__(self, path):
         import llama_cpp
 
+        from .powerinfer import vocab_path
+
         try:
             with quiet_stderr():
-                self._llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False, n_ctx=8)
+                self._llama = llama_cpp.Llama(model_path=str(vocab_path(path)), vocab_only=True, verbose=False, n_ctx=8)
         except Exception as e:
             raise ModelFileError(path, f"llama.cpp could not load its vocabulary ({str(e)[:120]})") from None
         self.n_vocab = self._llama.n_vocab()

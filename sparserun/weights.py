@@ -12,10 +12,11 @@ from .memory import huge_page_buffer
 
 
 class Acts:
-    """An activation matrix x (T, n) float32 and its lazily computed int8 blocks (quant.quantize_acts)."""
+    """An activation matrix x (T, n) float32 and its lazily computed int8 blocks (quant.quantize_acts). An FFN's
+    input also carries the residual stream it was normalized from (PowerInfer's predictors read that)."""
 
-    def __init__(self, x):
-        self.x = x
+    def __init__(self, x, residual=None):
+        self.x, self.residual = x, residual
         self._forms = self._kforms = None
 
     def forms(self):
@@ -102,6 +103,40 @@ class Weight:
     def vector(self):
         """A 1-row weight (norm gains, rope factors) as a float32 vector."""
         return self.rows_f32(np.zeros(1, np.int64))[0]
+
+
+class TransposedWeight:
+    """A (rows, cols) matrix W stored as its transpose: `t`, a Weight of cols rows of `rows` values, row j being
+    column j of W (PowerInfer's ffn_down_t holds ffn_down so, neuron by neuron). `source`: the stored rows as the file
+    holds them (t may be an in-memory copy in the kernels' layout); the neuron packs take their down columns from
+    it without re-quantizing (ffn_pack.down_columns)."""
+
+    f32 = None
+
+    def __init__(self, t, source):
+        self.t, self.source = t, source
+        self.name, self.qtype, self.type_name = t.name, t.qtype, t.type_name
+        self.rows, self.cols = t.cols, t.rows
+
+    @property
+    def n_bytes(self):
+        return self.t.n_bytes
+
+    def matmul(self, acts, out=None):
+        """out (T, rows) = acts.x (T, cols) @ W.T: one axpy per stored row (kernels.transposed)."""
+        import numba
+
+        from .kernels.transposed import matmul_rows_t
+
+        h = np.ascontiguousarray(acts.x, np.float32)
+        if out is None:
+            out = np.empty((h.shape[0], self.rows), np.float32)
+        parts = np.empty((max(1, numba.get_num_threads()), h.shape[0], self.rows), np.float32)
+        matmul_rows_t(self.t.raw, self.t.row_bytes, self.t.qtype, h, parts, out)
+        return out
+
+    def dequantize(self):
+        return np.ascontiguousarray(self.t.dequantize().T)
 
 
 def in_memory_together(ws, alloc=huge_page_buffer):

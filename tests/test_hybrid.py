@@ -67,8 +67,8 @@ def test_hybrid_with_a_predicted_neuron_set(tiny):
     rng = np.random.default_rng(0)
     sets = [np.sort(rng.choice(128, 40, replace=False)) for _ in range(2)]
 
-    def oracle(li, x):  # a fixed predicted set per layer
-        return [sets[li]] * x.shape[0]
+    def oracle(li, acts):  # a fixed predicted set per layer
+        return [sets[li]] * acts.x.shape[0]
 
     d_batch, d_dec, std, _ = hybrid_vs_cpu(tiny(planted=0.7), 0.3, predictor=oracle)
     assert d_batch < 1e-4 * std and d_dec < 1e-4 * std

@@ -53,12 +53,13 @@ def test_train_save_load_and_run_on_a_relu_model(make_model, tmp_path):
         assert a.threshold == b.threshold
     # the runtime numba evaluation agrees with the numpy predictor
     from sparserun.predictor import Predictor
+    from sparserun.weights import Acts
 
     pol = Predictor(back)
     x = np.random.default_rng(1).standard_normal((3, m.args.dim)).astype(np.float32)
     for li, layer in enumerate(back.layers):
         want = [np.flatnonzero(row) for row in layer.predict(x)]
-        got = pol(li, x)
+        got = pol(li, Acts(x))
         for w, g in zip(want, got):
             assert len(np.setxor1d(w, g)) <= 1  # float summation order may flip a logit at the threshold
     # end to end: --sparsity predictor:FILE against dense

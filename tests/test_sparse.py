@@ -300,8 +300,8 @@ def test_predicted_neuron_set_computes_only_those(stories, make_model, which):
 
     from sparserun.weights import Acts
 
-    def oracle(layer, x):
-        g = dense.layers[layer].w_gate.matmul(Acts(x))  # the engine's own gate dots (int8 activations on Q4_0)
+    def oracle(layer, acts):
+        g = dense.layers[layer].w_gate.matmul(Acts(acts.x))  # the engine's own gate dots (int8 activations on Q4_0)
         a = np.empty_like(g)
         ops.ffn_activate(g[:0], g, 0, a)  # and its own SiLU (numpy's exp can order a near-tie the other way)
         a = np.abs(a)
@@ -433,7 +433,7 @@ def test_every_policy_runs_on_other_architectures(make_model, arch, qtype, dim):
     scale = np.abs(dense).max()
     np.testing.assert_allclose(decode_logits(sparserun.load(path, sparsity="topk:1.0"), ids), dense, atol=1e-4 * scale)
     n_ff = dense_model.args.n_ff
-    every = sparserun.load(path, predictor=lambda layer, x: [np.arange(n_ff)] * len(x))
+    every = sparserun.load(path, predictor=lambda layer, acts: [np.arange(n_ff)] * len(acts.x))
     d = np.abs(decode_logits(every, ids) - dense) / dense.std()
     assert d.max() < (1e-3 if qtype == "F32" else 0.35), d.max()
     for spec in ("topk:0.5", "threshold:0.05"):

@@ -4,10 +4,10 @@ Every architecture runs the one shared block (model.Model._block); a module sets
 differs from llama (arch/base.py lists them). Adding an architecture is a module here and its line in MODULES.
 """
 from ..errors import ModelFileError
-from . import gemma3, llama, phi3, qwen2, qwen3
+from . import bamboo, gemma3, llama, phi3, qwen2, qwen3
 from .base import ROPE_NEOX, ROPE_NORM, ModelArgs  # noqa: F401
 
-MODULES = (llama, qwen2, qwen3, gemma3, phi3)
+MODULES = (llama, qwen2, qwen3, gemma3, phi3, bamboo)
 ARCHITECTURES = {name: module for module in MODULES for name in module.NAMES}
 
 

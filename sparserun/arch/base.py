@@ -11,7 +11,8 @@ import numpy as np
 
 from ..errors import ModelFileError
 
-ACTIVATIONS = ("silu", "relu", "gelu")
+ACTIVATIONS = ("silu", "relu", "gelu")  # what a file's <arch>.ffn_activation may name
+# relu_sym: relu(gate) * relu(up), PowerInfer's LLM_FFN_SYM (bamboo); set by an architecture, never read from a file
 ROPE_NORM, ROPE_NEOX = 0, 2  # llama.cpp's rope types: adjacent pairs / split halves
 
 
@@ -47,6 +48,7 @@ class ModelArgs:
     rope_attn_factor: float = 1.0  # cos and sin scaled by this (rope.scaling.attn_factor: LongRoPE's, YaRN's)
     n_ctx_orig: int = 0  # rope.scaling.original_context_length: past it, rope_factors_long replace the short ones
     fused: dict = field(default_factory=dict)  # a fused tensor's key -> the keys of its row blocks, in order (phi3)
+    down_t: bool = False  # ffn_down stored transposed as ffn_down_t (n_ff, dim), neuron-major (PowerInfer's files)
     features: list = field(default_factory=list)  # what `sparserun info` names
 
     @property
@@ -64,6 +66,9 @@ class ModelArgs:
                "ffn_norm": (1, d), "ffn_up": (ff, d), "ffn_down": (d, ff)}
         if self.gated:
             req["ffn_gate"] = (ff, d)
+        if self.down_t:
+            del req["ffn_down"]
+            req["ffn_down_t"] = (ff, d)
         if self.qk_norm:
             req.update(attn_q_norm=(1, hd), attn_k_norm=(1, hd))
         if self.post_norms:

@@ -335,15 +335,25 @@ GELU_HALF = _gelu_half_table()  # (65536,) float32
 
 @njit(cache=True, inline="always")
 def activate(a, act):
-    """act(a) for one float32; act: 0 silu, 1 relu, 2 gelu (tanh form), as llama.cpp's CPU backend computes it
+    """act(a) for one float32; act: 0 silu, 1 relu, 2 gelu (tanh form), 3 relu (relu_sym: the up half too, up_part),
+    as llama.cpp's CPU backend computes it
     (GGML_GELU_FP16: its table of gelu at every half, indexed by the input rounded to half, the value rounded
     to half; 0 below -10 and the identity above 10; ggml_vec_geglu_f32)."""
     if act == 0:
         return a / (np.float32(1.0) + fast_exp(-a))
-    if act == 1:
+    if act == 1 or act == 3:
         return a if a > 0 else np.float32(0.0)
     g = GELU_HALF[half_bits(a)]
     return np.float32(0.0) if a <= np.float32(-10.0) else (a if a >= np.float32(10.0) else g)
+
+
+RELU_SYM = 3  # the activation id of relu(gate) * relu(up)
+
+
+@njit(cache=True, inline="always")
+def up_part(d, act):
+    """The up row's factor in h = act(gate) * up_part: its dot d, or relu(d) for relu_sym (3: PowerInfer's bamboo)."""
+    return (d if d > 0 else np.float32(0.0)) if act == 3 else d
 
 
 @njit(cache=True, inline="always")
@@ -355,7 +365,7 @@ def activate_row(src, act, out):
     if act == 0:
         for i in range(n):
             out[i] = src[i] / (np.float32(1.0) + fast_exp(-src[i]))
-    elif act == 1:
+    elif act == 1 or act == 3:
         for i in range(n):
             out[i] = max(src[i], np.float32(0.0))
     else:
@@ -373,8 +383,12 @@ def ffn_activate(g, u, act, out):
         else:
             activate_row(g[t], act, o)
             ut = u[t]
-            for i in range(o.shape[0]):
-                o[i] *= ut[i]
+            if act == 3:
+                for i in range(o.shape[0]):
+                    o[i] *= max(ut[i], np.float32(0.0))
+            else:
+                for i in range(o.shape[0]):
+                    o[i] *= ut[i]
 
 
 @njit(cache=True)

@@ -7,7 +7,7 @@ Decode only (one token): prompt batches use the dense kernels with per-token mas
 import numpy as np
 from numba import njit, prange
 
-from .ops import activate, activate_row
+from .ops import activate, activate_row, up_part
 from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0, QK, acts_forms, dequant_row
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4,
                    coefs_q4_vnni, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni,
@@ -90,7 +90,7 @@ def activate_masked(g, u, act, k, t, h, counts):
         h[r, :] = 0.0
         for j in range(kept):
             i = idx[j]
-            h[r, i] = a[i] * u[r, i] if gated else a[i]
+            h[r, i] = a[i] * up_part(u[r, i], act) if gated else a[i]
         counts[r] = kept
 
 
@@ -261,7 +261,7 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                     if g < cnt:
                         base = idx[j + g] * unit_bytes
                         dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, xt, 0, xd, xs, 0, ahead[g], head_per_group)
-                        h[g] = activate(dg, act_id) * d
+                        h[g] = activate(dg, act_id) * up_part(d, act_id)
                         offs[g] = base + down_at
                     if ahead[g] >= 0:
                         ahead[g] += head * 64
@@ -282,17 +282,17 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                 elif mode == GATED_DOTS and paired:
                     dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, xt, 0, xd, xs, 0, -1, 0)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
-                    h[g] = activate(dg, act_id) * d
+                    h[g] = activate(dg, act_id) * up_part(d, act_id)
                 else:
                     d = _row_dot(u, base + up_at, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     if mode == COEF_TIMES_DOT:
-                        h[g] = coef[j + g] * d
+                        h[g] = coef[j + g] * up_part(d, act_id)
                     elif mode == ACT_OF_DOT:
                         h[g] = activate(d, act_id)
                     else:
                         h[g] = activate(_row_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch),
-                                        act_id) * d
+                                        act_id) * up_part(d, act_id)
                 if mode == AXPY_ONLY:
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
@@ -359,7 +359,8 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
             # dot the oldest waiting neuron once PACK_QUEUE finds have passed since its prefetch (at the end: all)
             while dotted < queued and (queued - dotted > PACK_QUEUE or r >= end):
                 base = q_id[dotted] * unit_bytes
-                h[dotted] = q_a[dotted] * _row_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch) if gated \
+                h[dotted] = q_a[dotted] * up_part(_row_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch),
+                                                  act_id) if gated \
                     else q_a[dotted]
                 offs[dotted] = base + down_at
                 dotted += 1
@@ -427,11 +428,72 @@ def _ids_above(z, t, idx):
 
 
 @njit(parallel=True, cache=True, fastmath=True)
-def predict_active_i8(x, q1, s1, b1, q2, s2, b2, t, idx):
+def predict_active_cols(x, w1, rb1, qt1, vnni, q2t, d2, t, idx, parts):
+    """PowerInfer's predictor for one token: h = relu(W1 x), z = W2 h, ids with z >= t into idx (the count is
+    returned). x (1, dim); W1: r rows of rb1 bytes of type qt1 (GGUF row format, not a K-quant), dotted as _row_dot
+    does (x rounded to int8 blocks for quantized rows, as ggml's mul_mat rounds it); W2 (n_ff, r) as its transpose
+    q2t (r, n_ff) int8 with d2 (r/32, n_ff) the scale of each row's 32-block (exact for Q4_0, Q5_0 and Q8_0)."""
+    r, n_ff = q2t.shape
+    xq, xd, x8, xb, xt, xs = acts_forms(x)
+    h = np.empty(r, np.float32)
+    _rows_dot(w1, rb1, qt1, r, vnni, x, xq, xd, x8, xb, xt, xs, h)
+    for k in range(r):
+        h[k] = max(h[k], np.float32(0.0))
+    z = np.empty(n_ff, np.float32)
+    _axpy_columns(h, q2t, d2, z, parts)
+    n = 0
+    for j in range(n_ff):
+        if z[j] >= t:
+            idx[n] = j
+            n += 1
+    return n
+
+
+@njit(inline="always")
+def _axpy_columns(h, q2t, d2, z, parts):
+    """z (n_ff,) = W2 h for W2 held as q2t (r, n_ff) int8 times d2 (nb, n_ff), the scale of each row's r/nb-value
+    block: r axpys of h's values over each of `parts` contiguous runs of neurons, which vectorize (row dots of r = 64
+    values cost a horizontal sum each: TinyLlama's shape, 44 us a call as row dots)."""
+    r, n_ff = q2t.shape
+    block = r // d2.shape[0]
+    chunk = (n_ff + parts - 1) // parts
+    for c in prange(parts):
+        j0 = c * chunk
+        j1 = min(n_ff, j0 + chunk)
+        zz = z[j0:j1]
+        zz[:] = 0.0
+        acc = np.empty(j1 - j0, np.float32)
+        for b in range(d2.shape[0]):
+            acc[:] = 0.0
+            for k in range(b * block, (b + 1) * block):
+                hk = h[k]
+                if hk != 0.0:
+                    row = q2t[k, j0:j1]
+                    for j in range(j1 - j0):
+                        acc[j] += np.float32(row[j]) * hk
+            d = d2[b, j0:j1]
+            for j in range(j1 - j0):
+                zz[j] += acc[j] * d[j]
+
+
+@njit(inline="always")
+def _rows_dot(w, rb, qt, rows, vnni, x, xq, xd, x8, xb, xt, xs, out):
+    """out[j] = row j of w . x for j < rows, over contiguous runs of rows, one per worker (each its own scratch)."""
+    parts = 8
+    chunk = (rows + parts - 1) // parts
+    for c in prange(parts):
+        scratch = np.empty(x.shape[1], np.float32)
+        for j in range(c * chunk, min(rows, (c + 1) * chunk)):
+            out[j] = _row_dot(w, j * rb, qt, vnni, x, xq, xd, x8, xb, xt, xs, scratch)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def predict_active_i8(x, q1, s1, b1, q2t, s2, b2, t, idx, parts):
     """Neurons a low-rank predictor calls active for one token: z = W2 relu(W1 x + b1) + b2, kept where z > t;
     idx receives the ids, the count is returned. x (dim,); W1, W2 as int8 with a float32 scale per output row,
-    q1 (r, dim), q2 (n_ff, r) row-per-output: a quarter of float32's bytes; the int8 -> float loops vectorize."""
-    r, n_ff = q1.shape[0], q2.shape[0]
+    q1 (r, dim) row-per-output, q2t (r, n_ff) the transpose of W2's int8 rows with s2 (1, n_ff) their scales: the
+    second stage is _axpy_columns' vectorized axpys (TinyLlama's shape, r = 64: 24 us a call, 50 as row dots)."""
+    r, n_ff = q1.shape[0], q2t.shape[1]
     h = np.empty(r, np.float32)
     for k in prange(r):
         acc = np.float32(0.0)
@@ -439,9 +501,7 @@ def predict_active_i8(x, q1, s1, b1, q2, s2, b2, t, idx):
             acc += np.float32(q1[k, i]) * x[i]
         h[k] = max(acc * s1[k] + b1[k], np.float32(0.0))
     z = np.empty(n_ff, np.float32)
-    for j in prange(n_ff):
-        acc = np.float32(0.0)
-        for k in range(r):
-            acc += np.float32(q2[j, k]) * h[k]
-        z[j] = acc * s2[j] + b2[j]
+    _axpy_columns(h, q2t, s2, z, parts)
+    for j in range(n_ff):
+        z[j] += b2[j]
     return _ids_above(z, t, idx)
