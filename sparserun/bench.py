@@ -193,7 +193,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
     rss, fid, model = None, {}, None
     heads = [h for h in heads if h.strip().lower() != "dense"]
     if "dense" in modes or policies or heads:
-        model = sparserun.load(path, threads=threads, n_ctx=n_ctx)
+        model = sparserun.load(path, threads=threads, n_ctx=n_ctx, sparsity="dense")
         n_vocab, bos = model.n_vocab, model.tokenizer.bos_id
         if "dense" in modes:
             runners["dense"] = SparserunRunner(model)

@@ -29,8 +29,9 @@ Ctx = typer.Option(2048, "--ctx", "-c", help="context size in tokens")
 KvType = typer.Option("f16", "--kv-type", help="KV cache type: f16 (as llama.cpp) or f32 (exact, twice the memory)")
 CheckTensors = typer.Option(False, "--check-tensors", help="check every tensor's values are finite at load (as "
                             "llama.cpp's --check-tensors)")
-Sparsity = typer.Option("dense", "--sparsity", help="FFN sparsity: dense | topk:K (count or fraction, or one per layer "
-                        "comma-separated) | threshold:T (value, per-layer values, or a thresholds JSON file)")
+Sparsity = typer.Option(None, "--sparsity", help="FFN sparsity: dense | topk:K (count or fraction, or one per layer "
+                        "comma-separated) | threshold:T (value, per-layer values, or a thresholds JSON file) | "
+                        "predictor[:FILE|:T]; default dense, or a PowerInfer file's own predictors")
 
 
 Device = typer.Option(None, "--device", help="cpu | cuda | auto (default: auto with --vram-budget or --placement, "
@@ -44,13 +45,13 @@ HeadOpt = typer.Option("dense", "--head", help="output head: dense | hot[:K] (K 
                        "estimated and the best of them computed; see `sparserun bench --head`)")
 
 
-def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, placement=None, profile=None,
+def _load(model, threads, ctx, sparsity=None, device=None, vram_budget=None, placement=None, profile=None,
           kv_type="f16", check_tensors=False, head="dense"):
     from . import kernels
     from .model import load
     from .sparsity import parse_sparsity
 
-    policy = parse_sparsity(sparsity)  # a bad spec fails before anything loads
+    policy = parse_sparsity(sparsity) if sparsity is not None else None  # a bad spec fails before anything loads
     for f in (placement, profile):
         if f is not None and not Path(f).is_file():
             raise SparserunError(f"{f}: no such file")
@@ -58,6 +59,9 @@ def _load(model, threads, ctx, sparsity="dense", device=None, vram_budget=None, 
         sys.stderr.write("sparserun: compiling numba kernels (first start only; cached for the next runs)...\n")
     m = load(model, threads=threads, n_ctx=ctx, sparsity=policy, device=device, vram_budget=vram_budget,
              placement=placement, profile=profile, kv_type=kv_type, check_tensors=check_tensors, head=head)
+    if sparsity is None and not m.policy.is_dense:
+        sys.stderr.write("sparserun: PowerInfer file: running its own predictors (--sparsity dense computes every "
+                         "neuron)\n")
     if m.head is not None:
         sys.stderr.write(f"sparserun: {m.head.describe()}\n")
     if m.placement is not None:
@@ -98,7 +102,7 @@ def generate(
     ctx: int = Ctx,
     kv_type: str = KvType,
     check_tensors: bool = CheckTensors,
-    sparsity: str = Sparsity,
+    sparsity: Optional[str] = Sparsity,
     timing: bool = typer.Option(True, "--timing/--no-timing", help="print a tokens/s line on stderr at the end"),
     device: Optional[str] = Device,
     vram_budget: Optional[float] = VramBudget,
@@ -144,7 +148,7 @@ def chat(
     ctx: int = Ctx,
     kv_type: str = KvType,
     check_tensors: bool = CheckTensors,
-    sparsity: str = Sparsity,
+    sparsity: Optional[str] = Sparsity,
     device: Optional[str] = Device,
     vram_budget: Optional[float] = VramBudget,
     placement: Optional[Path] = PlacementOpt,
@@ -172,7 +176,7 @@ def serve(
     ctx: int = Ctx,
     kv_type: str = KvType,
     check_tensors: bool = CheckTensors,
-    sparsity: str = Sparsity,
+    sparsity: Optional[str] = Sparsity,
     device: Optional[str] = Device,
     vram_budget: Optional[float] = VramBudget,
     placement: Optional[Path] = PlacementOpt,
@@ -297,7 +301,7 @@ def perplexity(
     ctx: int = typer.Option(512, "--ctx", "-c", help="tokens per chunk (the second half of each is scored)"),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="score at most this many chunks"),
     threads: Optional[int] = Threads,
-    sparsity: str = Sparsity,
+    sparsity: Optional[str] = Sparsity,
     head: str = HeadOpt,
     profile: Optional[Path] = ProfileOpt,
     llama_cpp: bool = typer.Option(False, "--llama-cpp", help="also score the same chunks with llama.cpp (dense)"),

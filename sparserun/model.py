@@ -68,7 +68,7 @@ def default_threads():
 class Model:
     """A loaded model with one KV cache. Use sparserun.load() to make one."""
 
-    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, kv_type="f16",
+    def __init__(self, path, threads=None, n_ctx=2048, n_batch=256, sparsity=None, predictor=None, kv_type="f16",
                  check_tensors=False):
         self.path = str(path)
         self.gguf = f = GGUFFile(path)
@@ -140,6 +140,10 @@ class Model:
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
         self._ffn_observer = None  # observing_ffn's callback
         self.head = None  # None: the dense head (self.output); else a head.HotHead (set_head)
+        if sparsity is None:  # a PowerInfer file runs its own predictors unless told otherwise, as PowerInfer does
+            from .powerinfer import has_predictors
+
+            sparsity = "predictor" if has_predictors(f) and predictor is None else "dense"
         self.set_sparsity(sparsity, predictor)
 
     def set_sparsity(self, sparsity="dense", predictor=None):
@@ -427,10 +431,12 @@ class ContextFullError(SparserunError):
         self.n_ctx, self.needed = n_ctx, needed
 
 
-def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity="dense", predictor=None, device=None,
+def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity=None, predictor=None, device=None,
          vram_budget=None, placement=None, profile=None, err=sys.stderr, kv_type="f16", check_tensors=False,
          head="dense"):
-    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity="dense", head="dense").
+    """Load a GGUF model: sparserun.load(path, threads=None, n_ctx=2048, sparsity=None, head="dense").
+
+    sparsity: a policy spec (sparsity.py); None: "dense", or for a PowerInfer (PWRI) file its own predictors.
 
     head: "dense", or "hot[:K]" (head.py): K rows of the output head computed exactly every token, the rest
     estimated and the best of them computed (the hot set from the model's profile when there is one).

@@ -68,7 +68,7 @@ def test_pwri_logits_equal_the_plain_model_with_the_same_sets(pair):
     kept = np.mean([len(s) for ss in sets.values() for s in ss]) / m.args.n_ff
     assert 0.05 < kept < 0.5, kept  # the planted sparsity, predicted: not everything
     # exact predictors of a ReLU model drop only zeros: the dense logits
-    dense = sparserun.load(plain, kv_type="f32").logits(ids)
+    dense = sparserun.load(plain, sparsity="dense", kv_type="f32").logits(ids)
     assert np.abs(got[:len(ids)] - dense).max() < 1e-5 * dense.std()
 
 
@@ -111,7 +111,7 @@ def test_ffn_down_t_is_the_packs_down_columns_unchanged(pair, type):
     from sparserun.kernels import sparse as S
 
     pwri, plain = pair(type)
-    m = sparserun.load(pwri, kv_type="f32")
+    m = sparserun.load(pwri, sparsity="dense", kv_type="f32")
     down = m.layers[0].w_down
     src = down.source.raw.reshape(down.source.rows, -1)
     cols = down_columns(down, down_kind(down.qtype))
@@ -123,17 +123,19 @@ def test_ffn_down_t_is_the_packs_down_columns_unchanged(pair, type):
         assert np.array_equal(cols[:, :-blocks.shape[1] * 2].reshape(blocks.shape[0], -1, qb), blocks[:, :, 2:])
         assert np.array_equal(cols[:, -blocks.shape[1] * 2:].reshape(blocks.shape[0], -1, 2), blocks[:, :, :2])
     assert S.down_bytes.py_func(down_kind(down.qtype), m.args.dim) == cols.shape[1]
-    # every neuron kept through the packs (threshold far below any score) = the dense path over ffn_down_t
+    # one fixed 40% of the neurons: decode tokens through the packs (ffn_down_t's rows as down columns) against a
+    # prompt batch, which computes the same sets densely over ffn_down_t (the transposed product)
+    keep = np.sort(np.random.default_rng(5).choice(m.args.n_ff, int(0.4 * m.args.n_ff), replace=False))
+    fixed = sparserun.load(pwri, predictor=lambda li, acts: [keep] * len(acts.x), kv_type="f32")
     ids = m.tokenize(TEXT)
-    dense = m.logits(ids)
-    every = decode_logits(sparserun.load(pwri, sparsity="predictor:-1e30", kv_type="f32"), ids)
-    assert np.abs(every - dense).max() < (1e-5 if type == "F32" else 2e-3) * dense.std()
+    batch = fixed.logits(ids)
+    assert np.abs(decode_logits(fixed, ids) - batch).max() < (1e-5 if type == "F32" else 0.02) * batch.std()
 
 
 def test_bamboo_runs_relu_on_gate_and_up(pair):
     pwri, plain = pair("F32", arch="bamboo")
     for path in (plain, pwri):
-        m = sparserun.load(path, kv_type="f32")
+        m = sparserun.load(path, sparsity="dense", kv_type="f32")
         assert m.args.arch == "bamboo" and m.args.activation == "relu_sym"
         L = m.layers[1]
         x = np.random.default_rng(0).standard_normal((3, m.args.dim)).astype(np.float32)
@@ -238,3 +240,12 @@ def test_export_powerinfer_round_trip(make_model, tmp_path):
     assert agree > 0.9, agree
     with pytest.raises(SparserunError, match="already a PowerInfer"):
         export(pw, pset, tmp_path / "again.gguf")
+
+
+def test_a_pwri_file_runs_its_predictors_by_default(pair):
+    pwri, plain = pair("F32", shape="tiny", planted_rank=7)
+    assert sparserun.load(pwri).policy.name == "predictor"
+    assert sparserun.load(pwri, sparsity="dense").policy.is_dense and sparserun.load(plain).policy.is_dense
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "generate", str(pwri), "-p", "Once", "-n", "4",
+                        "--temp", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "running its own predictors" in r.stderr, r.stderr
