@@ -205,8 +205,8 @@ class Matmuls:
         w, raws, f32, row0, _ = self.groups[k]
         if out is None:
             out = np.empty((acts.x.shape[0], row0[-1]), np.float32)
-        if w.qtype in K.KQ_MATMUL:  # the K-quants' integer dots, VNNI or generic
-            K.KQ_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms_for(w.qtype)), out)
+        if w.qtype in K.X8_MATMUL:  # the K-quants' and Q4_1 / Q5_1's integer dots, VNNI or generic
+            K.X8_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms_for(w.qtype)), out)
         elif w.qtype in K.VNNI_MATMUL and K.HAS_VNNI:
             K.VNNI_MATMUL[w.qtype](raws, w.row_bytes, row0, *K.dot_forms(w.qtype, acts.forms_for(w.qtype)), out)
         elif w.qtype in K.INT8_MATMUL:

@@ -22,7 +22,7 @@ def random_blocks(qtype, rows, cols, rng):
     scale = lambda: rng.uniform(0.001, 0.05, len(b)).astype(np.float16).view(np.uint8).reshape(-1, 2)
     if qtype in (Q.Q4_0, Q.Q8_0, Q.Q5_0):
         b[:, 0:2] = scale()
-    elif qtype in (Q.Q4_K, Q.Q5_K):
+    elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1):  # d and dmin; d and m
         b[:, 0:2], b[:, 2:4] = scale(), scale()
     elif qtype == Q.Q6_K:
         b[:, 208:210] = scale()
@@ -393,7 +393,8 @@ def test_weights_in_memory_together_run_as_one_array():
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
                     reason="the batch matmuls are VNNI kernels")
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_1, Q.Q5_1],
+                         ids=lambda t: t.name)
 def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
     """A batch through a VNNI batch matmul (matmul_q4_0r_vnni on repacked Q4_0, matmul_q8_0_vnni, the K-quants': tiles of
     ROW_TILE rows, TOKENS tokens per dot_tokens call, then the leftover tokens one by one) is bit-identical to
@@ -426,21 +427,25 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
                 np.testing.assert_allclose(got, generic, rtol=1e-5, atol=1e-6 * np.abs(generic).max())
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
-def test_generic_kquant_dots_equal_the_vnni_ones(qtype):
-    """The K-quants' route for CPUs without AVX512-VNNI (matmul_q*_k_generic: vpdpbusd's arithmetic in generic vector
-    IR) against numpy on the same Q8_K-rounded activations, and, where this CPU has VNNI, bit for bit against the
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_1, Q.Q5_1], ids=lambda t: t.name)
+def test_generic_x8_dots_equal_the_vnni_ones(qtype):
+    """The route for CPUs without AVX512-VNNI of the K-quants and Q4_1 / Q5_1 (matmul_*_generic: vpdpbusd's
+    arithmetic in generic vector IR) against numpy on the same int8-rounded activations (Q8_K's for the K-quants,
+    Q8_0's blocks for Q4_1 / Q5_1, as llama.cpp's Q8_1), and, where this CPU has VNNI, bit for bit against the
     vpdpbusd kernels: one token and batches with leftover tokens."""
     from sparserun.kernels import quant as K
 
     rng = np.random.default_rng(21)
     w = weight(qtype, 40, 1280, rng)
-    generic = {Q.Q4_K: K.matmul_q4_k_generic, Q.Q5_K: K.matmul_q5_k_generic, Q.Q6_K: K.matmul_q6_k_generic}[qtype]
-    vnni = {Q.Q4_K: K.matmul_q4_k_vnni, Q.Q5_K: K.matmul_q5_k_vnni, Q.Q6_K: K.matmul_q6_k_vnni}[qtype]
+    name = qtype.name.lower()
+    generic, vnni = getattr(K, f"matmul_{name}_generic"), getattr(K, f"matmul_{name}_vnni")
     values = w.dequantize().astype(np.float64)
     for T in (1, K.TOKENS + 1):
         x = rng.standard_normal((T, 1280)).astype(np.float32)
-        _, xd, x8, xb, _, _ = K.acts_forms_k(x)
+        if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            _, xd, x8, xb, _, _ = K.acts_forms_k(x)
+        else:
+            _, xd, x8, xb, _, _ = K.acts_forms(x)
         got = np.empty((T, 40), np.float32)
         generic((w.raw,), w.row_bytes, np.array([0, w.rows]), x8, xd, xb, got)
         ref = (x8.astype(np.float64) * np.repeat(xd, 32, axis=1)) @ values.T

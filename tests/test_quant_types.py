@@ -37,8 +37,9 @@ def test_dequantize_bit_exact(qtype):
 
 @pytest.mark.parametrize("qtype", list(SCALES), ids=lambda t: t.name)
 def test_matmul_matches_dequantized(qtype):
-    """Every type's matmul (the int8 dot for Q5_0, the dequantizing one for the rest) against float64 products of
-    the dequantized rows; Q5_0's error is the int8 rounding of the activations (as llama.cpp's q8_0 dot)."""
+    """Every type's matmul (the int8 dots for Q5_0, Q4_1 and Q5_1, the dequantizing one for the rest) against float64
+    products of the dequantized rows; the int8 dots' error is the int8 rounding of the activations (as llama.cpp's
+    q8_0 / q8_1 dots)."""
     rng = np.random.default_rng(7)
     rows, cols = 40, 768 if TYPES[int(qtype)].block == 256 else 320
     raw = random_blocks(qtype, rows, cols, rng)
@@ -46,5 +47,5 @@ def test_matmul_matches_dequantized(qtype):
     x = rng.standard_normal((3, cols)).astype(np.float32)
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     got = w.matmul(Acts(x))
-    tol = 0.02 if int(qtype) in K.INT8_MATMUL else 1e-4
+    tol = 0.02 if int(qtype) in K.INT8_MATMUL or int(qtype) in K.X8_MATMUL else 1e-4
     assert np.abs(got - ref).max() <= tol * np.abs(ref).max()

@@ -406,7 +406,7 @@ def test_non_vnni_kquant_model_agrees(make_model, tmp_path):
     here = m.logits(ids)
     out = tmp_path / "logits.npy"
     script = ("import sys, numpy as np, sparserun; from sparserun.kernels import quant; from sparserun.weights import "
-              "Weight; assert not quant.HAS_VNNI and quant.KQ_MATMUL[quant.Q4_K] is quant.matmul_q4_k_generic; "
+              "Weight; assert not quant.HAS_VNNI and quant.X8_MATMUL[quant.Q4_K] is quant.matmul_q4_k_generic; "
               f"m = sparserun.load(sys.argv[1]); np.save(sys.argv[2], m.logits({list(ids)}))")
     env = dict(os.environ, SPARSERUN_NO_VNNI="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"))
     r = subprocess.run([sys.executable, "-c", script, str(path), str(out)], env=env, capture_output=True, text=True,

@@ -19,7 +19,9 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0
                    dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
                    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
                    round_f16, dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic,
-                   dot_tokens_q4_k_generic, dot_tokens_q5_k_generic, dot_tokens_q6_k_generic)
+                   dot_tokens_q4_k_generic, dot_tokens_q5_k_generic, dot_tokens_q6_k_generic, dot_row_q4_1_vnni,
+                   dot_row_q5_1_vnni, dot_tokens_q4_1_vnni, dot_tokens_q5_1_vnni, dot_row_q4_1_generic,
+                   dot_row_q5_1_generic, dot_tokens_q4_1_generic, dot_tokens_q5_1_generic)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1,  # noqa: E402
@@ -368,8 +370,16 @@ VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8
 matmul_q4_k_generic = _make_batch_matmul("matmul_q4_k_generic", "dot_row_q4_k_generic", "dot_tokens_q4_k_generic")
 matmul_q5_k_generic = _make_batch_matmul("matmul_q5_k_generic", "dot_row_q5_k_generic", "dot_tokens_q5_k_generic")
 matmul_q6_k_generic = _make_batch_matmul("matmul_q6_k_generic", "dot_row_q6_k_generic", "dot_tokens_q6_k_generic")
-KQ_MATMUL = ({Q4_K: matmul_q4_k_vnni, Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni} if HAS_VNNI else
-             {Q4_K: matmul_q4_k_generic, Q5_K: matmul_q5_k_generic, Q6_K: matmul_q6_k_generic})
+# Q4_1 and Q5_1 (a min per block: its term from the activations' block sums), VNNI and generic alike
+matmul_q4_1_vnni = _make_batch_matmul("matmul_q4_1_vnni", "dot_row_q4_1_vnni", "dot_tokens_q4_1_vnni")
+matmul_q5_1_vnni = _make_batch_matmul("matmul_q5_1_vnni", "dot_row_q5_1_vnni", "dot_tokens_q5_1_vnni")
+matmul_q4_1_generic = _make_batch_matmul("matmul_q4_1_generic", "dot_row_q4_1_generic", "dot_tokens_q4_1_generic")
+matmul_q5_1_generic = _make_batch_matmul("matmul_q5_1_generic", "dot_row_q5_1_generic", "dot_tokens_q5_1_generic")
+# the types whose integer dots read the int8 forms (x8, xd, xb) on every CPU: vpdpbusd, or its arithmetic in generic IR
+X8_MATMUL = ({Q4_K: matmul_q4_k_vnni, Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni, Q4_1: matmul_q4_1_vnni,
+              Q5_1: matmul_q5_1_vnni} if HAS_VNNI else
+             {Q4_K: matmul_q4_k_generic, Q5_K: matmul_q5_k_generic, Q6_K: matmul_q6_k_generic,
+              Q4_1: matmul_q4_1_generic, Q5_1: matmul_q5_1_generic})
 
 
 def dot_forms(qtype, forms):
@@ -378,7 +388,7 @@ def dot_forms(qtype, forms):
     xq, xd, x8, xb, xt, xs = forms
     if qtype == Q4_0R:
         return xt, xd, xs
-    return (x8, xd, xb) if qtype in KQ_MATMUL or HAS_VNNI and qtype in VNNI_MATMUL else (xq, xd, xb)
+    return (x8, xd, xb) if qtype in X8_MATMUL or HAS_VNNI and qtype in VNNI_MATMUL else (xq, xd, xb)
 
 
 @njit(parallel=True, cache=True)

@@ -1,7 +1,7 @@
 """LLVM vector-IR intrinsics for the block dot products numba will not vectorize on its own, one module per family:
 
     ir          the frame: pointers, loads, fp16, horizontal sums, prefetch, the VNNI intrinsic frames
-    legacy      Q4_0 / Q4_0R, Q5_0, Q8_0 and float32 row dots (generic and VNNI), token tiles for prompts
+    legacy      Q4_0 / Q4_0R, Q4_1, Q5_0, Q5_1, Q8_0 and float32 row dots (generic and VNNI), token tiles for prompts
     kquants     Q4_K, Q5_K, Q6_K VNNI row dots and token tiles
     axpy        the sparse FFN's down-column accumulations and fused gate/up dots
     attention   key-block scores and value-row sums
@@ -13,7 +13,8 @@ from .ir import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, f32_from_bits, half_bits, lo
     round_f16)  # noqa: F401
 from .legacy import (dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0,
     dot_row_q5_0_vnni, dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q5_0_vnni,
-    dot_tokens_q8_0_vnni)  # noqa: F401
+    dot_tokens_q8_0_vnni, dot_row_q4_1_vnni, dot_row_q5_1_vnni, dot_tokens_q4_1_vnni, dot_tokens_q5_1_vnni,
+    dot_row_q4_1_generic, dot_row_q5_1_generic, dot_tokens_q4_1_generic, dot_tokens_q5_1_generic)  # noqa: F401
 from .kquants import (dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic, dot_tokens_q4_k_generic,
     dot_tokens_q5_k_generic, dot_tokens_q6_k_generic, dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_tokens_q4_k_vnni,
     dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni)  # noqa: F401

@@ -1,4 +1,4 @@
-"""Dots of the 32-value block types: Q4_0 (and its repacked Q4_0R), Q5_0, Q8_0, and float32 rows.
+"""Dots of the 32-value block types: Q4_0 (and its repacked Q4_0R), Q4_1, Q5_0, Q5_1, Q8_0, and float32 rows.
 
 Generic route (any CPU): the block's quants widened to int16 against activations rounded to int8 (stored as
 int16), pairwise multiply-adds that LLVM lowers to vpmaddwd on AVX2 (_row_dot). VNNI route (x86 AVX512-VNNI):
@@ -376,3 +376,59 @@ dot_tokens_q5_0_vnni = _tokens_intrinsic(_q5_0_token_dots, """dot_row_q5_0_vnni 
 dot_tokens_q8_0_vnni = _tokens_intrinsic(_q8_0_token_dots, """dot_row_q8_0_vnni of one row with TOKENS tokens'
     activations (_tokens_intrinsic): each block's bytes flipped and its scale converted once for all of them;
     each result identical to the one-token dot.""")
+
+
+def _q41_51_token_dots(five):
+    """Q4_1 (blocks of 20 bytes: fp16 d, fp16 m, 16 nibble bytes in Q4_0's order; value = d q + m) or Q5_1 (24 bytes:
+    d, m, qh with the 32 fifth bits, then the nibbles) dotted through vpdpbusd with one or more tokens' int8
+    activations (the token_dots form): the 32 unsigned values assembled once per block for all tokens, exact int32
+    sums times d and the block's activation scale; the min's term m x the activations' sum from xb (-8 x each 4
+    values' sum), in its own accumulator."""
+    size, qs_at = (24, 8) if five else (20, 4)
+
+    def token_dots(builder, wp, nb, xps, xdps, xbps, dp):
+        v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
+        v32i32 = ir.VectorType(_i32, 32)
+        nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
+        c = lambda v: ir.Constant(i64, v)  # noqa: E731
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
+        shifts, ones = ir.Constant(v32i32, list(range(32))), ir.Constant(v32i32, [1] * 32)
+        zero = ir.Constant(v8i, [0] * 8)
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            bp = builder.gep(wp, [builder.mul(b, c(size))])
+            qs = _vload(builder, builder.gep(bp, [c(qs_at)]), 16)
+            lo, hi = builder.and_(qs, _splat(16, 15)), builder.lshr(qs, _splat(16, 4))
+            q = builder.shuffle_vector(lo, hi, ir.Constant(v32i32, list(range(32))))  # values 0..31
+            if five:
+                qh = _splat_f(builder, builder.load(builder.bitcast(builder.gep(bp, [c(4)]), _i32.as_pointer()),
+                                                    align=1), 32)
+                fifth = builder.trunc(builder.and_(builder.lshr(qh, shifts), ones), ir.VectorType(_i8, 32))
+                q = builder.or_(q, builder.shl(fifth, _splat(32, 4)))
+            q = builder.bitcast(q, v8i)
+            ws, ms = _half_splat(builder, bp), _half_splat(builder, builder.gep(bp, [c(2)]))
+            for xp, xdp, xbp, (a, am) in zip(xps, xdps, xbps, accs):
+                xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
+                lanes = builder.call(dp, [zero, q, xv])
+                xd = _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))
+                builder.store(_fma(builder, builder.fmul(ws, xd), builder.sitofp(lanes, v8f), builder.load(a)), a)
+                xbv = builder.load(builder.gep(xbp, [b]), align=4)
+                builder.store(_fma(builder, builder.fmul(ms, xd), builder.sitofp(xbv, v8f), builder.load(am)), am)
+        eighth = ir.Constant(ir.FloatType(), -0.125)  # xb holds -8 x the sums
+        return [builder.fadd(_hsum8(builder, builder.load(a)), builder.fmul(_hsum8(builder, builder.load(am)), eighth))
+                for a, am in accs]
+
+    return token_dots
+
+
+# Q4_1 and Q5_1: the VNNI frames, and their twins in generic vector IR for every other CPU (identical sums)
+dot_row_q4_1_vnni = _row_intrinsic(_q41_51_token_dots(False), "A Q4_1 row's dot through vpdpbusd (x86 VNNI only).")
+dot_row_q5_1_vnni = _row_intrinsic(_q41_51_token_dots(True), "A Q5_1 row's dot through vpdpbusd (x86 VNNI only).")
+dot_tokens_q4_1_vnni = _tokens_intrinsic(_q41_51_token_dots(False), "dot_row_q4_1_vnni for TOKENS tokens.")
+dot_tokens_q5_1_vnni = _tokens_intrinsic(_q41_51_token_dots(True), "dot_row_q5_1_vnni for TOKENS tokens.")
+dot_row_q4_1_generic = _row_intrinsic(_q41_51_token_dots(False), "dot_row_q4_1_vnni in generic IR.", True)
+dot_row_q5_1_generic = _row_intrinsic(_q41_51_token_dots(True), "dot_row_q5_1_vnni in generic IR.", True)
+dot_tokens_q4_1_generic = _tokens_intrinsic(_q41_51_token_dots(False), "dot_tokens_q4_1_vnni in generic IR.",
+                                            generic=True)
+dot_tokens_q5_1_generic = _tokens_intrinsic(_q41_51_token_dots(True), "dot_tokens_q5_1_vnni in generic IR.",
+                                            generic=True)
