@@ -20,8 +20,12 @@ def random_blocks(qtype, rows, cols, rng):
     block, nbytes = GGML_QUANT_SIZES[qtype]
     b = rng.integers(0, 256, (rows * cols // block, nbytes), dtype=np.uint8)
     scale = lambda: rng.uniform(0.001, 0.05, len(b)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    if qtype in (Q.Q4_0, Q.Q8_0, Q.Q5_0):
+    if qtype in (Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.IQ4_NL, Q.IQ4_XS):
         b[:, 0:2] = scale()
+    elif qtype == Q.Q2_K:
+        b[:, 80:82], b[:, 82:84] = scale(), scale()
+    elif qtype == Q.Q3_K:
+        b[:, 108:110] = scale()
     elif qtype in (Q.Q4_K, Q.Q5_K, Q.Q4_1, Q.Q5_1):  # d and dmin; d and m
         b[:, 0:2], b[:, 2:4] = scale(), scale()
     elif qtype == Q.Q6_K:
@@ -393,8 +397,8 @@ def test_weights_in_memory_together_run_as_one_array():
 
 @pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
                     reason="the batch matmuls are VNNI kernels")
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_1, Q.Q5_1],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q8_0, Q.Q5_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_1, Q.Q5_1, Q.Q2_K, Q.Q3_K,
+                                   Q.IQ4_NL, Q.IQ4_XS], ids=lambda t: t.name)
 def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
     """A batch through a VNNI batch matmul (matmul_q4_0r_vnni on repacked Q4_0, matmul_q8_0_vnni, the K-quants': tiles of
     ROW_TILE rows, TOKENS tokens per dot_tokens call, then the leftover tokens one by one) is bit-identical to
@@ -406,7 +410,7 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
     from sparserun.weights import Matmuls
 
     rng = np.random.default_rng(13)
-    cols = 1280 if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 1056
+    cols = 1280 if GGML_QUANT_SIZES[qtype][0] == 256 else 1056
     ws = [weight(qtype, 40, cols, rng), weight(qtype, 24, cols, rng)]
     rs = [w.repacked() for w in ws] if qtype == Q.Q4_0 else ws
     stack = Matmuls(rs)
@@ -427,12 +431,14 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
                 np.testing.assert_allclose(got, generic, rtol=1e-5, atol=1e-6 * np.abs(generic).max())
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_1, Q.Q5_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_1, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS],
+                         ids=lambda t: t.name)
 def test_generic_x8_dots_equal_the_vnni_ones(qtype):
-    """The route for CPUs without AVX512-VNNI of the K-quants and Q4_1 / Q5_1 (matmul_*_generic: vpdpbusd's
-    arithmetic in generic vector IR) against numpy on the same int8-rounded activations (Q8_K's for the K-quants,
-    Q8_0's blocks for Q4_1 / Q5_1, as llama.cpp's Q8_1), and, where this CPU has VNNI, bit for bit against the
-    vpdpbusd kernels: one token and batches with leftover tokens."""
+    """The route for CPUs without AVX512-VNNI of the K-quants, Q4_1 / Q5_1 and the IQ4s (matmul_*_generic: vpdpbusd's
+    arithmetic in generic vector IR, IQ4's level lookup as selects) against numpy on the same int8-rounded
+    activations (Q8_K's for the K-quants and IQ4_XS, Q8_0's blocks for the others, as llama.cpp rounds them), and,
+    where this CPU has VNNI, bit for bit against the vpdpbusd kernels (IQ4's lookup a vpshufb there): one token and
+    batches with leftover tokens."""
     from sparserun.kernels import quant as K
 
     rng = np.random.default_rng(21)
@@ -442,7 +448,7 @@ def test_generic_x8_dots_equal_the_vnni_ones(qtype):
     values = w.dequantize().astype(np.float64)
     for T in (1, K.TOKENS + 1):
         x = rng.standard_normal((T, 1280)).astype(np.float32)
-        if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+        if int(qtype) in K.Q8K_TYPES:
             _, xd, x8, xb, _, _ = K.acts_forms_k(x)
         else:
             _, xd, x8, xb, _, _ = K.acts_forms(x)
@@ -491,7 +497,7 @@ def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
 
 def test_generic_kernels_build_for_aarch64():
     """The route for CPUs without VNNI is generic LLVM vector IR, so it must build for ARM: the generic row dots
-    (K-quants, Q4_0, Q5_0, Q8_0) are compiled here into a function's LLVM IR, then llvmlite emits AArch64 object code
+    (K-quants, Q4_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS) are compiled here into a function's LLVM IR, then llvmlite emits AArch64 object code
     from it (x86 target attributes stripped). Checked: code generation for aarch64. Not run: the code itself on ARM."""
     import re
 
@@ -504,7 +510,9 @@ def test_generic_kernels_build_for_aarch64():
     def dots(w, x8, xd, xb, xq):
         a = simd.dot_row_q4_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_q6_k_generic(w, 0, 8, x8, 0, xd, xb, 0)
         t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
-        return a + t[0] + simd.dot_row_q4_0(w, 0, 8, xq, 0, xd, 0) + simd.dot_row_q8_0(w, 0, 8, xq, 0, xd, 0)
+        b = simd.dot_row_q3_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_xs_generic(w, 0, 8, x8, 0, xd, xb, 0)
+        b += simd.dot_row_q4_1_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_nl_generic(w, 0, 8, x8, 0, xd, xb, 0)
+        return a + b + t[0] + simd.dot_row_q4_0(w, 0, 8, xq, 0, xd, 0) + simd.dot_row_q8_0(w, 0, 8, xq, 0, xd, 0)
 
     args = (np.zeros(4096, np.uint8), np.zeros((8, 256), np.int8), np.ones((8, 8), np.float32),
             np.zeros((8, 64), np.int32), np.zeros((8, 256), np.int16))

@@ -21,7 +21,11 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0
                    round_f16, dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic,
                    dot_tokens_q4_k_generic, dot_tokens_q5_k_generic, dot_tokens_q6_k_generic, dot_row_q4_1_vnni,
                    dot_row_q5_1_vnni, dot_tokens_q4_1_vnni, dot_tokens_q5_1_vnni, dot_row_q4_1_generic,
-                   dot_row_q5_1_generic, dot_tokens_q4_1_generic, dot_tokens_q5_1_generic)
+                   dot_row_q5_1_generic, dot_tokens_q4_1_generic, dot_tokens_q5_1_generic, dot_row_q2_k_vnni,
+                   dot_row_q3_k_vnni, dot_tokens_q2_k_vnni, dot_tokens_q3_k_vnni, dot_row_q2_k_generic,
+                   dot_row_q3_k_generic, dot_tokens_q2_k_generic, dot_tokens_q3_k_generic, dot_row_iq4_nl_vnni,
+                   dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic, dot_row_iq4_xs_vnni,
+                   dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1,  # noqa: E402
@@ -375,11 +379,15 @@ matmul_q4_1_vnni = _make_batch_matmul("matmul_q4_1_vnni", "dot_row_q4_1_vnni", "
 matmul_q5_1_vnni = _make_batch_matmul("matmul_q5_1_vnni", "dot_row_q5_1_vnni", "dot_tokens_q5_1_vnni")
 matmul_q4_1_generic = _make_batch_matmul("matmul_q4_1_generic", "dot_row_q4_1_generic", "dot_tokens_q4_1_generic")
 matmul_q5_1_generic = _make_batch_matmul("matmul_q5_1_generic", "dot_row_q5_1_generic", "dot_tokens_q5_1_generic")
+# Q2_K, Q3_K, IQ4_NL and IQ4_XS: the same frames (kquants, iquants)
+_X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q4_1: "q4_1", Q5_1: "q5_1", Q2_K: "q2_k", Q3_K: "q3_k",
+             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs"}
+for _t in (Q2_K, Q3_K, IQ4_NL, IQ4_XS):
+    for _route in ("vnni", "generic"):
+        _n = f"matmul_{_X8_NAMES[_t]}_{_route}"
+        globals()[_n] = _make_batch_matmul(_n, f"dot_row_{_X8_NAMES[_t]}_{_route}", f"dot_tokens_{_X8_NAMES[_t]}_{_route}")
 # the types whose integer dots read the int8 forms (x8, xd, xb) on every CPU: vpdpbusd, or its arithmetic in generic IR
-X8_MATMUL = ({Q4_K: matmul_q4_k_vnni, Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni, Q4_1: matmul_q4_1_vnni,
-              Q5_1: matmul_q5_1_vnni} if HAS_VNNI else
-             {Q4_K: matmul_q4_k_generic, Q5_K: matmul_q5_k_generic, Q6_K: matmul_q6_k_generic,
-              Q4_1: matmul_q4_1_generic, Q5_1: matmul_q5_1_generic})
+X8_MATMUL = {_t: globals()[f"matmul_{_n}_{'vnni' if HAS_VNNI else 'generic'}"] for _t, _n in _X8_NAMES.items()}
 
 
 def dot_forms(qtype, forms):
@@ -433,9 +441,9 @@ INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W, activations as int8 blocks (quantize_acts), as llama.cpp's
 vec_dot_q5_0_q8_0 and its kin compute them."""
 # weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
-Q8K_TYPES = (Q4_K, Q5_K, Q6_K)
+Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS)
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)
-INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K)
+INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
 
 
 @njit(parallel=True, cache=True, fastmath=True)

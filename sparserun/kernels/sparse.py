@@ -8,13 +8,16 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate, activate_row, up_part
-from .quant import F32, INT8_TYPES, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, QK, acts_forms, dequant_row
+from .quant import (F32, INT8_TYPES, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K,
+                    Q8_0, QK, acts_forms, dequant_row)
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4,
                    coefs_q4_vnni, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni,
                    dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
                    dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, prefetch, dot_row_q4_k_generic,
                    dot_row_q5_k_generic, dot_row_q6_k_generic, dot_row_q4_1_vnni, dot_row_q5_1_vnni,
-                   dot_row_q4_1_generic, dot_row_q5_1_generic)
+                   dot_row_q4_1_generic, dot_row_q5_1_generic, dot_row_q2_k_vnni, dot_row_q3_k_vnni,
+                   dot_row_q2_k_generic, dot_row_q3_k_generic, dot_row_iq4_nl_vnni, dot_row_iq4_nl_generic,
+                   dot_row_iq4_xs_vnni, dot_row_iq4_xs_generic)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -136,6 +139,18 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
     if qtype == Q5_1:
         return dot_row_q5_1_vnni(u, off, cols // QK, x8, 0, xd, xb, 0) if vnni else \
             dot_row_q5_1_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
+    if qtype == Q2_K:
+        return dot_row_q2_k_vnni(u, off, cols // QK, x8, 0, xd, xb, 0) if vnni else \
+            dot_row_q2_k_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
+    if qtype == Q3_K:
+        return dot_row_q3_k_vnni(u, off, cols // QK, x8, 0, xd, xb, 0) if vnni else \
+            dot_row_q3_k_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
+    if qtype == IQ4_NL:
+        return dot_row_iq4_nl_vnni(u, off, cols // QK, x8, 0, xd, xb, 0) if vnni else \
+            dot_row_iq4_nl_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
+    if qtype == IQ4_XS:
+        return dot_row_iq4_xs_vnni(u, off, cols // QK, x8, 0, xd, xb, 0) if vnni else \
+            dot_row_iq4_xs_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q8_0:
         return dot_row_q8_0(u, off, cols // QK, xq, 0, xd, 0)
     if qtype == Q5_0 and vnni:

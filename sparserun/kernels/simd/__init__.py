@@ -2,7 +2,8 @@
 
     ir          the frame: pointers, loads, fp16, horizontal sums, prefetch, the VNNI intrinsic frames
     legacy      Q4_0 / Q4_0R, Q4_1, Q5_0, Q5_1, Q8_0 and float32 row dots (generic and VNNI), token tiles for prompts
-    kquants     Q4_K, Q5_K, Q6_K VNNI row dots and token tiles
+    kquants     Q2_K, Q3_K, Q4_K, Q5_K, Q6_K row dots and token tiles (VNNI and generic)
+    iquants     IQ4_NL, IQ4_XS row dots and token tiles (VNNI and generic)
     axpy        the sparse FFN's down-column accumulations and fused gate/up dots
     attention   key-block scores and value-row sums
 
@@ -17,7 +18,11 @@ from .legacy import (dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r
     dot_row_q4_1_generic, dot_row_q5_1_generic, dot_tokens_q4_1_generic, dot_tokens_q5_1_generic)  # noqa: F401
 from .kquants import (dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic, dot_tokens_q4_k_generic,
     dot_tokens_q5_k_generic, dot_tokens_q6_k_generic, dot_row_q4_k_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni, dot_tokens_q4_k_vnni,
-    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni)  # noqa: F401
+    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_row_q2_k_vnni, dot_row_q3_k_vnni, dot_tokens_q2_k_vnni,
+    dot_tokens_q3_k_vnni, dot_row_q2_k_generic, dot_row_q3_k_generic, dot_tokens_q2_k_generic,
+    dot_tokens_q3_k_generic)  # noqa: F401
+from .iquants import (dot_row_iq4_nl_vnni, dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic,
+    dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic)  # noqa: F401
 from .axpy import (AXPY_Q4_COLUMNS, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, coefs_q4_vnni,
     dot_gate_up_q4_0r_vnni)  # noqa: F401
 from .attention import (ATTENTION_HEADS, KEY_BLOCK, key_block_dots, value_rows_sum)  # noqa: F401

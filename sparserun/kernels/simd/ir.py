@@ -291,6 +291,15 @@ def _row_intrinsic(token_dots, doc, generic=False):
     return row_dot
 
 
+def _routes(token_dots, name):
+    """The four intrinsics of a type dotted through token_dots: (row dot, TOKENS-token dot) through vpdpbusd (x86
+    AVX512-VNNI only), then the same two with vpdpbusd's arithmetic in generic vector IR (every CPU), identical sums."""
+    return (_row_intrinsic(token_dots, f"A {name} row's dot with one token's int8 activations through vpdpbusd."),
+            _tokens_intrinsic(token_dots, f"The {name} row dot for TOKENS tokens, each result the one-token dot's."),
+            _row_intrinsic(token_dots, f"The {name} row dot in generic IR.", True),
+            _tokens_intrinsic(token_dots, f"The {name} TOKENS-token dot in generic IR.", generic=True))
+
+
 def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False):
     """An intrinsic dotting one row with TOKENS tokens through token_dots (the batch matmuls' inner call): token
     k's activations at x8[xoff + k xstride:], its block scales and offset terms (per_block int32 a block:

@@ -4,15 +4,15 @@ scale; Q4_K / Q5_K's mins come from the activations' block sums. One token or TO
 """
 from llvmlite import ir
 from numba.core import cgutils
-from .ir import (_fma, _hsum8, _i32, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload)
+from .ir import (_fma, _hsum8, _i32, _i8, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload)
 
 def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
     """Shared frame of the K-quant VNNI dots, for one token or several (pointers per token, as
     _q4_0r_token_dots): super_block(s, block) emits super-block s (8 activation blocks), calling
     block(j, q, init, scale, min_scale) per 32-value block j: q <32 x i8> unsigned weights (built once for all
     tokens), init the vpdpbusd accumulator input from the token's xb lanes, scale the float to multiply the exact
-    lane sums by (a scalar or an <8 x float>), min_scale a scalar times the lanes of xb (-8 x each lane's
-    activation sum), or None. Per token two accumulators by block parity, one for the min terms, one horizontal
+    lane sums by (a scalar or an <8 x float>: lanes 0-3 hold values 0-15, lanes 4-7 values 16-31), min_scale a
+    scalar or an <8 x float> times the lanes of xb (-8 x each lane's activation sum), or None. Per token two accumulators by block parity, one for the min terms, one horizontal
     sum: the one-token and several-token forms give identical results."""
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
@@ -34,8 +34,9 @@ def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
                 a = acc[j % 2]
                 builder.store(_fma(builder, builder.sitofp(lanes, v8f), builder.fmul(scale, xd), builder.load(a)), a)
                 if min_scale is not None:
-                    builder.store(_fma(builder, builder.sitofp(xbv, v8f), builder.fmul(_splat_f(builder, min_scale), xd),
-                                        builder.load(acc[2])), acc[2])
+                    ms = min_scale if isinstance(min_scale.type, ir.VectorType) else _splat_f(builder, min_scale)
+                    builder.store(_fma(builder, builder.sitofp(xbv, v8f), builder.fmul(ms, xd), builder.load(acc[2])),
+                                  acc[2])
 
         super_block(s, block)
     eighth = ir.Constant(ir.FloatType(), 0.125)
@@ -46,10 +47,10 @@ def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
 def _kquant_tokens(super_block_of):
     """_kquant_token_dots for one K-quant type, in the token_dots form _row_intrinsic and _tokens_intrinsic take."""
     return lambda builder, wp, nb, xps, xdps, xbps, dp: _kquant_token_dots(builder, nb, xps, xdps, xbps, dp,
-                                                                           super_block_of(builder, wp))
+                                                                           super_block_of(builder, wp, dp))
 
 
-def _q45_k_super_block(builder, wp, five):
+def _q45_k_super_block(builder, wp, dp, five):
     """Q4_K (144 bytes: fp16 d and dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles; sub-block j
     in the low (even j) or high (odd j) nibbles of bytes 32 (j // 2) on): value = d sc_j q - dmin m_j. Q5_K
     (five; 176 bytes) has 32 bytes qh before the nibbles: bit j of qh[l] is the 5th bit of sub-block j's value l."""
@@ -83,15 +84,90 @@ def _q45_k_super_block(builder, wp, five):
     return emit
 
 
-def _q4_k_super_block(builder, wp):
-    return _q45_k_super_block(builder, wp, False)
+def _q4_k_super_block(builder, wp, dp):
+    return _q45_k_super_block(builder, wp, dp, False)
 
 
-def _q5_k_super_block(builder, wp):
-    return _q45_k_super_block(builder, wp, True)
+def _q5_k_super_block(builder, wp, dp):
+    return _q45_k_super_block(builder, wp, dp, True)
 
 
-def _q6_k_super_block(builder, wp):
+def _q23_scales(builder, values, scale):
+    """<16 x float>: 16 scale bytes (<16 x i8>, as unsigned) times scale (a float)."""
+    f32 = ir.FloatType()
+    return builder.fmul(builder.uitofp(values, ir.VectorType(f32, 16)), _splat_f(builder, scale, 16))
+
+
+def _halves(builder, v, j):
+    """<8 x float>: lanes 0-3 the 16-value scale 2 j of v (<16 x float>), lanes 4-7 scale 2 j + 1."""
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 8), [2 * j] * 4 + [2 * j + 1] * 4))
+
+
+def _q2_k_super_block(builder, wp, dp):
+    """Q2_K (84 bytes: 16 bytes of scales, a 4-bit scale and a 4-bit min per 16 values; 64 bytes of 2-bit quants;
+    fp16 d and dmin): value = d (sc & 15) q - dmin (sc >> 4). 32-value block 4 n + j holds bits 2 j of bytes
+    16 + 32 n on (ggml's dequantize_row_q2_K); its halves take scales 2 (4 n + j) and the next."""
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+
+    def emit(s, block):
+        p = builder.gep(wp, [builder.mul(s, c(84))])
+        half = lambda at: builder.fpext(builder.load(builder.bitcast(builder.gep(p, [c(at)]), ir.HalfType().as_pointer()),  # noqa: E731
+                                                     align=1), f32)
+        sb = _vload(builder, p, 16)
+        scales = _q23_scales(builder, builder.and_(sb, _splat(16, 15)), half(80))
+        mins = _q23_scales(builder, builder.lshr(sb, _splat(16, 4)), half(82))
+        zero = lambda xbv: ir.Constant(xbv.type, None)  # noqa: E731
+        for n in range(2):
+            q = _vload(builder, builder.gep(p, [c(16 + 32 * n)]), 32)
+            for j in range(4):
+                m = 4 * n + j
+                block(m, builder.and_(builder.lshr(q, _splat(32, 2 * j)), _splat(32, 3)), zero,
+                      _halves(builder, scales, m), _halves(builder, mins, m))
+
+    return emit
+
+
+def _q3_k_super_block(builder, wp, dp):
+    """Q3_K (110 bytes: 32 bytes hmask, 64 bytes of 2-bit quants, 12 bytes holding 16 6-bit scales, fp16 d): value
+    = d (sc - 32) (u - 4), u the 2 low bits (bits 2 j of bytes 32 + 32 n on, for 32-value block 4 n + j) and bit
+    4 n + j of hmask as the third (ggml's dequantize_row_q3_K, whose scale unpacking this repeats). The -4 goes into
+    the accumulator input (xb / 2 = -4 x each lane's activation sum)."""
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    k32 = lambda v: ir.Constant(_i32, v)  # noqa: E731
+
+    def emit(s, block):
+        p = builder.gep(wp, [builder.mul(s, c(110))])
+        d = builder.fpext(builder.load(builder.bitcast(builder.gep(p, [c(108)]), ir.HalfType().as_pointer()), align=1),
+                          f32)
+        aux = [builder.load(builder.bitcast(builder.gep(p, [c(96 + 4 * k)]), _i32.as_pointer()), align=1)
+               for k in range(3)]
+        m1, m2 = k32(0x03030303), k32(0x0F0F0F0F)
+        low = lambda v, sh: builder.and_(builder.lshr(v, k32(sh)), m2) if sh else builder.and_(v, m2)  # noqa: E731
+        top = lambda sh: builder.shl(builder.and_(builder.lshr(aux[2], k32(sh)), m1), k32(4))  # noqa: E731
+        words = [builder.or_(low(aux[0], 0), top(0)), builder.or_(low(aux[1], 0), top(2)),
+                 builder.or_(low(aux[0], 4), top(4)), builder.or_(low(aux[1], 4), top(6))]
+        v4 = ir.Constant(ir.VectorType(_i32, 4), None)
+        for k, w in enumerate(words):
+            v4 = builder.insert_element(v4, w, k32(k))
+        sc = builder.sub(builder.zext(builder.bitcast(v4, ir.VectorType(_i8, 16)), ir.VectorType(_i32, 16)),
+                         ir.Constant(ir.VectorType(_i32, 16), [32] * 16))
+        scales = builder.fmul(builder.sitofp(sc, ir.VectorType(f32, 16)), _splat_f(builder, d, 16))
+        hm = _vload(builder, p, 32)
+        init = lambda xbv: builder.ashr(xbv, _splat(8, 1, _i32))  # noqa: E731
+        for n in range(2):
+            q = _vload(builder, builder.gep(p, [c(32 + 32 * n)]), 32)
+            for j in range(4):
+                m = 4 * n + j
+                u = builder.or_(builder.and_(builder.lshr(q, _splat(32, 2 * j)), _splat(32, 3)),
+                                builder.shl(builder.and_(builder.lshr(hm, _splat(32, m)), _splat(32, 1)), _splat(32, 2)))
+                block(m, u, init, _halves(builder, scales, m), None)
+
+    return emit
+
+
+def _q6_k_super_block(builder, wp, dp):
     """Q6_K (210 bytes: 128 bytes ql, 64 bytes qh, 16 int8 scales, fp16 d; see quant._dequant_q6_k for where each
     value's bits lie): value = d sc_(v // 16) (q - 32). The -32 goes into the accumulator input (4 xb = -32 x each
     lane's activation sum); a block's lanes 0-3 take one scale and 4-7 the next."""
@@ -150,3 +226,9 @@ dot_tokens_q5_k_generic = _tokens_intrinsic(_kquant_tokens(_q5_k_super_block), "
                                             generic=True)
 dot_tokens_q6_k_generic = _tokens_intrinsic(_kquant_tokens(_q6_k_super_block), "dot_tokens_q6_k_vnni in generic IR.",
                                             generic=True)
+
+# Q2_K and Q3_K, VNNI and generic (the frames above)
+dot_row_q2_k_vnni, dot_tokens_q2_k_vnni, dot_row_q2_k_generic, dot_tokens_q2_k_generic = _routes(
+    _kquant_tokens(_q2_k_super_block), "Q2_K")
+dot_row_q3_k_vnni, dot_tokens_q3_k_vnni, dot_row_q3_k_generic, dot_tokens_q3_k_generic = _routes(
+    _kquant_tokens(_q3_k_super_block), "Q3_K")

@@ -10,7 +10,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from .ir import (Q4_0R_GROUP, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
-    _ptr, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_dot_setup, _vnni_or_trap)
+    _ptr, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_dot_setup, _vnni_or_trap)
 
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
     """Shared body of the row-dot intrinsics: sum over nb blocks of d_w[b] * d_x[b] * idot(b), with
@@ -291,21 +291,26 @@ def _q4_0r_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     return _q4_0r_dots(builder, [wp], nb, xps, xdps, xbps, dp)[0]
 
 
-def _q8_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
-    """A Q8_0 row (GGUF blocks: fp16 scale, 32 int8) dotted through vpdpbusd with one or more tokens' int8
-    activations (pointers per token, as _q4_0r_token_dots). vpdpbusd multiplies unsigned by signed bytes, so
-    the weights go in with their sign bit flipped (w + 128, one vpxor per block for all tokens) and each lane
-    starts from 16 xb = -128 times its 4 activations' sum, which takes the offset back out: exact int32 lane
-    sums. Per token two float accumulators by block parity and one horizontal sum, as the Q4_0 dots, so the
-    one-token and the several-token forms give identical results."""
+def offset128_token_dots(block_bytes, unsigned_quants):
+    """The token_dots of a 32-value block type whose block is an fp16 scale then quants standing for signed 8-bit
+    values w (Q8_0: the int8 themselves; IQ4_NL: nibbles indexing its levels): unsigned_quants(builder, bp, dp) gives
+    the block's <32 x i8> w + 128 (for Q8_0 its sign bit flipped, one vpxor per block for all tokens), as vpdpbusd
+    multiplies unsigned by signed bytes, and each lane starts from 16 xb = -128 times its 4 activations' sum, which
+    takes the offset back out: exact int32 lane sums. Per token two float accumulators by block parity and one
+    horizontal sum, as the Q4_0 dots, so the one-token and the several-token forms give identical results."""
+    return lambda builder, wp, nb, xps, xdps, xbps, dp: _offset128_dots(builder, wp, nb, xps, xdps, xbps, dp,
+                                                                        block_bytes, unsigned_quants)
+
+
+def _offset128_dots(builder, wp, nb, xps, xdps, xbps, dp, block_bytes, unsigned_quants):
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
     c = lambda v: ir.Constant(i64, v)
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
 
     def block(b, acc_of):
-        bp = builder.gep(wp, [builder.mul(b, c(34))])
-        q = builder.bitcast(builder.xor(_vload(builder, builder.gep(bp, [c(2)]), 32), _splat(32, -128)), v8i)
+        bp = builder.gep(wp, [builder.mul(b, c(block_bytes))])
+        q = builder.bitcast(unsigned_quants(builder, bp, dp), v8i)
         ws = _half_splat(builder, bp)
         for xp, xdp, xbp, acc in zip(xps, xdps, xbps, accs):
             xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
@@ -322,6 +327,11 @@ def _q8_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     with cgutils.for_range_slice(builder, builder.mul(pairs, c(2)), nb, c(1)) as (b, _):
         block(b, lambda a: a[0])
     return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+
+
+# Q8_0: fp16 scale, 32 int8
+_q8_0_token_dots = offset128_token_dots(34, lambda builder, bp, dp: builder.xor(
+    _vload(builder, builder.gep(bp, [ir.Constant(ir.IntType(64), 2)]), 32), _splat(32, -128)))
 
 
 def _q5_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
@@ -422,13 +432,7 @@ def _q41_51_token_dots(five):
 
 
 # Q4_1 and Q5_1: the VNNI frames, and their twins in generic vector IR for every other CPU (identical sums)
-dot_row_q4_1_vnni = _row_intrinsic(_q41_51_token_dots(False), "A Q4_1 row's dot through vpdpbusd (x86 VNNI only).")
-dot_row_q5_1_vnni = _row_intrinsic(_q41_51_token_dots(True), "A Q5_1 row's dot through vpdpbusd (x86 VNNI only).")
-dot_tokens_q4_1_vnni = _tokens_intrinsic(_q41_51_token_dots(False), "dot_row_q4_1_vnni for TOKENS tokens.")
-dot_tokens_q5_1_vnni = _tokens_intrinsic(_q41_51_token_dots(True), "dot_row_q5_1_vnni for TOKENS tokens.")
-dot_row_q4_1_generic = _row_intrinsic(_q41_51_token_dots(False), "dot_row_q4_1_vnni in generic IR.", True)
-dot_row_q5_1_generic = _row_intrinsic(_q41_51_token_dots(True), "dot_row_q5_1_vnni in generic IR.", True)
-dot_tokens_q4_1_generic = _tokens_intrinsic(_q41_51_token_dots(False), "dot_tokens_q4_1_vnni in generic IR.",
-                                            generic=True)
-dot_tokens_q5_1_generic = _tokens_intrinsic(_q41_51_token_dots(True), "dot_tokens_q5_1_vnni in generic IR.",
-                                            generic=True)
+dot_row_q4_1_vnni, dot_tokens_q4_1_vnni, dot_row_q4_1_generic, dot_tokens_q4_1_generic = _routes(
+    _q41_51_token_dots(False), "Q4_1")
+dot_row_q5_1_vnni, dot_tokens_q5_1_vnni, dot_row_q5_1_generic, dot_tokens_q5_1_generic = _routes(
+    _q41_51_token_dots(True), "Q5_1")
