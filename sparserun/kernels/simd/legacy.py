@@ -334,6 +334,17 @@ _q8_0_token_dots = offset128_token_dots(34, lambda builder, bp, dp: builder.xor(
     _vload(builder, builder.gep(bp, [ir.Constant(ir.IntType(64), 2)]), 32), _splat(32, -128)))
 
 
+def _fifth_bits(builder, p):
+    """<32 x i8>: 16 where bit l of the little-endian 32 bits at p is set, else 0 (Q5_0 / Q5_1's qh). Bytewise: the
+    4 bytes spread over the 32 lanes by a constant shuffle, each lane's bit tested with a constant mask: a handful
+    of byte ops, where shifting a 32-lane i32 vector and narrowing it back took four times as many."""
+    v4 = builder.bitcast(builder.load(builder.bitcast(p, _i32.as_pointer()), align=1), ir.VectorType(_i8, 4))
+    spread = builder.shuffle_vector(v4, v4, ir.Constant(ir.VectorType(_i32, 32), [l // 8 for l in range(32)]))
+    bits = ir.Constant(ir.VectorType(_i8, 32), [1 << (l % 8) if l % 8 < 7 else -128 for l in range(32)])
+    hit = builder.icmp_unsigned("!=", builder.and_(spread, bits), _splat(32, 0))
+    return builder.select(hit, _splat(32, 16), _splat(32, 0))
+
+
 def _q5_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     """A Q5_0 row (blocks of 22 bytes: fp16 scale, qh with the 32 fifth bits, 16 nibble bytes; value = q - 16)
     dotted through vpdpbusd with one or more tokens' int8 activations, as _q8_0_token_dots: the 32 unsigned 5-bit
@@ -343,20 +354,16 @@ def _q5_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     Q5_0 rows are the q/k/gate/up of small models whose output a real model amplifies (Gemma 3 270M), so the order
     is worth its single chain."""
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
-    v32i32 = ir.VectorType(_i32, 32)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
     c = lambda v: ir.Constant(i64, v)
     accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in xps]
-    shifts, ones = ir.Constant(v32i32, list(range(32))), ir.Constant(v32i32, [1] * 32)
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         bp = builder.gep(wp, [builder.mul(b, c(22))])
         qs = _vload(builder, builder.gep(bp, [c(6)]), 16)
         lo, hi = builder.and_(qs, _splat(16, 15)), builder.lshr(qs, _splat(16, 4))
         nib = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))  # values 0..31
-        qh = _splat_f(builder, builder.load(builder.bitcast(builder.gep(bp, [c(2)]), _i32.as_pointer()), align=1), 32)
-        fifth = builder.trunc(builder.and_(builder.lshr(qh, shifts), ones), ir.VectorType(_i8, 32))
-        q = builder.bitcast(builder.or_(nib, builder.shl(fifth, _splat(32, 4))), v8i)
+        q = builder.bitcast(builder.or_(nib, _fifth_bits(builder, builder.gep(bp, [c(2)]))), v8i)
         ws = _half_splat(builder, bp)
         for xp, xdp, xbp, a in zip(xps, xdps, xbps, accs):
             xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
@@ -402,7 +409,6 @@ def _q41_51_token_dots(five):
         nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
         c = lambda v: ir.Constant(i64, v)  # noqa: E731
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
-        shifts, ones = ir.Constant(v32i32, list(range(32))), ir.Constant(v32i32, [1] * 32)
         zero = ir.Constant(v8i, [0] * 8)
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
@@ -411,10 +417,7 @@ def _q41_51_token_dots(five):
             lo, hi = builder.and_(qs, _splat(16, 15)), builder.lshr(qs, _splat(16, 4))
             q = builder.shuffle_vector(lo, hi, ir.Constant(v32i32, list(range(32))))  # values 0..31
             if five:
-                qh = _splat_f(builder, builder.load(builder.bitcast(builder.gep(bp, [c(4)]), _i32.as_pointer()),
-                                                    align=1), 32)
-                fifth = builder.trunc(builder.and_(builder.lshr(qh, shifts), ones), ir.VectorType(_i8, 32))
-                q = builder.or_(q, builder.shl(fifth, _splat(32, 4)))
+                q = builder.or_(q, _fifth_bits(builder, builder.gep(bp, [c(4)])))
             q = builder.bitcast(q, v8i)
             ws, ms = _half_splat(builder, bp), _half_splat(builder, builder.gep(bp, [c(2)]))
             for xp, xdp, xbp, (a, am) in zip(xps, xdps, xbps, accs):
