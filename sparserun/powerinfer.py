@@ -85,7 +85,7 @@ class PowerInferPredictor:
                 raise ModelFileError(f.path, f"predictor of layer {i}: fc1 {fc1.rows}x{fc1.cols} and fc2 "
                                              f"{fc2.rows}x{fc2.cols} do not chain {a.dim} -> r -> {a.n_ff}")
             self.layers.append((Weight(fc1).in_memory(), Weight(fc2).in_memory()))
-            self.columns.append(_columns(fc2) if fc2.qtype in COLUMN_TYPES and fc1.qtype not in (12, 13, 14) else None)
+            self.columns.append(_columns(fc2) if fc2.qtype in COLUMN_TYPES else None)
         self.rank = [w1.rows for w1, _ in self.layers]
         self.idx = np.empty(a.n_ff, np.int64)
         self.seconds = 0.0

@@ -363,31 +363,19 @@ matmul_q8_0_vnni = _make_batch_matmul("matmul_q8_0_vnni", "dot_row_q8_0_vnni", "
 matmul_q5_0_vnni = _make_batch_matmul("matmul_q5_0_vnni", "dot_row_q5_0_vnni", "dot_tokens_q5_0_vnni")
 
 
-# used when HAS_VNNI (Q4_0R exists only then)
-matmul_q4_k_vnni = _make_batch_matmul("matmul_q4_k_vnni", "dot_row_q4_k_vnni", "dot_tokens_q4_k_vnni")
-matmul_q5_k_vnni = _make_batch_matmul("matmul_q5_k_vnni", "dot_row_q5_k_vnni", "dot_tokens_q5_k_vnni")
-matmul_q6_k_vnni = _make_batch_matmul("matmul_q6_k_vnni", "dot_row_q6_k_vnni", "dot_tokens_q6_k_vnni")
-VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni, Q5_0: matmul_q5_0_vnni,
-               Q4_K: matmul_q4_k_vnni,
-               Q5_K: matmul_q5_k_vnni, Q6_K: matmul_q6_k_vnni}
-# the K-quants on CPUs without VNNI: the same frames with vpdpbusd's arithmetic in generic vector IR (identical sums)
-matmul_q4_k_generic = _make_batch_matmul("matmul_q4_k_generic", "dot_row_q4_k_generic", "dot_tokens_q4_k_generic")
-matmul_q5_k_generic = _make_batch_matmul("matmul_q5_k_generic", "dot_row_q5_k_generic", "dot_tokens_q5_k_generic")
-matmul_q6_k_generic = _make_batch_matmul("matmul_q6_k_generic", "dot_row_q6_k_generic", "dot_tokens_q6_k_generic")
-# Q4_1 and Q5_1 (a min per block: its term from the activations' block sums), VNNI and generic alike
-matmul_q4_1_vnni = _make_batch_matmul("matmul_q4_1_vnni", "dot_row_q4_1_vnni", "dot_tokens_q4_1_vnni")
-matmul_q5_1_vnni = _make_batch_matmul("matmul_q5_1_vnni", "dot_row_q5_1_vnni", "dot_tokens_q5_1_vnni")
-matmul_q4_1_generic = _make_batch_matmul("matmul_q4_1_generic", "dot_row_q4_1_generic", "dot_tokens_q4_1_generic")
-matmul_q5_1_generic = _make_batch_matmul("matmul_q5_1_generic", "dot_row_q5_1_generic", "dot_tokens_q5_1_generic")
-# Q2_K, Q3_K, IQ4_NL and IQ4_XS: the same frames (kquants, iquants)
-_X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q4_1: "q4_1", Q5_1: "q5_1", Q2_K: "q2_k", Q3_K: "q3_k",
+VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni,  # HAS_VNNI only (Q4_0R
+               Q5_0: matmul_q5_0_vnni}  # exists only then); the other types' route is X8_MATMUL's
+# The types whose integer dots read the int8 forms (x8, xd, xb) on every CPU: through vpdpbusd on VNNI CPUs, through
+# its arithmetic in generic vector IR elsewhere (identical sums). One batch matmul per type and route,
+# matmul_<type>_vnni and matmul_<type>_generic (Q4_1 / Q5_1's min from the activations' block sums; the K-quants and
+# IQ4_XS on activations rounded as Q8_K; simd's kquants and iquants frames).
+_X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q2_K: "q2_k", Q3_K: "q3_k", Q4_1: "q4_1", Q5_1: "q5_1",
              IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs"}
-for _t in (Q2_K, Q3_K, IQ4_NL, IQ4_XS):
+for _name in _X8_NAMES.values():
     for _route in ("vnni", "generic"):
-        _n = f"matmul_{_X8_NAMES[_t]}_{_route}"
-        globals()[_n] = _make_batch_matmul(_n, f"dot_row_{_X8_NAMES[_t]}_{_route}", f"dot_tokens_{_X8_NAMES[_t]}_{_route}")
-# the types whose integer dots read the int8 forms (x8, xd, xb) on every CPU: vpdpbusd, or its arithmetic in generic IR
-X8_MATMUL = {_t: globals()[f"matmul_{_n}_{'vnni' if HAS_VNNI else 'generic'}"] for _t, _n in _X8_NAMES.items()}
+        _fn = f"matmul_{_name}_{_route}"
+        globals()[_fn] = _make_batch_matmul(_fn, f"dot_row_{_name}_{_route}", f"dot_tokens_{_name}_{_route}")
+X8_MATMUL = {_t: globals()[f"matmul_{_name}_{'vnni' if HAS_VNNI else 'generic'}"] for _t, _name in _X8_NAMES.items()}
 
 
 def dot_forms(qtype, forms):

@@ -452,8 +452,8 @@ def _ids_above(z, t, idx):
 @njit(parallel=True, cache=True, fastmath=True)
 def predict_active_cols(x, w1, rb1, qt1, vnni, q2t, d2, t, idx, parts):
     """PowerInfer's predictor for one token: h = relu(W1 x), z = W2 h, ids with z >= t into idx (the count is
-    returned). x (1, dim); W1: r rows of rb1 bytes of type qt1 (GGUF row format, not a K-quant), dotted as _row_dot
-    does (x rounded to int8 blocks for quantized rows, as ggml's mul_mat rounds it); W2 (n_ff, r) as its transpose
+    returned). x (1, dim); W1: r rows of rb1 bytes of type qt1 (GGUF row format), dotted as _row_dot does (x rounded
+    to int8 blocks of 32 for quantized rows, as ggml's mul_mat rounds it for the 32-value types); W2 (n_ff, r) as its transpose
     q2t (r, n_ff) int8 with d2 (r/32, n_ff) the scale of each row's 32-block (exact for Q4_0, Q5_0 and Q8_0)."""
     r, n_ff = q2t.shape
     xq, xd, x8, xb, xt, xs = acts_forms(x)
