@@ -259,11 +259,8 @@ def export(model, pset, out):
     ffn_down_t (re-quantized in its own type where gguf-py can write it, else F16), fc1 / fc2 in F16 as PowerInfer's
     converter writes them, the per-layer thresholds folded into powerinfer.sparse_threshold (fold_thresholds).
     Returns (threshold, effective per-layer thresholds)."""
-    import mmap
-
     from gguf import GGMLQuantizationType, quants
 
-    from . import gguf_header
     from .weights import Weight
 
     f, a = model.gguf, model.args
@@ -276,12 +273,7 @@ def export(model, pset, out):
         raise SparserunError("these predictors read the FFN's normalized input; PowerInfer's read the residual stream: "
                              "train them with `sparserun train-predictors --form powerinfer`")
     T, scale = fold_thresholds([p.threshold for p in pset.layers])
-    with open(f.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        view = memoryview(buf)
-        try:
-            meta = gguf_header.metadata_only(view)
-        finally:
-            view.release()
+    meta = _metadata_only(f.path)
     n_kv = struct.unpack_from("<Q", meta, 16)[0] + 1
     kvs = meta[24:] + _kv(KEY_THRESHOLD, 6, struct.pack("<f", T))
     tensors = []
@@ -310,30 +302,37 @@ def vocab_path(path):
     """A path llama.cpp can read path's vocabulary from: path itself, or for a PWRI or bamboo file its key/values as a
     llama GGUF of no tensors, written once into the cache (llama.cpp refuses the PWRI magic and knows no bamboo)."""
     import hashlib
-    import mmap
     import os
 
-    from . import gguf_header
     from .cache import root
 
     with open(path, "rb") as fh:
         if fh.read(4) != MAGIC and b"bamboo" not in fh.read(4096):  # general.architecture comes first
             return path
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            st = os.stat(path)
-            key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
-            out = os.path.join(root(), "vocab", key + ".gguf")
-            if not os.path.exists(out):
-                os.makedirs(os.path.dirname(out), exist_ok=True)
-                tmp = f"{out}.tmp{os.getpid()}"
-                view = memoryview(buf)
-                try:
-                    with open(tmp, "wb") as o:
-                        o.write(gguf_header.metadata_only(view, "llama"))  # bamboo is llama's vocabulary
-                finally:
-                    view.release()  # the map closes with no view of it left
-                os.replace(tmp, out)
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    out = os.path.join(root(), "vocab", key + ".gguf")
+    if not os.path.exists(out):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = f"{out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as o:
+            o.write(_metadata_only(path, "llama"))  # bamboo is llama's vocabulary
+        os.replace(tmp, out)
     return out
+
+
+def _metadata_only(path, arch=None):
+    """gguf_header.metadata_only of the file at path (read through a memory map, released before it closes)."""
+    import mmap
+
+    from . import gguf_header
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        view = memoryview(buf)
+        try:
+            return gguf_header.metadata_only(view, arch)
+        finally:
+            view.release()
 
 
 def mark_powerinfer(path):
