@@ -85,7 +85,7 @@ class PowerInferPredictor:
                 raise ModelFileError(f.path, f"predictor of layer {i}: fc1 {fc1.rows}x{fc1.cols} and fc2 "
                                              f"{fc2.rows}x{fc2.cols} do not chain {a.dim} -> r -> {a.n_ff}")
             self.layers.append((Weight(fc1).in_memory(), Weight(fc2).in_memory()))
-            self.columns.append(_columns(fc2) if fc2.qtype in COLUMN_TYPES else None)
+            self.columns.append(_columns(f.path, fc2) if fc2.qtype in COLUMN_TYPES else None)
         self.rank = [w1.rows for w1, _ in self.layers]
         self.idx = np.empty(a.n_ff, np.int64)
         self.seconds = 0.0
@@ -121,7 +121,7 @@ class PowerInferPredictor:
         return out
 
 
-def _columns(t):
+def _columns(path, t):
     """fc2 (n_ff, r) of a COLUMN_TYPES type as (q (r, n_ff) int8, d (r/32, n_ff) float32) with q * d its values
     exactly: each block's fp16 scale read from the block's first two bytes, the integers from the dequantized values."""
     from .weights import Weight
@@ -130,7 +130,8 @@ def _columns(t):
     d = t.raw.reshape(t.rows, nb, -1)[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)  # (n_ff, nb)
     v = Weight(t).dequantize().reshape(t.rows, nb, 32)
     q = np.rint(np.divide(v, d[:, :, None], out=np.zeros_like(v), where=d[:, :, None] != 0))
-    assert np.array_equal(q * d[:, :, None], v), "a block is not scale x integer"
+    if not np.array_equal(q * d[:, :, None], v):  # a non-finite scale: garbage, refused before any kernel reads it
+        raise ModelFileError(path, f"tensor {t.name!r} holds non-finite block scales")
     return np.ascontiguousarray(q.reshape(t.rows, -1).T.astype(np.int8)), np.ascontiguousarray(d.T)
 
 

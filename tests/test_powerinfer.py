@@ -249,3 +249,19 @@ def test_a_pwri_file_runs_its_predictors_by_default(pair):
     r = subprocess.run([sys.executable, "-m", "sparserun.cli", "generate", str(pwri), "-p", "Once", "-n", "4",
                         "--temp", "0"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "running its own predictors" in r.stderr, r.stderr
+
+
+def test_garbage_predictor_scales_are_refused_in_one_line(pair, tmp_path):
+    pwri, _ = pair("Q8_0", shape="tiny", planted_rank=7)
+    from sparserun.gguf_file import GGUFFile
+
+    f = GGUFFile(pwri)
+    t = f.tensor("blk.0.fc2.weight")
+    at = t.raw.__array_interface__["data"][0] - f._data.__array_interface__["data"][0]
+    data = bytearray(open(pwri, "rb").read())
+    data[at:at + 2] = np.array([np.inf], np.float16).tobytes()  # the first block's scale
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "generate", str(bad), "-p", "hi", "-n", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "non-finite block scales" in r.stderr, r.stderr
