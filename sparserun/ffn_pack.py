@@ -50,7 +50,7 @@ from .kernels import quant as K
 from .kernels import sparse as S
 from .memory import huge_page_buffer
 
-FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K)
+FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K, K.Q4_KR)
 PAGE = 4096
 PAD_AT_MOST = 0.2  # padding a unit to whole pages is worth this much of its size
 FORMAT = "p4"  # in the cache file names; older formats are not read: none (before page padding), "p" (gate and

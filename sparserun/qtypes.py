@@ -44,15 +44,18 @@ F32, F16, BF16 = 0, 1, 30
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14
 IQ4_NL, IQ4_XS = 20, 23
-Q4_0R = 1002  # not a ggml type: Q4_0 rows repacked at load for the VNNI kernels (kernels/quant.repack_q4_0)
+# Not ggml types: rows repacked at load for the integer dots (kernels/quant.repack_q4_0, kernels/krepack.py), the
+# same bytes per row as the file's type
+Q4_0R, Q4_KR, Q6_KR = 1002, 1003, 1004
+REPACKED_NAMES = {Q4_0R: "Q4_0R", Q4_KR: "Q4_KR", Q6_KR: "Q6_KR"}
 
 
 def type_name(qtype):
     """ggml's name of a type id, also for ids the engine does not read."""
     if qtype in TYPES:
         return TYPES[qtype].name
-    if qtype == Q4_0R:
-        return "Q4_0R"
+    if qtype in REPACKED_NAMES:
+        return REPACKED_NAMES[qtype]
     try:
         from gguf import GGMLQuantizationType
 

@@ -8,7 +8,16 @@ import numpy as np
 
 from .gguf_file import RawTensor
 from .kernels import quant as K
+from .kernels.krepack import repack_q4_k, repack_q6_k
 from .memory import huge_page_buffer
+from .qtypes import type_name
+
+# file type -> (the type of its in-memory copy, the repacking kernel): layouts whose dots need no horizontal
+# reduction per block (kernels/krepack.py, quant.repack_q4_0). Repacked Q4_0 runs on the VNNI route only (its
+# generic dot reads the file's layout); the K-quants' repacked dots run on both.
+REPACK = {K.Q4_K: (K.Q4_KR, repack_q4_k), K.Q6_K: (K.Q6_KR, repack_q6_k)}
+if K.HAS_VNNI:
+    REPACK[K.Q4_0] = (K.Q4_0R, K.repack_q4_0)
 
 
 class Acts:
@@ -69,23 +78,24 @@ class Weight:
         return Weight(RawTensor(name or f"{self.name}[subset]", self.qtype, len(ids), self.cols, raw, self.row_bytes))
 
     def repacked(self, into=None):
-        """This Q4_0 weight with its rows in the VNNI kernels' layout (quant.repack_q4_0), as an in-memory copy
-        (into: the uint8 slice to hold it, see in_memory_together): the same bytes per row, so row offsets and row
-        subsets work unchanged; dequantize() still gives the same values (the GPU placement uploads from it).
-        The copy lies in huge pages (memory.Arena says why)."""
+        """This weight with its rows in the integer dots' layout (REPACK: Q4_0 where the VNNI kernels run, Q4_K and
+        Q6_K on every CPU), as an in-memory copy (into: the uint8 slice to hold it, see in_memory_together): the
+        same bytes per row, so row offsets and row subsets work unchanged; dequantize() still gives the same values
+        (the GPU placement uploads from it). The copy lies in huge pages (memory.Arena says why)."""
+        qtype, repack = REPACK[self.qtype]
         raw = huge_page_buffer(self.raw.nbytes) if into is None else into
-        K.repack_q4_0(self.raw, self.rows, self.row_bytes, raw)
-        w = Weight(RawTensor(self.name, K.Q4_0R, self.rows, self.cols, raw, self.row_bytes))
-        w.type_name = "Q4_0R"
+        repack(self.raw, self.rows, self.row_bytes, raw)
+        w = Weight(RawTensor(self.name, qtype, self.rows, self.cols, raw, self.row_bytes))
+        w.type_name = type_name(qtype)
         return w
 
     def in_memory(self, into=None):
         """This weight copied out of the file mapping into huge pages (into: as for repacked), the form the kernels
-        read: Q4_0 repacked where the VNNI kernels run (11% faster from DRAM than Q4_0's own layout), any other
-        type as it is. A file mapping's 4 KiB pages cost a streaming matvec its hardware prefetch at every page
-        boundary and a TLB miss per page (memory.Arena gives the figures)."""
+        read: repacked where REPACK says (Q4_0: 11% faster from DRAM than its own layout), any other type as it
+        is. A file mapping's 4 KiB pages cost a streaming matvec its hardware prefetch at every page boundary and
+        a TLB miss per page (memory.Arena gives the figures)."""
         raw = huge_page_buffer(self.raw.nbytes) if into is None else into
-        if self.qtype == K.Q4_0 and K.HAS_VNNI:
+        if self.qtype in REPACK:
             return self.repacked(raw)
         raw[:] = self.raw
         return Weight(RawTensor(self.name, self.qtype, self.rows, self.cols, raw, self.row_bytes))

@@ -412,7 +412,10 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
     rng = np.random.default_rng(13)
     cols = 1280 if GGML_QUANT_SIZES[qtype][0] == 256 else 1056
     ws = [weight(qtype, 40, cols, rng), weight(qtype, 24, cols, rng)]
-    rs = [w.repacked() for w in ws] if qtype == Q.Q4_0 else ws
+    rs = [w.repacked() for w in ws] if qtype in (Q.Q4_0, Q.Q4_K, Q.Q6_K) else ws
+    if qtype in (Q.Q4_K, Q.Q6_K):  # the GGUF layout's batch, too
+        gg = Matmuls(ws)(Acts(rng.standard_normal((K.TOKENS + 1, cols)).astype(np.float32)))
+        assert gg[0].shape == (K.TOKENS + 1, 40)
     stack = Matmuls(rs)
     assert len(stack.groups) == 1 and len(stack.groups[0][1]) == 2 and 40 + 24 > K.ROW_TILE
     for T in (K.TOKENS, K.TOKENS + 1, 2 * K.TOKENS + 3):
@@ -497,7 +500,7 @@ def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
 
 def test_generic_kernels_build_for_aarch64():
     """The route for CPUs without VNNI is generic LLVM vector IR, so it must build for ARM: the generic row dots
-    (K-quants, Q4_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS) are compiled here into a function's LLVM IR, then llvmlite emits AArch64 object code
+    (K-quants, repacked K-quants, Q4_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS) are compiled here into a function's LLVM IR, then llvmlite emits AArch64 object code
     from it (x86 target attributes stripped). Checked: code generation for aarch64. Not run: the code itself on ARM."""
     import re
 
@@ -509,6 +512,8 @@ def test_generic_kernels_build_for_aarch64():
     @njit(_nrt=False)  # no reference counting: its helpers are numba's runtime, x86 atomics once optimized here
     def dots(w, x8, xd, xb, xq):
         a = simd.dot_row_q4_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_q6_k_generic(w, 0, 8, x8, 0, xd, xb, 0)
+        a += simd.dot_row_q4_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q6_kr_generic(w, 0, 8, x8, 0, xd,
+                                                                                                   xb[0], 0)
         t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
         b = simd.dot_row_q3_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_xs_generic(w, 0, 8, x8, 0, xd, xb, 0)
         b += simd.dot_row_q4_1_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_nl_generic(w, 0, 8, x8, 0, xd, xb, 0)
@@ -531,3 +536,55 @@ def test_generic_kernels_build_for_aarch64():
     assert len(obj) > 1000 and obj[:4] == b"\x7fELF"
     assembly = tm.emit_assembly(mod)
     assert re.search(r"\tsmull2?\t", assembly) and re.search(r"\taddp\t", assembly)  # NEON widening multiplies, pairwise adds
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+def test_repacked_k_quants_equal_the_gguf_layout(qtype):
+    """Q4_K / Q6_K repacked at load (kernels/krepack.py: Q4_KR, Q6_KR; the same bytes per row): the same dequantized
+    values; the matmul on Q8_K-rounded activations equal to the GGUF-layout dot up to float rounding (both sum
+    the same exact integers) and to numpy on those activations; on activations rounded per 32 values (the neuron
+    packs' forms) equal to numpy on those; the generic route bit for bit the VNNI one; row subsets the rows'
+    results; a neuron pack of repacked up rows the GGUF rows' pack."""
+    from sparserun.kernels import quant as K
+    from sparserun.kernels import sparse as S
+    from sparserun.weights import REPACK
+
+    rng = np.random.default_rng(31)
+    rows, cols = 40, 1280
+    w = weight(qtype, rows, cols, rng)
+    r = w.repacked()
+    assert r.qtype == REPACK[int(qtype)][0] and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
+    np.testing.assert_array_equal(r.dequantize(), w.dequantize())
+    values = w.dequantize().astype(np.float64)
+    name = {K.Q4_KR: "q4_kr", K.Q6_KR: "q6_kr"}[r.qtype]
+    generic, vnni = getattr(K, f"matmul_{name}_generic"), getattr(K, f"matmul_{name}_vnni")
+    for T in (1, K.TOKENS + 1):
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        acts = Acts(x)
+        got, gguf = r.matmul(acts), w.matmul(acts)
+        np.testing.assert_allclose(got, gguf, rtol=1e-5, atol=1e-5 * np.abs(gguf).max())
+        for forms in (acts.forms_for(int(qtype)), acts.forms()):  # Q8_K's rounding, then per 32 values
+            xq, xd, x8, xb, xt, xs = forms
+            ref = (x8.astype(np.float64) * np.repeat(xd, 32, axis=1)) @ values.T
+            out = np.empty((T, rows), np.float32)
+            generic((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, forms), out)
+            np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+            if K.HAS_VNNI:
+                want = np.empty_like(out)
+                vnni((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, forms), want)
+                np.testing.assert_array_equal(out, want)
+    ids = np.array([3, 0, 39, 17])
+    acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
+    np.testing.assert_array_equal(r.subset(ids).matmul(acts), r.matmul(acts)[:, ids])
+    down = rng.standard_normal((rows, 32)).astype(np.float32)
+    idx = np.array([1, 5, 6, 30], np.int64)
+    outs = []
+    for src in (w, r):
+        units = np.concatenate([src.raw.reshape(rows, -1), down.view(np.uint8)], axis=1)
+        out = np.empty(32, np.float32)
+        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, True, S.DOWN_F32, 32,
+                   idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, np.empty((2, 32), np.float32), out)
+        outs.append(out)
+    want = (acts.x.astype(np.float64) @ values[idx].T)[0] @ down[idx]
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
+    np.testing.assert_allclose(outs[1], want, rtol=0.02, atol=0.02 * np.abs(want).max())

@@ -25,12 +25,15 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0
                    dot_row_q3_k_vnni, dot_tokens_q2_k_vnni, dot_tokens_q3_k_vnni, dot_row_q2_k_generic,
                    dot_row_q3_k_generic, dot_tokens_q2_k_generic, dot_tokens_q3_k_generic, dot_row_iq4_nl_vnni,
                    dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic, dot_row_iq4_xs_vnni,
-                   dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic)
+                   dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic, dot_row_q4_kr_vnni,
+                   dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic, dot_row_q6_kr_vnni,
+                   dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
-from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q5_0, Q5_1,  # noqa: E402
-                      Q5_K, Q6_K, Q8_0)
+from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0,  # noqa: E402
+                      Q5_1, Q5_K, Q6_K, Q6_KR, Q8_0)
 from .templates import define  # noqa: E402
+from .krepack import dequant_q4_kr, dequant_q6_kr  # noqa: E402
 from .dequant import (dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1, dequant_q5_0,  # noqa: E402
                       dequant_q5_1)
 
@@ -95,6 +98,10 @@ def dequant_row(raw, off, qtype, n, out):
                 out[b * 32 + j] = d * np.float32(q - 256 if q > 127 else q)
     elif qtype == Q4_K:
         _dequant_q4_k(raw, off, n, out)
+    elif qtype == Q4_KR:
+        dequant_q4_kr(raw, off, n, out)
+    elif qtype == Q6_KR:
+        dequant_q6_kr(raw, off, n, out)
     elif qtype == Q5_K:
         _dequant_q5_k(raw, off, n, out)
     elif qtype == Q6_K:
@@ -247,11 +254,12 @@ def acts_forms(x, needed=True):
 
 
 @njit(cache=True, fastmath={"nnan", "ninf", "nsz"}, error_model="numpy")
-def quantize_acts_k(x, x8, xd, xb):
+def quantize_acts_k(x, x8, xd, xb, xt, xs):
     """Round activations x (T, n) (n a multiple of 256) as llama.cpp's quantize_row_q8_K does for its K-quant dots:
     one float32 scale per 256 values, d = max / -127 with max the value of largest magnitude (the first one on a
     tie), values rint(x * -127 / max) capped at 127. Written in quantize_acts' VNNI forms (x8, xd per 32 values:
-    the super-block's d repeated, xb from x8), so the K-quant dots sum exactly the integers llama.cpp sums."""
+    the super-block's d repeated, xb from x8, and the repacked dots' xt and xs), so the K-quant dots sum exactly
+    the integers llama.cpp sums."""
     T, n = x.shape
     for t in range(T):
         for sb in range(n // QK_K):
@@ -271,15 +279,25 @@ def quantize_acts_k(x, x8, xd, xb):
                 k = o + 4 * l
                 xb[t, o // 4 + l] = -8 * (np.int32(x8[t, k]) + np.int32(x8[t, k + 1]) + np.int32(x8[t, k + 2]) +
                                           np.int32(x8[t, k + 3]))
+            for b in range(QK_K // QK):
+                s = 0
+                for l in range(QK // 4):
+                    s += xb[t, o // 4 + 8 * b + l]
+                xs[t, o // QK + b] = s
+        x32, t32 = x8[t].view(np.int32), xt[t].view(np.int32)  # quantize_acts' transposition, 256 values a group
+        for g in range(n // QK_K):
+            for i in range(QK // 4):
+                for k in range(Q4_0R_GROUP):
+                    t32[g * QK_K // 4 + 8 * i + k] = x32[g * QK_K // 4 + 8 * k + i]
 
 
 @njit(cache=True)
 def acts_forms_k(x):
-    """quantize_acts_k's forms of x (T, n) in acts_forms' six places (the forms K-quant dots do not read empty)."""
+    """quantize_acts_k's forms of x (T, n) in acts_forms' six places (xq, which no K-quant dot reads, empty)."""
     T, n = x.shape
     forms = (np.empty((0, 0), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
-             np.empty((T, n // 4), np.int32), np.empty((0, 0), np.int8), np.empty((0, n // QK), np.int32))
-    quantize_acts_k(x, forms[2], forms[1], forms[3])
+             np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, n // QK), np.int32))
+    quantize_acts_k(x, forms[2], forms[1], forms[3], forms[4], forms[5])
     return forms
 
 
@@ -370,7 +388,7 @@ VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8
 # matmul_<type>_vnni and matmul_<type>_generic (Q4_1 / Q5_1's min from the activations' block sums; the K-quants and
 # IQ4_XS on activations rounded as Q8_K; simd's kquants and iquants frames).
 _X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q2_K: "q2_k", Q3_K: "q3_k", Q4_1: "q4_1", Q5_1: "q5_1",
-             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs"}
+             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_kr", Q6_KR: "q6_kr"}
 for _name in _X8_NAMES.values():
     for _route in ("vnni", "generic"):
         _fn = f"matmul_{_name}_{_route}"
@@ -382,7 +400,7 @@ def dot_forms(qtype, forms):
     """(x, xd, bias): the activation forms (quantize_acts' seven, less the input) that the int8 row dots of
     qtype read: the repacked Q4_0 dots xt and xs, the other VNNI dots x8 and xb, the generic ones xq."""
     xq, xd, x8, xb, xt, xs = forms
-    if qtype == Q4_0R:
+    if qtype in (Q4_0R, Q4_KR, Q6_KR):
         return xt, xd, xs
     return (x8, xd, xb) if qtype in X8_MATMUL or HAS_VNNI and qtype in VNNI_MATMUL else (xq, xd, xb)
 
@@ -429,9 +447,9 @@ INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W, activations as int8 blocks (quantize_acts), as llama.cpp's
 vec_dot_q5_0_q8_0 and its kin compute them."""
 # weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
-Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS)
+Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS, Q4_KR, Q6_KR)
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)
-INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
+INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS, Q4_KR, Q6_KR)
 
 
 @njit(parallel=True, cache=True, fastmath=True)

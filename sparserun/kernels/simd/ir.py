@@ -273,7 +273,7 @@ def _vnni_dot_setup(context, builder, sig, args, per_block=8, generic=False):
 TOKENS = 4  # tokens per call of dot_tokens_q4_0r_vnni
 
 
-def _row_intrinsic(token_dots, doc, generic=False):
+def _row_intrinsic(token_dots, doc, generic=False, per_block=8):
     """A VNNI row dot with one token (the signature of dot_row_q4_0_vnni) through token_dots(builder, wp, nb, xps,
     xdps, xbps, dp), the same code _tokens_intrinsic runs for TOKENS tokens: the two forms give identical results.
     generic: vpdpbusd's arithmetic in plain vector IR (every CPU), the same results."""
@@ -282,7 +282,7 @@ def _row_intrinsic(token_dots, doc, generic=False):
         sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
 
         def codegen(context, builder, signature, args):
-            wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args, generic=generic)
+            wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args, per_block, generic)
             return token_dots(builder, wp, args[2], [xp], [xdp], [xbp], dp)[0]
 
         return sig, codegen if generic else _vnni_or_trap(codegen)
@@ -291,13 +291,16 @@ def _row_intrinsic(token_dots, doc, generic=False):
     return row_dot
 
 
-def _routes(token_dots, name):
+def _routes(token_dots, name, per_block=8):
     """The four intrinsics of a type dotted through token_dots: (row dot, TOKENS-token dot) through vpdpbusd (x86
-    AVX512-VNNI only), then the same two with vpdpbusd's arithmetic in generic vector IR (every CPU), identical sums."""
-    return (_row_intrinsic(token_dots, f"A {name} row's dot with one token's int8 activations through vpdpbusd."),
-            _tokens_intrinsic(token_dots, f"The {name} row dot for TOKENS tokens, each result the one-token dot's."),
-            _row_intrinsic(token_dots, f"The {name} row dot in generic IR.", True),
-            _tokens_intrinsic(token_dots, f"The {name} TOKENS-token dot in generic IR.", generic=True))
+    AVX512-VNNI only), then the same two with vpdpbusd's arithmetic in generic vector IR (every CPU), identical sums.
+    per_block: the offset terms the dots read (_bias_ptr: 8, xb; 1, xs)."""
+    return (_row_intrinsic(token_dots, f"A {name} row's dot with one token's int8 activations through vpdpbusd.",
+                           per_block=per_block),
+            _tokens_intrinsic(token_dots, f"The {name} row dot for TOKENS tokens, each result the one-token dot's.",
+                              per_block),
+            _row_intrinsic(token_dots, f"The {name} row dot in generic IR.", True, per_block),
+            _tokens_intrinsic(token_dots, f"The {name} TOKENS-token dot in generic IR.", per_block, generic=True))
 
 
 def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False):

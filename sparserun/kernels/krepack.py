@@ -1,0 +1,103 @@
+"""The K-quants repacked at load for the integer dots (simd/krepacked.py): Q4_K -> Q4_KR, Q6_K -> Q6_KR, the same
+bytes per super-block, only their order changed, so row offsets, row subsets and a stack's row_bytes hold as in
+the file. A super-block's 256 values are 8 sub-blocks of 32; the repacked quants lie as repacked Q4_0's groups do:
+chunk j (32 bytes) holds at byte 4 k + m sub-block k's values 8 j + m (low nibble) and 8 j + 4 + m (high).
+
+Q4_KR (144 bytes): Q4_K's first 16 bytes as they are (d, dmin, 6-bit scales and mins), then the 4 chunks.
+Q6_KR (210 bytes): d (fp16), the 16 int8 scales, the 4 chunks of the values' low 4 bits, then two runs of 32 bytes
+of their high 2 bits: bits 2 s of byte 4 k + m of run h belong to sub-block k's value 4 (4 h + s) + m.
+"""
+import numpy as np
+from numba import njit, prange
+
+from .simd import load_f16
+
+
+@njit(cache=True, inline="always")
+def _q4_k_value(raw, p, k, l):
+    """Q4_K super-block at raw[p:]: sub-block k's 4-bit value l (0..31)."""
+    return (np.int32(raw[p + 16 + 32 * (k // 2) + l]) >> (4 * (k % 2))) & 15
+
+
+@njit(cache=True, inline="always")
+def _q6_k_value(raw, p, v):
+    """Q6_K super-block at raw[p:]: value v's 6-bit quant (0..63; ggml's dequantize_row_q6_K layout)."""
+    h, r = v // 128, v % 128
+    k, l = r // 32, r % 32
+    a = np.int32(raw[p + 64 * h + l + 32 * (k % 2)])
+    low = (a & 15) if k < 2 else (a >> 4)
+    return low | (((np.int32(raw[p + 128 + 32 * h + l]) >> (2 * k)) & 3) << 4)
+
+
+@njit(parallel=True, cache=True)
+def repack_q4_k(raw, rows, row_bytes, out):
+    """Q4_K rows -> Q4_KR (module docstring), row by row."""
+    for r in prange(rows):
+        for s in range(row_bytes // 144):
+            p = r * row_bytes + 144 * s
+            out[p:p + 16] = raw[p:p + 16]
+            for j in range(4):
+                for k in range(8):
+                    for m in range(4):
+                        out[p + 16 + 32 * j + 4 * k + m] = (_q4_k_value(raw, p, k, 8 * j + m) |
+                                                            (_q4_k_value(raw, p, k, 8 * j + 4 + m) << 4))
+
+
+@njit(parallel=True, cache=True)
+def repack_q6_k(raw, rows, row_bytes, out):
+    """Q6_K rows -> Q6_KR (module docstring), row by row."""
+    for r in prange(rows):
+        for s in range(row_bytes // 210):
+            p = r * row_bytes + 210 * s
+            out[p:p + 2] = raw[p + 208:p + 210]
+            out[p + 2:p + 18] = raw[p + 192:p + 208]
+            for k in range(8):
+                for m in range(4):
+                    for i in range(8):
+                        q = _q6_k_value(raw, p, 32 * k + 4 * i + m)
+                        at = p + 18 + 32 * (i // 2) + 4 * k + m
+                        if i % 2 == 0:
+                            out[at] = q & 15
+                        else:
+                            out[at] = np.int32(out[at]) | ((q & 15) << 4)
+                        hat = p + 146 + 32 * (i // 4) + 4 * k + m
+                        if i % 4 == 0:
+                            out[hat] = q >> 4
+                        else:
+                            out[hat] = np.int32(out[hat]) | ((q >> 4) << (2 * (i % 4)))
+
+
+@njit(cache=True, inline="always")
+def dequant_q4_kr(raw, off, n, out):
+    """The n values of the Q4_KR row at raw[off:] as float32 (value = d sc_k q - dmin m_k, as Q4_K's)."""
+    for s in range(n // 256):
+        p = off + 144 * s
+        d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
+        for k in range(8):
+            if k < 4:
+                sc, mn = np.int32(raw[p + 4 + k]) & 63, np.int32(raw[p + 8 + k]) & 63
+            else:
+                sc = (np.int32(raw[p + 8 + k]) & 15) | ((np.int32(raw[p + k]) >> 6) << 4)
+                mn = (np.int32(raw[p + 8 + k]) >> 4) | ((np.int32(raw[p + 4 + k]) >> 6) << 4)
+            a, c = d * np.float32(sc), dmin * np.float32(mn)
+            for j in range(4):
+                for m in range(4):
+                    q = np.int32(raw[p + 16 + 32 * j + 4 * k + m])
+                    out[256 * s + 32 * k + 8 * j + m] = a * np.float32(q & 15) - c
+                    out[256 * s + 32 * k + 8 * j + 4 + m] = a * np.float32(q >> 4) - c
+
+
+@njit(cache=True, inline="always")
+def dequant_q6_kr(raw, off, n, out):
+    """The n values of the Q6_KR row at raw[off:] as float32 (value = d sc (q - 32), as Q6_K's)."""
+    for s in range(n // 256):
+        p = off + 210 * s
+        d = load_f16(raw, p)
+        for k in range(8):
+            for i in range(8):
+                sc = d * np.float32(np.int8(raw[p + 2 + 2 * k + i // 4]))
+                for m in range(4):
+                    lo = np.int32(raw[p + 18 + 32 * (i // 2) + 4 * k + m])
+                    lo = (lo & 15) if i % 2 == 0 else (lo >> 4)
+                    hi = (np.int32(raw[p + 146 + 32 * (i // 4) + 4 * k + m]) >> (2 * (i % 4))) & 3
+                    out[256 * s + 32 * k + 4 * i + m] = sc * np.float32(np.int32(lo | (hi << 4)) - 32)

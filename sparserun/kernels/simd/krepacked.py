@@ -1,0 +1,141 @@
+"""Dots of the K-quants in the layout the loader repacks them into (kernels/krepack.py: Q4_KR, Q6_KR): each
+super-block's quants laid across the vector lanes as repacked Q4_0's groups are (legacy._q4_0r_group_sums), so
+the 8 sub-blocks' exact integer dots come out of the vpdpbusd chains as the 8 lanes of one vector, with no
+horizontal reduction and no per-sub-block float work: the sub-block scales (and Q4_K's mins) multiply those lanes
+as integers (one vpmulld each), and one FMA per term and super-block applies d (dmin) and the activations' 8 block
+scales. The activations come in quantize_acts' transposed form xt with the block offset terms xs (-8 times each
+32 values' sum), rounded per 32 values or per 256 (Q8_K: quant.quantize_acts_k); both give llama.cpp's integers
+where the rounding is theirs. One token or TOKENS tokens through one frame, on the VNNI route or the generic one.
+"""
+from llvmlite import ir
+from numba.core import cgutils
+
+from .ir import _fma, _hsum8, _i32, _routes, _splat, _splat_f, _vload
+
+_V8I = ir.VectorType(_i32, 8)
+_V8F = ir.VectorType(ir.FloatType(), 8)
+_I64 = ir.IntType(64)
+
+
+def _c(v):
+    return ir.Constant(_I64, v)
+
+
+def _half(builder, p, at):
+    return builder.fpext(builder.load(builder.bitcast(builder.gep(p, [_c(at)]), ir.HalfType().as_pointer()), align=1),
+                         ir.FloatType())
+
+
+def _chunks(builder, p, at):
+    """The 4 lane-ordered chunks of 32 quant bytes at p + at as (low nibbles, 16 x high nibbles) <8 x i32> pairs:
+    chunk j's byte 4 k + m holds sub-block k's values 8 j + m (low) and 8 j + 4 + m (high)."""
+    out = []
+    for j in range(4):
+        v = _vload(builder, builder.gep(p, [_c(at + 32 * j)]), 32)
+        out.append((builder.bitcast(builder.and_(v, _splat(32, 15)), _V8I),
+                    builder.bitcast(builder.and_(v, _splat(32, -16)), _V8I)))
+    return out
+
+
+def _q4_kr_super_block(builder, p, toks, dp):
+    """Q4_KR super-block at p (144 bytes as Q4_K: d, dmin, the 12 bytes of 6-bit scales and mins, then the 128
+    quant bytes in _chunks' order): per token [(lane sums x scales, d), (xs x mins, dmin / 8)], whose sum over
+    lanes, times the activations' block scales, is the super-block's dot (value = d sc_k q - dmin m_k; xs is -8
+    times each block's activation sum). The scales unpack as ggml's own (three 32-bit words, masks and shifts)."""
+    w = [builder.load(builder.bitcast(builder.gep(p, [_c(4 + 4 * k)]), _i32.as_pointer()), align=1) for k in range(3)]
+    k32 = lambda v: ir.Constant(_i32, v)  # noqa: E731
+    m1, m2, m3 = k32(0x3F3F3F3F), k32(0x0F0F0F0F), k32(0x03030303)
+    hi6 = lambda v: builder.shl(builder.and_(builder.lshr(v, k32(6)), m3), k32(4))  # noqa: E731
+    words = [builder.and_(w[0], m1), builder.or_(builder.and_(w[2], m2), hi6(w[0])),
+             builder.and_(w[1], m1), builder.or_(builder.and_(builder.lshr(w[2], k32(4)), m2), hi6(w[1]))]
+    v4 = ir.Constant(ir.VectorType(_i32, 4), None)
+    for k, x in enumerate(words):
+        v4 = builder.insert_element(v4, x, k32(k))
+    b16 = builder.bitcast(v4, ir.VectorType(ir.IntType(8), 16))
+    pick = lambda at: builder.zext(builder.shuffle_vector(b16, b16, ir.Constant(_V8I, list(range(at, at + 8)))), _V8I)  # noqa: E731
+    sc, mn = pick(0), pick(8)
+    d, dmin = _half(builder, p, 0), builder.fmul(_half(builder, p, 2), ir.Constant(ir.FloatType(), 0.125))
+    nibs = _chunks(builder, p, 16)
+    zero, four = ir.Constant(_V8I, [0] * 8), ir.Constant(_V8I, [4] * 8)
+    out = []
+    for xv, xs in toks:
+        lo, hi = [zero, zero], [zero, zero]  # two chains each: half the dependent vpdpbusd latency
+        for j, (nl, nh) in enumerate(nibs):
+            lo[j % 2] = builder.call(dp, [lo[j % 2], nl, xv[2 * j]])
+            hi[j % 2] = builder.call(dp, [hi[j % 2], nh, xv[2 * j + 1]])
+        sums = builder.add(builder.add(lo[0], lo[1]), builder.ashr(builder.add(hi[0], hi[1]), four))
+        out.append([(builder.mul(sums, sc), d), (builder.mul(xs, mn), dmin)])
+    return out
+
+
+def _q6_kr_super_block(builder, p, toks, dp):
+    """Q6_KR super-block at p (210 bytes: d, 16 int8 scales, 128 bytes of low 4 bits in _chunks' order, then 2 x 32
+    bytes of high 2 bits: bits 2 s of byte 4 k + m of the h-th 32 are those of sub-block k's value 4 (4 h + s) + m):
+    per token [(half sums x their scales, d)]. Value = d sc (q - 32), the scale per 16 values: lanes sum the first
+    and second 16 of each sub-block apart (value runs i = 0-3 and 4-7), and the -32 comes from the first halves'
+    activation sums (a vpdpbusd of 32s) and xs (the whole block's)."""
+    d = _half(builder, p, 0)
+    sc = builder.sext(_vload(builder, builder.gep(p, [_c(2)]), 16), ir.VectorType(_i32, 16))
+    sc_a = builder.shuffle_vector(sc, sc, ir.Constant(_V8I, list(range(0, 16, 2))))
+    sc_b = builder.shuffle_vector(sc, sc, ir.Constant(_V8I, list(range(1, 16, 2))))
+    low = [_vload(builder, builder.gep(p, [_c(18 + 32 * j)]), 32) for j in range(4)]
+    high = [_vload(builder, builder.gep(p, [_c(146 + 32 * h)]), 32) for h in range(2)]
+    vals = []
+    for i in range(8):
+        c = low[i // 2]
+        nib = builder.and_(c, _splat(32, 15)) if i % 2 == 0 else builder.and_(builder.lshr(c, _splat(32, 4)), _splat(32, 15))
+        s, hb = i % 4, high[i // 4]
+        top = (builder.shl(hb, _splat(32, 4 - 2 * s)) if s < 2 else
+               builder.lshr(hb, _splat(32, 2 * s - 4)) if s > 2 else hb)
+        vals.append(builder.bitcast(builder.or_(nib, builder.and_(top, _splat(32, 48))), _V8I))
+    zero, thirty2 = ir.Constant(_V8I, [0] * 8), builder.bitcast(_splat(32, 32), _V8I)
+    out = []
+    for xv, xs in toks:
+        f = [zero, zero]  # 32 x the first 16 values' activation sums, per sub-block
+        a, b = [zero, zero], [zero, zero]
+        for i in range(4):
+            f[i % 2] = builder.call(dp, [f[i % 2], thirty2, xv[i]])
+            a[i % 2] = builder.call(dp, [a[i % 2], vals[i], xv[i]])
+            b[i % 2] = builder.call(dp, [b[i % 2], vals[4 + i], xv[4 + i]])
+        first = builder.add(f[0], f[1])
+        sums_a = builder.sub(builder.add(a[0], a[1]), first)
+        # second halves: q x - 32 (whole sum - first) = q x + 4 xs + first (xs = -8 x the whole block's sum)
+        sums_b = builder.add(builder.add(builder.add(b[0], b[1]), builder.shl(xs, ir.Constant(_V8I, [2] * 8))), first)
+        out.append([(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), d)])
+    return out
+
+
+def _kr_token_dots(size, super_block):
+    """The token_dots frame (ir._row_intrinsic / _tokens_intrinsic) of a repacked K-quant: per super-block (8 blocks
+    of 32), each token's 8 transposed activation vectors, offset terms and 8 block scales loaded once, the row's
+    terms from super_block(builder, p, [(xv, xs) per token], dp) accumulated by FMA, one accumulator per term; one
+    horizontal sum per token at the end. The one-token and several-token forms give identical results."""
+    def token_dots(builder, wp, nb, xps, xdps, xsps, dp):
+        nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(2)] for _ in xps]
+        with cgutils.for_range(builder, builder.udiv(nb, _c(8))) as loop:
+            s = loop.index
+            b0 = builder.mul(s, _c(8))
+            toks, xd8s = [], []
+            for xp, xdp, xsp in zip(xps, xdps, xsps):
+                xg = builder.gep(xp, [builder.mul(b0, _c(32))])
+                xv = [builder.load(builder.bitcast(builder.gep(xg, [_c(32 * i)]), _V8I.as_pointer()), align=1)
+                      for i in range(8)]
+                xs = builder.load(builder.bitcast(builder.gep(xsp, [b0]), _V8I.as_pointer()), align=4)
+                toks.append((xv, xs))
+                xd8s.append(builder.load(builder.bitcast(builder.gep(xdp, [b0]), _V8F.as_pointer()), align=4))
+            terms = super_block(builder, builder.gep(wp, [builder.mul(s, _c(size))]), toks, dp)
+            for tok_terms, xd8, acc in zip(terms, xd8s, accs):
+                for k, (lanes, scale) in enumerate(tok_terms):
+                    a = acc[k]
+                    builder.store(_fma(builder, builder.sitofp(lanes, _V8F), builder.fmul(_splat_f(builder, scale), xd8),
+                                       builder.load(a)), a)
+        return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+
+    return token_dots
+
+
+dot_row_q4_kr_vnni, dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic = _routes(
+    _kr_token_dots(144, _q4_kr_super_block), "Q4_KR", per_block=1)
+dot_row_q6_kr_vnni, dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic = _routes(
+    _kr_token_dots(210, _q6_kr_super_block), "Q6_KR", per_block=1)
