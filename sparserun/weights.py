@@ -8,14 +8,14 @@ import numpy as np
 
 from .gguf_file import RawTensor
 from .kernels import quant as K
-from .kernels.krepack import repack_q4_k, repack_q6_k
+from .kernels.krepack import repack_q4_k, repack_q5_k, repack_q6_k
 from .memory import huge_page_buffer
 from .qtypes import type_name
 
 # file type -> (the type of its in-memory copy, the repacking kernel): layouts whose dots need no horizontal
 # reduction per block (kernels/krepack.py, quant.repack_q4_0). Repacked Q4_0 runs on the VNNI route only (its
 # generic dot reads the file's layout); the K-quants' repacked dots run on both.
-REPACK = {K.Q4_K: (K.Q4_KR, repack_q4_k), K.Q6_K: (K.Q6_KR, repack_q6_k)}
+REPACK = {K.Q4_K: (K.Q4_KR, repack_q4_k), K.Q5_K: (K.Q5_KR, repack_q5_k), K.Q6_K: (K.Q6_KR, repack_q6_k)}
 if K.HAS_VNNI:
     REPACK[K.Q4_0] = (K.Q4_0R, K.repack_q4_0)
 
@@ -78,8 +78,8 @@ class Weight:
         return Weight(RawTensor(name or f"{self.name}[subset]", self.qtype, len(ids), self.cols, raw, self.row_bytes))
 
     def repacked(self, into=None):
-        """This weight with its rows in the integer dots' layout (REPACK: Q4_0 where the VNNI kernels run, Q4_K and
-        Q6_K on every CPU), as an in-memory copy (into: the uint8 slice to hold it, see in_memory_together): the
+        """This weight with its rows in the integer dots' layout (REPACK: Q4_0 where the VNNI kernels run, the
+        K-quants Q4_K, Q5_K and Q6_K on every CPU), as an in-memory copy (into: the uint8 slice to hold it, see in_memory_together): the
         same bytes per row, so row offsets and row subsets work unchanged; dequantize() still gives the same values
         (the GPU placement uploads from it). The copy lies in huge pages (memory.Arena says why)."""
         qtype, repack = REPACK[self.qtype]

@@ -412,8 +412,8 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
     rng = np.random.default_rng(13)
     cols = 1280 if GGML_QUANT_SIZES[qtype][0] == 256 else 1056
     ws = [weight(qtype, 40, cols, rng), weight(qtype, 24, cols, rng)]
-    rs = [w.repacked() for w in ws] if qtype in (Q.Q4_0, Q.Q4_K, Q.Q6_K) else ws
-    if qtype in (Q.Q4_K, Q.Q6_K):  # the GGUF layout's batch, too
+    rs = [w.repacked() for w in ws] if qtype in (Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K) else ws
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # the GGUF layout's batch, too
         gg = Matmuls(ws)(Acts(rng.standard_normal((K.TOKENS + 1, cols)).astype(np.float32)))
         assert gg[0].shape == (K.TOKENS + 1, 40)
     stack = Matmuls(rs)
@@ -514,6 +514,7 @@ def test_generic_kernels_build_for_aarch64():
         a = simd.dot_row_q4_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_q6_k_generic(w, 0, 8, x8, 0, xd, xb, 0)
         a += simd.dot_row_q4_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q6_kr_generic(w, 0, 8, x8, 0, xd,
                                                                                                    xb[0], 0)
+        a += simd.dot_row_q5_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0)
         t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
         b = simd.dot_row_q3_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_xs_generic(w, 0, 8, x8, 0, xd, xb, 0)
         b += simd.dot_row_q4_1_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_nl_generic(w, 0, 8, x8, 0, xd, xb, 0)
@@ -538,7 +539,7 @@ def test_generic_kernels_build_for_aarch64():
     assert re.search(r"\tsmull2?\t", assembly) and re.search(r"\taddp\t", assembly)  # NEON widening multiplies, pairwise adds
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
 def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     """Q4_K / Q6_K repacked at load (kernels/krepack.py: Q4_KR, Q6_KR; the same bytes per row): the same dequantized
     values; the matmul on Q8_K-rounded activations equal to the GGUF-layout dot up to float rounding (both sum
@@ -556,7 +557,7 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     assert r.qtype == REPACK[int(qtype)][0] and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
     np.testing.assert_array_equal(r.dequantize(), w.dequantize())
     values = w.dequantize().astype(np.float64)
-    name = {K.Q4_KR: "q4_kr", K.Q6_KR: "q6_kr"}[r.qtype]
+    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_kr"}[r.qtype]
     generic, vnni = getattr(K, f"matmul_{name}_generic"), getattr(K, f"matmul_{name}_vnni")
     for T in (1, K.TOKENS + 1):
         x = rng.standard_normal((T, cols)).astype(np.float32)

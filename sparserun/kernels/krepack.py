@@ -1,9 +1,12 @@
-"""The K-quants repacked at load for the integer dots (simd/krepacked.py): Q4_K -> Q4_KR, Q6_K -> Q6_KR, the same
+"""The K-quants repacked at load for the integer dots (simd/krepacked.py): Q4_K -> Q4_KR, Q5_K -> Q5_KR,
+Q6_K -> Q6_KR, the same
 bytes per super-block, only their order changed, so row offsets, row subsets and a stack's row_bytes hold as in
 the file. A super-block's 256 values are 8 sub-blocks of 32; the repacked quants lie as repacked Q4_0's groups do:
 chunk j (32 bytes) holds at byte 4 k + m sub-block k's values 8 j + m (low nibble) and 8 j + 4 + m (high).
 
 Q4_KR (144 bytes): Q4_K's first 16 bytes as they are (d, dmin, 6-bit scales and mins), then the 4 chunks.
+Q5_KR (176 bytes): Q4_KR's 144 bytes of the values' low 4 bits, then 32 bytes of their fifth bits: bit 2 j of byte L
+that of chunk j's low nibble at byte L, bit 2 j + 1 that of its high nibble.
 Q6_KR (210 bytes): d (fp16), the 16 int8 scales, the 4 chunks of the values' low 4 bits, then two runs of 32 bytes
 of their high 2 bits: bits 2 s of byte 4 k + m of run h belong to sub-block k's value 4 (4 h + s) + m.
 """
@@ -41,6 +44,27 @@ def repack_q4_k(raw, rows, row_bytes, out):
                     for m in range(4):
                         out[p + 16 + 32 * j + 4 * k + m] = (_q4_k_value(raw, p, k, 8 * j + m) |
                                                             (_q4_k_value(raw, p, k, 8 * j + 4 + m) << 4))
+
+
+@njit(parallel=True, cache=True)
+def repack_q5_k(raw, rows, row_bytes, out):
+    """Q5_K rows -> Q5_KR (module docstring), row by row: Q5_K's nibbles sit where Q4_K's do, 32 bytes later."""
+    for r in prange(rows):
+        for s in range(row_bytes // 176):
+            p = r * row_bytes + 176 * s
+            out[p:p + 16] = raw[p:p + 16]
+            for L in range(32):
+                out[p + 144 + L] = 0
+            for j in range(4):
+                for k in range(8):
+                    for m in range(4):
+                        at = 4 * k + m
+                        lo, hi = 8 * j + m, 8 * j + 4 + m
+                        out[p + 16 + 32 * j + at] = (_q4_k_value(raw, p + 32, k, lo) |
+                                                     (_q4_k_value(raw, p + 32, k, hi) << 4))
+                        f = (((np.int32(raw[p + 16 + lo]) >> k) & 1) << (2 * j)) | \
+                            (((np.int32(raw[p + 16 + hi]) >> k) & 1) << (2 * j + 1))
+                        out[p + 144 + at] = np.int32(out[p + 144 + at]) | f
 
 
 @njit(parallel=True, cache=True)
@@ -85,6 +109,28 @@ def dequant_q4_kr(raw, off, n, out):
                     q = np.int32(raw[p + 16 + 32 * j + 4 * k + m])
                     out[256 * s + 32 * k + 8 * j + m] = a * np.float32(q & 15) - c
                     out[256 * s + 32 * k + 8 * j + 4 + m] = a * np.float32(q >> 4) - c
+
+
+@njit(cache=True, inline="always")
+def dequant_q5_kr(raw, off, n, out):
+    """The n values of the Q5_KR row at raw[off:] as float32 (value = d sc_k q - dmin m_k, as Q5_K's)."""
+    for s in range(n // 256):
+        p = off + 176 * s
+        d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
+        for k in range(8):
+            if k < 4:
+                sc, mn = np.int32(raw[p + 4 + k]) & 63, np.int32(raw[p + 8 + k]) & 63
+            else:
+                sc = (np.int32(raw[p + 8 + k]) & 15) | ((np.int32(raw[p + k]) >> 6) << 4)
+                mn = (np.int32(raw[p + 8 + k]) >> 4) | ((np.int32(raw[p + 4 + k]) >> 6) << 4)
+            a, c = d * np.float32(sc), dmin * np.float32(mn)
+            for j in range(4):
+                for m in range(4):
+                    q, f = np.int32(raw[p + 16 + 32 * j + 4 * k + m]), np.int32(raw[p + 144 + 4 * k + m])
+                    lo = (q & 15) | (((f >> (2 * j)) & 1) << 4)
+                    hi = (q >> 4) | (((f >> (2 * j + 1)) & 1) << 4)
+                    out[256 * s + 32 * k + 8 * j + m] = a * np.float32(lo) - c
+                    out[256 * s + 32 * k + 8 * j + 4 + m] = a * np.float32(hi) - c
 
 
 @njit(cache=True, inline="always")

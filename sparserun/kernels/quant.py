@@ -27,13 +27,14 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0
                    dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic, dot_row_iq4_xs_vnni,
                    dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic, dot_row_q4_kr_vnni,
                    dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic, dot_row_q6_kr_vnni,
-                   dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic)
+                   dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic, dot_row_q5_kr_vnni,
+                   dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0,  # noqa: E402
-                      Q5_1, Q5_K, Q6_K, Q6_KR, Q8_0)
+                      Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0)
 from .templates import define  # noqa: E402
-from .krepack import dequant_q4_kr, dequant_q6_kr  # noqa: E402
+from .krepack import dequant_q4_kr, dequant_q5_kr, dequant_q6_kr  # noqa: E402
 from .dequant import (dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1, dequant_q5_0,  # noqa: E402
                       dequant_q5_1)
 
@@ -100,6 +101,8 @@ def dequant_row(raw, off, qtype, n, out):
         _dequant_q4_k(raw, off, n, out)
     elif qtype == Q4_KR:
         dequant_q4_kr(raw, off, n, out)
+    elif qtype == Q5_KR:
+        dequant_q5_kr(raw, off, n, out)
     elif qtype == Q6_KR:
         dequant_q6_kr(raw, off, n, out)
     elif qtype == Q5_K:
@@ -388,7 +391,7 @@ VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8
 # matmul_<type>_vnni and matmul_<type>_generic (Q4_1 / Q5_1's min from the activations' block sums; the K-quants and
 # IQ4_XS on activations rounded as Q8_K; simd's kquants and iquants frames).
 _X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q2_K: "q2_k", Q3_K: "q3_k", Q4_1: "q4_1", Q5_1: "q5_1",
-             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_kr", Q6_KR: "q6_kr"}
+             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_kr", Q5_KR: "q5_kr", Q6_KR: "q6_kr"}
 for _name in _X8_NAMES.values():
     for _route in ("vnni", "generic"):
         _fn = f"matmul_{_name}_{_route}"
@@ -400,7 +403,7 @@ def dot_forms(qtype, forms):
     """(x, xd, bias): the activation forms (quantize_acts' seven, less the input) that the int8 row dots of
     qtype read: the repacked Q4_0 dots xt and xs, the other VNNI dots x8 and xb, the generic ones xq."""
     xq, xd, x8, xb, xt, xs = forms
-    if qtype in (Q4_0R, Q4_KR, Q6_KR):
+    if qtype in (Q4_0R, Q4_KR, Q5_KR, Q6_KR):
         return xt, xd, xs
     return (x8, xd, xb) if qtype in X8_MATMUL or HAS_VNNI and qtype in VNNI_MATMUL else (xq, xd, xb)
 
@@ -447,9 +450,9 @@ INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W, activations as int8 blocks (quantize_acts), as llama.cpp's
 vec_dot_q5_0_q8_0 and its kin compute them."""
 # weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
-Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS, Q4_KR, Q6_KR)
+Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS, Q4_KR, Q5_KR, Q6_KR)
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)
-INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS, Q4_KR, Q6_KR)
+INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS, Q4_KR, Q5_KR, Q6_KR)
 
 
 @njit(parallel=True, cache=True, fastmath=True)

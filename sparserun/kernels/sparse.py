@@ -9,7 +9,7 @@ from numba import njit, prange
 
 from .ops import activate, activate_row, up_part
 from .quant import (F32, INT8_TYPES, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0, Q5_1, Q5_K,
-                    Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
+                    Q5_KR, Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4,
                    coefs_q4_vnni, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni,
                    dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
@@ -18,7 +18,7 @@ from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_q4_vnni, axpy_units_f32, a
                    dot_row_q4_1_generic, dot_row_q5_1_generic, dot_row_q2_k_vnni, dot_row_q3_k_vnni,
                    dot_row_q2_k_generic, dot_row_q3_k_generic, dot_row_iq4_nl_vnni, dot_row_iq4_nl_generic,
                    dot_row_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_row_q4_kr_vnni, dot_row_q4_kr_generic,
-                   dot_row_q6_kr_vnni, dot_row_q6_kr_generic)
+                   dot_row_q6_kr_vnni, dot_row_q6_kr_generic, dot_row_q5_kr_vnni, dot_row_q5_kr_generic)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -119,6 +119,9 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
     if qtype == Q4_KR:  # the K-quants repacked at load (every CPU: weights.REPACK)
         return dot_row_q4_kr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
             dot_row_q4_kr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
+    if qtype == Q5_KR:
+        return dot_row_q5_kr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
+            dot_row_q5_kr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
     if qtype == Q6_KR:
         return dot_row_q6_kr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
             dot_row_q6_kr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)

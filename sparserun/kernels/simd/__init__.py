@@ -3,7 +3,7 @@
     ir          the frame: pointers, loads, fp16, horizontal sums, prefetch, the VNNI intrinsic frames
     legacy      Q4_0 / Q4_0R, Q4_1, Q5_0, Q5_1, Q8_0 and float32 row dots (generic and VNNI), token tiles for prompts
     kquants     Q2_K, Q3_K, Q4_K, Q5_K, Q6_K row dots and token tiles (VNNI and generic)
-    krepacked   the same for Q4_K and Q6_K rows repacked at load (Q4_KR, Q6_KR: kernels/krepack.py)
+    krepacked   the same for Q4_K and Q6_K rows repacked at load (Q4_KR, Q5_KR, Q6_KR: kernels/krepack.py)
     iquants     IQ4_NL, IQ4_XS row dots and token tiles (VNNI and generic)
     axpy        the sparse FFN's down-column accumulations and fused gate/up dots
     attention   key-block scores and value-row sums
@@ -23,7 +23,8 @@ from .kquants import (dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_g
     dot_tokens_q3_k_vnni, dot_row_q2_k_generic, dot_row_q3_k_generic, dot_tokens_q2_k_generic,
     dot_tokens_q3_k_generic)  # noqa: F401
 from .krepacked import (dot_row_q4_kr_vnni, dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic,
-    dot_row_q6_kr_vnni, dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic)  # noqa: F401
+    dot_row_q6_kr_vnni, dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic, dot_row_q5_kr_vnni,
+    dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic)  # noqa: F401
 from .iquants import (dot_row_iq4_nl_vnni, dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic,
     dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic)  # noqa: F401
 from .axpy import (AXPY_Q4_COLUMNS, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, coefs_q4_vnni,

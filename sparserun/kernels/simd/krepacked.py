@@ -1,4 +1,4 @@
-"""Dots of the K-quants in the layout the loader repacks them into (kernels/krepack.py: Q4_KR, Q6_KR): each
+"""Dots of the K-quants in the layout the loader repacks them into (kernels/krepack.py: Q4_KR, Q5_KR, Q6_KR): each
 super-block's quants laid across the vector lanes as repacked Q4_0's groups are (legacy._q4_0r_group_sums), so
 the 8 sub-blocks' exact integer dots come out of the vpdpbusd chains as the 8 lanes of one vector, with no
 horizontal reduction and no per-sub-block float work: the sub-block scales (and Q4_K's mins) multiply those lanes
@@ -37,11 +37,13 @@ def _chunks(builder, p, at):
     return out
 
 
-def _q4_kr_super_block(builder, p, toks, dp):
+def _q45_kr_super_block(builder, p, toks, dp, five):
     """Q4_KR super-block at p (144 bytes as Q4_K: d, dmin, the 12 bytes of 6-bit scales and mins, then the 128
-    quant bytes in _chunks' order): per token [(lane sums x scales, d), (xs x mins, dmin / 8)], whose sum over
-    lanes, times the activations' block scales, is the super-block's dot (value = d sc_k q - dmin m_k; xs is -8
-    times each block's activation sum). The scales unpack as ggml's own (three 32-bit words, masks and shifts)."""
+    quant bytes in _chunks' order), or Q5_KR (five: 176 bytes, the same, then 32 bytes of fifth bits: bit 2 j of
+    byte L that of chunk j's low nibble at L, bit 2 j + 1 its high one's): per token [(lane sums x scales, d),
+    (xs x mins, dmin / 8)], whose sum over lanes, times the activations' block scales, is the super-block's dot
+    (value = d sc_k q - dmin m_k; xs is -8 times each block's activation sum). The scales unpack as ggml's own
+    (three 32-bit words, masks and shifts)."""
     w = [builder.load(builder.bitcast(builder.gep(p, [_c(4 + 4 * k)]), _i32.as_pointer()), align=1) for k in range(3)]
     k32 = lambda v: ir.Constant(_i32, v)  # noqa: E731
     m1, m2, m3 = k32(0x3F3F3F3F), k32(0x0F0F0F0F), k32(0x03030303)
@@ -55,8 +57,20 @@ def _q4_kr_super_block(builder, p, toks, dp):
     pick = lambda at: builder.zext(builder.shuffle_vector(b16, b16, ir.Constant(_V8I, list(range(at, at + 8)))), _V8I)  # noqa: E731
     sc, mn = pick(0), pick(8)
     d, dmin = _half(builder, p, 0), builder.fmul(_half(builder, p, 2), ir.Constant(ir.FloatType(), 0.125))
-    nibs = _chunks(builder, p, 16)
-    zero, four = ir.Constant(_V8I, [0] * 8), ir.Constant(_V8I, [4] * 8)
+    if five:  # 5-bit values, each nibble joined by its fifth bit moved to bit 4
+        fifth = _vload(builder, builder.gep(p, [_c(144)]), 32)
+
+        def bit4(b):
+            moved = builder.shl(fifth, _splat(32, 4 - b)) if b < 4 else builder.lshr(fifth, _splat(32, b - 4))
+            return builder.and_(moved, _splat(32, 16))
+        nibs = []
+        for j in range(4):
+            c = _vload(builder, builder.gep(p, [_c(16 + 32 * j)]), 32)
+            nibs.append((builder.bitcast(builder.or_(builder.and_(c, _splat(32, 15)), bit4(2 * j)), _V8I),
+                         builder.bitcast(builder.or_(builder.lshr(c, _splat(32, 4)), bit4(2 * j + 1)), _V8I)))
+    else:
+        nibs = _chunks(builder, p, 16)
+    zero, four = ir.Constant(_V8I, [0] * 8), ir.Constant(_V8I, [0 if five else 4] * 8)
     out = []
     for xv, xs in toks:
         lo, hi = [zero, zero], [zero, zero]  # two chains each: half the dependent vpdpbusd latency
@@ -66,6 +80,14 @@ def _q4_kr_super_block(builder, p, toks, dp):
         sums = builder.add(builder.add(lo[0], lo[1]), builder.ashr(builder.add(hi[0], hi[1]), four))
         out.append([(builder.mul(sums, sc), d), (builder.mul(xs, mn), dmin)])
     return out
+
+
+def _q4_kr_super_block(builder, p, toks, dp):
+    return _q45_kr_super_block(builder, p, toks, dp, False)
+
+
+def _q5_kr_super_block(builder, p, toks, dp):
+    return _q45_kr_super_block(builder, p, toks, dp, True)
 
 
 def _q6_kr_super_block(builder, p, toks, dp):
@@ -137,5 +159,7 @@ def _kr_token_dots(size, super_block):
 
 dot_row_q4_kr_vnni, dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic = _routes(
     _kr_token_dots(144, _q4_kr_super_block), "Q4_KR", per_block=1)
+dot_row_q5_kr_vnni, dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic = _routes(
+    _kr_token_dots(176, _q5_kr_super_block), "Q5_KR", per_block=1)
 dot_row_q6_kr_vnni, dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic = _routes(
     _kr_token_dots(210, _q6_kr_super_block), "Q6_KR", per_block=1)
