@@ -583,8 +583,8 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     for src in (w, r):
         units = np.concatenate([src.raw.reshape(rows, -1), down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, True, S.DOWN_F32, 32,
-                   idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, np.empty((2, 32), np.float32), out)
+        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
+                   32, idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, np.empty((2, 32), np.float32), out)
         outs.append(out)
     want = (acts.x.astype(np.float64) @ values[idx].T)[0] @ down[idx]
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())

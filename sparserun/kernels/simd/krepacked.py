@@ -10,7 +10,7 @@ where the rounding is theirs. One token or TOKENS tokens through one frame, on t
 from llvmlite import ir
 from numba.core import cgutils
 
-from .ir import _fma, _hsum8, _i32, _routes, _splat, _splat_f, _vload
+from .ir import _even_odd_add, _fma, _hsum8, _i32, _routes, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
@@ -24,6 +24,34 @@ def _c(v):
 def _half(builder, p, at):
     return builder.fpext(builder.load(builder.bitcast(builder.gep(p, [_c(at)]), ir.HalfType().as_pointer()), align=1),
                          ir.FloatType())
+
+
+def _generic(dp):
+    return dp.name == "sparserun.dpbusd.generic"
+
+
+def _dots(builder, dp, terms, seed=None, signed=False):
+    """seed (or 0) + the sum over terms (q, x: <8 x i32> of unsigned and of signed bytes) of vpdpbusd(0, q, x): lane k
+    the sum of its 4-byte group's products over all terms. Through vpdpbusd in two chains (half the dependent
+    latency); on the generic route (dp is ir._dpbusd_generic) as pairs of products summed into one <16 x i32>
+    (vpmaddwd's pattern on x86, smull / addp on ARM) and the pairs added once at the end, not per term: the
+    same sums, with a third of the generic vpdpbusd's shuffles. signed (generic route only): the q bytes are
+    signed too."""
+    zero = ir.Constant(_V8I, [0] * 8)
+    if not _generic(dp):
+        ch = [seed if seed is not None else zero, zero]
+        for i, (q, x) in enumerate(terms):
+            ch[i % 2] = builder.call(dp, [ch[i % 2], q, x])
+        return builder.add(ch[0], ch[1])
+    v32i8, v32i16, v32i32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 32), ir.VectorType(_i32, 32)
+    acc = None
+    for q, x in terms:
+        a = builder.sext((builder.sext if signed else builder.zext)(builder.bitcast(q, v32i8), v32i16), v32i32)
+        b = builder.sext(builder.sext(builder.bitcast(x, v32i8), v32i16), v32i32)
+        pairs = _even_odd_add(builder, builder.mul(a, b))  # <16 x i32>
+        acc = pairs if acc is None else builder.add(acc, pairs)
+    out = _even_odd_add(builder, acc)
+    return out if seed is None else builder.add(out, seed)
 
 
 def _chunks(builder, p, at):
@@ -70,14 +98,12 @@ def _q45_kr_super_block(builder, p, toks, dp, five):
                          builder.bitcast(builder.or_(builder.lshr(c, _splat(32, 4)), bit4(2 * j + 1)), _V8I)))
     else:
         nibs = _chunks(builder, p, 16)
-    zero, four = ir.Constant(_V8I, [0] * 8), ir.Constant(_V8I, [0 if five else 4] * 8)
+    four = ir.Constant(_V8I, [0 if five else 4] * 8)
     out = []
     for xv, xs in toks:
-        lo, hi = [zero, zero], [zero, zero]  # two chains each: half the dependent vpdpbusd latency
-        for j, (nl, nh) in enumerate(nibs):
-            lo[j % 2] = builder.call(dp, [lo[j % 2], nl, xv[2 * j]])
-            hi[j % 2] = builder.call(dp, [hi[j % 2], nh, xv[2 * j + 1]])
-        sums = builder.add(builder.add(lo[0], lo[1]), builder.ashr(builder.add(hi[0], hi[1]), four))
+        lo = _dots(builder, dp, [(nl, xv[2 * j]) for j, (nl, _) in enumerate(nibs)])
+        hi = _dots(builder, dp, [(nh, xv[2 * j + 1]) for j, (_, nh) in enumerate(nibs)])
+        sums = builder.add(lo, builder.ashr(hi, four))
         out.append([(builder.mul(sums, sc), d), (builder.mul(xs, mn), dmin)])
     return out
 
@@ -95,7 +121,8 @@ def _q6_kr_super_block(builder, p, toks, dp):
     bytes of high 2 bits: bits 2 s of byte 4 k + m of the h-th 32 are those of sub-block k's value 4 (4 h + s) + m):
     per token [(half sums x their scales, d)]. Value = d sc (q - 32), the scale per 16 values: lanes sum the first
     and second 16 of each sub-block apart (value runs i = 0-3 and 4-7), and the -32 comes from the first halves'
-    activation sums (a vpdpbusd of 32s) and xs (the whole block's)."""
+    activation sums (a vpdpbusd of 32s) and xs (the whole block's); on the generic route, which multiplies signed
+    bytes as cheaply, the weights are q - 32 instead."""
     d = _half(builder, p, 0)
     sc = builder.sext(_vload(builder, builder.gep(p, [_c(2)]), 16), ir.VectorType(_i32, 16))
     sc_a = builder.shuffle_vector(sc, sc, ir.Constant(_V8I, list(range(0, 16, 2))))
@@ -109,20 +136,23 @@ def _q6_kr_super_block(builder, p, toks, dp):
         s, hb = i % 4, high[i // 4]
         top = (builder.shl(hb, _splat(32, 4 - 2 * s)) if s < 2 else
                builder.lshr(hb, _splat(32, 2 * s - 4)) if s > 2 else hb)
-        vals.append(builder.bitcast(builder.or_(nib, builder.and_(top, _splat(32, 48))), _V8I))
-    zero, thirty2 = ir.Constant(_V8I, [0] * 8), builder.bitcast(_splat(32, 32), _V8I)
+        q = builder.or_(nib, builder.and_(top, _splat(32, 48)))
+        if _generic(dp):  # signed weights there: q - 32 as bytes, no offset terms
+            q = builder.sub(q, _splat(32, 32))
+        vals.append(builder.bitcast(q, _V8I))
+    thirty2 = builder.bitcast(_splat(32, 32), _V8I)
     out = []
     for xv, xs in toks:
-        f = [zero, zero]  # 32 x the first 16 values' activation sums, per sub-block
-        a, b = [zero, zero], [zero, zero]
-        for i in range(4):
-            f[i % 2] = builder.call(dp, [f[i % 2], thirty2, xv[i]])
-            a[i % 2] = builder.call(dp, [a[i % 2], vals[i], xv[i]])
-            b[i % 2] = builder.call(dp, [b[i % 2], vals[4 + i], xv[4 + i]])
-        first = builder.add(f[0], f[1])
-        sums_a = builder.sub(builder.add(a[0], a[1]), first)
+        if _generic(dp):
+            sums_a = _dots(builder, dp, [(vals[i], xv[i]) for i in range(4)], signed=True)
+            sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)], signed=True)
+            out.append([(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), d)])
+            continue
+        first = _dots(builder, dp, [(thirty2, xv[i]) for i in range(4)])  # 32 x the first 16 values' sums
+        sums_a = builder.sub(_dots(builder, dp, [(vals[i], xv[i]) for i in range(4)]), first)
         # second halves: q x - 32 (whole sum - first) = q x + 4 xs + first (xs = -8 x the whole block's sum)
-        sums_b = builder.add(builder.add(builder.add(b[0], b[1]), builder.shl(xs, ir.Constant(_V8I, [2] * 8))), first)
+        sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)],
+                       builder.add(builder.shl(xs, ir.Constant(_V8I, [2] * 8)), first))
         out.append([(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), d)])
     return out
 
