@@ -14,7 +14,7 @@ Two matmul routes:
 import numpy as np
 from numba import njit, prange
 
-from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni,
+from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni,
                    dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni,
                    dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
                    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
@@ -356,13 +356,13 @@ def {name}(raws, row_bytes, row0, x, xd, xb, out):
     for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
         r0, r1 = tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)
         t = 0
-        while t + TOKENS <= T:
+        while t + {tokens} <= T:
             for r in range(r0, r1):
                 p = _part(row0, r)
                 d = {dot_tokens}(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, n, xd, xb, t * nb, nb)
-                for k in range(TOKENS):
+                for k in range({tokens}):
                     out[t + k, r] = d[k]
-            t += TOKENS
+            t += {tokens}
         for t in range(t, T):
             for r in range(r0, r1):
                 p = _part(row0, r)
@@ -370,12 +370,12 @@ def {name}(raws, row_bytes, row0, x, xd, xb, out):
 """
 
 
-def _make_batch_matmul(name, dot_row, dot_tokens):
+def _make_batch_matmul(name, dot_row, dot_tokens, tokens=TOKENS):
     """_make_matmul's kernel for VNNI row dots that also come in a TOKENS-token form. A batch runs in tiles:
     ROW_TILE rows (read from memory once, then from L2) against TOKENS tokens at a time (their activations, 16 KB
     for 2048 wide, stay in L1), each block's weights unpacked once for the TOKENS (dot_tokens); the remaining
     tokens one by one. The same results as one token at a time."""
-    return define(globals(), _BATCH_MATMUL, name=name, dot_row=dot_row, dot_tokens=dot_tokens)
+    return define(globals(), _BATCH_MATMUL, name=name, dot_row=dot_row, dot_tokens=dot_tokens, tokens=tokens)
 
 
 # weights in the repacked layout (repack_q4_0): A/B against one token per row dot, benchmarks/batch_matmul.py
@@ -395,7 +395,8 @@ _X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q2_K: "q2_k", Q3_K: "q3_k
 for _name in _X8_NAMES.values():
     for _route in ("vnni", "generic"):
         _fn = f"matmul_{_name}_{_route}"
-        globals()[_fn] = _make_batch_matmul(_fn, f"dot_row_{_name}_{_route}", f"dot_tokens_{_name}_{_route}")
+        globals()[_fn] = _make_batch_matmul(_fn, f"dot_row_{_name}_{_route}", f"dot_tokens_{_name}_{_route}",
+                                            TOKENS_K if _name.endswith("_kr") else TOKENS)
 X8_MATMUL = {_t: globals()[f"matmul_{_name}_{'vnni' if HAS_VNNI else 'generic'}"] for _t, _name in _X8_NAMES.items()}
 
 

@@ -5,12 +5,12 @@ horizontal reduction and no per-sub-block float work: the sub-block scales (and 
 as integers (one vpmulld each), and one FMA per term and super-block applies d (dmin) and the activations' 8 block
 scales. The activations come in quantize_acts' transposed form xt with the block offset terms xs (-8 times each
 32 values' sum), rounded per 32 values or per 256 (Q8_K: quant.quantize_acts_k); both give llama.cpp's integers
-where the rounding is theirs. One token or TOKENS tokens through one frame, on the VNNI route or the generic one.
+where the rounding is theirs. One token or TOKENS_K tokens through one frame, on the VNNI route or the generic one.
 """
 from llvmlite import ir
 from numba.core import cgutils
 
-from .ir import _even_odd_add, _fma, _hsum8, _i32, _routes, _splat, _splat_f, _vload
+from .ir import TOKENS_K, _even_odd_add, _fma, _hsum8, _i32, _routes, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
@@ -188,8 +188,8 @@ def _kr_token_dots(size, super_block):
 
 
 dot_row_q4_kr_vnni, dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic = _routes(
-    _kr_token_dots(144, _q4_kr_super_block), "Q4_KR", per_block=1)
+    _kr_token_dots(144, _q4_kr_super_block), "Q4_KR", per_block=1, tokens=TOKENS_K)
 dot_row_q5_kr_vnni, dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic = _routes(
-    _kr_token_dots(176, _q5_kr_super_block), "Q5_KR", per_block=1)
+    _kr_token_dots(176, _q5_kr_super_block), "Q5_KR", per_block=1, tokens=TOKENS_K)
 dot_row_q6_kr_vnni, dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic = _routes(
-    _kr_token_dots(210, _q6_kr_super_block), "Q6_KR", per_block=1)
+    _kr_token_dots(210, _q6_kr_super_block), "Q6_KR", per_block=1, tokens=TOKENS_K)
