@@ -81,9 +81,9 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
     def check(h):
         want = h @ dcols[idx]
         tol = 1e-4 * (1 + np.abs(want))
-        if down_qtype == 2 and K.HAS_VNNI:
-            # axpy_q4_vnni rounds each term's coefficient h_j * scale to int8 with at most the block's largest
-            # |h * scale| / 127 as step: at most half a step times |nibble - 8| per term
+        if down_qtype in (2, 8) and K.HAS_VNNI:
+            # axpy_q4_vnni / axpy_i8_vnni round each term's coefficient h_j * scale to int8 with at most the block's
+            # largest |h * scale| / 127 as step: at most half a step times |nibble - 8| (|int8|) per term
             a = np.abs(s[idx])  # (kept, blocks) block scales
             hs = np.abs(h)[:, None] * a
             tol += 0.5 / 127 * np.repeat(hs.max(axis=0), 32) * (np.abs(dcols[idx]) / np.repeat(a, 32, axis=1)).sum(0)
@@ -135,15 +135,20 @@ def test_pack_units_page_padded(tmp_path):
 
 @pytest.mark.skipif(not K.HAS_VNNI, reason="this CPU has no AVX512-VNNI (the float axpy runs instead)")
 @pytest.mark.parametrize("cnt", [8, 5, 3, 1])
-def test_int8_coefficient_axpy_equals_its_rounding(cnt):
-    """axpy_q4_vnni with _coefs_i8 against numpy doing the same rounding (per block: the group's terms h_g *
-    scale rounded to int8 with one scale max / 127) on 4-bit columns; a group under AXPY_GROUP is padded."""
+@pytest.mark.parametrize("kind", ["q4", "i8"])
+def test_int8_coefficient_axpy_equals_its_rounding(cnt, kind):
+    """axpy_q4_vnni (4-bit columns) and axpy_i8_vnni (int8 columns) with _coefs_i8 against numpy doing the same
+    rounding (per block: the group's terms h_g * scale rounded to int8 with one scale max / 127); a group under
+    AXPY_GROUP is padded."""
     from numba import njit
 
     G = S.AXPY_GROUP
     rng = np.random.default_rng(cnt)
     nb, n_units = 37, 9  # coefs_q4_vnni: two 16-block vectors, then 5 blocks one at a time
-    q = rng.integers(0, 256, (n_units, nb * 16), dtype=np.uint8)
+    down_kind, qb = (S.DOWN_Q4, 16) if kind == "q4" else (S.DOWN_Q8, 32)
+    q = rng.integers(0, 256, (n_units, nb * qb), dtype=np.uint8)
+    if kind == "i8":
+        q[q == 128] = 129  # int8 columns hold -127..127
     sc = ((rng.random((n_units, nb)) + 0.1) * 0.02).astype(np.float16)  # the pack's fp16 scales
     u = np.concatenate([q, sc.view(np.uint8)], axis=1).reshape(-1)
     sc = sc.astype(np.float32)
@@ -157,7 +162,7 @@ def test_int8_coefficient_axpy_equals_its_rounding(cnt):
     @njit
     def run(acc, u, offs, h, cnt, nb):
         co = S._coef_scratch(nb)
-        S._axpy(acc, u, offs, h, cnt, nb, S.DOWN_Q4, True, co, np.full(G, -1, np.int64))
+        S._axpy(acc, u, offs, h, cnt, nb, down_kind, True, co, np.full(G, -1, np.int64))
 
     acc = rng.standard_normal(nb * 32).astype(np.float32)
     want = acc.copy()
@@ -165,8 +170,11 @@ def test_int8_coefficient_axpy_equals_its_rounding(cnt):
     c = h[:cnt, None] * sc[pick]  # (cnt, nb) terms
     step = np.abs(c).max(axis=0) / 127
     cq = np.rint(c / np.where(step > 0, step, 1)).astype(np.float32) * step  # the rounded terms
-    nib = np.concatenate([q[pick].reshape(cnt, nb, 16) & 15, q[pick].reshape(cnt, nb, 16) >> 4], axis=2)
-    want += ((nib.astype(np.float32) - 8) * cq[:, :, None]).sum(0).reshape(-1)
+    if kind == "q4":
+        w = np.concatenate([q[pick].reshape(cnt, nb, 16) & 15, q[pick].reshape(cnt, nb, 16) >> 4], axis=2) - 8.0
+    else:
+        w = q[pick].view(np.int8).reshape(cnt, nb, 32).astype(np.float32)
+    want += (w * cq[:, :, None]).sum(0).reshape(-1)
     np.testing.assert_allclose(acc, want, rtol=1e-5, atol=1e-5)
 
 
@@ -269,9 +277,10 @@ def test_fused_threshold_kernel_equals_the_unfused_path(make_model, qtype):
         sp.last_kept[li] = 1.0  # above DENSE_ABOVE: the next token takes the unfused path
         unfused = sp(li, Acts(ffn_inputs[li]))[0]
         assert sp.last_kept[li] == n_fused and 0.02 < n_fused <= DENSE_ABOVE, n_fused  # the same few neurons
-        # 4-bit down columns on a VNNI CPU: each path rounds its groups' coefficients to int8 (exactly checked in
-        # test_int8_coefficient_axpy_equals_its_rounding), and the two paths group the kept neurons differently
-        rel = 1e-2 if qtype == "Q4_0" and K.HAS_VNNI else 1e-5
+        # 4-bit and int8 down columns on a VNNI CPU: each path rounds its groups' coefficients to int8 (exactly
+        # checked in test_int8_coefficient_axpy_equals_its_rounding), and the two paths group the kept neurons
+        # differently
+        rel = 1e-2 if qtype in ("Q4_0", "Q8_0") and K.HAS_VNNI else 1e-5
         np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=rel * np.abs(unfused).max())
 
 

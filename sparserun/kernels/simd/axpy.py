@@ -179,23 +179,10 @@ def coefs_q4_vnni(typingctx, u, offs, h, nb, qbytes, cw, cz, cs):
     return sig, codegen
 
 
-@intrinsic
-def axpy_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
-    """axpy_units_q4 for 8 neurons at once through vpdpbusd (x86 AVX512-VNNI only, see the module note):
-    acc[32b : 32b+32] += cs[b] * sum_g cq[g, b] * (nibbles of column g, block b), where the int8 cq[g, b] (h_g
-    times the column's block scale, rounded with one scale cs[b] per block: see sparse._coefs_i8) are packed
-    four to an int32, columns 4k..4k+3 in cw[k nb + b], and cz[b] = -8 * sum_g cq[g, b] takes Q4_0's nibble
-    offset back out. Per block and four columns, their 16 bytes are transposed into one 64-byte register (byte
-    4k+g = column g's byte k: vpermb) so each int32 lane holds one output's 4 weights; the nibbles are split,
-    and the two quads' vpdpbusd sum into one int32 lane per output, converted and added with one FMA per 16
-    outputs. From L2, 29-33 against 38.5 ns a neuron for the 4-column form (whose per-quad convert, multiply and
-    acc load/store this halves); the float axpy took 2.5x the 4-column form. The rounding adds at most 1/254 of
-    the group's largest term to each output per block.
-    pf (8,) int64: block b also prefetches two of u's cache lines, v = 2b and 2b + 1 at byte pf[v % 8] + 64
-    (v // 8), none where pf[v % 8] < 0: pack_ffn's prefetch of later units' last lines, at the pace of the
-    compute (nb / 4 lines of each unit per call)."""
-    sig = types.void(acc, u, offs, cw, cz, cs, nb, pf)
+def _axpy_vnni(int8):
+    """The codegen of axpy_q4_vnni (int8: axpy_i8_vnni's, int8 down columns)."""
     G, Q = AXPY_Q4_COLUMNS, AXPY_Q4_COLUMNS // 4
+    qb = 32 if int8 else 16  # quant bytes per block and column
 
     def codegen(context, builder, signature, args):
         acc_a, u_a, o_a, cw_a, cz_a, cs_a, nb_v, pf_a = args
@@ -222,19 +209,59 @@ def axpy_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
                 at = builder.load(builder.gep(PF.data, [builder.urem(v, c(G))]))
                 with builder.if_then(builder.icmp_signed(">=", at, c(0))):
                     _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.udiv(v, c(G)), c(64)))]))
-            lanes = [_splat_f(builder, builder.load(builder.gep(CZ.data, [b])), 16)] * 2  # outputs 32b + 16k + (0..15)
+            cz = builder.load(builder.gep(CZ.data, [b]))  # -8 x the coefficients' sum
+            if int8:  # the weights' sign bit flipped makes them w + 128: take 128 x the sum back out
+                cz = builder.shl(cz, ir.Constant(_i32, 4))
+            lanes = [_splat_f(builder, cz, 16)] * 2  # outputs 32b + 16h + (0..15)
             for k in range(Q):
-                q = [_vload(builder, builder.gep(cols[4 * k + g], [builder.mul(b, c(16))]), 16) for g in range(4)]
-                t = builder.shuffle_vector(cat(cat(q[0], q[1]), cat(q[2], q[3])),
-                                           ir.Constant(ir.VectorType(_i8, 64), None), transpose)
                 coef = builder.bitcast(_splat_f(builder, builder.load(builder.gep(CW.data, [builder.add(builder.mul(nb, c(k)), b)])),
                                                 16), v16i)
-                nibs = (builder.and_(t, _splat(64, 15)), builder.and_(builder.lshr(t, _splat(64, 4)), _splat(64, 15)))
-                lanes = [builder.call(dp, [lanes[h], builder.bitcast(nibs[h], v16i), coef]) for h in range(2)]
+                if int8:  # each 16 outputs' bytes of the 4 columns transposed: lane = one output's 4 weights
+                    q = [_vload(builder, builder.gep(cols[4 * k + g], [builder.mul(b, c(qb))]), 32) for g in range(4)]
+                    halves = []
+                    for h in range(2):
+                        part = [builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(_i32, 16), list(range(16 * h, 16 * h + 16))))
+                                for x in q]
+                        t = builder.shuffle_vector(cat(cat(part[0], part[1]), cat(part[2], part[3])),
+                                                   ir.Constant(ir.VectorType(_i8, 64), None), transpose)
+                        halves.append(builder.xor(t, _splat(64, -128)))
+                else:
+                    q = [_vload(builder, builder.gep(cols[4 * k + g], [builder.mul(b, c(qb))]), 16) for g in range(4)]
+                    t = builder.shuffle_vector(cat(cat(q[0], q[1]), cat(q[2], q[3])),
+                                               ir.Constant(ir.VectorType(_i8, 64), None), transpose)
+                    halves = (builder.and_(t, _splat(64, 15)), builder.and_(builder.lshr(t, _splat(64, 4)), _splat(64, 15)))
+                lanes = [builder.call(dp, [lanes[h], builder.bitcast(halves[h], v16i), coef]) for h in range(2)]
             scale = _splat_f(builder, builder.load(builder.gep(CS.data, [b])), 16)
             for h in range(2):
                 ap = builder.gep(accp, [builder.add(builder.mul(b, c(2)), c(h))])
                 builder.store(builder.call(fma, [builder.sitofp(lanes[h], v16f), scale, builder.load(ap, align=4)]), ap, align=4)
         return context.get_dummy_value()
 
-    return sig, _vnni_or_trap(codegen)
+    return codegen
+
+
+@intrinsic
+def axpy_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
+    """axpy_units_q4 for 8 neurons at once through vpdpbusd (x86 AVX512-VNNI only, see the module note):
+    acc[32b : 32b+32] += cs[b] * sum_g cq[g, b] * (nibbles of column g, block b), where the int8 cq[g, b] (h_g
+    times the column's block scale, rounded with one scale cs[b] per block: see sparse._coefs_i8) are packed
+    four to an int32, columns 4k..4k+3 in cw[k nb + b], and cz[b] = -8 * sum_g cq[g, b] takes Q4_0's nibble
+    offset back out. Per block and four columns, their 16 bytes are transposed into one 64-byte register (byte
+    4k+g = column g's byte k: vpermb) so each int32 lane holds one output's 4 weights; the nibbles are split,
+    and the two quads' vpdpbusd sum into one int32 lane per output, converted and added with one FMA per 16
+    outputs. From L2, 29-33 against 38.5 ns a neuron for the 4-column form (whose per-quad convert, multiply and
+    acc load/store this halves); the float axpy took 2.5x the 4-column form. The rounding adds at most 1/254 of
+    the group's largest term to each output per block.
+    pf (8,) int64: block b also prefetches two of u's cache lines, v = 2b and 2b + 1 at byte pf[v % 8] + 64
+    (v // 8), none where pf[v % 8] < 0: pack_ffn's prefetch of later units' last lines, at the pace of the
+    compute (nb / 4 lines of each unit per call)."""
+    return types.void(acc, u, offs, cw, cz, cs, nb, pf), _vnni_or_trap(_axpy_vnni(False))
+
+
+@intrinsic
+def axpy_i8_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
+    """axpy_q4_vnni for int8 down columns (32 quant bytes a block, then the fp16 scales; the coefficients from
+    coefs_q4_vnni as for 4-bit ones): each half block's 16 bytes of the 4 columns transposed into one register,
+    the weights' sign bit flipped (w + 128, unsigned for vpdpbusd) and 128 x the coefficients' sum taken out in
+    the accumulator's start. Replaces the float axpy (axpy_units_i8) on VNNI CPUs: a Q6_K or Q8_0 model's packs."""
+    return types.void(acc, u, offs, cw, cz, cs, nb, pf), _vnni_or_trap(_axpy_vnni(True))
