@@ -162,7 +162,8 @@ def hybrid_fraction(mode):
 
 
 def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3, threads=None, sparsity=("threshold:0",),
-              text=None, fidelity_tokens=64, progress=None, depth=0, heads=(), llama_cpp_model=None):
+              text=None, fidelity_tokens=64, progress=None, depth=0, heads=(), llama_cpp_model=None, trace=None,
+              trace_ids=False):
     """Returns a dict: model facts, one row per (mode, test) with t/s median and sd, and fidelity of
     every sparse mode against dense. 'sparse' in modes expands to one mode per sparsity spec; each head spec of
     heads other than dense adds a mode with the dense FFN and that output head (head.py). depth: tokens
@@ -228,7 +229,13 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
             dense_logits = model.logits(ids)
             for name, r in runners.items():
                 if r.ffn is not None or r.head is not None:
-                    fid[name] = fidelity(r.model, r.ffn, ids, dense_logits, r.head)
+                    if trace is not None and not fid:  # the first such mode's pass, token by token
+                        r.model.start_trace(trace, trace_ids, r.ffn.policy.spec if r.ffn is not None else "dense",
+                                            f"hot:{len(r.head.hot)}" if r.head is not None else "dense")
+                    try:
+                        fid[name] = fidelity(r.model, r.ffn, ids, dense_logits, r.head)
+                    finally:
+                        r.model.stop_trace()
                     if progress:
                         progress(0, 0, f"fidelity {name}: top-1 {fid[name]['top1_agreement']:.3f}")
     if "llama.cpp" in modes:

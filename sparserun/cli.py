@@ -41,6 +41,9 @@ VramBudget = typer.Option(None, "--vram-budget", help="GiB of GPU memory for hot
 PlacementOpt = typer.Option(None, "--placement", help="a placement file from `sparserun place` (instead of planning)")
 ProfileOpt = typer.Option(None, "--profile", help="profile that ranks neurons for an on-the-fly placement and the "
                           "hot output head's tokens (default: <model>.gguf.profile.gguf when it exists)")
+TraceOpt = typer.Option(None, "--trace", help="write which parts of the model ran for each token (kept share of each "
+                        "FFN and matrix per layer) to this file, as JSON lines")
+TraceIds = typer.Option(False, "--trace-ids", help="with --trace: also each layer's kept neuron ids")
 HeadOpt = typer.Option("dense", "--head", help="output head: dense | hot[:K] (K rows exact every token, the rest "
                        "estimated and the best of them computed; see `sparserun bench --head`)")
 
@@ -109,6 +112,8 @@ def generate(
     placement: Optional[Path] = PlacementOpt,
     profile: Optional[Path] = ProfileOpt,
     head: str = HeadOpt,
+    trace: Optional[Path] = TraceOpt,
+    trace_ids: bool = TraceIds,
 ):
     """Continue a prompt, streaming the text to stdout."""
     from .generate import GenerationStats
@@ -119,6 +124,8 @@ def generate(
     m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type,
               check_tensors, head)
     stats = GenerationStats()
+    if trace is not None:
+        m.start_trace(trace, trace_ids)
     sys.stdout.write(prompt)
     try:
         for piece in m.generate(prompt, max_tokens=n, stats=stats, **params.__dict__):
@@ -126,6 +133,8 @@ def generate(
             sys.stdout.flush()
     except KeyboardInterrupt:
         stats.stop_reason = "interrupted"
+    finally:
+        m.stop_trace()
     sys.stdout.write("\n")
     if stats.stop_reason == "context":
         sys.stderr.write(f"[stopped: context of {ctx} tokens is full; raise --ctx]\n")
@@ -154,6 +163,8 @@ def chat(
     placement: Optional[Path] = PlacementOpt,
     profile: Optional[Path] = ProfileOpt,
     head: str = HeadOpt,
+    trace: Optional[Path] = TraceOpt,
+    trace_ids: bool = TraceIds,
 ):
     """Chat with a model: /help for commands, \"\"\" for multi-line input, Ctrl-C stops an answer.
 
@@ -163,7 +174,12 @@ def chat(
     params = _sampling(temp, top_k, top_p, min_p, repeat_penalty, seed)
     m = _load(model or default_model(), threads, ctx, sparsity, device, vram_budget, placement, profile, kv_type,
               check_tensors, head)
-    run_chat(m, system=system, params=params, max_tokens=max_tokens)
+    if trace is not None:
+        m.start_trace(trace, trace_ids)
+    try:
+        run_chat(m, system=system, params=params, max_tokens=max_tokens)
+    finally:
+        m.stop_trace()
 
 
 @app.command()
@@ -265,6 +281,9 @@ def bench(
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write every figure to this JSON file"),
     llama_cpp_model: Optional[Path] = typer.Option(None, "--llama-cpp-model", help="the file llama.cpp runs instead "
                                                    "(a PowerInfer PWRI model's weights as a plain GGUF)"),
+    trace: Optional[Path] = typer.Option(None, "--trace", help="write the first sparse (or hot-head) mode's fidelity "
+                                         "pass, token by token, as a trace (see generate --trace)"),
+    trace_ids: bool = TraceIds,
 ):
     """Tokens/s of this engine (dense and sparse) and of llama.cpp on the same file, llama-bench style,
     with fidelity of each sparse mode against dense (top-1 agreement, KL, kept fraction)."""
@@ -288,7 +307,7 @@ def bench(
     res = run_bench(model, [x.strip() for x in modes.split(",") if x.strip()], n_prompt, n_gen, reps, threads,
                     sparsity=sparsity, text=text.read_text(errors="replace") if text else None,
                     fidelity_tokens=fidelity_tokens, progress=stderr_progress, depth=depth, heads=heads,
-                    llama_cpp_model=llama_cpp_model)
+                    llama_cpp_model=llama_cpp_model, trace=trace, trace_ids=trace_ids)
     typer.echo(format_table(res, output))
     if json_file:
         json_file.write_text(json.dumps(res, indent=2))
@@ -375,19 +394,32 @@ def calibrate(
 @app.command()
 def profile(
     model: Path = ModelArg,
-    corpus: Path = typer.Option(..., "--corpus", help="text file to run the model over"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="text file to run the model over"),
     tokens: int = typer.Option(4096, "--tokens", help="tokens of the corpus to use at most"),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="profile file (default: <model>.gguf.profile.gguf)"),
     sparsity: float = typer.Option(0.5, "--target-sparsity",
                                    help="SwiGLU: 'active' means above the thresholds for this sparsity"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the hotness picture and CDF to this PNG"),
     threads: Optional[int] = Threads,
+    trace: Optional[Path] = typer.Option(None, "--trace", help="instead of profiling: draw this trace's layer x token "
+                                         "heat map of kept shares (from generate / chat / bench --trace) to --plot"),
 ):
     """Neuron hotness over a corpus: per-neuron activity and mean magnitude, per-layer histograms."""
     from .profile import format_summary, plot_profile, profile_model, save_profile
     from .progress import stderr_progress
     from .side_files import PROFILE
 
+    if trace is not None:
+        from .gguf_file import GGUFFile
+        from .trace import plot_trace
+
+        if plot is None:
+            raise SparserunError("--trace draws a picture: give --plot FILE.png")
+        m = plot_trace(trace, plot, GGUFFile(model).fingerprint())
+        typer.echo(f"wrote {plot} ({m.shape[0]} layers x {m.shape[1]} tokens)")
+        return
+    if corpus is None:
+        raise SparserunError("profile needs --corpus (a text file to run the model over)")
     if not 0.0 <= sparsity < 1.0:
         raise SparserunError(f"--target-sparsity must be in [0, 1), got {sparsity}")
     m = _load(model, threads, 256)

@@ -186,7 +186,7 @@ class HybridFFN:
         cold = [np.setdiff1d(np.arange(a.n_ff), g) for g in hot]
         self.predicted = None
         self.cpu = SparseFFN(model, policy, predictor, cpu_neurons=cold)
-        self.predictor = self.cpu.predictor
+        self.policy, self.predictor = policy, self.cpu.predictor
         if self.predictor is not None:  # run it once per layer here; both halves use its answer
             self.cpu.predictor = lambda li, x: self.predicted
         self.cpu_empty = [len(c) == 0 for c in cold]

@@ -140,6 +140,7 @@ class Model:
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
         self._ffn_observer = None  # observing_ffn's callback
         self.head = None  # None: the dense head (self.output); else a head.HotHead (set_head)
+        self.trace = None  # a trace.Trace while `--trace` records what ran for each token (start_trace)
         if sparsity is None:  # a PowerInfer file runs its own predictors unless told otherwise, as PowerInfer does
             from .powerinfer import has_predictors
 
@@ -232,6 +233,21 @@ class Model:
         self.placement = placement
         self.set_sparsity(self.policy, self.predictor_arg)
 
+    def start_trace(self, path, ids=False, sparsity=None, head=None):
+        """Record which parts of the model run for each token from now on, as JSON lines to path (trace.py; ids: the
+        kept neuron ids too; sparsity, head: what the header names, by default the model's own). Returns the Trace;
+        stop_trace() closes it."""
+        from .trace import Trace
+
+        self.stop_trace()
+        self.trace = Trace(path, self, ids, sparsity, head)
+        return self.trace
+
+    def stop_trace(self):
+        if self.trace is not None:
+            self.trace.close()
+            self.trace = None
+
     # ---- forward ----
     def ffn(self, layer_index, acts):
         """FFN of one layer: (T, dim) -> (T, dim), dense or through the sparsity policy."""
@@ -277,6 +293,8 @@ class Model:
         if a.emb_scale != 1.0:
             x *= np.float32(a.emb_scale)
         xn = np.empty_like(x)  # (T, dim) normalized input of each sub-block
+        if self.trace is not None:
+            self.trace.begin(ids, pos0)
         for li, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, a.norm_eps, xn)
             h = self._attention(L, li, xn, pos0)  # (T, dim)
@@ -285,6 +303,8 @@ class Model:
             ops.add_inplace(x, h)
             ops.rmsnorm(x, L.ffn_norm, a.norm_eps, xn)
             h = self.ffn(li, Acts(xn, residual=x))  # (T, dim)
+            if self.trace is not None and self.sparse is None:
+                self.trace.dense(li, len(ids))
             if L.ffn_post_norm is not None:
                 ops.rmsnorm(h, L.ffn_post_norm, a.norm_eps, h)
             ops.add_inplace(x, h)
@@ -297,7 +317,12 @@ class Model:
         if self.head is None:
             logits = self.output.matmul(Acts(out))  # (T or 1, n_vocab)
         else:  # the hot/cold head: row i's context is the cache and ids up to its token
+            computed = self.head.computed if self.trace is not None else 0
             logits = self.head(Acts(out), self.cached, ids)
+        if self.trace is not None:  # the head's rows computed exactly, for the tokens whose logits were made
+            share = 1.0 if self.head is None else (len(self.head.hot) + (self.head.computed - computed) /
+                                                   len(rows)) / a.n_vocab
+            self.trace.end([0.0] * (len(ids) - len(rows)) + [share] * len(rows))
         if a.final_softcap:
             c = np.float32(a.final_softcap)
             np.multiply(np.tanh(logits / c), c, out=logits)

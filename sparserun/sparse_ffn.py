@@ -95,6 +95,10 @@ class SparseFFN:
         ids = np.ascontiguousarray(ids, np.int64)
         return ids if self.local[li] is None else ids[self.local[li][ids] >= 0]
 
+    def _global(self, li, ids):
+        """Owned positions ids as global neuron ids."""
+        return ids if self.own[li] is None else self.own[li][ids]
+
     def _to_global(self, li, idx, n):
         if self.own[li] is not None:
             idx[:n] = self.own[li][idx[:n]]
@@ -102,8 +106,9 @@ class SparseFFN:
     def __call__(self, li, acts):
         L = self.model.layers[li]
         T = acts.x.shape[0]
-        if self.fused and T == 1 and self.last_kept[li] <= DENSE_ABOVE:
-            return self._selected(li, L, acts)
+        trace = self.model.trace
+        if self.fused and T == 1 and self.last_kept[li] <= DENSE_ABOVE and not (trace is not None and trace.ids):
+            return self._selected(li, L, acts)  # (its kernel keeps the ids to itself: a trace of ids goes below)
         predicted = self.predictor(li, acts) if self.predictor is not None else None
         if predicted is not None:
             predicted = [self._owned(li, p) for p in predicted]
@@ -127,16 +132,26 @@ class SparseFFN:
             if L.w_gate is None:
                 mode = S.AXPY_ONLY
             self._to_global(li, idx, n)
-        self._count(li, n)
+        f = n / self.n_ff
+        self._count(li, n, {S.COEF_TIMES_DOT: (1.0, f), S.AXPY_ONLY: (None, 1.0), S.GATED_DOTS: (f, f),
+                            S.ACT_OF_DOT: (None, f)}[mode] if trace is not None else None, idx[:n])
         out = np.empty((1, L.w_down.rows), np.float32)
         self.pack[li].run(acts, idx, n, coef if coef is NO_COEF else np.ascontiguousarray(coef, np.float32), mode,
                           self.act_id, out[0])
         return out
 
-    def _count(self, li, n):
+    def _count(self, li, n, read=None, ids=None):
+        """One token kept n neurons of layer li. read: (gate, up) shares of rows read (None: every row; a gate of
+        None: the FFN has none) and ids the kept (global) ids, for a trace (the down columns read are the kept)."""
         self.last_kept[li] = n / self.n_ff
         self.kept[li] += n / self.n_ff
         self.tokens[li] += 1
+        if self.model.trace is not None:
+            g, u = read if read is not None else (1.0, 1.0)
+            shares = {"attn": 1.0, "ffn_up": u, "ffn_down": n / self.n_ff if read is not None else 1.0}
+            if g is not None and self.model.layers[li].w_gate is not None:
+                shares["ffn_gate"] = g
+            self.model.trace.layer(li, n / self.n_ff, shares, ids)
 
     def _selected(self, li, L, acts):
         """A threshold policy's decode token: selection rows, keep rule and pack in one kernel. Used while the
@@ -144,7 +159,9 @@ class SparseFFN:
         the masked dense kernels run when they are cheaper."""
         dim = L.w_down.rows
         out = np.empty((1, dim), np.float32)
-        self._count(li, S.select_pack_ffn(*self.sel[li], acts.x, part_sums(dim), out[0]))
+        n = S.select_pack_ffn(*self.sel[li], acts.x, part_sums(dim), out[0])
+        gated = L.w_gate is not None
+        self._count(li, n, (1.0, n / self.n_ff) if gated else (None, 1.0))
         return out
 
     def _scatter(self, li, h):
@@ -160,7 +177,7 @@ class SparseFFN:
         h = np.zeros_like(a)
         up = None if u is None else (np.maximum(u[keep], 0) if self.act_id == ops.RELU_SYM else u[keep])
         h[keep] = a[keep] if u is None else a[keep] * up  # non-gated: h = act(up), already in a
-        self._count(li, len(keep))
+        self._count(li, len(keep), ids=self._global(li, keep))
         return L.w_down.matmul(Acts(self._scatter(li, h[None])))
 
     def _masked(self, li, L, acts, predicted):
@@ -173,17 +190,18 @@ class SparseFFN:
         if mask is not None:  # activation and mask in one pass
             counts = np.empty(h.shape[0], np.int64)
             S.activate_masked(g, u, self.act_id, *mask, h, counts)
-            for n in counts:
-                self._count(li, int(n))
+            ids = self.model.trace is not None and self.model.trace.ids
+            for t, n in enumerate(counts):
+                self._count(li, int(n), ids=self._global(li, np.flatnonzero(h[t])) if ids else None)
             return L.w_down.matmul(Acts(self._scatter(li, h)))
         ops.ffn_activate(g, u, self.act_id, h)
         if predicted is None:  # a policy that keeps every neuron
             for _ in range(h.shape[0]):
-                self._count(li, h.shape[1])
+                self._count(li, h.shape[1], ids=self._global(li, np.arange(h.shape[1])))
         else:  # predicted neuron sets
             for t in range(h.shape[0]):
                 keep = predicted[t] if self.local[li] is None else self.local[li][predicted[t]]
-                self._count(li, len(keep))
+                self._count(li, len(keep), ids=predicted[t])
                 if len(keep) == h.shape[1]:  # every owned neuron: nothing to zero
                     continue
                 kept = h[t, keep]
