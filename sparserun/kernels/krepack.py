@@ -92,45 +92,45 @@ def repack_q6_k(raw, rows, row_bytes, out):
 
 
 @njit(cache=True, inline="always")
-def dequant_q4_kr(raw, off, n, out):
-    """The n values of the Q4_KR row at raw[off:] as float32 (value = d sc_k q - dmin m_k, as Q4_K's)."""
+def k_scale_min(raw, sc, j):
+    """6-bit scale and min of sub-block j from the 12 packed bytes at raw[sc:] (Q4_K / Q5_K and their repacks)."""
+    if j < 4:
+        return np.int32(raw[sc + j]) & 63, np.int32(raw[sc + j + 4]) & 63
+    s = (np.int32(raw[sc + j + 4]) & 15) | ((np.int32(raw[sc + j - 4]) >> 6) << 4)
+    m = (np.int32(raw[sc + j + 4]) >> 4) | ((np.int32(raw[sc + j]) >> 6) << 4)
+    return s, m
+
+
+@njit(cache=True, inline="always")
+def _dequant_q45_kr(raw, off, n, out, five):
+    """The n values of the Q4_KR (Q5_KR: five) row at raw[off:] as float32 (value = d sc_k q - dmin m_k)."""
+    size = 176 if five else 144
     for s in range(n // 256):
-        p = off + 144 * s
+        p = off + size * s
         d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
         for k in range(8):
-            if k < 4:
-                sc, mn = np.int32(raw[p + 4 + k]) & 63, np.int32(raw[p + 8 + k]) & 63
-            else:
-                sc = (np.int32(raw[p + 8 + k]) & 15) | ((np.int32(raw[p + k]) >> 6) << 4)
-                mn = (np.int32(raw[p + 8 + k]) >> 4) | ((np.int32(raw[p + 4 + k]) >> 6) << 4)
+            sc, mn = k_scale_min(raw, p + 4, k)
             a, c = d * np.float32(sc), dmin * np.float32(mn)
             for j in range(4):
                 for m in range(4):
                     q = np.int32(raw[p + 16 + 32 * j + 4 * k + m])
-                    out[256 * s + 32 * k + 8 * j + m] = a * np.float32(q & 15) - c
-                    out[256 * s + 32 * k + 8 * j + 4 + m] = a * np.float32(q >> 4) - c
+                    lo, hi = q & 15, q >> 4
+                    if five:
+                        f = np.int32(raw[p + 144 + 4 * k + m])
+                        lo |= ((f >> (2 * j)) & 1) << 4
+                        hi |= ((f >> (2 * j + 1)) & 1) << 4
+                    out[256 * s + 32 * k + 8 * j + m] = a * np.float32(lo) - c
+                    out[256 * s + 32 * k + 8 * j + 4 + m] = a * np.float32(hi) - c
+
+
+@njit(cache=True, inline="always")
+def dequant_q4_kr(raw, off, n, out):
+    _dequant_q45_kr(raw, off, n, out, False)
 
 
 @njit(cache=True, inline="always")
 def dequant_q5_kr(raw, off, n, out):
-    """The n values of the Q5_KR row at raw[off:] as float32 (value = d sc_k q - dmin m_k, as Q5_K's)."""
-    for s in range(n // 256):
-        p = off + 176 * s
-        d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
-        for k in range(8):
-            if k < 4:
-                sc, mn = np.int32(raw[p + 4 + k]) & 63, np.int32(raw[p + 8 + k]) & 63
-            else:
-                sc = (np.int32(raw[p + 8 + k]) & 15) | ((np.int32(raw[p + k]) >> 6) << 4)
-                mn = (np.int32(raw[p + 8 + k]) >> 4) | ((np.int32(raw[p + 4 + k]) >> 6) << 4)
-            a, c = d * np.float32(sc), dmin * np.float32(mn)
-            for j in range(4):
-                for m in range(4):
-                    q, f = np.int32(raw[p + 16 + 32 * j + 4 * k + m]), np.int32(raw[p + 144 + 4 * k + m])
-                    lo = (q & 15) | (((f >> (2 * j)) & 1) << 4)
-                    hi = (q >> 4) | (((f >> (2 * j + 1)) & 1) << 4)
-                    out[256 * s + 32 * k + 8 * j + m] = a * np.float32(lo) - c
-                    out[256 * s + 32 * k + 8 * j + 4 + m] = a * np.float32(hi) - c
+    _dequant_q45_kr(raw, off, n, out, True)
 
 
 @njit(cache=True, inline="always")

@@ -34,22 +34,12 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, dot_row_q4_0, do
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0,  # noqa: E402
                       Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0)
 from .templates import define  # noqa: E402
-from .krepack import dequant_q4_kr, dequant_q5_kr, dequant_q6_kr  # noqa: E402
+from .krepack import dequant_q4_kr, dequant_q5_kr, dequant_q6_kr, k_scale_min  # noqa: E402
 from .dequant import (dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1, dequant_q5_0,  # noqa: E402
                       dequant_q5_1)
 
 QK = 32  # block size of Q4_0 / Q8_0 and of the int8 activation blocks
 QK_K = 256  # super-block size of the K-quants
-
-
-@njit(cache=True, inline="always")
-def _k_scale_min(raw, sc, j):
-    """6-bit scale and min of sub-block j from the 12 packed bytes at raw[sc:] (Q4_K / Q5_K)."""
-    if j < 4:
-        return raw[sc + j] & 63, raw[sc + j + 4] & 63
-    s = (raw[sc + j + 4] & 15) | ((raw[sc + j - 4] >> 6) << 4)
-    m = (raw[sc + j + 4] >> 4) | ((raw[sc + j] >> 6) << 4)
-    return s, m
 
 
 @njit(cache=True)
@@ -137,8 +127,8 @@ def _k_pair_scales(raw, p, i):
     """(scale, min) of sub-blocks 2i and 2i + 1 of the Q4_K / Q5_K super-block at raw[p:], as floats: value =
     scale q - min."""
     d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
-    s0, m0 = _k_scale_min(raw, p + 4, 2 * i)
-    s1, m1 = _k_scale_min(raw, p + 4, 2 * i + 1)
+    s0, m0 = k_scale_min(raw, p + 4, 2 * i)
+    s1, m1 = k_scale_min(raw, p + 4, 2 * i + 1)
     return d * np.float32(s0), dmin * np.float32(m0), d * np.float32(s1), dmin * np.float32(m1)
 
 
