@@ -557,14 +557,22 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     assert r.qtype == REPACK[int(qtype)][0] and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
     np.testing.assert_array_equal(r.dequantize(), w.dequantize())
     values = w.dequantize().astype(np.float64)
-    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_kr"}[r.qtype]
+    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_krh"}[r.qtype]  # Q6_K's reads its half sums
     generic, vnni = getattr(K, f"matmul_{name}_generic"), getattr(K, f"matmul_{name}_vnni")
-    for T in (1, K.TOKENS + 1):
+    for T in (1, K.TOKENS_K + 3):
         x = rng.standard_normal((T, cols)).astype(np.float32)
         acts = Acts(x)
         got, gguf = r.matmul(acts), w.matmul(acts)
         np.testing.assert_allclose(got, gguf, rtol=1e-5, atol=1e-5 * np.abs(gguf).max())
-        for forms in (acts.forms_for(int(qtype)), acts.forms()):  # Q8_K's rounding, then per 32 values
+        # the packs' Q6_KR dots find the first 16 values' sums themselves: the same sums
+        packs_vnni = K.matmul_q6_kr_vnni if r.qtype == K.Q6_KR else vnni
+        if K.HAS_VNNI and packs_vnni is not vnni:
+            own = np.empty_like(got)
+            packs_vnni((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, acts.forms_for(int(qtype))),
+                       own)
+            np.testing.assert_array_equal(own, got)
+        # Q8_K's rounding; then per 32 values, one token (the neuron packs' forms; K forms' xs rows are 2 n/32 long)
+        for forms, route in [(acts.forms_for(int(qtype)), vnni)] + ([(acts.forms(), packs_vnni)] if T == 1 else []):
             xq, xd, x8, xb, xt, xs = forms
             ref = (x8.astype(np.float64) * np.repeat(xd, 32, axis=1)) @ values.T
             out = np.empty((T, rows), np.float32)
@@ -572,7 +580,7 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
             np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
             if K.HAS_VNNI:
                 want = np.empty_like(out)
-                vnni((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, forms), want)
+                route((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, forms), want)
                 np.testing.assert_array_equal(out, want)
     ids = np.array([3, 0, 39, 17])
     acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))

@@ -28,7 +28,8 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, dot_row_q4_0, do
                    dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic, dot_row_q4_kr_vnni,
                    dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic, dot_row_q6_kr_vnni,
                    dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic, dot_row_q5_kr_vnni,
-                   dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic)
+                   dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic, dot_row_q6_krh_vnni,
+                   dot_tokens_q6_krh_vnni, dot_row_q6_krh_generic, dot_tokens_q6_krh_generic)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0,  # noqa: E402
@@ -252,7 +253,8 @@ def quantize_acts_k(x, x8, xd, xb, xt, xs):
     one float32 scale per 256 values, d = max / -127 with max the value of largest magnitude (the first one on a
     tie), values rint(x * -127 / max) capped at 127. Written in quantize_acts' VNNI forms (x8, xd per 32 values:
     the super-block's d repeated, xb from x8, and the repacked dots' xt and xs), so the K-quant dots sum exactly
-    the integers llama.cpp sums."""
+    the integers llama.cpp sums. xs (T, 2 n/32) holds after each token's n/32 block offset terms those of each
+    block's first 16 values (-8 x their sum), which the repacked Q6_K batch dots read (simd.krepacked)."""
     T, n = x.shape
     for t in range(T):
         for sb in range(n // QK_K):
@@ -276,6 +278,8 @@ def quantize_acts_k(x, x8, xd, xb, xt, xs):
                 s = 0
                 for l in range(QK // 4):
                     s += xb[t, o // 4 + 8 * b + l]
+                    if l == QK // 8 - 1:  # the first 16 values' (Q6_K's scales are per 16)
+                        xs[t, n // QK + o // QK + b] = s
                 xs[t, o // QK + b] = s
         x32, t32 = x8[t].view(np.int32), xt[t].view(np.int32)  # quantize_acts' transposition, 256 values a group
         for g in range(n // QK_K):
@@ -289,7 +293,7 @@ def acts_forms_k(x):
     """quantize_acts_k's forms of x (T, n) in acts_forms' six places (xq, which no K-quant dot reads, empty)."""
     T, n = x.shape
     forms = (np.empty((0, 0), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
-             np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, n // QK), np.int32))
+             np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, 2 * (n // QK)), np.int32))
     quantize_acts_k(x, forms[2], forms[1], forms[3], forms[4], forms[5])
     return forms
 
@@ -381,12 +385,14 @@ VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8
 # matmul_<type>_vnni and matmul_<type>_generic (Q4_1 / Q5_1's min from the activations' block sums; the K-quants and
 # IQ4_XS on activations rounded as Q8_K; simd's kquants and iquants frames).
 _X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q2_K: "q2_k", Q3_K: "q3_k", Q4_1: "q4_1", Q5_1: "q5_1",
-             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_kr", Q5_KR: "q5_kr", Q6_KR: "q6_kr"}
+             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_kr", Q5_KR: "q5_kr", Q6_KR: "q6_krh"}
 for _name in _X8_NAMES.values():
     for _route in ("vnni", "generic"):
         _fn = f"matmul_{_name}_{_route}"
         globals()[_fn] = _make_batch_matmul(_fn, f"dot_row_{_name}_{_route}", f"dot_tokens_{_name}_{_route}",
-                                            TOKENS_K if _name.endswith("_kr") else TOKENS)
+                                            TOKENS_K if "_kr" in _name else TOKENS)
+# the repacked Q6_K dots that find the first 16 values' sums themselves (the neuron packs', on quantize_acts' forms)
+matmul_q6_kr_vnni = _make_batch_matmul("matmul_q6_kr_vnni", "dot_row_q6_kr_vnni", "dot_tokens_q6_kr_vnni", TOKENS_K)
 X8_MATMUL = {_t: globals()[f"matmul_{_name}_{'vnni' if HAS_VNNI else 'generic'}"] for _t, _name in _X8_NAMES.items()}
 
 

@@ -100,7 +100,7 @@ def _q45_kr_super_block(builder, p, toks, dp, five):
         nibs = _chunks(builder, p, 16)
     four = ir.Constant(_V8I, [0 if five else 4] * 8)
     out = []
-    for xv, xs in toks:
+    for xv, xs, _ in toks:
         lo = _dots(builder, dp, [(nl, xv[2 * j]) for j, (nl, _) in enumerate(nibs)])
         hi = _dots(builder, dp, [(nh, xv[2 * j + 1]) for j, (_, nh) in enumerate(nibs)])
         sums = builder.add(lo, builder.ashr(hi, four))
@@ -116,13 +116,13 @@ def _q5_kr_super_block(builder, p, toks, dp):
     return _q45_kr_super_block(builder, p, toks, dp, True)
 
 
-def _q6_kr_super_block(builder, p, toks, dp):
+def _q6_kr_super_block(builder, p, toks, dp, halves=False):
     """Q6_KR super-block at p (210 bytes: d, 16 int8 scales, 128 bytes of low 4 bits in _chunks' order, then 2 x 32
     bytes of high 2 bits: bits 2 s of byte 4 k + m of the h-th 32 are those of sub-block k's value 4 (4 h + s) + m):
     per token [(half sums x their scales, d)]. Value = d sc (q - 32), the scale per 16 values: lanes sum the first
     and second 16 of each sub-block apart (value runs i = 0-3 and 4-7), and the -32 comes from the first halves'
-    activation sums (a vpdpbusd of 32s) and xs (the whole block's); on the generic route, which multiplies signed
-    bytes as cheaply, the weights are q - 32 instead."""
+    activation sums (a vpdpbusd of 32s, or with halves the activations' own, quant.quantize_acts_k) and xs (the
+    whole block's); on the generic route, which multiplies signed bytes as cheaply, the weights are q - 32 instead."""
     d = _half(builder, p, 0)
     sc = builder.sext(_vload(builder, builder.gep(p, [_c(2)]), 16), ir.VectorType(_i32, 16))
     sc_a = builder.shuffle_vector(sc, sc, ir.Constant(_V8I, list(range(0, 16, 2))))
@@ -142,13 +142,16 @@ def _q6_kr_super_block(builder, p, toks, dp):
         vals.append(builder.bitcast(q, _V8I))
     thirty2 = builder.bitcast(_splat(32, 32), _V8I)
     out = []
-    for xv, xs in toks:
+    for xv, xs, xh in toks:
         if _generic(dp):
             sums_a = _dots(builder, dp, [(vals[i], xv[i]) for i in range(4)], signed=True)
             sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)], signed=True)
             out.append([(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), d)])
             continue
-        first = _dots(builder, dp, [(thirty2, xv[i]) for i in range(4)])  # 32 x the first 16 values' sums
+        if halves:  # 32 x the first 16 values' sums, from the activations' forms (-8 x each sum)
+            first = builder.mul(xh, ir.Constant(_V8I, [-4] * 8))
+        else:  # computed here: a vpdpbusd of 32s
+            first = _dots(builder, dp, [(thirty2, xv[i]) for i in range(4)])
         sums_a = builder.sub(_dots(builder, dp, [(vals[i], xv[i]) for i in range(4)]), first)
         # second halves: q x - 32 (whole sum - first) = q x + 4 xs + first (xs = -8 x the whole block's sum)
         sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)],
@@ -157,11 +160,13 @@ def _q6_kr_super_block(builder, p, toks, dp):
     return out
 
 
-def _kr_token_dots(size, super_block):
+def _kr_token_dots(size, super_block, halves=False):
     """The token_dots frame (ir._row_intrinsic / _tokens_intrinsic) of a repacked K-quant: per super-block (8 blocks
     of 32), each token's 8 transposed activation vectors, offset terms and 8 block scales loaded once, the row's
     terms from super_block(builder, p, [(xv, xs) per token], dp) accumulated by FMA, one accumulator per term; one
-    horizontal sum per token at the end. The one-token and several-token forms give identical results."""
+    horizontal sum per token at the end. The one-token and several-token forms give identical results. The offset
+    terms come per_block = 2 (rows of 2 nb: quant.quantize_acts_k's xs, whose second half, the first 16 values'
+    terms, is read where halves; the neuron packs pass one token's xs at offset 0)."""
     def token_dots(builder, wp, nb, xps, xdps, xsps, dp):
         nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(2)] for _ in xps]
@@ -174,7 +179,9 @@ def _kr_token_dots(size, super_block):
                 xv = [builder.load(builder.bitcast(builder.gep(xg, [_c(32 * i)]), _V8I.as_pointer()), align=1)
                       for i in range(8)]
                 xs = builder.load(builder.bitcast(builder.gep(xsp, [b0]), _V8I.as_pointer()), align=4)
-                toks.append((xv, xs))
+                xh = builder.load(builder.bitcast(builder.gep(xsp, [builder.add(nb, b0)]), _V8I.as_pointer()),
+                                  align=4) if halves else None
+                toks.append((xv, xs, xh))
                 xd8s.append(builder.load(builder.bitcast(builder.gep(xdp, [b0]), _V8F.as_pointer()), align=4))
             terms = super_block(builder, builder.gep(wp, [builder.mul(s, _c(size))]), toks, dp)
             for tok_terms, xd8, acc in zip(terms, xd8s, accs):
@@ -188,8 +195,14 @@ def _kr_token_dots(size, super_block):
 
 
 dot_row_q4_kr_vnni, dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic = _routes(
-    _kr_token_dots(144, _q4_kr_super_block), "Q4_KR", per_block=1, tokens=TOKENS_K)
+    _kr_token_dots(144, _q4_kr_super_block), "Q4_KR", per_block=2, tokens=TOKENS_K)
 dot_row_q5_kr_vnni, dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic = _routes(
-    _kr_token_dots(176, _q5_kr_super_block), "Q5_KR", per_block=1, tokens=TOKENS_K)
+    _kr_token_dots(176, _q5_kr_super_block), "Q5_KR", per_block=2, tokens=TOKENS_K)
 dot_row_q6_kr_vnni, dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic = _routes(
-    _kr_token_dots(210, _q6_kr_super_block), "Q6_KR", per_block=1, tokens=TOKENS_K)
+    _kr_token_dots(210, _q6_kr_super_block), "Q6_KR", per_block=2, tokens=TOKENS_K)
+# the dense matmul's: the first 16 values' sums read from quant.quantize_acts_k's forms, 4 vpdpbusd fewer per 8
+# (the generic route's signed weights need none: the same dots)
+dot_row_q6_krh_vnni, dot_tokens_q6_krh_vnni, _, _ = _routes(
+    _kr_token_dots(210, lambda *a: _q6_kr_super_block(*a, halves=True), halves=True), "Q6_KR", per_block=2,
+    tokens=TOKENS_K)
+dot_row_q6_krh_generic, dot_tokens_q6_krh_generic = dot_row_q6_kr_generic, dot_tokens_q6_kr_generic
