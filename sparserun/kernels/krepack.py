@@ -32,39 +32,39 @@ def _q6_k_value(raw, p, v):
     return low | (((np.int32(raw[p + 128 + 32 * h + l]) >> (2 * k)) & 3) << 4)
 
 
-@njit(parallel=True, cache=True)
-def repack_q4_k(raw, rows, row_bytes, out):
-    """Q4_K rows -> Q4_KR (module docstring), row by row."""
+@njit(cache=True, inline="always")
+def _repack_q45_k(raw, rows, row_bytes, out, five):
+    """Q4_K rows -> Q4_KR, or Q5_K -> Q5_KR (five: the nibbles sit where Q4_K's do, 32 bytes later, and the fifth bits
+    of chunk j's low and high nibble at byte L go to bits 2 j and 2 j + 1 of byte 144 + L); module docstring."""
+    size, qs = (176, 32) if five else (144, 0)
     for r in prange(rows):
-        for s in range(row_bytes // 144):
-            p = r * row_bytes + 144 * s
+        for s in range(row_bytes // size):
+            p = r * row_bytes + size * s
             out[p:p + 16] = raw[p:p + 16]
-            for j in range(4):
-                for k in range(8):
-                    for m in range(4):
-                        out[p + 16 + 32 * j + 4 * k + m] = (_q4_k_value(raw, p, k, 8 * j + m) |
-                                                            (_q4_k_value(raw, p, k, 8 * j + 4 + m) << 4))
-
-
-@njit(parallel=True, cache=True)
-def repack_q5_k(raw, rows, row_bytes, out):
-    """Q5_K rows -> Q5_KR (module docstring), row by row: Q5_K's nibbles sit where Q4_K's do, 32 bytes later."""
-    for r in prange(rows):
-        for s in range(row_bytes // 176):
-            p = r * row_bytes + 176 * s
-            out[p:p + 16] = raw[p:p + 16]
-            for L in range(32):
-                out[p + 144 + L] = 0
+            if five:
+                for L in range(32):
+                    out[p + 144 + L] = 0
             for j in range(4):
                 for k in range(8):
                     for m in range(4):
                         at = 4 * k + m
                         lo, hi = 8 * j + m, 8 * j + 4 + m
-                        out[p + 16 + 32 * j + at] = (_q4_k_value(raw, p + 32, k, lo) |
-                                                     (_q4_k_value(raw, p + 32, k, hi) << 4))
-                        f = (((np.int32(raw[p + 16 + lo]) >> k) & 1) << (2 * j)) | \
-                            (((np.int32(raw[p + 16 + hi]) >> k) & 1) << (2 * j + 1))
-                        out[p + 144 + at] = np.int32(out[p + 144 + at]) | f
+                        out[p + 16 + 32 * j + at] = (_q4_k_value(raw, p + qs, k, lo) |
+                                                     (_q4_k_value(raw, p + qs, k, hi) << 4))
+                        if five:
+                            f = (((np.int32(raw[p + 16 + lo]) >> k) & 1) << (2 * j)) | \
+                                (((np.int32(raw[p + 16 + hi]) >> k) & 1) << (2 * j + 1))
+                            out[p + 144 + at] = np.int32(out[p + 144 + at]) | f
+
+
+@njit(parallel=True, cache=True)
+def repack_q4_k(raw, rows, row_bytes, out):
+    _repack_q45_k(raw, rows, row_bytes, out, False)
+
+
+@njit(parallel=True, cache=True)
+def repack_q5_k(raw, rows, row_bytes, out):
+    _repack_q45_k(raw, rows, row_bytes, out, True)
 
 
 @njit(parallel=True, cache=True)
