@@ -173,7 +173,6 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
 
     from .gguf_file import GGUFFile
     from .model import default_threads
-    from .sparse_ffn import SparseFFN
     from .sparsity import parse_sparsity
 
     hybrids = [hybrid_fraction(m) for m in modes if m.startswith("hybrid")]
@@ -199,7 +198,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         if "dense" in modes:
             runners["dense"] = SparserunRunner(model)
         for pol in policies:
-            runners[f"sparse {pol.spec}"] = SparserunRunner(model, SparseFFN(model, pol))
+            runners[f"sparse {pol.spec}"] = SparserunRunner(model, model.make_ffn(pol))
         for spec in heads:
             runners[f"head {spec}"] = SparserunRunner(model, head=model.set_head(spec))
             model.use_head(None)

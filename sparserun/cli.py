@@ -365,12 +365,31 @@ def calibrate(
     sparsity: float = typer.Option(0.5, "--target-sparsity", help="fraction of FFN activations to drop, per layer"),
     tokens: int = typer.Option(2048, "--tokens", help="calibration tokens to use at most"),
     out: Path = typer.Option(Path("thresholds.json"), "-o", "--output", help="thresholds file to write"),
+    teal: bool = typer.Option(False, "--teal", help="input thresholds for every matrix (--sparsity teal:FILE): "
+                              "--target-sparsity is the share of weight bytes skipped; the corpus defaults to "
+                              "Python's documentation text"),
+    allocation: str = typer.Option("greedy", "--allocation", help="with --teal: greedy (per layer, the share spread "
+                                   "over the inputs by the error each adds) or uniform (every input at the target)"),
     threads: Optional[int] = Threads,
 ):
-    """Per-layer thresholds for a target FFN sparsity, for --sparsity threshold:FILE."""
+    """Per-layer thresholds for a target FFN sparsity, for --sparsity threshold:FILE (--teal: teal:FILE)."""
     from .calibrate import calibrate_thresholds
     from .sparsity import save_thresholds
 
+    if teal:
+        from .teal import GROUPS, builtin_text, calibrate_teal, save_teal
+
+        if profile is not None:
+            raise SparserunError("calibrate --teal takes --corpus (or no corpus: a built-in text), not --profile")
+        m = _load(model, threads, max(tokens, 8))
+        ids = _corpus_ids(m, corpus, tokens) if corpus is not None else m.tokenize(builtin_text())[:tokens]
+        t, shares, n = calibrate_teal(m, ids, sparsity, allocation)
+        save_teal(out, m, t, target=sparsity, allocation=allocation, tokens=n,
+                  text=str(corpus) if corpus is not None else "pydoc_data.topics", shares=shares.round(3).tolist())
+        typer.echo(f"wrote {out}: teal thresholds ({allocation}) for {sparsity:.0%} of the weight bytes over {n} tokens; "
+                   "mean share of channels dropped per input: " +
+                   ", ".join(f"{name} {v:.2f}" for name, v in zip(GROUPS, shares.mean(0))))
+        return
     if (corpus is None) == (profile is None):
         raise SparserunError("calibrate needs exactly one of --corpus or --profile")
     if not 0.0 <= sparsity < 1.0:

@@ -95,7 +95,12 @@ def down_columns(down, kind):
         if (kind, src.qtype) in ((S.DOWN_Q4, K.Q4_0), (S.DOWN_Q8, K.Q8_0)):
             blocks = rows.reshape(src.rows, src.cols // K.QK, -1)  # (n_ff, dim/32, 2 + quant bytes): d, then quants
             return np.concatenate([blocks[:, :, 2:].reshape(src.rows, -1), blocks[:, :, :2].reshape(src.rows, -1)], 1)
-    wt = np.ascontiguousarray(down.dequantize().T)  # (n_ff, dim) float32
+    return quantize_columns(np.ascontiguousarray(down.dequantize().T), kind)  # from (n_ff, dim) float32
+
+
+def quantize_columns(wt, kind):
+    """Columns wt (n, dim) float32 -> (n, bytes) uint8 in a down format: float32 as they are, or per 32 values the
+    quants, then one fp16 scale per 32 values (quantize_rows_q4 / quantize_rows_q8)."""
     if kind == S.DOWN_F32:
         return wt.view(np.uint8)
     s = np.empty((wt.shape[0], wt.shape[1] // K.QK), np.float32)  # (n_ff, dim/32), stored as fp16
@@ -129,6 +134,28 @@ def remove_older_formats(path, stem):
                 os.remove(os.path.join(folder, name))
             except OSError:
                 pass
+
+
+def cached_units(path, stem, shape, build):
+    """The units (shape (n, stride) uint8) cached at path, built first when absent: build() gives the (n, used) bytes,
+    padded here to the stride, written atomically (a half-written cache file is never read), older formats of stem
+    removed. Returns them as load_units does."""
+    if not os.path.exists(path):
+        units = np.zeros(shape, np.uint8)  # (n, stride)
+        data = build()
+        units[:, :data.shape[1]] = data
+        tmp = path + f".tmp{os.getpid()}"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_aligned(tmp, units)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):  # e.g. a full disk: leave no partial file behind
+                os.remove(tmp)
+            raise SparserunError(f"cannot write the neuron-pack cache {path}: {e.strerror or e} "
+                                 "(set $SPARSERUN_CACHE to a writable directory)") from None
+        remove_older_formats(path, stem)
+    return load_units(path, shape)
 
 
 _LOADED = weakref.WeakValueDictionary()  # (path, file identity) -> units alive in this process (a bench's models)
@@ -183,25 +210,14 @@ class NeuronPack:
         parts = ([gate.type_name] if self.has_gate else []) + [up.type_name, DOWN_KINDS[self.kind]]
         stem = f"pack.{layer}.{'-'.join(parts)}"
         path = os.path.join(cache_dir, f"{stem}.{FORMAT}.npy")
-        if not os.path.exists(path):
+        def build():
             rows = [w.raw.reshape(w.rows, w.row_bytes) for w in ([gate] if self.has_gate else []) + [up]]
             if self.interleaved:
                 rows = [interleave_rows(*rows)]
-            units = np.zeros((self.n_ff, stride), np.uint8)  # (n_ff, stride)
-            units[:, :used] = np.concatenate(rows + [down_columns(down, self.kind)], axis=1)
-            tmp = path + f".tmp{os.getpid()}"
-            try:
-                os.makedirs(cache_dir, exist_ok=True)
-                save_aligned(tmp, units)
-                os.replace(tmp, path)  # atomic: a half-written cache file is never read
-            except OSError as e:
-                if os.path.exists(tmp):  # e.g. a full disk: leave no partial file behind
-                    os.remove(tmp)
-                raise SparserunError(f"cannot write the neuron-pack cache {path}: {e.strerror or e} "
-                                     "(set $SPARSERUN_CACHE to a writable directory)") from None
-            remove_older_formats(path, stem)
+            return np.concatenate(rows + [down_columns(down, self.kind)], axis=1)
+
         self.unit_bytes, self.used = stride, used
-        self.units = load_units(path, (self.n_ff, stride))  # (n_ff * stride,) uint8, in huge pages
+        self.units = cached_units(path, stem, (self.n_ff, stride), build)  # (n_ff * stride,) uint8, in huge pages
         # pack_ffn's leading arguments: built once, as a decode token calls run() once per layer
         self._head = (self.units, stride, self.up_at, self.down_at, self.gate_qtype, self.up_qtype, K.HAS_VNNI,
                       self.kind, self.dim)

@@ -50,6 +50,7 @@ class Layer:
 
     def __post_init__(self):
         self.qkv = Matmuls([self.wq, self.wk, self.wv])  # one kernel call when the three share a type
+        self.o = Matmuls([self.wo])
         self.up_gate = Matmuls([self.w_up] + ([self.w_gate] if self.w_gate is not None else []))
 
     @property
@@ -141,6 +142,7 @@ class Model:
         self._ffn_observer = None  # observing_ffn's callback
         self.head = None  # None: the dense head (self.output); else a head.HotHead (set_head)
         self.trace = None  # a trace.Trace while `--trace` records what ran for each token (start_trace)
+        self.sparse = None  # the FFN object of the policy (set_sparsity); None: dense
         if sparsity is None:  # a PowerInfer file runs its own predictors unless told otherwise, as PowerInfer does
             from .powerinfer import has_predictors
 
@@ -148,19 +150,45 @@ class Model:
         self.set_sparsity(sparsity, predictor)
 
     def set_sparsity(self, sparsity="dense", predictor=None):
-        """Choose the FFN sparsity policy (a spec string or sparsity.Policy; see sparsity.py)."""
-        from .sparse_ffn import SparseFFN
+        """Choose the sparsity policy (a spec string or sparsity.Policy; see sparsity.py)."""
         from .sparsity import parse_sparsity
 
         self.policy, self.predictor_arg = parse_sparsity(sparsity), predictor
-        dense = self.policy.is_dense and predictor is None
+        self.sparse = self.make_ffn(self.policy, predictor)
+        self.kv.tokens.clear()  # cached keys/values were computed under the previous policy
+
+    def make_ffn(self, policy, predictor=None):
+        """The FFN object that runs a policy (None: the dense FFN): a SparseFFN, the hybrid's HybridFFN, or for
+        `teal` alone a teal.TealFFN. A policy with input sparsity (teal) hands it to the FFN object as `inputs`, which
+        the attention block reads too (teal.py): all four inputs of a layer under teal alone, attention's two when an
+        FFN policy is combined with it (teal:S+POLICY)."""
+        ffn_dense = policy.is_dense and predictor is None
+        inputs = None
+        if policy.teal is not None:
+            from .teal import ATTENTION, InputSparsity, thresholds_for
+
+            inputs = InputSparsity(self, thresholds_for(self, policy.teal), range(4) if ffn_dense else ATTENTION)
         if self.placement is not None:
             from .hybrid import HybridFFN
 
-            self.sparse = HybridFFN(self, self.policy, predictor, self.placement)
+            ffn = HybridFFN(self, policy, predictor, self.placement)
+        elif ffn_dense:
+            if inputs is None:
+                return None
+            from .teal import TealFFN
+
+            return TealFFN(self, policy, inputs)
         else:
-            self.sparse = None if dense else SparseFFN(self, self.policy, predictor)
-        self.kv.tokens.clear()  # cached keys/values were computed under the previous policy
+            from .sparse_ffn import SparseFFN
+
+            ffn = SparseFFN(self, policy, predictor)
+        ffn.inputs = inputs
+        return ffn
+
+    @property
+    def inputs(self):
+        """The input sparsity (teal.InputSparsity) the model runs under now, or None."""
+        return getattr(self.sparse, "inputs", None)
 
     def set_head(self, spec="dense", profile=None):
         """The output head: "dense" or "hot[:K]" (head.py; the hot set and estimate from the model's profile when it
@@ -269,7 +297,9 @@ class Model:
         T = xn.shape[0]
         if L.gpu_attn is not None:  # the whole attention block, KV cache included, on the GPU
             return L.gpu_attn(xn, pos0)
-        q, k, v = L.qkv(Acts(xn))  # (T, n_head*head_dim), (T, kv_dim), (T, kv_dim)
+        inputs = self.inputs  # teal.InputSparsity or None
+        # (T, n_head*head_dim), (T, kv_dim), (T, kv_dim)
+        q, k, v = inputs(li, 0, L.qkv, xn) if inputs is not None else L.qkv(Acts(xn))
         for y, b in ((q, L.bq), (k, L.bk), (v, L.bv)):
             if b is not None:
                 y += b
@@ -283,7 +313,7 @@ class Model:
         att = np.empty((T, a.n_head * a.head_dim), np.float32)  # (T, n_head*head_dim)
         ops.attention(q, self.kv.k[li], self.kv.v[li], pos0, a.n_head, self.threads, att, self.attn_scale,
                       L.window, a.attn_softcap)
-        return L.wo.matmul(Acts(att))  # (T, dim)
+        return inputs(li, 1, L.o, att)[0] if inputs is not None else L.wo.matmul(Acts(att))  # (T, dim)
 
     def _forward(self, ids, pos0, all_logits):
         """Run tokens ids at positions pos0.. through the model, filling the KV cache; returns logits
@@ -295,6 +325,8 @@ class Model:
         xn = np.empty_like(x)  # (T, dim) normalized input of each sub-block
         if self.trace is not None:
             self.trace.begin(ids, pos0)
+        if self.inputs is not None:
+            self.inputs.pos0 = pos0  # position 0 (BOS) runs dense
         for li, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, a.norm_eps, xn)
             h = self._attention(L, li, xn, pos0)  # (T, dim)

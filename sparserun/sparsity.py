@@ -9,6 +9,11 @@
                                active; FILE defaults to <model>.gguf.predictors.gguf beside the model;
                                a PowerInfer (PWRI) model's own predictors by default, predictor:T
                                runs them at threshold T instead of the file's
+    teal:S | teal:FILE         input sparsity on every matrix (teal.py): per layer and input, channels
+                               under a calibrated threshold skipped, S the share of weight bytes
+                               skipped (calibrated at first use on a built-in text, then cached), or
+                               thresholds from `sparserun calibrate --teal S -o FILE`
+    teal:S+POLICY              teal on attention's inputs, POLICY (any of the above) on the FFN
 
 For SwiGLU models activations are act(gate) (CATS: gate computed densely, then up and down for the
 kept neurons only); ReLU-family models also skip their natural zeros in every sparse mode. A predictor
@@ -34,6 +39,7 @@ class Policy:
     is_dense = True  # computes every neuron: the model runs without a sparse FFN
     fused_decode = False  # decode tokens may run selection and pack in one kernel (select_pack_ffn)
     gate_dense = True  # the gate rows are read densely to select (placement counts them as always read)
+    teal = None  # input sparsity (teal.py) with it: a target share (float) or a thresholds file (str)
 
     def __init__(self, values=(), spec=None):
         self.values = tuple(values)
@@ -144,15 +150,42 @@ def _number(text, spec):
 
 
 def parse_sparsity(spec):
-    """A Policy from a spec string (see the module doc); a clear error for anything else."""
+    """A Policy from a spec string (see the module doc); a clear error for anything else. `teal:...` parts give the
+    policy its `teal`; the rest is the FFN's policy (dense when there is none)."""
     if isinstance(spec, Policy):
         return spec
     spec = (spec or "dense").strip()
+    parts = [p.strip() for p in spec.split("+")]
+    teal = [p for p in parts if p.lower().startswith("teal")]
+    if not teal:
+        return _parse_one(spec)
+    if len(teal) > 1 or len(parts) > 2:
+        raise SparserunError(f"--sparsity {spec}: give at most one teal part and one FFN policy, e.g. "
+                             "teal:0.4+threshold:0")
+    rest = [p for p in parts if p not in teal]
+    policy = _parse_one(rest[0]) if rest else Policy()
+    policy.teal, policy.spec = _teal_value(teal[0], spec), spec
+    return policy
+
+
+def _teal_value(part, spec):
+    name, _, arg = part.partition(":")
+    if name.lower() != "teal" or not arg:
+        raise SparserunError(f"--sparsity {spec}: teal needs a target share or a thresholds file, e.g. teal:0.4")
+    if not _looks_numeric(arg):
+        return arg
+    value = float(arg)
+    if not 0.0 <= value < 1.0:
+        raise SparserunError(f"--sparsity {spec}: the teal share must be in [0, 1), got {value}")
+    return value
+
+
+def _parse_one(spec):
     name, _, arg = spec.partition(":")
     cls = POLICIES.get(name.lower())
     if cls is None:
         raise SparserunError(f"--sparsity {spec}: unknown policy {name.lower()!r} (choose from dense, topk:K, "
-                             "threshold:T|FILE, predictor[:FILE])")
+                             "threshold:T|FILE, predictor[:FILE], teal:S|FILE)")
     if cls is Policy:
         if arg:
             raise SparserunError(f"--sparsity {spec}: dense takes no value")

@@ -10,7 +10,8 @@ kept: the share of the layer's FFN neurons the policy kept for this token (1.0 f
 of each matrix's rows (down: columns) that was read for it: a sparse decode token reads its kept neurons' up rows
 and down columns, and the gate rows it selects with (all of them for CATS / threshold, the kept ones for a
 predictor); a prompt batch, which runs dense matmuls with the dropped neurons zeroed, reads every row; attention is
-read whole; head: the share of the output head's rows computed exactly (`--head hot`). With ids, each layer also
+read whole (under `teal`: attn_qkv and attn_o, the shares of their columns read, and the FFN's shares are its
+inputs' kept shares); head: the share of the output head's rows computed exactly (`--head hot`). With ids, each layer also
 lists the kept neuron ids. Under the CPU/GPU hybrid the layers report the CPU's share (its cold neurons). Off by
 default: the model holds no Trace then, and no hook runs.
 """
@@ -43,6 +44,7 @@ class Trace:
         """A forward pass over tokens ids at positions pos0.. starts: the layers report into it (layer)."""
         self._ids, self._pos0 = list(ids), pos0
         self._rows = [[] for _ in range(self.model.args.n_layer)]
+        self._inputs = [[{} for _ in ids] for _ in range(self.model.args.n_layer)]
 
     def layer(self, li, kept, read, ids=None):
         """The next token's entry for layer li: kept share, read shares (a dict as ALL), kept neuron ids or None."""
@@ -50,6 +52,12 @@ class Trace:
         if self.ids and ids is not None:
             entry["ids"] = np.asarray(ids, np.int64).tolist()
         self._rows[li].append(entry)
+
+    def inputs(self, li, key, shares):
+        """Input sparsity (teal.py) read these shares of matrix group key's columns in layer li, one per token of the
+        pass (a decode token: one); they replace the group's whole-matrix entries in that token's read."""
+        for t, v in enumerate(shares):
+            self._inputs[li][t][key] = v
 
     def dense(self, li, T):
         """A dense FFN ran for the pass's T tokens in layer li."""
@@ -63,6 +71,15 @@ class Trace:
         tok = self.model.tokenizer
         for t, token in enumerate(self._ids):
             layers = [rows[t] if t < len(rows) else None for rows in self._rows]
+            for entry, extra in zip(layers, self._inputs):
+                if entry is not None and extra[t]:
+                    read = entry["read"]
+                    if "attn_qkv" in extra[t]:
+                        read.pop("attn", None)
+                    if "ffn_gate_up" in extra[t]:
+                        share = extra[t].pop("ffn_gate_up")
+                        read.update({k: share for k in ("ffn_gate", "ffn_up") if k in read})
+                    read.update({k: round(float(v), 6) for k, v in extra[t].items()})
             self._write({"pos": self._pos0 + t, "token": int(token), "piece": tok.decode([int(token)]),
                          "head": round(float(head_shares[t]), 6), "layers": layers})
         self.fh.flush()

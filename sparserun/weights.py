@@ -195,6 +195,7 @@ class Matmuls:
     Built once per layer: the stacks' row offsets and raw tuples are computed here, not per token."""
 
     def __init__(self, ws):
+        self.weights = list(ws)
         # (first weight, raws, f32 matrices or None, the kernel's row0 (one per raw), the weights' row0)
         self.groups = []
         i = 0

@@ -1,0 +1,180 @@
+"""Input sparsity on every matrix (teal.py): the column kernel against numpy, every channel kept gives the dense
+logits, decode columns against the masked dense path, calibration meets its target, files bound to their model, specs
+and composition."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import sparserun
+from sparserun import teal
+from sparserun.errors import SparserunError
+from sparserun.kernels import quant as K
+from sparserun.kernels import sparse as S
+from sparserun.sparsity import Threshold, parse_sparsity
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSERUN_CACHE", str(tmp_path / "cache"))
+
+
+def _columns(pack):
+    """A column pack's units as float32 (n_in, n_out), decoded in numpy."""
+    nbo = pack.n_out // K.QK
+    u = pack.units.reshape(pack.n_in, pack.stride)
+    if pack.kind == S.DOWN_F32:
+        return u[:, :4 * pack.n_out].copy().view(np.float32)
+    qb = 16 if pack.kind == S.DOWN_Q4 else 32
+    scales = u[:, nbo * qb:nbo * qb + 2 * nbo].copy().view(np.float16).astype(np.float32)  # (n_in, nbo)
+    q = u[:, :nbo * qb].reshape(pack.n_in, nbo, qb)
+    if pack.kind == S.DOWN_Q4:  # Q4_0's order: value i in the low nibble of byte i, value i + 16 in its high nibble
+        vals = np.concatenate([q & 15, q >> 4], axis=2).astype(np.float32) - 8
+    else:
+        vals = q.view(np.int8).astype(np.float32)
+    return (vals * scales[:, :, None]).reshape(pack.n_in, pack.n_out)
+
+
+def _decode(m, ids):
+    """Logits of each position of ids, one decode token at a time after the first."""
+    m.reset()
+    out = [m.eval(ids[:1])[-1]]
+    for i in range(1, len(ids)):
+        out.append(m.eval(ids[:i + 1])[-1])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K_M"])
+def test_column_kernel_matches_numpy(make_model, tmp_path, qtype):
+    """The column pack of q|k|v and of down: the kept channels (|x| > t) and the sum of their columns equal numpy's over
+    the pack's own (re-quantized) columns, up to the int8 coefficients' rounding; the re-quantized columns stay close
+    to the file's matrices (the error the column path adds against the dense one)."""
+    m = sparserun.load(make_model(qtype, shape="small"))
+    rng = np.random.default_rng(3)
+    for group in (teal.QKV, teal.DOWN):
+        ws = teal._group_weights(m, 1, group)
+        pack = teal.ColumnPack(ws, str(tmp_path), 1, group)
+        cols = _columns(pack)
+        exact = np.concatenate([w.dequantize() for w in ws]).T  # (n_in, n_out)
+        err = np.linalg.norm(cols - exact) / np.linalg.norm(exact)
+        assert err < (0.2 if pack.kind == S.DOWN_Q4 else 0.01), err
+        x = rng.standard_normal(pack.n_in).astype(np.float32)
+        t = np.float32(np.quantile(np.abs(x), 0.6))
+        idx, coef = np.empty(pack.n_in, np.int64), np.empty(pack.n_in, np.float32)
+        outs, n = pack.run(x, t, idx, coef)
+        keep = np.abs(x) > t
+        assert n == keep.sum() and sorted(idx[:n]) == list(np.flatnonzero(keep))
+        want = x[keep] @ cols[keep]
+        got = np.concatenate([o[0] for o in outs])
+        assert [o.shape[1] for o in outs] == [w.rows for w in ws]
+        np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+
+
+def test_every_channel_kept_gives_the_dense_logits(stories):
+    """Thresholds of -1 keep every channel: a prompt batch runs the dense kernels on the same inputs (bit for bit), and
+    decode tokens forced through the column packs (float32 columns of an F32 model: no re-quantization) agree with the
+    dense path to float rounding."""
+    m = sparserun.load(stories, kv_type="f32")
+    ids = m.tokenize("Once upon a time, there was a little dog named Max. He liked to run")
+    dense_batch = m.logits(ids)
+    dense = _decode(m, ids)
+    inputs = teal.InputSparsity(m, np.full((m.args.n_layer, 4), -1.0))
+    m.use_ffn(teal.TealFFN(m, None, inputs))
+    np.testing.assert_array_equal(m.logits(ids), dense_batch)
+    inputs.columns_below = 1.0
+    got = _decode(m, ids)
+    assert len(inputs.packs) >= 3 * m.args.n_layer  # q|k|v, o and down (gate|up's 2 x 172 rows are not whole blocks)
+    np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
+    assert np.all(inputs.kept_share()[:, [teal.QKV, teal.O, teal.DOWN]] > 0.99)
+
+
+def test_decode_columns_agree_with_the_masked_dense_path(make_model):
+    """At half the channels dropped, decode tokens through the column packs and through the dense kernels on the
+    masked input keep the same channels and give the same logits (an F32 model: float32 columns, so only the order
+    of the sums differs; the quantized columns' error is test_column_kernel_matches_numpy's: through a random model
+    sitting on its thresholds it flips channels near one, and those move the next layers)."""
+    m = sparserun.load(make_model("F32", shape="small"), kv_type="f32")
+    ids = m.tokenize("The quick brown fox jumps over the lazy dog and runs away")
+    t, shares, n = teal.calibrate_teal(m, ids, 0.5, "uniform")
+    assert np.all(shares == 0.5) and np.all(t > 0)
+    inputs = teal.InputSparsity(m, t)
+    m.use_ffn(teal.TealFFN(m, None, inputs))
+    inputs.columns_below = -1.0  # always the masked dense kernels
+    masked = _decode(m, ids)
+    kept_masked = inputs.kept_share().copy()
+    inputs.reset_stats()
+    inputs.columns_below = 1.0
+    cols = _decode(m, ids)
+    assert len(inputs.packs) == 4 * m.args.n_layer
+    np.testing.assert_allclose(inputs.kept_share(), kept_masked, atol=1e-9)
+    assert 0.3 < kept_masked.mean() < 0.7
+    np.testing.assert_allclose(cols, masked, rtol=1e-3, atol=1e-3 * np.abs(masked).max())
+
+
+def test_calibration_meets_the_target_and_is_bound_to_its_model(stories, make_model, tmp_path):
+    """Greedy and uniform allocations skip the target share of the weight bytes on the calibration text (greedy: not
+    every input alike); a thresholds file is refused for another model."""
+    m = sparserun.load(stories)
+    ids = m.tokenize(teal.builtin_text())[:384]
+    sizes = np.array([[teal._bytes(teal._group_weights(m, li, g)) for g in range(4)] for li in range(m.args.n_layer)])
+    for allocation in ("greedy", "uniform"):
+        t, shares, n = teal.calibrate_teal(m, ids, 0.4, allocation)
+        assert n == len(ids)
+        assert 0.4 - 1e-9 <= (shares * sizes).sum() / sizes.sum() < 0.43
+        inputs = teal.InputSparsity(m, t)
+        m.use_ffn(teal.TealFFN(m, None, inputs))
+        m.logits(ids)
+        skipped = ((1 - inputs.kept_share()) * sizes).sum() / sizes.sum()
+        assert abs(skipped - 0.4) < 0.03, (allocation, skipped)
+        if allocation == "greedy":
+            assert np.ptp(shares) > 0.1
+    path = tmp_path / "teal.json"
+    teal.save_teal(path, m, t, target=0.4)
+    np.testing.assert_array_equal(teal.load_teal(path, m), t)
+    other = sparserun.load(make_model("F32", shape="tiny"))
+    with pytest.raises(SparserunError, match="another model"):
+        teal.load_teal(path, other)
+    with pytest.raises(SparserunError, match="another model"):
+        other.set_sparsity(f"teal:{path}")
+
+
+def test_teal_specs_first_use_and_composition(stories, tmp_path, capsys):
+    """teal:S calibrates on the built-in text at first use (said on stderr) and reads its cache after; teal:S+POLICY
+    leaves the FFN to POLICY and covers attention; bad specs are refused; a trace names the columns read."""
+    p = parse_sparsity("teal:0.3")
+    assert p.is_dense and p.teal == 0.3
+    p = parse_sparsity("teal:0.3+threshold:0")
+    assert isinstance(p, Threshold) and p.teal == 0.3 and p.spec == "teal:0.3+threshold:0"
+    for bad in ("teal:1.5", "teal", "teal:0.3+teal:0.2", "teal:0.3+threshold:0+topk:4"):
+        with pytest.raises(SparserunError):
+            parse_sparsity(bad)
+    m = sparserun.load(stories, sparsity="teal:0.3")
+    assert "calibrating" in capsys.readouterr().err
+    assert isinstance(m.sparse, teal.TealFFN) and m.inputs.groups == frozenset(range(4))
+    m2 = sparserun.load(stories, sparsity="teal:0.3+threshold:0.1")
+    assert "calibrating" not in capsys.readouterr().err  # the cached thresholds
+    assert m2.inputs.groups == frozenset(teal.ATTENTION) and m2.sparse.inputs is m2.inputs
+    np.testing.assert_array_equal(m2.inputs.t, m.inputs.t)
+    ids = m.tokenize("Once upon a time")
+    m.eval(ids[:-1])
+    m.start_trace(tmp_path / "t.jsonl")
+    m.eval(ids)
+    m.stop_trace()
+    from sparserun.trace import read_trace
+
+    read = read_trace(tmp_path / "t.jsonl")[1][0]["layers"][0]["read"]
+    assert "attn" not in read and 0 < read["attn_qkv"] < 1 and 0 < read["ffn_down"] < 1
+
+
+def test_calibrate_command(stories, tmp_path):
+    out = tmp_path / "t.json"
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "calibrate", str(stories), "--teal", "--target-sparsity",
+                        "0.25", "--tokens", "256", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ffn_down" in r.stdout and out.exists()
+    text = tmp_path / "text.txt"
+    text.write_text(teal.builtin_text()[:20000])
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "perplexity", str(stories), "-f", str(text), "--ctx", "64",
+                        "--chunks", "4", "--sparsity", f"teal:{out}"], capture_output=True, text=True)
+    assert r.returncode == 0 and "PPL" in r.stdout, r.stderr
