@@ -31,7 +31,8 @@ CheckTensors = typer.Option(False, "--check-tensors", help="check every tensor's
                             "llama.cpp's --check-tensors)")
 Sparsity = typer.Option(None, "--sparsity", help="FFN sparsity: dense | topk:K (count or fraction, or one per layer "
                         "comma-separated) | threshold:T (value, per-layer values, or a thresholds JSON file) | "
-                        "predictor[:FILE|:T]; default dense, or a PowerInfer file's own predictors")
+                        "predictor[:FILE|:T] | teal:S|FILE (input sparsity on every matrix; teal:S+POLICY: attention only); "
+                        "default dense, or a PowerInfer file's own predictors")
 
 
 Device = typer.Option(None, "--device", help="cpu | cuda | auto (default: auto with --vram-budget or --placement, "

@@ -5,16 +5,18 @@ threshold, so a skipped channel skips one column of the matrix (its weights acro
 
 Four inputs per layer, each with its own threshold (GROUPS): the attention block's normalized input (read by q, k
 and v together), attention's output (read by o), the FFN's normalized input (gate and up together) and the FFN's
-hidden activations (down). Thresholds come from calibration (calibrate_teal): per layer, the share of weight bytes
-skipped meets the target S, and the share is spread over the four inputs greedily by the error each adds to its
-matrices' outputs (or uniformly). The first position (BOS: the attention sink) always runs dense.
+hidden activations (down). Thresholds come from calibration (calibrate_teal): the share of the layers' weight bytes
+skipped meets the target S, spread over every layer and input greedily by the error each adds to its matrices'
+outputs, weighed by how much that input moves the model's output (or uniformly). The first position (BOS: the
+attention sink) always runs dense.
 
-Decode tokens (T == 1) that keep at most COLUMNS_BELOW of an input read a column pack: the matrices that share the
-input, stacked and stored column by column (one unit per input channel: its weights for every output of q|k|v, or
-gate|up, re-quantized per 32 values in the neuron packs' down formats, ffn_pack.quantize_columns), and the kept
-channels' units are added with the neuron packs' axpy kernel (kernels.sparse.pack_ffn, AXPY_ONLY). Prompt batches
-(and tokens keeping more) run the dense kernels on the input with the dropped channels zeroed: the same selection
-with the file's own weights. Column packs are cached beside the neuron packs and loaded into memory at first use.
+Decode tokens (T == 1) of an input whose previous token kept at most COLUMNS_BELOW of its channels read column
+packs: the matrices that share the input, stacked and stored column by column (one unit per input channel: its
+weights for every output of q|k|v, or gate|up, re-quantized per 32 values in the neuron packs' down formats,
+ffn_pack.quantize_columns; a stack is split where that format changes), and the kept channels' units are added by
+kernels.sparse.column_axpy (VNNI; elsewhere the neuron packs' pack_ffn in AXPY_ONLY mode). Prompt batches (and
+tokens keeping more) run the dense kernels on the input with the dropped channels zeroed: the same selection with
+the file's own weights. Column packs are cached beside the neuron packs and loaded into memory at first use.
 
 Composition: `teal:S` alone covers all four inputs; `teal:S+POLICY` (e.g. teal:0.4+threshold:0, teal:0.4+predictor)
 covers attention's two and leaves the FFN to POLICY (sparse_ffn.py), whose kernels read the FFN's own packs.
@@ -67,14 +69,14 @@ class ColumnPack:
     """The matrices that read one input, stacked (n_out rows in all) and stored column by column: unit j = input
     channel j's weights for every output, in a neuron-pack down format (f32 exact; q4 for 4-bit sources; int8 else)."""
 
-    def __init__(self, weights, cache_dir, layer, group):
+    def __init__(self, weights, cache_dir, layer, group, first=0):
         self.n_in, self.n_out = weights[0].cols, sum(w.rows for w in weights)
         self.kind = _column_kind(weights)
         used = S.down_bytes.py_func(self.kind, self.n_out)
         self.stride = unit_stride(used)
         self.bounds = np.cumsum([0] + [w.rows for w in weights])  # each matrix's first output, then n_out
         types = "-".join(dict.fromkeys(w.type_name for w in weights))
-        stem = f"cols.{layer}.{GROUPS[group]}.{types}-{DOWN_KINDS[self.kind]}"
+        stem = f"cols.{layer}.{GROUPS[group]}.{first}.{types}-{DOWN_KINDS[self.kind]}"  # first: its place in the group
 
         def build():  # (n_in, n_out) float32 -> quantized columns
             return quantize_columns(np.ascontiguousarray(np.concatenate([w.dequantize() for w in weights]).T),
@@ -87,6 +89,22 @@ class ColumnPack:
     @staticmethod
     def fits(weights):
         return sum(w.rows for w in weights) % K.QK == 0  # the axpys work in whole blocks of 32 outputs
+
+    @staticmethod
+    def for_group(weights, cache_dir, layer, group):
+        """The column packs of one input's matrices: one per run of matrices whose columns take the same format (a
+        Q4_K_M file's q and k are 4-bit, its v may be Q6_K: int8 columns for v alone, 4-bit ones for q|k), or None
+        where a run's outputs are not whole blocks of 32."""
+        runs, at = [], 0
+        for w in weights:
+            if runs and _column_kind(runs[-1][1]) == _column_kind([w]):
+                runs[-1][1].append(w)
+            else:
+                runs.append((at, [w]))
+            at += 1
+        if not all(ColumnPack.fits(ws) for _, ws in runs):
+            return None
+        return [ColumnPack(ws, cache_dir, layer, group, first) for first, ws in runs]
 
     def run(self, x, t, idx, coef):
         """(outputs [(1, rows) per matrix], kept) = sum over the channels j with |x[j]| > t of x[j] * column j; idx and
@@ -112,7 +130,7 @@ class InputSparsity:
         self.t = np.asarray(thresholds, np.float32).reshape(a.n_layer, len(GROUPS))
         self.groups = frozenset(groups)
         self.cache_dir = os.path.join(cache_root(), model.gguf.fingerprint()[:32])
-        self.packs = {}  # (layer, group) -> ColumnPack, built at a decode token's first use
+        self.packs = {}  # (layer, group) -> [ColumnPack] (None: no column path), built at a decode token's first use
         width = max(a.dim, a.n_ff, a.n_head * a.head_dim)
         self.idx, self.coef = np.empty(width, np.int64), np.empty(width, np.float32)  # the kept channels' scratch
         # the previous token's kept share per layer and input: a decode token reads the columns while it was at most
@@ -147,11 +165,14 @@ class InputSparsity:
         trace = self.model.trace
         t = self.t[li, group]
         if T == 1 and not first and self.last[li, group] <= self.columns_below:
-            pack = self.packs.get((li, group))
-            if pack is None and ColumnPack.fits(mats.weights):
-                pack = self.packs[li, group] = ColumnPack(mats.weights, self.cache_dir, li, group)
-            if pack is not None:
-                outs, n = pack.run(x[0], t, self.idx, self.coef)
+            if (li, group) not in self.packs:
+                self.packs[li, group] = ColumnPack.for_group(mats.weights, self.cache_dir, li, group)
+            packs = self.packs[li, group]
+            if packs is not None:
+                outs = []
+                for pack in packs:
+                    o, n = pack.run(x[0], t, self.idx, self.coef)
+                    outs += o
                 self._count(li, group, (n / n_in,), trace)
                 return outs
         xm, counts = np.empty_like(x), np.empty(T, np.int64)  # (T, n_in) the kept channels, the rest zero

@@ -189,3 +189,20 @@ def test_bench_hybrid_mode_runs_and_reports(tiny):
     assert f["top1_agreement"] == 1.0 and f["mean_kl"] < 1e-6  # the hybrid computes what the CPU computes
     with pytest.raises(SparserunError, match="hybrid:F"):
         run_bench(tiny(), ["hybrid:2"], n_prompt=4, n_gen=2)
+
+
+def test_hybrid_takes_teal_on_its_cpu_attention(tiny, tmp_path):
+    """teal:FILE+POLICY under the hybrid: with nothing placed the hybrid equals the CPU model under the same spec
+    (the CPU's attention blocks run teal); with part placed, the CPU's blocks still hold the input sparsity."""
+    from sparserun import teal
+
+    path = tiny()
+    m = sparserun.load(path, n_ctx=32)
+    t, _, _ = teal.calibrate_teal(m, IDS * 4, 0.3, "uniform")
+    teal.save_teal(tmp_path / "t.json", m, t)
+    spec = f"teal:{tmp_path / 't.json'}+threshold:0.05"
+    d_batch, d_dec, std, hyb = hybrid_vs_cpu(path, 0.0, spec)
+    assert d_batch < 1e-4 * std and d_dec < 1e-4 * std, (d_batch, d_dec, std)
+    assert hyb.inputs is not None and hyb.inputs.groups == frozenset(teal.ATTENTION)
+    part = sparserun.load(path, n_ctx=32, sparsity=spec, device="cuda", vram_budget=0.3 * device_bytes(m) / 2**30)
+    assert part.inputs is not None and np.all(np.isfinite(part.logits(IDS)))

@@ -52,23 +52,32 @@ def test_column_kernel_matches_numpy(make_model, tmp_path, qtype):
     to the file's matrices (the error the column path adds against the dense one)."""
     m = sparserun.load(make_model(qtype, shape="small"))
     rng = np.random.default_rng(3)
-    for group in (teal.QKV, teal.DOWN):
-        ws = teal._group_weights(m, 1, group)
-        pack = teal.ColumnPack(ws, str(tmp_path), 1, group)
-        cols = _columns(pack)
-        exact = np.concatenate([w.dequantize() for w in ws]).T  # (n_in, n_out)
-        err = np.linalg.norm(cols - exact) / np.linalg.norm(exact)
-        assert err < (0.2 if pack.kind == S.DOWN_Q4 else 0.01), err
-        x = rng.standard_normal(pack.n_in).astype(np.float32)
-        t = np.float32(np.quantile(np.abs(x), 0.6))
-        idx, coef = np.empty(pack.n_in, np.int64), np.empty(pack.n_in, np.float32)
-        outs, n = pack.run(x, t, idx, coef)
-        keep = np.abs(x) > t
-        assert n == keep.sum() and sorted(idx[:n]) == list(np.flatnonzero(keep))
-        want = x[keep] @ cols[keep]
-        got = np.concatenate([o[0] for o in outs])
-        assert [o.shape[1] for o in outs] == [w.rows for w in ws]
-        np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
+    kinds = set()
+    for li in range(m.args.n_layer):
+        for group in (teal.QKV, teal.DOWN):
+            ws = teal._group_weights(m, li, group)
+            packs = teal.ColumnPack.for_group(ws, str(tmp_path), li, group)
+            x = rng.standard_normal(ws[0].cols).astype(np.float32)
+            t = np.float32(np.quantile(np.abs(x), 0.6))
+            keep = np.abs(x) > t
+            got, at = [], 0
+            full = np.concatenate([w.dequantize() for w in ws]).T  # (n_in, n_out of the group)
+            for pack in packs:
+                kinds.add(pack.kind)
+                cols = _columns(pack)
+                exact = full[:, at:at + pack.n_out]  # this run's matrices
+                at += pack.n_out
+                err = np.linalg.norm(cols - exact) / np.linalg.norm(exact)
+                assert err < (0.2 if pack.kind == S.DOWN_Q4 else 0.01), err
+                idx, coef = np.empty(pack.n_in, np.int64), np.empty(pack.n_in, np.float32)
+                outs, n = pack.run(x, t, idx, coef)
+                assert n == keep.sum() and sorted(idx[:n]) == list(np.flatnonzero(keep))
+                want = x[keep] @ cols[keep]
+                np.testing.assert_allclose(np.concatenate([o[0] for o in outs]), want, atol=0.02 * np.abs(want).max())
+                got += [o.shape[1] for o in outs]
+            assert got == [w.rows for w in ws]
+    if qtype == "Q4_K_M":  # its Q6_K matrices get int8 columns of their own, the 4-bit ones 4-bit columns
+        assert kinds == {S.DOWN_Q4, S.DOWN_Q8}
 
 
 def test_every_channel_kept_gives_the_dense_logits(stories):
@@ -84,7 +93,8 @@ def test_every_channel_kept_gives_the_dense_logits(stories):
     np.testing.assert_array_equal(m.logits(ids), dense_batch)
     inputs.columns_below = 1.0
     got = _decode(m, ids)
-    assert len(inputs.packs) >= 3 * m.args.n_layer  # q|k|v, o and down (gate|up's 2 x 172 rows are not whole blocks)
+    assert sum(p is not None for p in inputs.packs.values()) == 3 * m.args.n_layer  # gate|up's 2 x 172 rows: not
+    # whole blocks
     np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
     assert np.all(inputs.kept_share()[:, [teal.QKV, teal.O, teal.DOWN]] > 0.99)
 
@@ -106,7 +116,7 @@ def test_decode_columns_agree_with_the_masked_dense_path(make_model):
     inputs.reset_stats()
     inputs.columns_below = 1.0
     cols = _decode(m, ids)
-    assert len(inputs.packs) == 4 * m.args.n_layer
+    assert sum(p is not None for p in inputs.packs.values()) == 4 * m.args.n_layer
     np.testing.assert_allclose(inputs.kept_share(), kept_masked, atol=1e-9)
     assert 0.3 < kept_masked.mean() < 0.7
     np.testing.assert_allclose(cols, masked, rtol=1e-3, atol=1e-3 * np.abs(masked).max())
