@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import arch
+from . import arch, teal
 from .errors import ModelFileError, SparserunError
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
@@ -299,7 +299,7 @@ class Model:
             return L.gpu_attn(xn, pos0)
         inputs = self.inputs  # teal.InputSparsity or None
         # (T, n_head*head_dim), (T, kv_dim), (T, kv_dim)
-        q, k, v = inputs(li, 0, L.qkv, xn) if inputs is not None else L.qkv(Acts(xn))
+        q, k, v = inputs(li, teal.QKV, L.qkv, xn) if inputs is not None else L.qkv(Acts(xn))
         for y, b in ((q, L.bq), (k, L.bk), (v, L.bv)):
             if b is not None:
                 y += b
@@ -313,7 +313,7 @@ class Model:
         att = np.empty((T, a.n_head * a.head_dim), np.float32)  # (T, n_head*head_dim)
         ops.attention(q, self.kv.k[li], self.kv.v[li], pos0, a.n_head, self.threads, att, self.attn_scale,
                       L.window, a.attn_softcap)
-        return inputs(li, 1, L.o, att)[0] if inputs is not None else L.wo.matmul(Acts(att))  # (T, dim)
+        return inputs(li, teal.O, L.o, att)[0] if inputs is not None else L.wo.matmul(Acts(att))  # (T, dim)
 
     def _forward(self, ids, pos0, all_logits):
         """Run tokens ids at positions pos0.. through the model, filling the KV cache; returns logits
