@@ -194,7 +194,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
     heads = [h for h in heads if h.strip().lower() != "dense"]
     if "dense" in modes or policies or heads:
         model = sparserun.load(path, threads=threads, n_ctx=n_ctx, sparsity="dense")
-        n_vocab, bos = model.n_vocab, model.tokenizer.bos_id
+        n_vocab, bos = model.n_vocab, model.bos_id
         if "dense" in modes:
             runners["dense"] = SparserunRunner(model)
         for pol in policies:
@@ -211,7 +211,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         hm = sparserun.load(path, threads=threads, n_ctx=n_ctx, sparsity=sparsity[0])
         if resolve_device("cuda") == "cuda":
             install(hm, make_placement(hm, frac * device_bytes(hm) / 2**30))
-        n_vocab, bos = hm.n_vocab, hm.tokenizer.bos_id
+        n_vocab, bos = hm.n_vocab, hm.bos_id
         name = f"hybrid {frac:g} {hm.policy.spec}"
         runners[name] = SparserunRunner(hm, hm.sparse)
         if progress:
@@ -221,7 +221,7 @@ def run_bench(path, modes=("dense", "llama.cpp"), n_prompt=64, n_gen=32, reps=3,
         r.tg([max(bos, 0)], 2)
     if model is not None:
         rss = peak_rss()  # the engine's own memory, before the fidelity pass's logits of the whole text
-        if policies or heads:
+        if (policies or heads) and fidelity_tokens > 0:
             ids = model.tokenize(text or DEFAULT_TEXT)[:fidelity_tokens]
             model.use_ffn(None)
             model.use_head(None)

@@ -276,7 +276,7 @@ def bench(
     heads: list[str] = typer.Option([], "--head", help="also bench the dense FFN with this output head (hot[:K]); "
                                     "repeat for several"),
     text: Optional[Path] = typer.Option(None, "--text", help="text for the fidelity figures (default: built in)"),
-    fidelity_tokens: int = typer.Option(64, "--fidelity-tokens", help="tokens of the text used for fidelity"),
+    fidelity_tokens: int = typer.Option(64, "--fidelity-tokens", help="tokens of the text used for fidelity (0: skip the fidelity pass)"),
     threads: Optional[int] = Threads,
     output: str = typer.Option("md", "-o", "--output", help="md, csv or json"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write every figure to this JSON file"),

@@ -19,7 +19,6 @@ import sys
 import numpy as np
 
 from .errors import SparserunError
-from .placement import device_itemsize
 
 GIB = 1 << 30
 
@@ -85,35 +84,47 @@ def make_placement(model, vram_budget=None, placement=None, profile=None, gate_d
     return P.plan(model, budget, prof, gate_dense=gate_dense)
 
 
-class DeviceWeight:
-    """A weight matrix held on the GPU, transposed (cols, rows) for coalesced reads, with Weight.matmul."""
+class DeviceRows:
+    """A matrix's rows uploaded in their device format (device_rows.HostRows): quants q and scales s."""
 
-    def __init__(self, w):
+    def __init__(self, host):
         from numba import cuda
 
+        self.fmt = host.fmt
+        self.q, self.s = cuda.to_device(host.q), cuda.to_device(host.s)
+        self.n_bytes = host.n_bytes
+
+
+class DeviceWeight:
+    """A weight matrix held on the GPU in its device format (device_rows), with Weight.matmul."""
+
+    def __init__(self, w, gguf=None):
+        from . import device_rows as R
+
         self.name, self.qtype, self.rows, self.cols = w.name + "[gpu]", w.qtype, w.rows, w.cols
-        self.n_bytes, self.type_name = w.n_bytes, w.type_name
-        dt = np.float32 if device_itemsize(w) == 4 else np.float16
-        self.wt = cuda.to_device(np.ascontiguousarray(w.dequantize().T.astype(dt)))
+        self.type_name = w.type_name
+        self.dev = DeviceRows(R.rows(w, gguf=gguf))
+        self.n_bytes = self.dev.n_bytes
         self._buf = None
 
-    def on_device(self, d_x, d_out):
-        """d_out (T, rows) = d_x (T, cols) @ W.T, device arrays in and out (queued, not synchronised)."""
+    def launcher(self, d_x, d_out, stream=0):
+        """A prepared launch of d_out (T, rows) = d_x (T, cols) @ W.T on device arrays (queued, not synchronised)."""
         from . import gpu_kernels as G
 
-        blocks, threads = G.grid(self.rows, d_x.shape[0])
-        G.matvec_t[blocks, threads](self.wt, d_x, d_out)
+        blocks, threads = G.row_grid(self.rows, d_x.shape[0])
+        return G.prepare(G.rows_matvec(self.dev.fmt), blocks, threads, stream, (self.dev.q, self.dev.s, d_x, d_out))
 
     def matmul(self, acts, out=None):
         from numba import cuda
 
         x = np.ascontiguousarray(acts.x, np.float32)
         T = x.shape[0]
-        if self._buf is None or self._buf[0] != T:  # device buffers reused across tokens (decode: T = 1)
-            self._buf = (T, cuda.device_array((T, self.cols), np.float32), cuda.device_array((T, self.rows), np.float32))
-        _, d_x, d_out = self._buf
+        if self._buf is None or self._buf[0] != T:  # device buffers and launch reused across tokens (decode: T = 1)
+            d_x, d_out = cuda.device_array((T, self.cols), np.float32), cuda.device_array((T, self.rows), np.float32)
+            self._buf = (T, d_x, d_out, self.launcher(d_x, d_out))
+        _, d_x, d_out, run = self._buf
         d_x.copy_to_device(x)
-        self.on_device(d_x, d_out)
+        run()
         res = d_out.copy_to_host()
         if out is None:
             return res
@@ -121,17 +132,33 @@ class DeviceWeight:
         return out
 
 
+class DevicePosition:
+    """The first position of the tokens in flight, in device memory (1,) int64, shared by the GPU attention blocks:
+    their launches keep the same arguments from token to token, and it is uploaded once per forward, not per layer."""
+
+    def __init__(self):
+        from numba import cuda
+
+        self.d = cuda.to_device(np.zeros(1, np.int64))
+        self.value = 0
+
+    def set(self, pos0):
+        if pos0 != self.value:
+            self.d.copy_to_device(np.array([pos0], np.int64))
+            self.value = pos0
+
+
 class GPUAttention:
     """A layer's whole attention block on the GPU: q/k/v projections, RoPE, its KV cache (n_ctx, kv_dim) in device
     memory, causal GQA attention and the output projection. Called with the normalised input (T, dim) and the
-    first position; returns the block's output (T, dim): one upload and one download per layer."""
+    first position; returns the block's output (T, dim): one upload, nine prepared launches, one download."""
 
-    def __init__(self, model, L):
+    def __init__(self, model, L, pos):
         from numba import cuda
 
         a = model.args
-        self.a = a
-        self.wq, self.wk, self.wv, self.wo = (DeviceWeight(w) for w in (L.wq, L.wk, L.wv, L.wo))
+        self.a, self.pos = a, pos
+        self.wq, self.wk, self.wv, self.wo = (DeviceWeight(w, model.gguf) for w in (L.wq, L.wk, L.wv, L.wo))
         self.kc = cuda.to_device(np.zeros((model.n_ctx, a.kv_dim), np.float32))  # (n_ctx, kv_dim)
         self.vc = cuda.to_device(np.zeros((model.n_ctx, a.kv_dim), np.float32))  # (n_ctx, kv_dim)
         self.inv_freq = cuda.to_device(np.ascontiguousarray(L.rope_inv_freq, np.float32))
@@ -142,32 +169,35 @@ class GPUAttention:
 
     def _buffers(self, T):
         """x (T, dim), q (T, n_head*head_dim), k, v (T, kv_dim), att (T, n_head*head_dim), out (T, dim) on the
-        device, kept for the last T (decode reuses them every token)."""
+        device and the block's launches over them, kept for the last T (decode reuses them every token)."""
         from numba import cuda
+
+        from . import gpu_kernels as G
 
         if self._buf is None or self._buf[0].shape[0] != T:
             a, qdim = self.a, self.a.n_head * self.a.head_dim
-            self._buf = tuple(cuda.device_array((T, n), np.float32)
-                              for n in (a.dim, qdim, a.kv_dim, a.kv_dim, qdim, self.wo.rows))
+            x, q, k, v, att, out = (cuda.device_array((T, n), np.float32)
+                                    for n in (a.dim, qdim, a.kv_dim, a.kv_dim, qdim, self.wo.rows))
+            half, pos = a.rope_dim // 2, self.pos.d
+            runs = [w.launcher(x, dst) for w, dst in ((self.wq, q), (self.wk, k), (self.wv, v))]
+            runs += [G.prepare(G.rope, ((half + 31) // 32, T * heads), (32, 1), 0,
+                               (y, pos, heads, a.head_dim, a.rope_dim, self.inv_freq, self.neox))
+                     for y, heads in ((q, a.n_head), (k, a.n_head_kv))]
+            blocks, threads = G.grid(a.kv_dim, T)
+            runs.append(G.prepare(G.store_kv, blocks, threads, 0, (k, v, self.kc, self.vc, pos)))
+            blocks, threads = G.attention_grid(T, a.n_head)
+            runs.append(G.prepare(G.attention, blocks, threads, 0,
+                                  (q, self.kc, self.vc, pos, a.n_head, a.n_head_kv, a.head_dim, att)))
+            runs.append(self.wo.launcher(att, out))
+            self._buf = (x, out, runs)
         return self._buf
 
     def __call__(self, xn, pos0):
-        from . import gpu_kernels as G
-
-        a, T = self.a, xn.shape[0]
-        d_x, q, k, v, att, out = self._buffers(T)
-        d_x.copy_to_device(np.ascontiguousarray(xn, np.float32))
-        for w, dst in ((self.wq, q), (self.wk, k), (self.wv, v)):
-            w.on_device(d_x, dst)
-        half = a.rope_dim // 2
-        for x, heads in ((q, a.n_head), (k, a.n_head_kv)):
-            G.rope[((half + 31) // 32, T * heads), (32, 1)](x, pos0, heads, a.head_dim, a.rope_dim, self.inv_freq,
-                                                            self.neox)
-        blocks, threads = G.grid(a.kv_dim, T)
-        G.store_kv[blocks, threads](k, v, self.kc, self.vc, pos0)
-        G.attention[((a.head_dim + 31) // 32, T * a.n_head), (32, 1)](q, self.kc, self.vc, pos0, a.n_head,
-                                                                      a.n_head_kv, a.head_dim, att)
-        self.wo.on_device(att, out)
+        x, out, runs = self._buffers(xn.shape[0])
+        self.pos.set(pos0)
+        x.copy_to_device(np.ascontiguousarray(xn, np.float32))
+        for run in runs:
+            run()
         return out.copy_to_host()
 
 
@@ -177,6 +207,7 @@ class HybridFFN:
     def __init__(self, model, policy, predictor, placement):
         from numba import cuda
 
+        from . import device_rows as R
         from .sparse_ffn import SparseFFN
 
         a = model.args
@@ -192,31 +223,46 @@ class HybridFFN:
         self.cpu_empty = [len(c) == 0 for c in cold]
         self.thr = thr  # (n_layer,) the GPU share's keep rule; -1 keeps every (predicted) neuron
         self.stream = cuda.stream()
-        self.layers = []  # per layer: None, or (hot ids, gate^T, up^T, down neuron-major, hot position map)
+        self.layers = []  # per layer: None, or (hot ids, gate rows, up rows, down columns, hot position map, gated)
         for li, (L, ids) in enumerate(zip(model.layers, hot)):
             if len(ids) == 0:
                 self.layers.append(None)
                 continue
-            dt = np.float32 if device_itemsize(L.w_up) == 4 else np.float16
-            up_t = cuda.to_device(np.ascontiguousarray(L.w_up.rows_f32(ids).T.astype(dt)))  # (dim, n_hot)
-            gate_t = (cuda.to_device(np.ascontiguousarray(L.w_gate.rows_f32(ids).T.astype(dt)))
-                      if L.w_gate is not None else cuda.to_device(np.zeros((1, 1), dt)))  # (dim, n_hot)
-            down = cuda.to_device(np.ascontiguousarray(L.w_down.dequantize()[:, ids].T.astype(dt)))  # (n_hot, dim)
+            gated = L.w_gate is not None
+            up = DeviceRows(R.rows(L.w_up, ids, model.gguf))  # (n_hot, dim) in the up rows' device format
+            gate = DeviceRows(R.rows(L.w_gate, ids, model.gguf) if gated else R.quantize(np.zeros((1, 32)), R.F32))
+            down = DeviceRows(R.down_columns(L.w_down, ids))  # (n_hot, dim) neuron-major: the CPU packs' values
             pos = np.full(a.n_ff, -1, np.int64)
             pos[ids] = np.arange(len(ids))
-            self.layers.append((ids, gate_t, up_t, down, pos, L.w_gate is not None))
+            self.layers.append((ids, gate, up, down, pos, gated))
         self.no_mask = cuda.to_device(np.zeros((1, 1), np.uint8))
         self.bufs = {}
 
-    def _buffers(self, li, T, n_hot):
-        """Device buffers x (T, dim), h (T, n_hot), y (T, dim) and pinned host y, kept per layer for the last T
-        (decode reuses them every token: no allocation on the token path)."""
+    def _buffers(self, li, T):
+        """Per layer, kept for the last T (decode reuses them every token: no allocation, no argument preparation on
+        the token path): pinned host x and y (T, dim), device x (T, dim), the predictor's mask (T, n_hot) when there
+        is one, h (T, n_hot), hot_ffn_out's partial sums (CHUNKS, T, dim), y (T, dim), and the three prepared launches
+        (hot_ffn_in, hot_ffn_out, sum_parts) on the FFN stream."""
         from numba import cuda
 
+        from . import gpu_kernels as G
+
         b = self.bufs.get(li)
-        if b is None or b[1].shape[0] != T:
-            b = (cuda.device_array((T, self.dim), np.float32), cuda.device_array((T, n_hot), np.float32),
-                 cuda.device_array((T, self.dim), np.float32), cuda.pinned_array((T, self.dim), np.float32))
+        if b is None or b["x"].shape[0] != T:
+            ids, gate, up, down, pos, gated = self.layers[li]
+            n_hot, dim, s = len(ids), self.dim, self.stream
+            b = {"x_host": cuda.pinned_array((T, dim), np.float32), "y_host": cuda.pinned_array((T, dim), np.float32),
+                 "x": cuda.device_array((T, dim), np.float32), "y": cuda.device_array((T, dim), np.float32),
+                 "mask": cuda.device_array((T, n_hot), np.uint8) if self.predictor is not None else self.no_mask}
+            h = cuda.device_array((T, n_hot), np.float32)
+            parts = cuda.device_array((G.CHUNKS, T, dim), np.float32)
+            blocks, threads = G.row_grid(n_hot, T)
+            b["runs"] = [
+                G.prepare(G.hot_ffn_in(gate.fmt, up.fmt), blocks, threads, s,
+                          (gate.q, gate.s, up.q, up.s, gated, b["x"], self.act, self.thr[li], b["mask"],
+                           self.predictor is not None, h)),
+                G.prepare(G.hot_ffn_out(down.fmt), *G.out_grid(dim, T), s, (down.q, down.s, h, parts)),
+                G.prepare(G.sum_parts, *G.grid(dim, T), s, (parts, b["y"]))]
             self.bufs[li] = b
         return b
 
@@ -228,43 +274,44 @@ class HybridFFN:
         return self.cpu.kept_fraction()
 
     def __call__(self, li, acts):
-        from numba import cuda
-
-        from . import gpu_kernels as G
-
         x = np.ascontiguousarray(acts.x, np.float32)  # (T, dim)
         T = x.shape[0]
         if self.predictor is not None:
             self.predicted = self.predictor(li, acts)
-        part = self.layers[li]
-        if part is None:
+        if self.layers[li] is None:
             return self.cpu(li, acts)
-        ids, gate_t, up_t, down, pos, gated = part
-        s = self.stream
-        n_hot = len(ids)
-        if self.predicted is not None:
-            mask = np.zeros((T, n_hot), np.uint8)
+        y_gpu = self.queue_hot(li, x)
+        # the CPU's cold part runs while the stream works
+        y = np.zeros((T, self.dim), np.float32) if self.cpu_empty[li] else self.cpu(li, acts)
+        self.stream.synchronize()  # the layer's one synchronisation
+        return y + y_gpu  # a new array: y_gpu is reused by the next call
+
+    def queue_hot(self, li, x):
+        """Queue layer li's hot half for x (T, dim) on the stream: upload, kernels, download. Returns the pinned
+        host y (T, dim), valid once the stream is synchronized."""
+        ids, pos = self.layers[li][0], self.layers[li][4]
+        s, T = self.stream, x.shape[0]
+        b = self._buffers(li, T)
+        if self.predicted is not None:  # the predictor's set, as a mask over the hot neurons
+            mask = np.zeros((T, len(ids)), np.uint8)
             for t, p in enumerate(self.predicted):
                 q = pos[np.asarray(p, np.int64)]
                 mask[t, q[q >= 0]] = 1
-            d_mask, use_mask = cuda.to_device(mask, stream=s), True
-        else:
-            d_mask, use_mask = self.no_mask, False
-        d_x, d_h, d_y, y_gpu = self._buffers(li, T, n_hot)
-        d_x.copy_to_device(x, stream=s)
-        blocks, threads = G.grid(n_hot, T)
-        G.hot_ffn_in[blocks, threads, s](gate_t, up_t, d_x, gated, self.act, self.thr[li], d_mask, use_mask, d_h)
-        blocks, threads = G.grid(self.dim, T)
-        G.hot_ffn_out[blocks, threads, s](down, d_h, d_y)
-        d_y.copy_to_host(y_gpu, stream=s)
-        # the CPU's cold part runs while the stream works
-        y = np.zeros((T, self.dim), np.float32) if self.cpu_empty[li] else self.cpu(li, acts)
-        s.synchronize()
-        return y + y_gpu  # a new array: y_gpu is reused by the next call
+            b["mask"].copy_to_device(mask, stream=s)
+        b["x_host"][:] = x
+        b["x"].copy_to_device(b["x_host"], stream=s)
+        for run in b["runs"]:
+            run()
+        b["y"].copy_to_host(b["y_host"], stream=s)
+        return b["y_host"]
 
 
 def install(model, placement):
     """Move the placement's attention projections and output head to the GPU and hook the hybrid FFN."""
-    attention = {li: GPUAttention(model, L) for li, L in enumerate(model.layers)
-                 if placement.attn_gpu[li] and L.plain_attention}  # the device kernel is llama's block only
-    model.place_on_device(placement, attention, DeviceWeight(model.output) if placement.output_gpu else None)
+    from . import gpu_kernels as G
+
+    pos = DevicePosition()
+    attention = {li: GPUAttention(model, L, pos) for li, L in enumerate(model.layers)
+                 if placement.attn_gpu[li] and L.plain_attention and model.args.head_dim <= G.MAX_HEAD_DIM}
+    # (the device kernel is llama's block only, heads of up to MAX_HEAD_DIM)
+    model.place_on_device(placement, attention, DeviceWeight(model.output, model.gguf) if placement.output_gpu else None)

@@ -233,6 +233,11 @@ class Model:
     def n_vocab(self):
         return self.args.n_vocab
 
+    @property
+    def bos_id(self):
+        """The BOS token id from the file's metadata (-1: none), read without loading the tokenizer."""
+        return int(self.gguf.get("tokenizer.ggml.bos_token_id", -1))
+
     def use_ffn(self, ffn):
         """Run the FFNs through ffn (a SparseFFN or HybridFFN of this model; None: dense) from now on; returns the
         previous one. bench keeps one per mode this way."""

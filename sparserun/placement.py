@@ -1,10 +1,10 @@
 """What goes to the GPU under a VRAM budget: `sparserun place` and the on-the-fly plan of --vram-budget.
 
 Cost model (what is modelled): decode is memory-bound on the CPU, so the value of moving an item to the GPU is
-the CPU bytes per token it removes, and its cost is the VRAM it takes as stored on the device (float32 rows for
-F32 models, float16 for every other type: see hybrid.py). Items:
-- one FFN neuron of layer l (its gate row, up row and down column together): VRAM 3 * dim * s (2 * dim * s
-  without a gate), value = the gate row's CPU bytes (the CPU computes the gate of every neuron it owns) plus
+the CPU bytes per token it removes, and its cost is the VRAM it takes as stored on the device (device_rows:
+float32 rows for F32 models, float16 for F16 / BF16, the file's bytes for Q4_0 and Q8_0, Q8_0-sized rows for
+every other type). Items:
+- one FFN neuron of layer l (its gate row, up row and down column together): VRAM their device bytes, value = the gate row's CPU bytes (the CPU computes the gate of every neuron it owns) plus
   p * (up row + down column bytes), where p is the neuron's profiled activation frequency;
 - the attention block of layer l (q, k, v, o and its KV cache of n_ctx positions): value = the projections'
   CPU bytes, read for every token; VRAM = the projections plus the float32 KV cache;
@@ -31,14 +31,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import device_rows as R
 from .errors import SparserunError
 from .side_files import PLACEMENT
 
 
 
-def device_itemsize(w):
-    """Bytes per weight of a matrix once on the device: float32 for F32 weights (exact), float16 otherwise."""
-    return 4 if w.qtype == 0 else 2
+def device_matrix_bytes(w):
+    """VRAM of a whole matrix's rows in their device format (device_rows)."""
+    return w.rows * R.row_bytes(R.row_format(w.qtype), w.cols)
+
+
+def device_neuron_bytes(L, dim):
+    """VRAM of one FFN neuron of layer L: its gate and up rows and its down column, in their device formats."""
+    gate = R.row_bytes(R.row_format(L.w_gate.qtype), dim) if L.w_gate is not None else 0
+    return gate + R.row_bytes(R.row_format(L.w_up.qtype), dim) + R.row_bytes(R.column_format(L.w_down.qtype), dim)
 
 
 @dataclass
@@ -93,8 +100,7 @@ def plan(model, budget_bytes, profile=None, gate_dense=True):
     values, costs, kinds = [], [], []  # kinds: (0, layer, neuron) | (1, layer) attention | (2,) head
     for li, L in enumerate(model.layers):
         gated = L.w_gate is not None
-        s = device_itemsize(L.w_up)
-        c = (3 if gated else 2) * a.dim * s
+        c = device_neuron_bytes(L, a.dim)
         b_gate = L.w_gate.row_bytes if gated else 0  # CPU bytes of one row, in the file's type
         b_rest = L.w_up.row_bytes + L.w_down.n_bytes / a.n_ff
         p = freq[li]
@@ -105,11 +111,11 @@ def plan(model, budget_bytes, profile=None, gate_dense=True):
         attn = [L.wq, L.wk, L.wv, L.wo]
         values.append(np.array([sum(w.n_bytes for w in attn)], np.float64))
         kv_cache = 2 * model.n_ctx * a.kv_dim * 4  # the layer's float32 KV cache moves to the GPU with it
-        costs.append(np.array([sum(w.rows * w.cols * device_itemsize(w) for w in attn) + kv_cache], np.float64))
+        costs.append(np.array([sum(device_matrix_bytes(w) for w in attn) + kv_cache], np.float64))
         kinds.append(np.array([[1, li, 0]]))
     out = model.output
     values.append(np.array([out.n_bytes], np.float64))
-    costs.append(np.array([out.rows * out.cols * device_itemsize(out)], np.float64))
+    costs.append(np.array([device_matrix_bytes(out)], np.float64))
     kinds.append(np.array([[2, 0, 0]]))
     values, costs, kinds = np.concatenate(values), np.concatenate(costs), np.concatenate(kinds)
     chosen = greedy(values, costs, budget)

@@ -187,10 +187,9 @@ def read_gpu_index(path, model):
         if not np.array_equal(bucket, np.flatnonzero(mask)):
             raise bad(f"layer {li}: gpu_bucket is not the sorted ids of gpu_idx's ones")
         gpu.append(bucket)
-    from .placement import device_itemsize
+    from .placement import device_neuron_bytes
 
-    used = sum(len(g) * (3 if L.w_gate is not None else 2) * a.dim * device_itemsize(L.w_up)
-               for g, L in zip(gpu, model.layers))
+    used = sum(len(g) * device_neuron_bytes(L, a.dim) for g, L in zip(gpu, model.layers))
     return Placement(model.gguf.fingerprint(), int(meta.get(KEY_VRAM, used)), used, gpu, np.zeros(a.n_layer, bool), False)
 
 
