@@ -38,7 +38,6 @@ MAX_HEAD_DIM = 256
 HEAD_LANES = MAX_HEAD_DIM // WARP  # query and output values per lane in attention (a constant: local arrays need one)
 FULL = 0xFFFFFFFF
 
-
 _sim_lock = threading.Lock()
 
 
@@ -64,8 +63,6 @@ if SIM:
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
 
     sys.setswitchinterval(1e-4)  # a warp's lanes hand over at every shuffle: 5 ms each at Python's default
-
-
     if not hasattr(FakeCUDAModule, "shfl_xor_sync"):
         FakeCUDAModule.shfl_xor_sync = _simulated_shfl_xor_sync
 

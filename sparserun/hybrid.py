@@ -7,8 +7,9 @@ Per layer and token batch x (T, dim):
     CPU  (meanwhile)          y_cpu = SparseFFN over the cold neurons only (sparse_ffn.py) (T, dim)
     y = y_cpu + y_gpu         (the stream is synchronized only here, so the two halves overlap)
 The same per-neuron keep rule runs on both sides (threshold, ReLU zeros, a predictor's set), so the hybrid
-computes the CPU path's FFN exactly, up to float rounding: F32 models are placed as float32 (tight equality,
-tested), other types as float16 rows dequantized from the file (the CPU keeps its int8-activation kernels).
+computes the CPU path's FFN exactly, up to float rounding: weights go to the device in device_rows' formats (F32
+as float32: tight equality, tested; Q4_0 and Q8_0 rows as the file's bytes; the down columns as the CPU packs'),
+and the GPU multiplies float activations where the CPU's kernels take int8 ones.
 topk ranks all of a layer's neurons together and cannot be split; it is refused with --device cuda.
 A placed layer's whole attention block runs on the GPU (GPUAttention: projections, RoPE, a device KV cache,
 attention), and a placed output head is a GPU matvec (DeviceWeight). Nothing here is imported unless a GPU
