@@ -33,11 +33,18 @@ def cuda_status():
     try:
         if not cuda.is_available():
             return False, "no CUDA driver or GPU found"
-        probe = cuda.to_device(np.arange(4, dtype=np.float32))
-        if float(probe.copy_to_host()[3]) != 3.0:
+        from . import gpu_kernels as G
+
+        # a kernel compiled and run, not only a copy: a numba-cuda that cannot compile (e.g. against a numpy it
+        # does not support) is found here, not at the first layer
+        parts = cuda.to_device(np.arange(8, dtype=np.float32).reshape(2, 1, 4))
+        y = cuda.device_array((1, 4), np.float32)
+        G.sum_parts[(1, 1), (4, 1)](parts, y)
+        if not np.array_equal(y.copy_to_host(), [[4, 6, 8, 10]]):
             return False, "the GPU returned wrong data"
     except Exception as e:
-        return False, f"CUDA failed: {str(e).splitlines()[0][:120]}"
+        msg = str(e).strip().splitlines()
+        return False, f"CUDA failed: {type(e).__name__}: {msg[-1][:120] if msg else ''}"
     return True, ""
 
 

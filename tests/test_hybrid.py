@@ -151,6 +151,25 @@ def test_device_auto_falls_back_with_one_line(tiny, monkeypatch, capsys):
         sparserun.load(tiny(), n_ctx=8, device="cpu", vram_budget=1.0)
 
 
+def test_a_cuda_that_cannot_compile_is_refused_in_one_line(monkeypatch, capsys):
+    """The probe compiles and runs a kernel: a numba-cuda that fails there (as one against a numpy it does not know
+    did on a real machine) gives the one-line refusal or fallback, not a traceback at the first layer."""
+    import sys
+
+    from sparserun import gpu_kernels, hybrid
+
+    class Broken:
+        def __getitem__(self, launch_config):
+            raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(gpu_kernels, "sum_parts", Broken())
+    assert hybrid.cuda_status() == (False, "CUDA failed: AttributeError: module 'numpy' has no attribute 'row_stack'")
+    with pytest.raises(SparserunError, match="^--device cuda: CUDA failed: AttributeError"):
+        hybrid.resolve_device("cuda")
+    assert hybrid.resolve_device("auto", 1.0, err=sys.stderr) == "cpu"
+    assert capsys.readouterr().err.count("\n") == 1
+
+
 def test_place_cli_and_generate_with_it(tiny, tmp_path):
     from typer.testing import CliRunner
 
