@@ -80,11 +80,19 @@ def quantize(x, fmt):
     from .ffn_pack import quantize_columns
     from .kernels import sparse as S
 
-    n, cols = x.shape
-    packed = quantize_columns(x, S.DOWN_Q4 if fmt == Q4 else S.DOWN_Q8)  # (n, quant bytes + 2 cols / 32)
+    return _from_packed(quantize_columns(x, S.DOWN_Q4 if fmt == Q4 else S.DOWN_Q8), fmt, x.shape[1])
+
+
+def _from_packed(packed, fmt, cols):
+    """Rows in the neuron packs' layout (n, bytes) uint8 (ffn_pack.quantize_columns: float32 values, or the quants
+    then the fp16 scales) -> HostRows, the bytes split only."""
+    n = packed.shape[0]
+    if fmt == F32:
+        return HostRows(F32, np.ascontiguousarray(packed[:, :4 * cols]).view(np.float32).reshape(n, cols),
+                        np.zeros((1, 1), np.float16))
     qb = cols // 2 if fmt == Q4 else cols
     return HostRows(fmt, np.ascontiguousarray(packed[:, :qb]).view(np.uint32),
-                    np.ascontiguousarray(packed[:, qb:]).view(np.float16))
+                    np.ascontiguousarray(packed[:, qb:qb + 2 * cols // QK]).view(np.float16))
 
 
 def rows(w, ids=None, gguf=None):
@@ -113,13 +121,7 @@ def down_columns(down, ids):
 
     fmt = column_format(down.qtype)
     packed = pack_columns(down, {F32: S.DOWN_F32, Q4: S.DOWN_Q4, Q8: S.DOWN_Q8}[fmt])[np.asarray(ids, np.int64)]
-    dim = down.rows
-    if fmt == F32:
-        return HostRows(F32, np.ascontiguousarray(packed).view(np.float32).reshape(len(ids), dim),
-                        np.zeros((1, 1), np.float16))
-    qb = dim // 2 if fmt == Q4 else dim
-    return HostRows(fmt, np.ascontiguousarray(packed[:, :qb]).view(np.uint32),
-                    np.ascontiguousarray(packed[:, qb:qb + 2 * dim // QK]).view(np.float16))
+    return _from_packed(packed, fmt, down.rows)
 
 
 def dequantize(h, cols):

@@ -4,8 +4,9 @@ Cost model (what is modelled): decode is memory-bound on the CPU, so the value o
 the CPU bytes per token it removes, and its cost is the VRAM it takes as stored on the device (device_rows:
 float32 rows for F32 models, float16 for F16 / BF16, the file's bytes for Q4_0 and Q8_0, Q8_0-sized rows for
 every other type). Items:
-- one FFN neuron of layer l (its gate row, up row and down column together): VRAM their device bytes, value = the gate row's CPU bytes (the CPU computes the gate of every neuron it owns) plus
-  p * (up row + down column bytes), where p is the neuron's profiled activation frequency;
+- one FFN neuron of layer l (its gate row, up row and down column together): VRAM their device bytes, value =
+  the gate row's CPU bytes (the CPU computes the gate of every neuron it owns) plus p * (up row + down column
+  bytes), where p is the neuron's profiled activation frequency;
 - the attention block of layer l (q, k, v, o and its KV cache of n_ctx positions): value = the projections'
   CPU bytes, read for every token; VRAM = the projections plus the float32 KV cache;
 - the output head: value = its CPU bytes.
