@@ -46,21 +46,12 @@ class TimedFFN:
 
 
 def launch_costs(ffn, reps=200):
-    """Microseconds per launch of the first placed layer's hot_ffn_in: the plain numba launch, then the prepared
-    one (each launch waited for, so both include the kernel itself)."""
-    from sparserun import gpu_kernels as G
-
+    """Microseconds per launch of the first placed layer's hot_ffn_in for one token: the plain numba launch, then
+    the prepared one (each launch waited for, so both include the kernel itself)."""
     li = next(i for i, p in enumerate(ffn.layers) if p is not None)
-    ffn._buffers(li, 1)
-    ids, gate, up, down, pos, gated = ffn.layers[li]
-    b = ffn.bufs[li]
-    h = G.cuda.device_array((1, len(ids)), np.float32)
-    blocks, threads = G.row_grid(len(ids), 1)
-    args = (gate.q, gate.s, up.q, up.s, gated, b["x"], ffn.act, ffn.thr[li], b["mask"], ffn.predictor is not None, h)
-    k = G.hot_ffn_in(gate.fmt, up.fmt)
-    fast = G.prepare(k, blocks, threads, ffn.stream, args)
+    prepared = ffn._buffers(li, 1)["runs"][0]
     out = []
-    for run in (lambda: k[blocks, threads, ffn.stream](*args), fast):
+    for run in (prepared.plain, prepared):
         run()
         ffn.stream.synchronize()
         t0 = time.perf_counter()

@@ -368,6 +368,8 @@ def prepare(kernel, griddim, blockdim, stream, args):
     def plain():  # configured at each call: the simulator's kernel objects keep only their last configuration
         kernel[griddim, blockdim, stream](*args)
 
+    plain.plain = plain  # the returned launch's plain form, prepared or not (benchmarks/hybrid_overlap.py times both)
+
     try:
         cfg = kernel[griddim, blockdim, stream]  # nothing is launched here: a kernel may write its outputs in place
         import sys
@@ -388,4 +390,5 @@ def prepare(kernel, griddim, blockdim, stream, args):
         launch(s, config, fn, *kargs)
 
     fast.args = args  # kargs holds raw device pointers: the arrays must live as long as the launch
+    fast.plain = plain
     return fast
