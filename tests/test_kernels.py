@@ -405,12 +405,13 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
     each token's own matmul: two weights in separate buffers (two raw arrays for one kernel call), 1056 columns
     (a tail group), 40 + 24 rows (a partial row tile), batches with and without leftover tokens. Repacked Q4_0
     and Q8_0 equal the GGUF layout's and the generic int16 kernels up to float summation order (the integer
-    block dots are exact in both). The K-quants: 1280 columns (5 super-blocks)."""
+    block dots are exact in both). The K-quants: 2304 columns (9 super-blocks: two column ranges, K_COLUMNS)."""
     from sparserun.kernels import quant as K
     from sparserun.weights import Matmuls
 
     rng = np.random.default_rng(13)
-    cols = 1280 if GGML_QUANT_SIZES[qtype][0] == 256 else 1056
+    cols = 2304 if GGML_QUANT_SIZES[qtype][0] == 256 else 1056
+    assert cols // 32 > K.K_COLUMNS or cols < 2048
     ws = [weight(qtype, 40, cols, rng), weight(qtype, 24, cols, rng)]
     rs = [w.repacked() for w in ws] if qtype in (Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K) else ws
     if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K):  # the GGUF layout's batch, too
@@ -557,30 +558,27 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     assert r.qtype == REPACK[int(qtype)][0] and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
     np.testing.assert_array_equal(r.dequantize(), w.dequantize())
     values = w.dequantize().astype(np.float64)
-    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_krh"}[r.qtype]  # Q6_K's reads its half sums
-    generic, vnni = getattr(K, f"matmul_{name}_generic"), getattr(K, f"matmul_{name}_vnni")
+    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_kr"}[r.qtype]
+    # the dense matmuls' dots (Q8_K forms, Q6_K's reading its half sums) and the neuron packs' (per-32 forms)
+    dense = {route: getattr(K, f"matmul_{name}k_{route}") for route in ("generic", "vnni")}
+    packs = {route: getattr(K, f"matmul_{name}_{route}") for route in ("generic", "vnni")}
     for T in (1, K.TOKENS_K + 3):
         x = rng.standard_normal((T, cols)).astype(np.float32)
         acts = Acts(x)
         got, gguf = r.matmul(acts), w.matmul(acts)
         np.testing.assert_allclose(got, gguf, rtol=1e-5, atol=1e-5 * np.abs(gguf).max())
-        # the packs' Q6_KR dots find the first 16 values' sums themselves: the same sums
-        packs_vnni = K.matmul_q6_kr_vnni if r.qtype == K.Q6_KR else vnni
-        if K.HAS_VNNI and packs_vnni is not vnni:
-            own = np.empty_like(got)
-            packs_vnni((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, acts.forms_for(int(qtype))),
-                       own)
-            np.testing.assert_array_equal(own, got)
-        # Q8_K's rounding; then per 32 values, one token (the neuron packs' forms; K forms' xs rows are 2 n/32 long)
-        for forms, route in [(acts.forms_for(int(qtype)), vnni)] + ([(acts.forms(), packs_vnni)] if T == 1 else []):
+        # Q8_K's rounding; then per 32 values, one token (the neuron packs' forms; their Q6_K dots find the first 16
+        # values' sums themselves)
+        runs = [(acts.forms_for(int(qtype)), dense)] + ([(acts.forms(), packs)] if T == 1 else [])
+        for forms, kernels in runs:
             xq, xd, x8, xb, xt, xs = forms
             ref = (x8.astype(np.float64) * np.repeat(xd, 32, axis=1)) @ values.T
             out = np.empty((T, rows), np.float32)
-            generic((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, forms), out)
+            kernels["generic"]((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, forms), out)
             np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
             if K.HAS_VNNI:
                 want = np.empty_like(out)
-                route((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, forms), want)
+                kernels["vnni"]((r.raw,), r.row_bytes, np.array([0, rows]), *K.dot_forms(r.qtype, forms), want)
                 np.testing.assert_array_equal(out, want)
     ids = np.array([3, 0, 39, 17])
     acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))

@@ -26,10 +26,11 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, dot_row_q4_0, do
                    dot_row_q3_k_generic, dot_tokens_q2_k_generic, dot_tokens_q3_k_generic, dot_row_iq4_nl_vnni,
                    dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic, dot_row_iq4_xs_vnni,
                    dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic, dot_row_q4_kr_vnni,
-                   dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic, dot_row_q6_kr_vnni,
-                   dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic, dot_row_q5_kr_vnni,
-                   dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic, dot_row_q6_krh_vnni,
-                   dot_tokens_q6_krh_vnni, dot_row_q6_krh_generic, dot_tokens_q6_krh_generic)
+                   dot_row_q4_kr_generic, dot_row_q5_kr_vnni, dot_row_q5_kr_generic, dot_row_q6_kr_vnni,
+                   dot_row_q6_kr_generic, dot_row_q4_krk_vnni, dot_tokens_q4_krk_vnni, dot_row_q4_krk_generic,
+                   dot_tokens_q4_krk_generic, dot_row_q5_krk_vnni, dot_tokens_q5_krk_vnni, dot_row_q5_krk_generic,
+                   dot_tokens_q5_krk_generic, dot_row_q6_krk_vnni, dot_tokens_q6_krk_vnni, dot_row_q6_krk_generic,
+                   dot_tokens_q6_krk_generic)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
 from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0,  # noqa: E402
@@ -242,9 +243,19 @@ def acts_forms(x, needed=True):
         T = n = 0
     forms = (np.empty((T, n), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
              np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, n // QK), np.int32))
-    if needed:
+    if needed and T > 1:
+        _quantize_acts_tokens(x, *forms)
+    elif needed:
         quantize_acts(x, *forms)
     return forms
+
+
+@njit(parallel=True, cache=True)
+def _quantize_acts_tokens(x, xq, xd, x8, xb, xt, xs):
+    """quantize_acts over a batch, tokens split over the threads (one token stays serial: a parallel region costs
+    more than its rounding)."""
+    for t in prange(x.shape[0]):
+        quantize_acts(x[t:t + 1], xq[t:t + 1], xd[t:t + 1], x8[t:t + 1], xb[t:t + 1], xt[t:t + 1], xs[t:t + 1])
 
 
 @njit(cache=True, fastmath={"nnan", "ninf", "nsz"}, error_model="numpy")
@@ -253,8 +264,9 @@ def quantize_acts_k(x, x8, xd, xb, xt, xs):
     one float32 scale per 256 values, d = max / -127 with max the value of largest magnitude (the first one on a
     tie), values rint(x * -127 / max) capped at 127. Written in quantize_acts' VNNI forms (x8, xd per 32 values:
     the super-block's d repeated, xb from x8, and the repacked dots' xt and xs), so the K-quant dots sum exactly
-    the integers llama.cpp sums. xs (T, 2 n/32) holds after each token's n/32 block offset terms those of each
-    block's first 16 values (-8 x their sum), which the repacked Q6_K batch dots read (simd.krepacked)."""
+    the integers llama.cpp sums. xs (T, 2 n/32) holds 16 terms per super-block: its 8 blocks' offset terms, then
+    those of each block's first 16 values (-8 x their sum), which the repacked Q6_K dots read (simd.krepacked);
+    a super-block's terms sit at twice its first block's index, so a column range's start at its xd index."""
     T, n = x.shape
     for t in range(T):
         for sb in range(n // QK_K):
@@ -274,13 +286,13 @@ def quantize_acts_k(x, x8, xd, xb, xt, xs):
                 k = o + 4 * l
                 xb[t, o // 4 + l] = -8 * (np.int32(x8[t, k]) + np.int32(x8[t, k + 1]) + np.int32(x8[t, k + 2]) +
                                           np.int32(x8[t, k + 3]))
-            for b in range(QK_K // QK):
+            for b in range(QK_K // QK):  # per super-block 16 terms: the 8 blocks', then their first 16 values'
                 s = 0
                 for l in range(QK // 4):
                     s += xb[t, o // 4 + 8 * b + l]
-                    if l == QK // 8 - 1:  # the first 16 values' (Q6_K's scales are per 16)
-                        xs[t, n // QK + o // QK + b] = s
-                xs[t, o // QK + b] = s
+                    if l == QK // 8 - 1:  # (Q6_K's scales are per 16)
+                        xs[t, 2 * (o // QK) + 8 + b] = s
+                xs[t, 2 * (o // QK) + b] = s
         x32, t32 = x8[t].view(np.int32), xt[t].view(np.int32)  # quantize_acts' transposition, 256 values a group
         for g in range(n // QK_K):
             for i in range(QK // 4):
@@ -294,8 +306,18 @@ def acts_forms_k(x):
     T, n = x.shape
     forms = (np.empty((0, 0), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
              np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, 2 * (n // QK)), np.int32))
-    quantize_acts_k(x, forms[2], forms[1], forms[3], forms[4], forms[5])
+    if T > 1:
+        _quantize_acts_k_tokens(x, forms[2], forms[1], forms[3], forms[4], forms[5])
+    else:
+        quantize_acts_k(x, forms[2], forms[1], forms[3], forms[4], forms[5])
     return forms
+
+
+@njit(parallel=True, cache=True)
+def _quantize_acts_k_tokens(x, x8, xd, xb, xt, xs):
+    """quantize_acts_k over a batch, tokens split over the threads (as _quantize_acts_tokens)."""
+    for t in prange(x.shape[0]):
+        quantize_acts_k(x[t:t + 1], x8[t:t + 1], xd[t:t + 1], xb[t:t + 1], xt[t:t + 1], xs[t:t + 1])
 
 
 HAS_VNNI = HAS_X86_VNNI  # AVX512-VNNI kernels in use (detected in simd; SPARSERUN_NO_VNNI=1 turns them off)
@@ -340,36 +362,49 @@ matmul_q4_0_vnni = _make_matmul("matmul_q4_0_vnni", "dot_row_q4_0_vnni", vnni=Tr
 
 
 ROW_TILE = 32  # rows per tile of a batch matmul: 37 KB of TinyLlama rows, L2-resident while the token tiles pass
+# blocks of 32 per column range of the K-quants' batch tiles: 8 tokens' activations of 2048 values (16 KB) stay in
+# L1 while a tile's rows pass; whole rows of 5632 (45 KB) did not (A/B, TinyLlama Q5_K_M/Q6_K ffn_down, T = 64)
+K_COLUMNS = 64
 
 _BATCH_MATMUL = """
 @njit(parallel=True, cache=True)
 def {name}(raws, row_bytes, row0, x, xd, xb, out):
     T, n = x.shape
     nb = n // QK
-    rows = row0[-1]
+    kc = min(nb, {columns}) if {columns} else nb
+    rows, T0 = row0[-1], T - T % {tokens}
     for tile in prange((rows + ROW_TILE - 1) // ROW_TILE):
         r0, r1 = tile * ROW_TILE, min(rows, (tile + 1) * ROW_TILE)
-        t = 0
-        while t + {tokens} <= T:
+        for c0 in range(0, nb, kc):
+            nc, wc = min(kc, nb - c0), c0 * row_bytes // nb
+            for t in range(0, T0, {tokens}):
+                for r in range(r0, r1):
+                    p = _part(row0, r)
+                    d = {dot_tokens}(raws[p], (r - row0[p]) * row_bytes + wc, nc, x, t * n + c0 * QK, n, xd, xb,
+                                     t * nb + c0, nb)
+                    for k in range({tokens}):
+                        out[t + k, r] = d[k] if c0 == 0 else out[t + k, r] + d[k]
+        for t in range(T0, T):  # a row's column ranges in order: its bytes in one pass, the same sums as the tiles
             for r in range(r0, r1):
                 p = _part(row0, r)
-                d = {dot_tokens}(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, n, xd, xb, t * nb, nb)
-                for k in range({tokens}):
-                    out[t + k, r] = d[k]
-            t += {tokens}
-        for t in range(t, T):
-            for r in range(r0, r1):
-                p = _part(row0, r)
-                out[t, r] = {dot_row}(raws[p], (r - row0[p]) * row_bytes, nb, x, t * n, xd, xb, t * nb)
+                s = np.float32(0.0)
+                for c0 in range(0, nb, kc):
+                    d = {dot_row}(raws[p], (r - row0[p]) * row_bytes + c0 * row_bytes // nb, min(kc, nb - c0), x,
+                                  t * n + c0 * QK, xd, xb, t * nb + c0)
+                    s = d if c0 == 0 else s + d
+                out[t, r] = s
 """
 
 
-def _make_batch_matmul(name, dot_row, dot_tokens, tokens=TOKENS):
+def _make_batch_matmul(name, dot_row, dot_tokens, tokens=TOKENS, columns=0):
     """_make_matmul's kernel for VNNI row dots that also come in a TOKENS-token form. A batch runs in tiles:
     ROW_TILE rows (read from memory once, then from L2) against TOKENS tokens at a time (their activations, 16 KB
     for 2048 wide, stay in L1), each block's weights unpacked once for the TOKENS (dot_tokens); the remaining
-    tokens one by one. The same results as one token at a time."""
-    return define(globals(), _BATCH_MATMUL, name=name, dot_row=dot_row, dot_tokens=dot_tokens, tokens=tokens)
+    tokens one by one. columns (blocks, 0: whole rows): wider rows are dotted in column ranges of that many
+    blocks, summed in order, in the tiles and for the remaining tokens alike. The same results as one token at a
+    time."""
+    return define(globals(), _BATCH_MATMUL, name=name, dot_row=dot_row, dot_tokens=dot_tokens, tokens=tokens,
+                  columns=columns)
 
 
 # weights in the repacked layout (repack_q4_0): A/B against one token per row dot, benchmarks/batch_matmul.py
@@ -385,14 +420,18 @@ VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8
 # matmul_<type>_vnni and matmul_<type>_generic (Q4_1 / Q5_1's min from the activations' block sums; the K-quants and
 # IQ4_XS on activations rounded as Q8_K; simd's kquants and iquants frames).
 _X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q2_K: "q2_k", Q3_K: "q3_k", Q4_1: "q4_1", Q5_1: "q5_1",
-             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_kr", Q5_KR: "q5_kr", Q6_KR: "q6_krh"}
+             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_krk", Q5_KR: "q5_krk", Q6_KR: "q6_krk"}
 for _name in _X8_NAMES.values():
     for _route in ("vnni", "generic"):
         _fn = f"matmul_{_name}_{_route}"
+        _kr = "_kr" in _name
         globals()[_fn] = _make_batch_matmul(_fn, f"dot_row_{_name}_{_route}", f"dot_tokens_{_name}_{_route}",
-                                            TOKENS_K if "_kr" in _name else TOKENS)
-# the repacked Q6_K dots that find the first 16 values' sums themselves (the neuron packs', on quantize_acts' forms)
-matmul_q6_kr_vnni = _make_batch_matmul("matmul_q6_kr_vnni", "dot_row_q6_kr_vnni", "dot_tokens_q6_kr_vnni", TOKENS_K)
+                                            TOKENS_K if _kr else TOKENS, K_COLUMNS if _kr else 0)
+# the neuron packs' repacked K-quant dots (activations rounded per 32: quantize_acts) as matmuls, for tests
+for _name in ("q4_kr", "q5_kr", "q6_kr"):
+    for _route in ("vnni", "generic"):
+        globals()[f"matmul_{_name}_{_route}"] = _make_matmul(f"matmul_{_name}_{_route}", f"dot_row_{_name}_{_route}",
+                                                             vnni=True)
 X8_MATMUL = {_t: globals()[f"matmul_{_name}_{'vnni' if HAS_VNNI else 'generic'}"] for _t, _name in _X8_NAMES.items()}
 
 

@@ -22,10 +22,11 @@ from .kquants import (dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_g
     dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_row_q2_k_vnni, dot_row_q3_k_vnni, dot_tokens_q2_k_vnni,
     dot_tokens_q3_k_vnni, dot_row_q2_k_generic, dot_row_q3_k_generic, dot_tokens_q2_k_generic,
     dot_tokens_q3_k_generic)  # noqa: F401
-from .krepacked import (dot_row_q4_kr_vnni, dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic,
-    dot_row_q6_kr_vnni, dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic, dot_row_q5_kr_vnni,
-    dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic, dot_row_q6_krh_vnni, dot_tokens_q6_krh_vnni,
-    dot_row_q6_krh_generic, dot_tokens_q6_krh_generic)  # noqa: F401
+from .krepacked import (dot_row_q4_kr_vnni, dot_row_q4_kr_generic, dot_row_q5_kr_vnni, dot_row_q5_kr_generic,
+    dot_row_q6_kr_vnni, dot_row_q6_kr_generic, dot_row_q4_krk_vnni, dot_tokens_q4_krk_vnni, dot_row_q4_krk_generic,
+    dot_tokens_q4_krk_generic, dot_row_q5_krk_vnni, dot_tokens_q5_krk_vnni, dot_row_q5_krk_generic,
+    dot_tokens_q5_krk_generic, dot_row_q6_krk_vnni, dot_tokens_q6_krk_vnni, dot_row_q6_krk_generic,
+    dot_tokens_q6_krk_generic)  # noqa: F401
 from .iquants import (dot_row_iq4_nl_vnni, dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic,
     dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic)  # noqa: F401
 from .axpy import (AXPY_Q4_COLUMNS, axpy_i8_vnni, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4, coefs_q4_vnni,

@@ -1,16 +1,16 @@
 """Dots of the K-quants in the layout the loader repacks them into (kernels/krepack.py: Q4_KR, Q5_KR, Q6_KR): each
 super-block's quants laid across the vector lanes as repacked Q4_0's groups are (legacy._q4_0r_group_sums), so
 the 8 sub-blocks' exact integer dots come out of the vpdpbusd chains as the 8 lanes of one vector, with no
-horizontal reduction and no per-sub-block float work: the sub-block scales (and Q4_K's mins) multiply those lanes
-as integers (one vpmulld each), and one FMA per term and super-block applies d (dmin) and the activations' 8 block
-scales. The activations come in quantize_acts' transposed form xt with the block offset terms xs (-8 times each
+horizontal reduction and no per-sub-block float work: Q4_K / Q5_K's sub-block scales and mins become the row's
+float factors d sc_k and dmin m_k once per super-block, shared by the tokens (Q6_K's 16 scales multiply its lanes
+as integers), and one FMA per super-block and token applies the activations' 8 block scales. The activations come in quantize_acts' transposed form xt with the block offset terms xs (-8 times each
 32 values' sum), rounded per 32 values or per 256 (Q8_K: quant.quantize_acts_k); both give llama.cpp's integers
 where the rounding is theirs. One token or TOKENS_K tokens through one frame, on the VNNI route or the generic one.
 """
 from llvmlite import ir
 from numba.core import cgutils
 
-from .ir import TOKENS_K, _even_odd_add, _fma, _hsum8, _i32, _routes, _splat, _splat_f, _vload
+from .ir import TOKENS_K, _even_odd_add, _fma, _hsum8_ggml, _i32, _routes, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
@@ -55,21 +55,21 @@ def _dots(builder, dp, terms, seed=None, signed=False):
 
 
 def _chunks(builder, p, at):
-    """The 4 lane-ordered chunks of 32 quant bytes at p + at as (low nibbles, 16 x high nibbles) <8 x i32> pairs:
+    """The 4 lane-ordered chunks of 32 quant bytes at p + at as (low nibbles, high nibbles) <8 x i32> pairs:
     chunk j's byte 4 k + m holds sub-block k's values 8 j + m (low) and 8 j + 4 + m (high)."""
     out = []
     for j in range(4):
         v = _vload(builder, builder.gep(p, [_c(at + 32 * j)]), 32)
         out.append((builder.bitcast(builder.and_(v, _splat(32, 15)), _V8I),
-                    builder.bitcast(builder.and_(v, _splat(32, -16)), _V8I)))
+                    builder.bitcast(builder.lshr(v, _splat(32, 4)), _V8I)))
     return out
 
 
 def _q45_kr_super_block(builder, p, toks, dp, five):
     """Q4_KR super-block at p (144 bytes as Q4_K: d, dmin, the 12 bytes of 6-bit scales and mins, then the 128
     quant bytes in _chunks' order), or Q5_KR (five: 176 bytes, the same, then 32 bytes of fifth bits: bit 2 j of
-    byte L that of chunk j's low nibble at L, bit 2 j + 1 its high one's): per token [(lane sums x scales, d),
-    (xs x mins, dmin / 8)], whose sum over lanes, times the activations' block scales, is the super-block's dot
+    byte L that of chunk j's low nibble at L, bit 2 j + 1 its high one's): per token the lanes d sc_k sums_k +
+    dmin m_k / 8 xs_k (float), whose sum over lanes, times the activations' block scales, is the super-block's dot
     (value = d sc_k q - dmin m_k; xs is -8 times each block's activation sum). The scales unpack as ggml's own
     (three 32-bit words, masks and shifts)."""
     w = [builder.load(builder.bitcast(builder.gep(p, [_c(4 + 4 * k)]), _i32.as_pointer()), align=1) for k in range(3)]
@@ -98,13 +98,13 @@ def _q45_kr_super_block(builder, p, toks, dp, five):
                          builder.bitcast(builder.or_(builder.lshr(c, _splat(32, 4)), bit4(2 * j + 1)), _V8I)))
     else:
         nibs = _chunks(builder, p, 16)
-    four = ir.Constant(_V8I, [0 if five else 4] * 8)
+    # the row's float factors per lane, shared by the tokens: d sc_k and dmin m_k / 8
+    dsc = builder.fmul(builder.sitofp(sc, _V8F), _splat_f(builder, d))
+    dmn = builder.fmul(builder.sitofp(mn, _V8F), _splat_f(builder, dmin))
     out = []
     for xv, xs, _ in toks:
-        lo = _dots(builder, dp, [(nl, xv[2 * j]) for j, (nl, _) in enumerate(nibs)])
-        hi = _dots(builder, dp, [(nh, xv[2 * j + 1]) for j, (_, nh) in enumerate(nibs)])
-        sums = builder.add(lo, builder.ashr(hi, four))
-        out.append([(builder.mul(sums, sc), d), (builder.mul(xs, mn), dmin)])
+        sums = _dots(builder, dp, [t for j, (nl, nh) in enumerate(nibs) for t in ((nl, xv[2 * j]), (nh, xv[2 * j + 1]))])
+        out.append(_fma(builder, builder.sitofp(xs, _V8F), dmn, builder.fmul(builder.sitofp(sums, _V8F), dsc)))
     return out
 
 
@@ -116,12 +116,12 @@ def _q5_kr_super_block(builder, p, toks, dp):
     return _q45_kr_super_block(builder, p, toks, dp, True)
 
 
-def _q6_kr_super_block(builder, p, toks, dp, halves=False):
+def _q6_kr_super_block(builder, p, toks, dp):
     """Q6_KR super-block at p (210 bytes: d, 16 int8 scales, 128 bytes of low 4 bits in _chunks' order, then 2 x 32
     bytes of high 2 bits: bits 2 s of byte 4 k + m of the h-th 32 are those of sub-block k's value 4 (4 h + s) + m):
-    per token [(half sums x their scales, d)]. Value = d sc (q - 32), the scale per 16 values: lanes sum the first
+    per token the lanes d (half sums x their scales) (float). Value = d sc (q - 32), the scale per 16 values: lanes sum the first
     and second 16 of each sub-block apart (value runs i = 0-3 and 4-7), and the -32 comes from the first halves'
-    activation sums (a vpdpbusd of 32s, or with halves the activations' own, quant.quantize_acts_k) and xs (the
+    activation sums (a vpdpbusd of 32s, or the activations' own xh, quant.quantize_acts_k) and xs (the
     whole block's); on the generic route, which multiplies signed bytes as cheaply, the weights are q - 32 instead."""
     d = _half(builder, p, 0)
     sc = builder.sext(_vload(builder, builder.gep(p, [_c(2)]), 16), ir.VectorType(_i32, 16))
@@ -146,9 +146,10 @@ def _q6_kr_super_block(builder, p, toks, dp, halves=False):
         if _generic(dp):
             sums_a = _dots(builder, dp, [(vals[i], xv[i]) for i in range(4)], signed=True)
             sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)], signed=True)
-            out.append([(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), d)])
+            out.append(builder.fmul(builder.sitofp(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), _V8F),
+                                  _splat_f(builder, d)))
             continue
-        if halves:  # 32 x the first 16 values' sums, from the activations' forms (-8 x each sum)
+        if xh is not None:  # 32 x the first 16 values' sums, from the activations' forms (-8 x each sum)
             first = builder.mul(xh, ir.Constant(_V8I, [-4] * 8))
         else:  # computed here: a vpdpbusd of 32s
             first = _dots(builder, dp, [(thirty2, xv[i]) for i in range(4)])
@@ -156,20 +157,22 @@ def _q6_kr_super_block(builder, p, toks, dp, halves=False):
         # second halves: q x - 32 (whole sum - first) = q x + 4 xs + first (xs = -8 x the whole block's sum)
         sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)],
                        builder.add(builder.shl(xs, ir.Constant(_V8I, [2] * 8)), first))
-        out.append([(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), d)])
+        out.append(builder.fmul(builder.sitofp(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), _V8F),
+                                  _splat_f(builder, d)))
     return out
 
 
-def _kr_token_dots(size, super_block, halves=False):
+def _kr_token_dots(size, super_block, q8k=False):
     """The token_dots frame (ir._row_intrinsic / _tokens_intrinsic) of a repacked K-quant: per super-block (8 blocks
     of 32), each token's 8 transposed activation vectors, offset terms and 8 block scales loaded once, the row's
-    terms from super_block(builder, p, [(xv, xs) per token], dp) accumulated by FMA, one accumulator per term; one
-    horizontal sum per token at the end. The one-token and several-token forms give identical results. The offset
-    terms come per_block = 2 (rows of 2 nb: quant.quantize_acts_k's xs, whose second half, the first 16 values'
-    terms, is read where halves; the neuron packs pass one token's xs at offset 0)."""
+    lanes from super_block(builder, p, [(xv, xs, xh) per token], dp) times the block scales accumulated by FMA;
+    one horizontal sum per token at the end. The one-token and several-token forms give identical results. The
+    offset terms come per_block = 2: q8k, quant.quantize_acts_k's xs (16 a super-block, at twice its first block's
+    index: the 8 blocks', then xh, their first 16 values'); else one a block (quant.quantize_acts', the neuron
+    packs', one token at offset 0) and no xh."""
     def token_dots(builder, wp, nb, xps, xdps, xsps, dp):
         nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
-        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(2)] for _ in xps]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in xps]
         with cgutils.for_range(builder, builder.udiv(nb, _c(8))) as loop:
             s = loop.index
             b0 = builder.mul(s, _c(8))
@@ -178,31 +181,32 @@ def _kr_token_dots(size, super_block, halves=False):
                 xg = builder.gep(xp, [builder.mul(b0, _c(32))])
                 xv = [builder.load(builder.bitcast(builder.gep(xg, [_c(32 * i)]), _V8I.as_pointer()), align=1)
                       for i in range(8)]
-                xs = builder.load(builder.bitcast(builder.gep(xsp, [b0]), _V8I.as_pointer()), align=4)
-                xh = builder.load(builder.bitcast(builder.gep(xsp, [builder.add(nb, b0)]), _V8I.as_pointer()),
-                                  align=4) if halves else None
+                at = builder.mul(b0, _c(2)) if q8k else b0
+                xs = builder.load(builder.bitcast(builder.gep(xsp, [at]), _V8I.as_pointer()), align=4)
+                xh = builder.load(builder.bitcast(builder.gep(xsp, [builder.add(at, _c(8))]), _V8I.as_pointer()),
+                                  align=4) if q8k else None
                 toks.append((xv, xs, xh))
                 xd8s.append(builder.load(builder.bitcast(builder.gep(xdp, [b0]), _V8F.as_pointer()), align=4))
             terms = super_block(builder, builder.gep(wp, [builder.mul(s, _c(size))]), toks, dp)
-            for tok_terms, xd8, acc in zip(terms, xd8s, accs):
-                for k, (lanes, scale) in enumerate(tok_terms):
-                    a = acc[k]
-                    builder.store(_fma(builder, builder.sitofp(lanes, _V8F), builder.fmul(_splat_f(builder, scale), xd8),
-                                       builder.load(a)), a)
-        return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+            for v, xd8, acc in zip(terms, xd8s, accs):
+                builder.store(_fma(builder, v, xd8, builder.load(acc)), acc)
+        return [_hsum8_ggml(builder, builder.load(a)) for a in accs]
 
     return token_dots
 
 
-dot_row_q4_kr_vnni, dot_tokens_q4_kr_vnni, dot_row_q4_kr_generic, dot_tokens_q4_kr_generic = _routes(
+# the neuron packs' (activations rounded per 32 values: quant.quantize_acts)
+dot_row_q4_kr_vnni, _, dot_row_q4_kr_generic, _ = _routes(
     _kr_token_dots(144, _q4_kr_super_block), "Q4_KR", per_block=2, tokens=TOKENS_K)
-dot_row_q5_kr_vnni, dot_tokens_q5_kr_vnni, dot_row_q5_kr_generic, dot_tokens_q5_kr_generic = _routes(
+dot_row_q5_kr_vnni, _, dot_row_q5_kr_generic, _ = _routes(
     _kr_token_dots(176, _q5_kr_super_block), "Q5_KR", per_block=2, tokens=TOKENS_K)
-dot_row_q6_kr_vnni, dot_tokens_q6_kr_vnni, dot_row_q6_kr_generic, dot_tokens_q6_kr_generic = _routes(
+dot_row_q6_kr_vnni, _, dot_row_q6_kr_generic, _ = _routes(
     _kr_token_dots(210, _q6_kr_super_block), "Q6_KR", per_block=2, tokens=TOKENS_K)
-# the dense matmul's: the first 16 values' sums read from quant.quantize_acts_k's forms, 4 vpdpbusd fewer per 8
-# (the generic route's signed weights need none: the same dots)
-dot_row_q6_krh_vnni, dot_tokens_q6_krh_vnni, _, _ = _routes(
-    _kr_token_dots(210, lambda *a: _q6_kr_super_block(*a, halves=True), halves=True), "Q6_KR", per_block=2,
-    tokens=TOKENS_K)
-dot_row_q6_krh_generic, dot_tokens_q6_krh_generic = dot_row_q6_kr_generic, dot_tokens_q6_kr_generic
+# the dense matmuls' (rounded as Q8_K: quant.quantize_acts_k), Q6_K's reading the first 16 values' sums from the
+# forms, 4 vpdpbusd fewer per 8 on the VNNI route
+dot_row_q4_krk_vnni, dot_tokens_q4_krk_vnni, dot_row_q4_krk_generic, dot_tokens_q4_krk_generic = _routes(
+    _kr_token_dots(144, _q4_kr_super_block, True), "Q4_KR", per_block=2, tokens=TOKENS_K)
+dot_row_q5_krk_vnni, dot_tokens_q5_krk_vnni, dot_row_q5_krk_generic, dot_tokens_q5_krk_generic = _routes(
+    _kr_token_dots(176, _q5_kr_super_block, True), "Q5_KR", per_block=2, tokens=TOKENS_K)
+dot_row_q6_krk_vnni, dot_tokens_q6_krk_vnni, dot_row_q6_krk_generic, dot_tokens_q6_krk_generic = _routes(
+    _kr_token_dots(210, _q6_kr_super_block, True), "Q6_KR", per_block=2, tokens=TOKENS_K)
