@@ -19,7 +19,7 @@ from .errors import ModelFileError, SparserunError
 from .gguf_file import GGUFFile
 from .kv_cache import KVCache
 from .kernels import ops
-from .memory import Arena
+from .memory import Arena, keep_freed_buffers
 from .weights import Acts, Matmuls, TransposedWeight, Weight, in_memory_together, stackable
 
 ACT_IDS = {"silu": 0, "relu": 1, "gelu": 2, "relu_sym": ops.RELU_SYM}  # relu_sym: relu(gate) * relu(up) (bamboo)
@@ -88,6 +88,7 @@ class Model:
         def w(name, shape):
             return Weight(f.tensor(name, shape))
 
+        keep_freed_buffers()  # a prompt batch's temporaries reused, not faulted in again each layer
         arena = Arena(in_memory_bytes(f))  # the matrices' memory, all in huge pages
 
         def mats(*names_shapes):
