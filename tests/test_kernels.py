@@ -499,16 +499,22 @@ def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
     assert inside < 0.005 and direct < 0.005, (inside, direct)  # ties and the fp16-rounded scale aside
 
 
-def test_generic_kernels_build_for_aarch64():
+def test_generic_kernels_build_for_aarch64(monkeypatch):
     """The route for CPUs without VNNI is generic LLVM vector IR, so it must build for ARM: the generic row dots
-    (K-quants, repacked K-quants, Q4_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS) are compiled here into a function's LLVM IR, then llvmlite emits AArch64 object code
-    from it (x86 target attributes stripped). Checked: code generation for aarch64. Not run: the code itself on ARM."""
+    (K-quants, repacked K-quants, Q4_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS) are compiled here into a function's LLVM IR, then
+    llvmlite emits AArch64 object code from it (x86 target attributes stripped). The repacked K-quants' dots take
+    AVX2's pmaddubsw on x86 hosts: their portable form (what a non-x86 build emits) is the one checked, and their x86
+    form is checked to be the generic route's (test_repacked_k_quants_equal_the_gguf_layout). Checked: code
+    generation for aarch64. Not run: the code itself on ARM."""
     import re
 
     import llvmlite.binding as llvm
     from numba import njit
 
     from sparserun.kernels import simd
+    from sparserun.kernels.simd import krepacked
+
+    monkeypatch.setattr(krepacked, "X86_AVX2", False)  # read at code generation: dots below is compiled here
 
     @njit(_nrt=False)  # no reference counting: its helpers are numba's runtime, x86 atomics once optimized here
     def dots(w, x8, xd, xb, xq):
@@ -538,6 +544,32 @@ def test_generic_kernels_build_for_aarch64():
     assert len(obj) > 1000 and obj[:4] == b"\x7fELF"
     assembly = tm.emit_assembly(mod)
     assert re.search(r"\tsmull2?\t", assembly) and re.search(r"\taddp\t", assembly)  # NEON widening multiplies, pairwise adds
+
+
+def test_repacked_k_dots_in_portable_ir_equal_the_avx2_form(monkeypatch):
+    """The repacked K-quants' generic dots in portable IR (a non-x86 build's) sum exactly what their x86 form
+    (pmaddubsw) sums: one row of each type against random activations, as the neuron packs call them."""
+    from numba import njit
+
+    from sparserun.kernels import simd
+    from sparserun.kernels.simd import krepacked
+    from sparserun.weights import Acts
+
+    def row_dots(w4, w5, w6, xt, xd, xs):
+        return (simd.dot_row_q4_kr_generic(w4, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q5_kr_generic(w5, 0, 8, xt, 0, xd, xs, 0),
+                simd.dot_row_q6_kr_generic(w6, 0, 8, xt, 0, xd, xs, 0))
+
+    rng = np.random.default_rng(5)
+    rows = [weight(q, 1, 256, rng).repacked().raw for q in (Q.Q4_K, Q.Q5_K, Q.Q6_K)]
+    _, xd, _, _, xt, xs = Acts(rng.standard_normal((1, 256)).astype(np.float32)).forms()
+    fh = njit(row_dots)
+    host = fh(*rows, xt, xd, xs)
+    monkeypatch.setattr(krepacked, "X86_AVX2", False)  # read at code generation
+    fp = njit(row_dots)
+    portable = fp(*rows, xt, xd, xs)
+    assert host == portable and all(np.isfinite(host)) and min(map(abs, host)) > 0
+    assert "pmadd.ub.sw" not in fp.inspect_llvm(fp.signatures[0])
+    assert ("pmadd.ub.sw" in fh.inspect_llvm(fh.signatures[0])) == simd.ir.X86_AVX2
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)

@@ -6,7 +6,8 @@ a function or intrinsic it calls from another file does (an edit to simd/legacy.
 kernels running stale machine code). So a hash of all kernel sources is stamped beside the cache,
 and a mismatch clears this package's cached kernels before any of them is imported. The hash also covers
 whether the VNNI intrinsics are real or traps (simd.HAS_X86_VNNI, which SPARSERUN_NO_VNNI=1 turns off):
-kernels cached with trap bodies must not run where the VNNI branch is taken.
+kernels cached with trap bodies must not run where the VNNI branch is taken; and whether the generic route's
+K-quant dots use AVX2's pmaddubsw (simd.ir.X86_AVX2, off with SPARSERUN_PORTABLE_IR=1).
 """
 import glob
 import hashlib
@@ -32,8 +33,9 @@ def _cache_files(d):
 
 def sources_digest(here=HERE):
     from .simd import HAS_X86_VNNI  # intrinsics only: importing it loads no cached kernel
+    from .simd.ir import X86_AVX2
 
-    h = hashlib.sha256(b"vnni=%d;" % HAS_X86_VNNI)
+    h = hashlib.sha256(b"vnni=%d;avx2=%d;" % (HAS_X86_VNNI, X86_AVX2))
     for name in SOURCES:
         with open(os.path.join(here, name), "rb") as fh:
             h.update(fh.read())

@@ -219,6 +219,42 @@ def _nibbles32(builder, qp):
     return builder.and_(builder.bitcast(both, ir.VectorType(_i8, 32)), _splat(32, 15))
 
 
+def _has_x86_avx2():
+    """AVX2 on this x86 CPU (read by the generic route's K-quant dots at code generation), unless
+    SPARSERUN_PORTABLE_IR=1 (only portable IR: the aarch64 build check, or a fallback)."""
+    import os
+
+    import llvmlite.binding as llvm
+
+    if os.environ.get("SPARSERUN_PORTABLE_IR") == "1":
+        return False
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx2"))
+    except Exception:
+        return False
+
+
+X86_AVX2 = _has_x86_avx2()
+
+
+def _pmaddubsw(builder, q, x):
+    """llvm.x86.avx2.pmadd.ub.sw of q's unsigned and x's signed bytes (<8 x i32> each): adjacent products summed in
+    int16, saturating, as <16 x i16>. LLVM does not form it from portable IR when it can prove (as the K-quant dots
+    let it) that nothing saturates: it widens every byte to int16 instead, three times the instructions."""
+    v32i8, v16i16 = ir.VectorType(_i8, 32), ir.VectorType(_i16, 16)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i16, [v32i8, v32i8]),
+                                        "llvm.x86.avx2.pmadd.ub.sw")
+    return builder.call(fn, [builder.bitcast(q, v32i8), builder.bitcast(x, v32i8)])
+
+
+def _pmaddwd_ones(builder, v):
+    """llvm.x86.avx2.pmadd.wd of <16 x i16> v with ones: adjacent pairs summed in int32, <8 x i32>."""
+    v16i16, v8i32 = ir.VectorType(_i16, 16), ir.VectorType(_i32, 8)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8i32, [v16i16, v16i16]),
+                                        "llvm.x86.avx2.pmadd.wd")
+    return builder.call(fn, [v, ir.Constant(v16i16, [1] * 16)])
+
+
 def _vpdpbusd(builder):
     """llvm.x86.avx512.vpdpbusd.256: (acc <8 x i32>, unsigned bytes, signed bytes) -> acc + 4-byte dot per lane."""
     v8i = ir.VectorType(_i32, 8)

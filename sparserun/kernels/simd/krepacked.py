@@ -10,7 +10,7 @@ where the rounding is theirs. One token or TOKENS_K tokens through one frame, on
 from llvmlite import ir
 from numba.core import cgutils
 
-from .ir import TOKENS_K, _even_odd_add, _fma, _hsum8_ggml, _i32, _routes, _splat, _splat_f, _vload
+from .ir import TOKENS_K, X86_AVX2, _even_odd_add, _fma, _hsum8_ggml, _i32, _pmaddubsw, _pmaddwd_ones, _routes, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
@@ -30,28 +30,40 @@ def _generic(dp):
     return dp.name == "sparserun.dpbusd.generic"
 
 
-def _dots(builder, dp, terms, seed=None, signed=False):
-    """seed (or 0) + the sum over terms (q, x: <8 x i32> of unsigned and of signed bytes) of vpdpbusd(0, q, x): lane k
-    the sum of its 4-byte group's products over all terms. Through vpdpbusd in two chains (half the dependent
-    latency); on the generic route (dp is ir._dpbusd_generic) as pairs of products summed into one <16 x i32>
-    (vpmaddwd's pattern on x86, smull / addp on ARM) and the pairs added once at the end, not per term: the
-    same sums, with a third of the generic vpdpbusd's shuffles. signed (generic route only): the q bytes are
-    signed too."""
+def _dots(builder, dp, terms, seed=None, qmax=15):
+    """seed (or 0) + the sum over terms (q, x: <8 x i32> of unsigned bytes <= qmax and of signed bytes) of
+    vpdpbusd(0, q, x): lane k the sum of its 4-byte group's products over all terms. Through vpdpbusd in two chains
+    (half the dependent latency). On the generic route (dp is ir._dpbusd_generic): on x86 with AVX2 as AVX2 CPUs do
+    it, pmaddubsw's int16 pair sums added over as many terms as cannot overflow int16 (|pair| <= 2 x 128 qmax),
+    then one pmaddwd by ones per such run (2 instructions per 32 bytes where widening took 6); elsewhere in
+    portable IR, products widened and summed in pairs into one <16 x i32> (vpmaddwd's pattern, smull / addp on
+    ARM), the pairs added once at the end. The same sums on every route."""
     zero = ir.Constant(_V8I, [0] * 8)
     if not _generic(dp):
         ch = [seed if seed is not None else zero, zero]
         for i, (q, x) in enumerate(terms):
             ch[i % 2] = builder.call(dp, [ch[i % 2], q, x])
         return builder.add(ch[0], ch[1])
+    out = seed
+    if X86_AVX2:
+        run = max(1, 32767 // (2 * 128 * qmax))
+        for at in range(0, len(terms), run):
+            acc = None
+            for q, x in terms[at:at + run]:
+                p = _pmaddubsw(builder, q, x)
+                acc = p if acc is None else builder.add(acc, p)
+            s = _pmaddwd_ones(builder, acc)
+            out = s if out is None else builder.add(out, s)
+        return out
     v32i8, v32i16, v32i32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 32), ir.VectorType(_i32, 32)
     acc = None
     for q, x in terms:
-        a = builder.sext((builder.sext if signed else builder.zext)(builder.bitcast(q, v32i8), v32i16), v32i32)
+        a = builder.sext(builder.zext(builder.bitcast(q, v32i8), v32i16), v32i32)
         b = builder.sext(builder.sext(builder.bitcast(x, v32i8), v32i16), v32i32)
         pairs = _even_odd_add(builder, builder.mul(a, b))  # <16 x i32>
         acc = pairs if acc is None else builder.add(acc, pairs)
-    out = _even_odd_add(builder, acc)
-    return out if seed is None else builder.add(out, seed)
+    s = _even_odd_add(builder, acc)
+    return s if out is None else builder.add(out, s)
 
 
 def _chunks(builder, p, at):
@@ -103,7 +115,8 @@ def _q45_kr_super_block(builder, p, toks, dp, five):
     dmn = builder.fmul(builder.sitofp(mn, _V8F), _splat_f(builder, dmin))
     out = []
     for xv, xs, _ in toks:
-        sums = _dots(builder, dp, [t for j, (nl, nh) in enumerate(nibs) for t in ((nl, xv[2 * j]), (nh, xv[2 * j + 1]))])
+        sums = _dots(builder, dp, [t for j, (nl, nh) in enumerate(nibs) for t in ((nl, xv[2 * j]), (nh, xv[2 * j + 1]))],
+                     qmax=31 if five else 15)
         out.append(_fma(builder, builder.sitofp(xs, _V8F), dmn, builder.fmul(builder.sitofp(sums, _V8F), dsc)))
     return out
 
@@ -122,7 +135,7 @@ def _q6_kr_super_block(builder, p, toks, dp):
     per token the lanes d (half sums x their scales) (float). Value = d sc (q - 32), the scale per 16 values: lanes sum the first
     and second 16 of each sub-block apart (value runs i = 0-3 and 4-7), and the -32 comes from the first halves'
     activation sums (a vpdpbusd of 32s, or the activations' own xh, quant.quantize_acts_k) and xs (the
-    whole block's); on the generic route, which multiplies signed bytes as cheaply, the weights are q - 32 instead."""
+    whole block's), on every route."""
     d = _half(builder, p, 0)
     sc = builder.sext(_vload(builder, builder.gep(p, [_c(2)]), 16), ir.VectorType(_i32, 16))
     sc_a = builder.shuffle_vector(sc, sc, ir.Constant(_V8I, list(range(0, 16, 2))))
@@ -136,27 +149,18 @@ def _q6_kr_super_block(builder, p, toks, dp):
         s, hb = i % 4, high[i // 4]
         top = (builder.shl(hb, _splat(32, 4 - 2 * s)) if s < 2 else
                builder.lshr(hb, _splat(32, 2 * s - 4)) if s > 2 else hb)
-        q = builder.or_(nib, builder.and_(top, _splat(32, 48)))
-        if _generic(dp):  # signed weights there: q - 32 as bytes, no offset terms
-            q = builder.sub(q, _splat(32, 32))
-        vals.append(builder.bitcast(q, _V8I))
+        vals.append(builder.bitcast(builder.or_(nib, builder.and_(top, _splat(32, 48))), _V8I))
     thirty2 = builder.bitcast(_splat(32, 32), _V8I)
     out = []
     for xv, xs, xh in toks:
-        if _generic(dp):
-            sums_a = _dots(builder, dp, [(vals[i], xv[i]) for i in range(4)], signed=True)
-            sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)], signed=True)
-            out.append(builder.fmul(builder.sitofp(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), _V8F),
-                                  _splat_f(builder, d)))
-            continue
         if xh is not None:  # 32 x the first 16 values' sums, from the activations' forms (-8 x each sum)
             first = builder.mul(xh, ir.Constant(_V8I, [-4] * 8))
         else:  # computed here: a vpdpbusd of 32s
-            first = _dots(builder, dp, [(thirty2, xv[i]) for i in range(4)])
-        sums_a = builder.sub(_dots(builder, dp, [(vals[i], xv[i]) for i in range(4)]), first)
+            first = _dots(builder, dp, [(thirty2, xv[i]) for i in range(4)], qmax=32)
+        sums_a = builder.sub(_dots(builder, dp, [(vals[i], xv[i]) for i in range(4)], qmax=63), first)
         # second halves: q x - 32 (whole sum - first) = q x + 4 xs + first (xs = -8 x the whole block's sum)
         sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)],
-                       builder.add(builder.shl(xs, ir.Constant(_V8I, [2] * 8)), first))
+                       builder.add(builder.shl(xs, ir.Constant(_V8I, [2] * 8)), first), qmax=63)
         out.append(builder.fmul(builder.sitofp(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), _V8F),
                                   _splat_f(builder, d)))
     return out
