@@ -264,11 +264,13 @@ def quantize_acts_k(x, x8, xd, xb, xt, xs):
     one float32 scale per 256 values, d = max / -127 with max the value of largest magnitude (the first one on a
     tie), values rint(x * -127 / max) capped at 127. Written in quantize_acts' VNNI forms (x8, xd per 32 values:
     the super-block's d repeated, xb from x8, and the repacked dots' xt and xs), so the K-quant dots sum exactly
-    the integers llama.cpp sums. xs (T, 2 n/32) holds 16 terms per super-block: its 8 blocks' offset terms, then
-    those of each block's first 16 values (-8 x their sum), which the repacked Q6_K dots read (simd.krepacked);
-    a super-block's terms sit at twice its first block's index, so a column range's start at its xd index."""
+    the integers llama.cpp sums. xs (T, 3 n/32) holds 24 terms per super-block: its 8 blocks' offset terms, those
+    of each block's first 16 values (-8 x their sum), which the repacked Q6_K dots read, and the blocks' terms as
+    float32 bits, which the repacked Q4_K / Q5_K dots read (simd.krepacked); a super-block's terms sit at three
+    times its first block's index, so a column range's start follows from its xd index."""
     T, n = x.shape
     for t in range(T):
+        xsf = xs[t].view(np.float32)
         for sb in range(n // QK_K):
             o = sb * QK_K
             amax, mx = np.float32(0.0), np.float32(0.0)
@@ -286,13 +288,14 @@ def quantize_acts_k(x, x8, xd, xb, xt, xs):
                 k = o + 4 * l
                 xb[t, o // 4 + l] = -8 * (np.int32(x8[t, k]) + np.int32(x8[t, k + 1]) + np.int32(x8[t, k + 2]) +
                                           np.int32(x8[t, k + 3]))
-            for b in range(QK_K // QK):  # per super-block 16 terms: the 8 blocks', then their first 16 values'
-                s = 0
+            for b in range(QK_K // QK):  # per super-block 24 terms: the 8 blocks', their first 16 values', and
+                s = 0                      # the blocks' again as float32 bits
                 for l in range(QK // 4):
                     s += xb[t, o // 4 + 8 * b + l]
                     if l == QK // 8 - 1:  # (Q6_K's scales are per 16)
-                        xs[t, 2 * (o // QK) + 8 + b] = s
-                xs[t, 2 * (o // QK) + b] = s
+                        xs[t, 3 * (o // QK) + 8 + b] = s
+                xs[t, 3 * (o // QK) + b] = s
+                xsf[3 * (o // QK) + 16 + b] = np.float32(s)
         x32, t32 = x8[t].view(np.int32), xt[t].view(np.int32)  # quantize_acts' transposition, 256 values a group
         for g in range(n // QK_K):
             for i in range(QK // 4):
@@ -305,7 +308,7 @@ def acts_forms_k(x):
     """quantize_acts_k's forms of x (T, n) in acts_forms' six places (xq, which no K-quant dot reads, empty)."""
     T, n = x.shape
     forms = (np.empty((0, 0), np.int16), np.empty((T, n // QK), np.float32), np.empty((T, n), np.int8),
-             np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, 2 * (n // QK)), np.int32))
+             np.empty((T, n // 4), np.int32), np.empty((T, n), np.int8), np.empty((T, 3 * (n // QK)), np.int32))
     if T > 1:
         _quantize_acts_k_tokens(x, forms[2], forms[1], forms[3], forms[4], forms[5])
     else:

@@ -114,10 +114,11 @@ def _q45_kr_super_block(builder, p, toks, dp, five):
     dsc = builder.fmul(builder.sitofp(sc, _V8F), _splat_f(builder, d))
     dmn = builder.fmul(builder.sitofp(mn, _V8F), _splat_f(builder, dmin))
     out = []
-    for xv, xs, _ in toks:
+    for xv, xs, _, xsf in toks:
         sums = _dots(builder, dp, [t for j, (nl, nh) in enumerate(nibs) for t in ((nl, xv[2 * j]), (nh, xv[2 * j + 1]))],
                      qmax=31 if five else 15)
-        out.append(_fma(builder, builder.sitofp(xs, _V8F), dmn, builder.fmul(builder.sitofp(sums, _V8F), dsc)))
+        xsf = builder.sitofp(xs, _V8F) if xsf is None else xsf
+        out.append(_fma(builder, xsf, dmn, builder.fmul(builder.sitofp(sums, _V8F), dsc)))
     return out
 
 
@@ -152,7 +153,7 @@ def _q6_kr_super_block(builder, p, toks, dp):
         vals.append(builder.bitcast(builder.or_(nib, builder.and_(top, _splat(32, 48))), _V8I))
     thirty2 = builder.bitcast(_splat(32, 32), _V8I)
     out = []
-    for xv, xs, xh in toks:
+    for xv, xs, xh, _ in toks:
         if xh is not None:  # 32 x the first 16 values' sums, from the activations' forms (-8 x each sum)
             first = builder.mul(xh, ir.Constant(_V8I, [-4] * 8))
         else:  # computed here: a vpdpbusd of 32s
@@ -169,11 +170,12 @@ def _q6_kr_super_block(builder, p, toks, dp):
 def _kr_token_dots(size, super_block, q8k=False):
     """The token_dots frame (ir._row_intrinsic / _tokens_intrinsic) of a repacked K-quant: per super-block (8 blocks
     of 32), each token's 8 transposed activation vectors, offset terms and 8 block scales loaded once, the row's
-    lanes from super_block(builder, p, [(xv, xs, xh) per token], dp) times the block scales accumulated by FMA;
+    lanes from super_block(builder, p, [(xv, xs, xh, xsf) per token], dp) times the block scales accumulated by FMA;
     one horizontal sum per token at the end. The one-token and several-token forms give identical results. The
-    offset terms come per_block = 2: q8k, quant.quantize_acts_k's xs (16 a super-block, at twice its first block's
-    index: the 8 blocks', then xh, their first 16 values'); else one a block (quant.quantize_acts', the neuron
-    packs', one token at offset 0) and no xh."""
+    offset terms: q8k (per_block = 3), quant.quantize_acts_k's xs, 24 a super-block at three times its first
+    block's index: the 8 blocks' (int32), xh, their first 16 values' (int32), and xsf, the blocks' as float32 (one
+    conversion fewer per token in the Q4_K / Q5_K dots); else (per_block = 2) one a block (quant.quantize_acts',
+    the neuron packs', one token at offset 0), no xh, and xsf converted here."""
     def token_dots(builder, wp, nb, xps, xdps, xsps, dp):
         nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
         accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in xps]
@@ -185,11 +187,11 @@ def _kr_token_dots(size, super_block, q8k=False):
                 xg = builder.gep(xp, [builder.mul(b0, _c(32))])
                 xv = [builder.load(builder.bitcast(builder.gep(xg, [_c(32 * i)]), _V8I.as_pointer()), align=1)
                       for i in range(8)]
-                at = builder.mul(b0, _c(2)) if q8k else b0
+                at = builder.mul(b0, _c(3)) if q8k else b0
                 xs = builder.load(builder.bitcast(builder.gep(xsp, [at]), _V8I.as_pointer()), align=4)
-                xh = builder.load(builder.bitcast(builder.gep(xsp, [builder.add(at, _c(8))]), _V8I.as_pointer()),
-                                  align=4) if q8k else None
-                toks.append((xv, xs, xh))
+                xh, xsf = (builder.load(builder.bitcast(builder.gep(xsp, [builder.add(at, _c(k))]), ty.as_pointer()),
+                                        align=4) if q8k else None for k, ty in ((8, _V8I), (16, _V8F)))
+                toks.append((xv, xs, xh, xsf))
                 xd8s.append(builder.load(builder.bitcast(builder.gep(xdp, [b0]), _V8F.as_pointer()), align=4))
             terms = super_block(builder, builder.gep(wp, [builder.mul(s, _c(size))]), toks, dp)
             for v, xd8, acc in zip(terms, xd8s, accs):
@@ -209,8 +211,8 @@ dot_row_q6_kr_vnni, _, dot_row_q6_kr_generic, _ = _routes(
 # the dense matmuls' (rounded as Q8_K: quant.quantize_acts_k), Q6_K's reading the first 16 values' sums from the
 # forms, 4 vpdpbusd fewer per 8 on the VNNI route
 dot_row_q4_krk_vnni, dot_tokens_q4_krk_vnni, dot_row_q4_krk_generic, dot_tokens_q4_krk_generic = _routes(
-    _kr_token_dots(144, _q4_kr_super_block, True), "Q4_KR", per_block=2, tokens=TOKENS_K)
+    _kr_token_dots(144, _q4_kr_super_block, True), "Q4_KR", per_block=3, tokens=TOKENS_K)
 dot_row_q5_krk_vnni, dot_tokens_q5_krk_vnni, dot_row_q5_krk_generic, dot_tokens_q5_krk_generic = _routes(
-    _kr_token_dots(176, _q5_kr_super_block, True), "Q5_KR", per_block=2, tokens=TOKENS_K)
+    _kr_token_dots(176, _q5_kr_super_block, True), "Q5_KR", per_block=3, tokens=TOKENS_K)
 dot_row_q6_krk_vnni, dot_tokens_q6_krk_vnni, dot_row_q6_krk_generic, dot_tokens_q6_krk_generic = _routes(
-    _kr_token_dots(210, _q6_kr_super_block, True), "Q6_KR", per_block=2, tokens=TOKENS_K)
+    _kr_token_dots(210, _q6_kr_super_block, True), "Q6_KR", per_block=3, tokens=TOKENS_K)
