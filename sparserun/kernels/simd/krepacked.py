@@ -1,16 +1,17 @@
 """Dots of the K-quants in the layout the loader repacks them into (kernels/krepack.py: Q4_KR, Q5_KR, Q6_KR): each
 super-block's quants laid across the vector lanes as repacked Q4_0's groups are (legacy._q4_0r_group_sums), so
 the 8 sub-blocks' exact integer dots come out of the vpdpbusd chains as the 8 lanes of one vector, with no
-horizontal reduction and no per-sub-block float work: Q4_K / Q5_K's sub-block scales and mins become the row's
-float factors d sc_k and dmin m_k once per super-block, shared by the tokens (Q6_K's 16 scales multiply its lanes
-as integers), and one FMA per super-block and token applies the activations' 8 block scales. The activations come in quantize_acts' transposed form xt with the block offset terms xs (-8 times each
+horizontal reduction and no per-sub-block float work: Q4_K / Q5_K's sub-block scales and mins are converted to
+floats once per super-block, shared by the tokens, and multiply the lanes exactly (Q6_K's 16 scales multiply its
+lanes as integers); one FMA per term, super-block and token applies d (dmin) times the activations' block
+scales. The activations come in quantize_acts' transposed form xt with the block offset terms xs (-8 times each
 32 values' sum), rounded per 32 values or per 256 (Q8_K: quant.quantize_acts_k); both give llama.cpp's integers
 where the rounding is theirs. One token or TOKENS_K tokens through one frame, on the VNNI route or the generic one.
 """
 from llvmlite import ir
 from numba.core import cgutils
 
-from .ir import TOKENS_K, X86_AVX2, _even_odd_add, _fma, _hsum8_ggml, _i32, _pmaddubsw, _pmaddwd_ones, _routes, _splat, _splat_f, _vload
+from .ir import TOKENS_K, X86_AVX2, _even_odd_add, _fma, _hsum8, _i32, _pmaddubsw, _pmaddwd_ones, _routes, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
@@ -80,8 +81,8 @@ def _chunks(builder, p, at):
 def _q45_kr_super_block(builder, p, toks, dp, five):
     """Q4_KR super-block at p (144 bytes as Q4_K: d, dmin, the 12 bytes of 6-bit scales and mins, then the 128
     quant bytes in _chunks' order), or Q5_KR (five: 176 bytes, the same, then 32 bytes of fifth bits: bit 2 j of
-    byte L that of chunk j's low nibble at L, bit 2 j + 1 its high one's): per token the lanes d sc_k sums_k +
-    dmin m_k / 8 xs_k (float), whose sum over lanes, times the activations' block scales, is the super-block's dot
+    byte L that of chunk j's low nibble at L, bit 2 j + 1 its high one's): per token [(sc_k sums_k, d), (m_k xs_k, dmin /
+    8)] (float lanes, exact), whose sum over lanes, times the activations' block scales, is the super-block's dot
     (value = d sc_k q - dmin m_k; xs is -8 times each block's activation sum). The scales unpack as ggml's own
     (three 32-bit words, masks and shifts)."""
     w = [builder.load(builder.bitcast(builder.gep(p, [_c(4 + 4 * k)]), _i32.as_pointer()), align=1) for k in range(3)]
@@ -110,15 +111,15 @@ def _q45_kr_super_block(builder, p, toks, dp, five):
                          builder.bitcast(builder.or_(builder.lshr(c, _splat(32, 4)), bit4(2 * j + 1)), _V8I)))
     else:
         nibs = _chunks(builder, p, 16)
-    # the row's float factors per lane, shared by the tokens: d sc_k and dmin m_k / 8
-    dsc = builder.fmul(builder.sitofp(sc, _V8F), _splat_f(builder, d))
-    dmn = builder.fmul(builder.sitofp(mn, _V8F), _splat_f(builder, dmin))
+    # the scales and mins as floats once per super-block, shared by the tokens: a lane's sums times them is exact
+    # (|sums sc_k| and |xs m_k| stay below 2^24), the integers llama.cpp's dot multiplies by d and dmin
+    scf, mnf = builder.sitofp(sc, _V8F), builder.sitofp(mn, _V8F)
     out = []
     for xv, xs, _, xsf in toks:
         sums = _dots(builder, dp, [t for j, (nl, nh) in enumerate(nibs) for t in ((nl, xv[2 * j]), (nh, xv[2 * j + 1]))],
                      qmax=31 if five else 15)
         xsf = builder.sitofp(xs, _V8F) if xsf is None else xsf
-        out.append(_fma(builder, xsf, dmn, builder.fmul(builder.sitofp(sums, _V8F), dsc)))
+        out.append([(builder.fmul(builder.sitofp(sums, _V8F), scf), d), (builder.fmul(xsf, mnf), dmin)])
     return out
 
 
@@ -133,7 +134,7 @@ def _q5_kr_super_block(builder, p, toks, dp):
 def _q6_kr_super_block(builder, p, toks, dp):
     """Q6_KR super-block at p (210 bytes: d, 16 int8 scales, 128 bytes of low 4 bits in _chunks' order, then 2 x 32
     bytes of high 2 bits: bits 2 s of byte 4 k + m of the h-th 32 are those of sub-block k's value 4 (4 h + s) + m):
-    per token the lanes d (half sums x their scales) (float). Value = d sc (q - 32), the scale per 16 values: lanes sum the first
+    per token [(half sums x their scales, d)] (float lanes, exact). Value = d sc (q - 32), the scale per 16 values: lanes sum the first
     and second 16 of each sub-block apart (value runs i = 0-3 and 4-7), and the -32 comes from the first halves'
     activation sums (a vpdpbusd of 32s, or the activations' own xh, quant.quantize_acts_k) and xs (the
     whole block's), on every route."""
@@ -162,23 +163,23 @@ def _q6_kr_super_block(builder, p, toks, dp):
         # second halves: q x - 32 (whole sum - first) = q x + 4 xs + first (xs = -8 x the whole block's sum)
         sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)],
                        builder.add(builder.shl(xs, ir.Constant(_V8I, [2] * 8)), first), qmax=63)
-        out.append(builder.fmul(builder.sitofp(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), _V8F),
-                                  _splat_f(builder, d)))
+        out.append([(builder.sitofp(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), _V8F), d)])
     return out
 
 
 def _kr_token_dots(size, super_block, q8k=False):
     """The token_dots frame (ir._row_intrinsic / _tokens_intrinsic) of a repacked K-quant: per super-block (8 blocks
     of 32), each token's 8 transposed activation vectors, offset terms and 8 block scales loaded once, the row's
-    lanes from super_block(builder, p, [(xv, xs, xh, xsf) per token], dp) times the block scales accumulated by FMA;
-    one horizontal sum per token at the end. The one-token and several-token forms give identical results. The
+    terms (lanes, scale) from super_block(builder, p, [(xv, xs, xh, xsf) per token], dp) accumulated by FMA with
+    scale x the block scales, one accumulator per term (the rounding of llama.cpp's dots, which scale an exact
+    integer by d x the activations' scale); one horizontal sum per token at the end. The one-token and several-token forms give identical results. The
     offset terms: q8k (per_block = 3), quant.quantize_acts_k's xs, 24 a super-block at three times its first
     block's index: the 8 blocks' (int32), xh, their first 16 values' (int32), and xsf, the blocks' as float32 (one
     conversion fewer per token in the Q4_K / Q5_K dots); else (per_block = 2) one a block (quant.quantize_acts',
     the neuron packs', one token at offset 0), no xh, and xsf converted here."""
     def token_dots(builder, wp, nb, xps, xdps, xsps, dp):
         nb = builder.sext(nb, _I64) if nb.type.width < 64 else nb
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in xps]
+        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(2)] for _ in xps]
         with cgutils.for_range(builder, builder.udiv(nb, _c(8))) as loop:
             s = loop.index
             b0 = builder.mul(s, _c(8))
@@ -194,9 +195,11 @@ def _kr_token_dots(size, super_block, q8k=False):
                 toks.append((xv, xs, xh, xsf))
                 xd8s.append(builder.load(builder.bitcast(builder.gep(xdp, [b0]), _V8F.as_pointer()), align=4))
             terms = super_block(builder, builder.gep(wp, [builder.mul(s, _c(size))]), toks, dp)
-            for v, xd8, acc in zip(terms, xd8s, accs):
-                builder.store(_fma(builder, v, xd8, builder.load(acc)), acc)
-        return [_hsum8_ggml(builder, builder.load(a)) for a in accs]
+            for tok_terms, xd8, acc in zip(terms, xd8s, accs):
+                for k, (lanes, scale) in enumerate(tok_terms):
+                    builder.store(_fma(builder, lanes, builder.fmul(_splat_f(builder, scale), xd8), builder.load(acc[k])),
+                                  acc[k])
+        return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
 
     return token_dots
 
