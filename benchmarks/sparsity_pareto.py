@@ -1,7 +1,7 @@
 """Decode speed against perplexity for sparsity policies on one model: the Pareto picture of dense, CATS and teal.
 
     python benchmarks/sparsity_pareto.py MODEL -f heldout.txt --sparsity threshold:cats25.json \
-        --sparsity teal:teal25.json ... [-n 32 -r 5] [--ctx 512] [--chunks N] [-o pareto.png] [--json out.json]
+        --sparsity teal:teal25.gguf ... [-n 32 -r 5] [--ctx 512] [--chunks N] [-o pareto.png] [--json out.json]
 
 Decode tokens/s of every policy and of dense come from one `sparserun bench` run (interleaved repetitions, medians);
 perplexity from `sparserun perplexity`'s chunks of the held-out text under each policy. The plot puts each policy at
@@ -65,7 +65,7 @@ def main():
                 ax.plot([100 * (r["ppl"] / base["ppl"] - 1) for r in pts], [r["tps"] / base["tps"] for r in pts], mark,
                         label={"threshold": "CATS (threshold)"}.get(family, family))
                 for r in pts:
-                    ax.annotate(os.path.basename(r["policy"].split(":", 1)[-1]).removesuffix(".json"),
+                    ax.annotate(os.path.basename(r["policy"].split(":", 1)[-1]).removesuffix(".json").removesuffix(".gguf"),
                                 (100 * (r["ppl"] / base["ppl"] - 1), r["tps"] / base["tps"]), fontsize=7,
                                 xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("perplexity above dense (%)")

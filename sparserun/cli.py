@@ -365,10 +365,11 @@ def calibrate(
     profile: Optional[Path] = typer.Option(None, "--profile", help="or: a profile from `sparserun profile`"),
     sparsity: float = typer.Option(0.5, "--target-sparsity", help="fraction of FFN activations to drop, per layer"),
     tokens: int = typer.Option(2048, "--tokens", help="calibration tokens to use at most"),
-    out: Path = typer.Option(Path("thresholds.json"), "-o", "--output", help="thresholds file to write"),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="thresholds file to write (default: thresholds.json; "
+                                       "with --teal: <model>.gguf.teal.gguf)"),
     teal: bool = typer.Option(False, "--teal", help="input thresholds for every matrix (--sparsity teal:FILE): "
-                              "--target-sparsity is the share of weight bytes skipped; the corpus defaults to "
-                              "Python's documentation text"),
+                              "--target-sparsity is the share of weight bytes skipped; from a profile's teal tables "
+                              "(--profile) or a corpus (default: Python's documentation text)"),
     allocation: str = typer.Option("greedy", "--allocation", help="with --teal: greedy (per layer, the share spread "
                                    "over the inputs by the error each adds) or uniform (every input at the target)"),
     threads: Optional[int] = Threads,
@@ -378,19 +379,30 @@ def calibrate(
     from .sparsity import save_thresholds
 
     if teal:
-        from .teal import GROUPS, builtin_text, calibrate_teal, save_teal
+        from .side_files import PROFILE, TEAL
+        from .teal import GROUPS, builtin_text, load_tables, save_teal, teal_tables
 
-        if profile is not None:
-            raise SparserunError("calibrate --teal takes --corpus (or no corpus: a built-in text), not --profile")
-        m = _load(model, threads, max(tokens, 8))
-        ids = _corpus_ids(m, corpus, tokens) if corpus is not None else m.tokenize(builtin_text())[:tokens]
-        t, shares, n = calibrate_teal(m, ids, sparsity, allocation)
-        save_teal(out, m, t, target=sparsity, allocation=allocation, tokens=n,
-                  text=str(corpus) if corpus is not None else "pydoc_data.topics", shares=shares.round(3).tolist())
-        typer.echo(f"wrote {out}: teal thresholds ({allocation}) for {sparsity:.0%} of the weight bytes over {n} tokens; "
-                   "mean share of channels dropped per input: " +
+        if corpus is not None and profile is not None:
+            raise SparserunError("calibrate --teal takes --corpus or --profile, not both")
+        if profile is not None:  # the profile's tables: no pass over text
+            from .model import Model
+
+            m = Model(model, n_ctx=1)
+            tables = load_tables(profile, m, PROFILE)
+            if tables is None:
+                raise SparserunError(f"{profile}: this profile holds no teal tables (made with --no-teal)")
+        else:
+            m = _load(model, threads, max(tokens, 8))
+            ids = _corpus_ids(m, corpus, tokens) if corpus is not None else m.tokenize(builtin_text())[:tokens]
+            tables = teal_tables(m, ids, allocation != "uniform", text=str(corpus or "pydoc_data.topics"))
+        t, shares = tables.select(sparsity, allocation)
+        out = out or Path(TEAL.default_path(model))
+        save_teal(out, m, t, tables, target=sparsity, allocation=allocation)
+        typer.echo(f"wrote {out}: teal thresholds ({allocation}) for {sparsity:.0%} of the weight bytes over "
+                   f"{tables.tokens} tokens of {tables.text}; mean share of channels dropped per input: " +
                    ", ".join(f"{name} {v:.2f}" for name, v in zip(GROUPS, shares.mean(0))))
         return
+    out = out or Path("thresholds.json")
     if (corpus is None) == (profile is None):
         raise SparserunError("calibrate needs exactly one of --corpus or --profile")
     if not 0.0 <= sparsity < 1.0:
@@ -420,11 +432,14 @@ def profile(
     sparsity: float = typer.Option(0.5, "--target-sparsity",
                                    help="SwiGLU: 'active' means above the thresholds for this sparsity"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the hotness picture and CDF to this PNG"),
+    teal: bool = typer.Option(True, "--teal/--no-teal", help="also calibrate the input sparsity (teal:S then selects "
+                              "its thresholds from this profile)"),
     threads: Optional[int] = Threads,
     trace: Optional[Path] = typer.Option(None, "--trace", help="instead of profiling: draw this trace's layer x token "
                                          "heat map of kept shares (from generate / chat / bench --trace) to --plot"),
 ):
-    """Neuron hotness over a corpus: per-neuron activity and mean magnitude, per-layer histograms."""
+    """Neuron hotness over a corpus: per-neuron activity and mean magnitude, per-layer histograms, the hot head's token
+    counts, and the input sparsity's calibration (teal:S reads it from the profile beside the model)."""
     from .profile import format_summary, plot_profile, profile_model, save_profile
     from .progress import stderr_progress
     from .side_files import PROFILE
@@ -442,9 +457,11 @@ def profile(
         raise SparserunError("profile needs --corpus (a text file to run the model over)")
     if not 0.0 <= sparsity < 1.0:
         raise SparserunError(f"--target-sparsity must be in [0, 1), got {sparsity}")
-    m = _load(model, threads, 256)
+    from .teal import CALIBRATION_TOKENS
+
+    m = _load(model, threads, max(256, min(tokens, CALIBRATION_TOKENS)) if teal else 256)  # teal: one pass of them
     ids = _corpus_ids(m, corpus, tokens)
-    p = profile_model(m, ids, target_sparsity=sparsity, progress=stderr_progress)
+    p = profile_model(m, ids, target_sparsity=sparsity, progress=stderr_progress, teal=teal, text=str(corpus))
     out = out or Path(PROFILE.default_path(model))
     save_profile(p, out)
     typer.echo(format_summary(p))

@@ -11,8 +11,9 @@ File format: a GGUF (written with the gguf package, no executable content) with 
 and per layer the float32 tensors blk.N.frequency (n_ff), blk.N.mean_magnitude (n_ff),
 blk.N.histogram (bins + 1: exact zeros first); plus hist_edges (bins + 1) and thresholds (n_layer); and for the
 hot/cold output head (head.py) token_frequency (n_vocab: the corpus's tokens plus the dense model's greedy tokens
-over it) and head_covariance (dim, dim: the mean outer product of the head's inputs). A profile is bound to its
-model by the model's tensor fingerprint.
+over it) and head_covariance (dim, dim: the mean outer product of the head's inputs); and the input sparsity's
+calibration (teal.TealTables: tensors teal.*), from which `--sparsity teal:S` selects its thresholds for any S. A
+profile is bound to its model by the model's tensor fingerprint.
 """
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class Profile:
     edges: np.ndarray = field(default_factory=lambda: EDGES.copy())
     token_frequency: np.ndarray = None  # (n_vocab,) the head's hot set ranks tokens by it; None in older profiles
     head_covariance: np.ndarray = None  # (dim, dim) mean h h^T of the head's inputs (the cold rows' estimate)
+    teal: object = None  # teal.TealTables over the corpus's first CALIBRATION_TOKENS, or None
 
     def threshold_for(self, sparsity):
         """Per-layer thresholds under which `sparsity` of all activations fall (from the histograms)."""
@@ -93,9 +95,10 @@ def record(model, ids, thresholds, batch=256, progress=None, head=None):
     return count, mag, hist
 
 
-def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, progress=None):
+def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, progress=None, teal=False, text=""):
     """A Profile of model over token ids. ReLU-family: active = non-zero. SwiGLU: active = above
-    `thresholds` if given, else above the thresholds for `target_sparsity` found by a first pass."""
+    `thresholds` if given, else above the thresholds for `target_sparsity` found by a first pass. teal: also the
+    input sparsity's calibration tables over the first teal.CALIBRATION_TOKENS of ids (text: their name)."""
     if len(ids) < 2:
         raise SparserunError("profile needs at least 2 tokens of text")
     n_layer = model.args.n_layer
@@ -112,9 +115,14 @@ def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, p
     head = {}
     count, mag, hist = record(model, ids, thresholds, batch, progress, head)
     n = len(ids)
+    tables = None
+    if teal:
+        from .teal import CALIBRATION_TOKENS, teal_tables
+
+        tables = teal_tables(model, ids[:CALIBRATION_TOKENS], text=text, progress=progress)
     return Profile(model.gguf.fingerprint(), n, model.args.activation, (count / n).astype(np.float32),
                    (mag / n).astype(np.float32), hist, thresholds, EDGES.copy(),
-                   (head["tokens"] / (2 * n)).astype(np.float32), (head["cov"] / n).astype(np.float32))
+                   (head["tokens"] / (2 * n)).astype(np.float32), (head["cov"] / n).astype(np.float32), tables)
 
 
 def save_profile(profile, path):
@@ -126,18 +134,23 @@ def save_profile(profile, path):
     if profile.token_frequency is not None:
         tensors["token_frequency"] = profile.token_frequency
         tensors["head_covariance"] = profile.head_covariance
-    PROFILE.write(path, profile.fingerprint, {"tokens": int(profile.tokens), "activation": profile.activation},
-                  tensors)
+    values = {"tokens": int(profile.tokens), "activation": profile.activation}
+    if profile.teal is not None:
+        tensors.update(profile.teal.tensors())
+        values.update(profile.teal.values())
+    PROFILE.write(path, profile.fingerprint, values, tensors)
 
 
 def load_profile(path, model=None):
     """Read a profile; with `model`, refuse one made for another model. Errors are one line."""
+    from .teal import TealTables
+
     def build(v, t):
         n_layer = len(t["thresholds"])
         layers = lambda key: np.stack([t[f"blk.{i}.{key}"] for i in range(n_layer)])  # noqa: E731
         return int(v["tokens"]), str(v["activation"]), layers("frequency"), layers("mean_magnitude"), \
             layers("histogram").astype(np.int64), t["thresholds"], t["hist_edges"], t.get("token_frequency"), \
-            t.get("head_covariance")
+            t.get("head_covariance"), TealTables.read(v, t)
 
     fields, fingerprint = PROFILE.read(path, build, model)
     return Profile(fingerprint, *fields)

@@ -1,4 +1,4 @@
-"""The project's own files beside a model: profile, placement, predictors. One mechanism for all of them.
+"""The project's own files beside a model: profile, placement, predictors, teal thresholds. One mechanism for all of them.
 
 Each is a GGUF of its own architecture ("sparserun-<kind>", no executable content) holding float32 tensors and
 keys "sparserun.<kind>.*", bound to its model by the model's tensor fingerprint (GGUFFile.fingerprint), and
@@ -58,3 +58,4 @@ class SideFile:
 PROFILE = SideFile("profile", "profile file")
 PLACEMENT = SideFile("placement", "placement file")
 PREDICTORS = SideFile("predictors", "predictor file")
+TEAL = SideFile("teal", "teal thresholds file")

@@ -11,8 +11,9 @@
                                runs them at threshold T instead of the file's
     teal:S | teal:FILE         input sparsity on every matrix (teal.py): per layer and input, channels
                                under a calibrated threshold skipped, S the share of weight bytes
-                               skipped (calibrated at first use on a built-in text, then cached), or
-                               thresholds from `sparserun calibrate --teal S -o FILE`
+                               skipped, selected from the calibration in <model>.gguf.profile.gguf
+                               (sparserun profile) or else calibrated at first use on a built-in
+                               text and cached; or a thresholds file (sparserun calibrate --teal)
     teal:S+POLICY              teal on attention's inputs, POLICY (any of the above) on the FFN
 
 For SwiGLU models activations are act(gate) (CATS: gate computed densely, then up and down for the

@@ -21,7 +21,6 @@ the file's own weights. Column packs are cached beside the neuron packs and load
 Composition: `teal:S` alone covers all four inputs; `teal:S+POLICY` (e.g. teal:0.4+threshold:0, teal:0.4+predictor)
 covers attention's two and leaves the FFN to POLICY (sparse_ffn.py), whose kernels read the FFN's own packs.
 """
-import json
 import os
 import sys
 
@@ -30,6 +29,7 @@ import numpy as np
 from numba import njit
 
 from .errors import SparserunError
+from .side_files import PROFILE, TEAL
 from .ffn_pack import DOWN_KINDS, FOUR_BIT, cache_root, cached_units, part_sums, quantize_columns, unit_stride
 from .kernels import ops
 from .kernels import quant as K
@@ -251,7 +251,7 @@ LEVELS = np.round(np.arange(0.0, 0.951, 0.025), 3)  # the sparsity steps the gre
 CALIBRATION_TOKENS = 2048  # of the built-in text, for `teal:S` (Gemma 3 270M, greedy 25%: +5.0% perplexity
 # calibrated on 1024 tokens, +4.2% on 2048; +5.2% with the 2048 tokens' inputs rounded to float16: the allocation
 # moves with small changes in its inputs)
-PROBE = 0.5  # the least level each input is probed at alone, end to end, to weigh its errors (calibrate_teal)
+PROBE = 0.5  # the level each input is probed at alone, end to end, to weigh its errors (teal_tables)
 
 
 def _errors(w, x, levels):
@@ -264,7 +264,7 @@ def _errors(w, x, levels):
                      for s, t in zip(levels, ts)])
 
 
-def allocate(errors, sizes, target):
+def allocate(errors, sizes, target, levels=LEVELS):
     """Greedy: levels (indices into LEVELS), one per input, whose byte-weighted mean share reaches target, each step
     taken where the error added per byte skipped is least. errors: per input, the error at each level (convex
     enough in practice: a step is judged by its own increment)."""
@@ -273,8 +273,8 @@ def allocate(errors, sizes, target):
     need = target * sizes.sum() - 1e-9
     done = 0.0
     while done < need:
-        nxt = np.minimum(at + 1, len(LEVELS) - 1)
-        gain = sizes * (LEVELS[nxt] - LEVELS[at])
+        nxt = np.minimum(at + 1, len(levels) - 1)
+        gain = sizes * (levels[nxt] - levels[at])
         cost = np.array([e[n] - e[a] for e, n, a in zip(errors, nxt, at)])
         cost = np.where(gain > 0, cost / np.maximum(gain, 1e-30), np.inf)
         pick = int(np.argmin(cost))
@@ -307,91 +307,168 @@ def _run(model, thresholds, ids, record=False):
     return logits, inputs
 
 
-def calibrate_teal(model, ids, target, allocation="greedy", sample=256, probe_tokens=256):
-    """Thresholds (n_layer, 4) for a target share S of the model's weight bytes (the four inputs' matrices) skipped,
-    from the inputs seen over token ids (run dense), and the share of each input's channels they drop there.
-    "uniform": every input at S. "greedy": each input's relative output error at each level (_errors), weighed by
-    how much the model's output moves when that input alone runs at PROBE in every layer (mean KL over probe_tokens
-    against dense, per unit of its mean error there), then allocate() over every layer and input at once."""
-    if not 0.0 <= target < 1.0:
-        raise SparserunError(f"teal: the target share must be in [0, 1), got {target}")
-    if allocation not in ("greedy", "uniform"):
-        raise SparserunError(f"teal: allocation must be greedy or uniform, got {allocation!r}")
+class TealTables:
+    """What calibration measured, from which the thresholds of any target share follow at once (select): per layer
+    and input (GROUPS), the |x| threshold that drops each LEVELS share of its channels on the calibration text, the
+    error that adds (the input's relative output error, weighed by how much the model's output moves per unit of it:
+    the mean KL against dense when that input alone runs at PROBE in every layer; None where only the uniform
+    allocation was asked for), and the weight values each input's matrices hold. Kept in the profile (`sparserun
+    profile`), in teal files (`sparserun calibrate --teal`) and, for `teal:S`, beside the packs."""
+
+    def __init__(self, thresholds, errors, sizes, tokens, text, levels=LEVELS):
+        self.levels = np.round(np.asarray(levels, np.float64), 6)  # (L,) shares of an input's channels dropped (stored
+        # as float32: rounded back to the steps they were)
+        self.thresholds = np.asarray(thresholds, np.float32)  # (n_layer, 4, L): |x| at or under which they drop
+        self.errors = None if errors is None else np.asarray(errors, np.float32)  # (n_layer, 4, L) or None
+        self.sizes = np.asarray(sizes, np.float32)  # (n_layer, 4) weight values read per input
+        self.tokens, self.text = int(tokens), str(text)
+        L = len(self.levels)
+        if self.thresholds.ndim != 3 or self.thresholds.shape[1:] != (len(GROUPS), L) or \
+                self.sizes.shape != self.thresholds.shape[:2] or \
+                (self.errors is not None and self.errors.shape != self.thresholds.shape) or \
+                not np.all(np.isfinite(self.thresholds)) or not np.all(np.isfinite(self.sizes)):
+            raise ValueError(f"teal tables of shapes {self.thresholds.shape} / {self.sizes.shape} over {L} levels")
+
+    def select(self, target, allocation="greedy"):
+        """(thresholds (n_layer, 4) float32, shares (n_layer, 4) of each input's channels dropped) skipping the share
+        `target` of the weight values. uniform: every input at target (its threshold interpolated between the two
+        levels around it, exact on a level); greedy: allocate() over every layer and input at once."""
+        if not 0.0 <= target < 1.0:
+            raise SparserunError(f"teal: the target share must be in [0, 1), got {target}")
+        if allocation not in ("greedy", "uniform"):
+            raise SparserunError(f"teal: allocation must be greedy or uniform, got {allocation!r}")
+        n_layer = len(self.thresholds)
+        if target == 0.0:
+            return np.full((n_layer, len(GROUPS)), -1.0, np.float32), np.zeros((n_layer, len(GROUPS)))
+        if allocation == "uniform":
+            t = np.array([[np.interp(target, self.levels, row) for row in layer] for layer in self.thresholds],
+                         np.float32)
+            return t, np.full((n_layer, len(GROUPS)), target)
+        if self.errors is None:
+            raise SparserunError("teal: these tables were calibrated for the uniform allocation only (no errors)")
+        at = allocate(list(self.errors.reshape(n_layer * len(GROUPS), -1)), self.sizes.ravel(), target,
+                      self.levels).reshape(n_layer, len(GROUPS))
+        t = np.where(at > 0, np.take_along_axis(self.thresholds, at[..., None], 2)[..., 0], -1.0).astype(np.float32)
+        return t, self.levels[at]
+
+    # in a side file (the profile's or a teal file's): tensors and keys under "teal."
+    def tensors(self):
+        out = {"teal.levels": self.levels.astype(np.float32), "teal.thresholds": self.thresholds, "teal.sizes": self.sizes}
+        if self.errors is not None:
+            out["teal.errors"] = self.errors
+        return out
+
+    def values(self):
+        return {"teal.tokens": self.tokens, "teal.text": self.text}
+
+    @staticmethod
+    def read(values, tensors):
+        """The tables stored by tensors() and values(), or None where a file holds none."""
+        if "teal.thresholds" not in tensors:
+            return None
+        return TealTables(tensors["teal.thresholds"], tensors.get("teal.errors"), tensors["teal.sizes"],
+                          values["teal.tokens"], values["teal.text"], tensors["teal.levels"])
+
+
+def teal_tables(model, ids, errors=True, sample=256, probe_tokens=256, text="", progress=None):
+    """TealTables from the inputs seen over token ids (run dense). errors: also each input's output error at each
+    level (sample of its inputs against its dequantized matrices), weighed by the model's KL when that input alone
+    runs at PROBE in every layer (probe_tokens of ids); without them, the tables serve the uniform allocation only."""
     n_layer, G = model.args.n_layer, len(GROUPS)
     dense_logits, rec = _run(model, np.full((n_layer, G), -1.0), ids, record=True)
     xs = [[np.concatenate(r[g]) for g in range(G)] for r in rec.records]
-    quantile = lambda li, g, s: float(np.quantile(np.abs(xs[li][g]), s)) if s > 0 else -1.0  # noqa: E731
-    if allocation == "uniform":
-        t = np.array([[quantile(li, g, target) for g in range(G)] for li in range(n_layer)], np.float32)
-        return t, np.full((n_layer, G), target), len(ids)
+    ts = np.array([[np.where(LEVELS > 0, np.quantile(np.abs(xs[li][g]), LEVELS), -1.0) for g in range(G)]
+                   for li in range(n_layer)])  # one pass over each input for all levels
+    sizes = np.array([[_bytes(_group_weights(model, li, g)) for g in range(G)] for li in range(n_layer)])
+    if not errors:
+        return TealTables(ts, None, sizes, len(ids), text)
     rng = np.random.default_rng(0)
     errs = np.zeros((n_layer, G, len(LEVELS)))
-    ts = np.zeros((n_layer, G, len(LEVELS)))
-    sizes = np.zeros((n_layer, G))
     for li in range(n_layer):
         for g in range(G):
-            mats = _group_weights(model, li, g)
             x = xs[li][g][rng.permutation(len(xs[li][g]))[:sample]]
-            errs[li, g] = _errors(np.concatenate([w.dequantize() for w in mats]), x, LEVELS)
-            ts[li, g] = np.where(LEVELS > 0, np.quantile(np.abs(xs[li][g]), LEVELS), -1.0)  # one pass for all
-            sizes[li, g] = _bytes(mats)
-    k = int(np.searchsorted(LEVELS, max(PROBE, target)))
+            errs[li, g] = _errors(np.concatenate([w.dequantize() for w in _group_weights(model, li, g)]), x, LEVELS)
+        if progress:
+            progress(li + 1, n_layer, f"teal: layer {li + 1}/{n_layer}")
+    k = int(np.searchsorted(LEVELS, PROBE))
     probe = ids[:probe_tokens]
-    weight = np.ones(G)
     for g in range(G):  # each input alone at PROBE in every layer: its errors in units of the model's KL
         t = np.full((n_layer, G), -1.0)
         t[:, g] = ts[:, g, k]
         kl = _mean_kl(dense_logits[:len(probe)], _run(model, t, probe)[0])
-        weight[g] = kl / max(float(errs[:, g, k].mean()), 1e-12)
-    at = allocate(list((errs * weight[None, :, None]).reshape(n_layer * G, -1)), sizes.ravel(), target)
-    at = at.reshape(n_layer, G)
-    t = np.where(at > 0, np.take_along_axis(ts, at[..., None], 2)[..., 0], -1.0).astype(np.float32)
-    return t, LEVELS[at], len(ids)
+        errs[:, g] *= kl / max(float(errs[:, g, k].mean()), 1e-12)
+    return TealTables(ts, errs, sizes, len(ids), text)
 
 
-def save_teal(path, model, thresholds, **facts):
+def calibrate_teal(model, ids, target, allocation="greedy", sample=256, probe_tokens=256):
+    """Thresholds (n_layer, 4) for a target share S of the model's weight bytes (the four inputs' matrices) skipped,
+    from the inputs seen over token ids (teal_tables), the share of each input's channels they drop there, and the
+    number of tokens. "uniform": every input at S. "greedy": allocate() over every layer and input at once."""
+    if not 0.0 <= target < 1.0:
+        raise SparserunError(f"teal: the target share must be in [0, 1), got {target}")
+    tables = teal_tables(model, ids, allocation != "uniform", sample, probe_tokens)
+    t, shares = tables.select(target, allocation)
+    return t, shares, len(ids)
+
+
+def save_teal(path, model, thresholds, tables=None, target=None, allocation=""):
+    """A teal file (side_files.TEAL, bound to the model): the thresholds `teal:FILE` runs, and the tables when given."""
+    t = np.asarray(thresholds, np.float32)
+    tensors = {"thresholds": t, **(tables.tensors() if tables is not None else {})}
+    values = {"target": float(-1 if target is None else target), "allocation": allocation,
+              **(tables.values() if tables is not None else {})}
     try:
-        with open(path, "w") as fh:
-            json.dump({"teal": 1, "model_fingerprint": model.gguf.fingerprint(), "groups": list(GROUPS),
-                       "thresholds": np.asarray(thresholds, np.float32).astype(float).tolist(), **facts}, fh, indent=1)
+        TEAL.write(str(path), model.gguf.fingerprint(), values, tensors)
     except OSError as e:
         raise SparserunError(f"{path}: cannot write the teal thresholds: {e.strerror}") from None
 
 
 def load_teal(path, model):
-    """Thresholds (n_layer, 4) from a file written by save_teal; refused for another model or another shape."""
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-        t = np.asarray(data["thresholds"], np.float32)
-        fp = data["model_fingerprint"]
-    except OSError as e:
-        raise SparserunError(f"{path}: cannot read the teal thresholds ({e.strerror})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise SparserunError(f"{path}: not a teal thresholds file ({e})") from None
-    if fp != model.gguf.fingerprint():
-        raise SparserunError(f"{path}: teal thresholds of another model (fingerprint {str(fp)[:16]}..., this model's "
-                             f"is {model.gguf.fingerprint()[:16]}...)")
+    """Thresholds (n_layer, 4) from a teal file written by save_teal; refused for another model or another shape."""
+    t, _ = TEAL.read(str(path), lambda v, ts: np.asarray(ts["thresholds"], np.float32), model)
     if t.shape != (model.args.n_layer, len(GROUPS)) or not np.all(np.isfinite(t)):
         raise SparserunError(f"{path}: teal thresholds of shape {t.shape}, expected ({model.args.n_layer}, 4) finite")
     return t
 
 
+def load_tables(path, model, side=TEAL):
+    """TealTables from a teal file (side=TEAL) or a profile (side=PROFILE), refused for another model; None when the
+    file holds none."""
+    tables, _ = side.read(str(path), TealTables.read, model)
+    if tables is not None and tables.thresholds.shape[0] != model.args.n_layer:
+        raise SparserunError(f"{path}: teal tables of {tables.thresholds.shape[0]} layers, the model has "
+                             f"{model.args.n_layer}")
+    return tables
+
+
+def tables_for(model):
+    """The tables `teal:S` selects from: the profile beside the model (<model>.profile.gguf) when it holds them,
+    else those cached beside the packs, else calibrated now on builtin_text() and cached (said on stderr)."""
+    profile = PROFILE.default_path(str(model.path))
+    if os.path.exists(profile):
+        tables = load_tables(profile, model, PROFILE)
+        if tables is not None:
+            return tables, f"the profile {profile}"
+    path = os.path.join(cache_root(), model.gguf.fingerprint()[:32], "teal.tables.gguf")
+    if os.path.exists(path):
+        return load_tables(path, model), f"the calibration cached in {path}"
+    ids = model.tokenize(builtin_text())[:CALIBRATION_TOKENS]
+    print(f"teal: calibrating thresholds on Python's documentation text ({len(ids)} tokens); cached in {path}",
+          file=sys.stderr)
+    tables = teal_tables(model, ids, text="pydoc_data.topics")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    TEAL.write(path, model.gguf.fingerprint(), {"target": -1.0, "allocation": "", **tables.values()}, tables.tensors())
+    return tables, None
+
+
 def thresholds_for(model, value):
-    """A `teal:` value: a thresholds file, or a target share S, calibrated (greedy) on builtin_text() at first use and
-    cached beside the model's packs."""
+    """A `teal:` value: a teal file's thresholds, or a target share S selected (greedy) from tables_for(model)."""
     if isinstance(value, str):
         if not os.path.exists(value):
             raise SparserunError(f"{value}: no such teal thresholds file")
         return load_teal(value, model)
-    path = os.path.join(cache_root(), model.gguf.fingerprint()[:32], f"teal.{value:g}.json")
-    if os.path.exists(path):
-        return load_teal(path, model)
-    ids = model.tokenize(builtin_text())[:CALIBRATION_TOKENS]
-    print(f"teal:{value:g}: calibrating thresholds on Python's documentation text ({len(ids)} tokens); cached in "
-          f"{path}", file=sys.stderr)
-    t, shares, n = calibrate_teal(model, ids, value)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_teal(path, model, t, target=value, allocation="greedy", tokens=n, text="pydoc_data.topics",
-              shares=shares.round(3).tolist())
+    tables, source = tables_for(model)
+    t, _ = tables.select(value, "greedy" if tables.errors is not None else "uniform")
+    if source is not None:
+        print(f"teal:{value:g}: thresholds from {source}", file=sys.stderr)
     return t

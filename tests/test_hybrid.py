@@ -218,8 +218,8 @@ def test_hybrid_takes_teal_on_its_cpu_attention(tiny, tmp_path):
     path = tiny()
     m = sparserun.load(path, n_ctx=32)
     t, _, _ = teal.calibrate_teal(m, IDS * 4, 0.3, "uniform")
-    teal.save_teal(tmp_path / "t.json", m, t)
-    spec = f"teal:{tmp_path / 't.json'}+threshold:0.05"
+    teal.save_teal(tmp_path / "t.gguf", m, t)
+    spec = f"teal:{tmp_path / 't.gguf'}+threshold:0.05"
     d_batch, d_dec, std, hyb = hybrid_vs_cpu(path, 0.0, spec)
     assert d_batch < 1e-4 * std and d_dec < 1e-4 * std, (d_batch, d_dec, std)
     assert hyb.inputs is not None and hyb.inputs.groups == frozenset(teal.ATTENTION)

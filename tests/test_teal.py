@@ -139,7 +139,7 @@ def test_calibration_meets_the_target_and_is_bound_to_its_model(stories, make_mo
         assert abs(skipped - 0.4) < 0.03, (allocation, skipped)
         if allocation == "greedy":
             assert np.ptp(shares) > 0.1
-    path = tmp_path / "teal.json"
+    path = tmp_path / "teal.gguf"
     teal.save_teal(path, m, t, target=0.4)
     np.testing.assert_array_equal(teal.load_teal(path, m), t)
     other = sparserun.load(make_model("F32", shape="tiny"))
@@ -178,7 +178,7 @@ def test_teal_specs_first_use_and_composition(stories, tmp_path, capsys):
 
 
 def test_calibrate_command(stories, tmp_path):
-    out = tmp_path / "t.json"
+    out = tmp_path / "t.gguf"
     r = subprocess.run([sys.executable, "-m", "sparserun.cli", "calibrate", str(stories), "--teal", "--target-sparsity",
                         "0.25", "--tokens", "256", "-o", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -188,3 +188,75 @@ def test_calibrate_command(stories, tmp_path):
     r = subprocess.run([sys.executable, "-m", "sparserun.cli", "perplexity", str(stories), "-f", str(text), "--ctx", "64",
                         "--chunks", "4", "--sparsity", f"teal:{out}"], capture_output=True, text=True)
     assert r.returncode == 0 and "PPL" in r.stdout, r.stderr
+
+
+def test_tables_select_any_target_as_calibration_does(stories, make_model, tmp_path):
+    """One calibration's tables give the thresholds of every target: uniform ones equal to the quantiles of the inputs
+    seen (interpolated between levels), greedy ones skipping the target's share of the bytes; they survive a teal
+    file and a profile bit for bit, and are refused for another model."""
+    from sparserun.profile import load_profile, profile_model, save_profile
+    from sparserun.side_files import PROFILE
+
+    m = sparserun.load(stories)
+    ids = m.tokenize(teal.builtin_text())[:256]
+    tables = teal.teal_tables(m, ids, text="pydoc")
+    _, rec = teal._run(m, np.full((m.args.n_layer, 4), -1.0), ids, record=True)
+    x = np.abs(np.concatenate(rec.records[1][teal.DOWN]))
+    sizes = tables.sizes
+    for target in (0.1, 0.25, 0.4, 0.6):
+        t, shares = tables.select(target, "uniform")
+        assert (shares == target).all()
+        if round(target / 0.025, 6) % 1 == 0:  # on a level: the quantile itself
+            assert t[1, teal.DOWN] == np.float32(np.quantile(x, target))
+        assert abs((x <= t[1, teal.DOWN]).mean() - target) < 0.01
+        t, shares = tables.select(target, "greedy")
+        assert target - 1e-9 <= (shares * sizes).sum() / sizes.sum() < target + 0.03
+        assert np.ptp(shares) > 0.05  # not every input alike
+    t, _ = tables.select(0.0)
+    assert (t == -1).all()  # nothing dropped
+    path = tmp_path / "t.gguf"
+    teal.save_teal(path, m, tables.select(0.3)[0], tables, target=0.3, allocation="greedy")
+    back = teal.load_tables(path, m)
+    for name in ("levels", "thresholds", "errors", "sizes"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(tables, name))
+    assert back.tokens == len(ids) and back.text == "pydoc"
+    np.testing.assert_array_equal(teal.load_teal(path, m), tables.select(0.3)[0])
+    p = profile_model(m, ids, teal=True, text="pydoc")
+    save_profile(p, tmp_path / "p.gguf")
+    np.testing.assert_array_equal(load_profile(tmp_path / "p.gguf", m).teal.errors, p.teal.errors)
+    np.testing.assert_array_equal(p.teal.thresholds, tables.thresholds)  # the same first tokens, the same inputs
+    assert teal.load_tables(tmp_path / "p.gguf", m, PROFILE) is not None
+    other = sparserun.load(make_model("F32", shape="tiny"))
+    with pytest.raises(SparserunError, match="another model"):
+        teal.load_tables(path, other)
+    with pytest.raises(SparserunError, match="another model"):
+        teal.load_tables(tmp_path / "p.gguf", other, PROFILE)
+    with pytest.raises(SparserunError, match="uniform allocation only"):
+        teal.teal_tables(m, ids[:64], errors=False).select(0.3, "greedy")
+
+
+def test_teal_share_reads_the_profile_beside_the_model(stories, tmp_path, capsys):
+    """`sparserun profile` stores the teal tables; teal:S then selects from the profile beside the model (said on
+    stderr, no calibration pass), and `calibrate --teal --profile` writes a thresholds file from it alone."""
+    import shutil
+
+    model = tmp_path / "m.gguf"
+    shutil.copy(stories, model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(teal.builtin_text()[:6000])
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "profile", str(model), "--corpus", str(corpus),
+                        "--tokens", "512"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = sparserun.load(model, sparsity="teal:0.3")
+    err = capsys.readouterr().err
+    assert "from the profile" in err and "calibrating" not in err
+    from sparserun.profile import load_profile
+
+    tables = load_profile(str(model) + ".profile.gguf", m).teal
+    np.testing.assert_array_equal(m.inputs.t, tables.select(0.3)[0])
+    out = tmp_path / "t.gguf"
+    r = subprocess.run([sys.executable, "-m", "sparserun.cli", "calibrate", str(model), "--teal", "--profile",
+                        str(model) + ".profile.gguf", "--target-sparsity", "0.4", "--allocation", "uniform", "-o",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(teal.load_teal(out, m), tables.select(0.4, "uniform")[0])
