@@ -294,17 +294,24 @@ def _mean_kl(ref, logits):
 
 def _run(model, thresholds, ids, record=False):
     """Logits (len(ids), n_vocab) of ids under these thresholds (prompt batches: the masked dense kernels), and the
-    InputSparsity (recording its inputs when asked)."""
+    InputSparsity (recording its inputs when asked). Text longer than the model's context runs in windows of it, each
+    a fresh context that starts with BOS again where the text did (its row dropped)."""
     inputs = InputSparsity(model, thresholds)
     if record:
         inputs.record()
     saved = model.use_ffn(TealFFN(model, None, inputs))
+    bos = [ids[0]] if len(ids) and ids[0] == model.bos_id else []
+    parts, at = [], 0
     try:
-        logits = model.logits(ids)
+        while at < len(ids):
+            head = bos if at > 0 else []
+            window = list(ids[at:at + model.n_ctx - len(head)])
+            parts.append(model.logits(head + window)[len(head):])
+            at += len(window)
     finally:
         model.use_ffn(saved)
         model.reset()
-    return logits, inputs
+    return np.concatenate(parts) if parts else np.zeros((0, model.n_vocab), np.float32), inputs
 
 
 class TealTables:

@@ -214,6 +214,11 @@ def test_tables_select_any_target_as_calibration_does(stories, make_model, tmp_p
         assert np.ptp(shares) > 0.05  # not every input alike
     t, _ = tables.select(0.0)
     assert (t == -1).all()  # nothing dropped
+    short = sparserun.load(stories, n_ctx=64)  # a text longer than the context runs in windows of it, BOS again
+    logits, _ = teal._run(short, np.full((m.args.n_layer, 4), -1.0), ids[:150])
+    assert logits.shape == (150, m.n_vocab)
+    np.testing.assert_allclose(logits[:64], m.logits(ids[:64]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits[64:127], m.logits([ids[0]] + ids[64:127])[1:], rtol=1e-5, atol=1e-5)
     path = tmp_path / "t.gguf"
     teal.save_teal(path, m, tables.select(0.3)[0], tables, target=0.3, allocation="greedy")
     back = teal.load_tables(path, m)
