@@ -214,8 +214,15 @@ def test_tables_select_any_target_as_calibration_does(stories, make_model, tmp_p
         assert np.ptp(shares) > 0.05  # not every input alike
     t, _ = tables.select(0.0)
     assert (t == -1).all()  # nothing dropped
-    short = sparserun.load(stories, n_ctx=64)  # a text longer than the context runs in windows of it, BOS again
-    logits, _ = teal._run(short, np.full((m.args.n_layer, 4), -1.0), ids[:150])
+    # calibration runs its text in one context of its own, whatever the model's (its own context left as it was)...
+    short = sparserun.load(stories, n_ctx=32)
+    short.eval(ids[:5])
+    dense = np.full((m.args.n_layer, 4), -1.0)
+    logits, _ = teal._run(short, dense, ids[:150])
+    np.testing.assert_allclose(logits, m.logits(ids[:150]), rtol=1e-5, atol=1e-5)
+    assert short.cached == ids[:5] and short.n_ctx == 32
+    short.args.n_ctx_train = 64  # ...up to the training context: past it, in windows of it, BOS again
+    logits, _ = teal._run(short, dense, ids[:150])
     assert logits.shape == (150, m.n_vocab)
     np.testing.assert_allclose(logits[:64], m.logits(ids[:64]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(logits[64:127], m.logits([ids[0]] + ids[64:127])[1:], rtol=1e-5, atol=1e-5)
