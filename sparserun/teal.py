@@ -24,7 +24,6 @@ covers attention's two and leaves the FFN to POLICY (sparse_ffn.py), whose kerne
 import os
 import sys
 
-import numba
 import numpy as np
 from numba import njit
 
@@ -85,7 +84,6 @@ class ColumnPack:
 
         self.units = cached_units(os.path.join(cache_dir, stem + ".p4.npy"), stem, (self.n_in, self.stride), build)
         self.fused = K.HAS_VNNI and self.kind != S.DOWN_F32  # S.column_axpy's VNNI axpys
-        self.n_parts = min(numba.get_num_threads(), self.n_out // K.QK)
 
     @staticmethod
     def fits(weights):
@@ -112,7 +110,8 @@ class ColumnPack:
         coef: scratch of x's size (x (n_in,))."""
         out = np.empty((1, self.n_out), np.float32)
         if self.fused:  # selection and axpys in one call
-            n = S.column_axpy(self.units, self.stride, self.kind, self.n_out, x, t, idx, coef, self.n_parts, out[0])
+            n = S.column_axpy(self.units, self.stride, self.kind, self.n_out, x, t, idx, coef, part_sums(self.n_out),
+                              out[0])
         else:  # the neuron packs' kernel: threads split the columns, each into a partial sum
             n = S.select_threshold(x, t, idx)
             coef[:n] = x[idx[:n]]
