@@ -169,6 +169,7 @@ class Model:
             from .teal import ATTENTION, InputSparsity, thresholds_for
 
             inputs = InputSparsity(self, thresholds_for(self, policy.teal), range(4) if ffn_dense else ATTENTION)
+            inputs.load_packs()
         if self.placement is not None:
             from .hybrid import HybridFFN
 
