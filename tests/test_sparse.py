@@ -257,15 +257,19 @@ def test_relu_natural_zeros_are_skipped_exactly(make_model):
     assert (kept > 0.05).all() and (kept < 0.5).all(), kept  # planted: most neurons are zero
 
 
-@pytest.mark.parametrize("qtype", ["F32", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["F32", "Q4_0", "Q8_0", "Q4_K_M"])
 def test_fused_threshold_kernel_equals_the_unfused_path(make_model, qtype):
     """select_pack_ffn (selection rows, keep rule and pack in one kernel) against gate matmul + select +
-    pack_ffn on the same token: the same neurons and the same arithmetic, summed in another order."""
+    pack_ffn on the same token: the same neurons and the same arithmetic, summed in another order (repacked K-quant
+    gates scanned with the dense matmul's own dot and activation rounding)."""
     from sparserun.weights import Acts
 
     from sparserun.sparse_ffn import DENSE_ABOVE
 
-    m = sparserun.load(make_model(qtype, shape="tiny", planted=0.8), sparsity="threshold:0")
+    m = sparserun.load(make_model(qtype, shape="small" if qtype == "Q4_K_M" else "tiny", planted=0.8),
+                       sparsity="threshold:0")  # (K-quants need rows of 256)
+    if qtype == "Q4_K_M":
+        assert {L.w_gate.qtype for L in m.layers} & set(S.KR_TYPES)  # the case this covers
     sp, ffn_inputs = m.sparse, {}
     ids = m.tokenize("The quick brown fox jumps over the lazy dog")
     m.eval(ids[:-1])
@@ -280,7 +284,7 @@ def test_fused_threshold_kernel_equals_the_unfused_path(make_model, qtype):
         # 4-bit and int8 down columns on a VNNI CPU: each path rounds its groups' coefficients to int8 (exactly
         # checked in test_int8_coefficient_axpy_equals_its_rounding), and the two paths group the kept neurons
         # differently
-        rel = 1e-2 if qtype in ("Q4_0", "Q8_0") and K.HAS_VNNI else 1e-5
+        rel = 1e-2 if qtype in ("Q4_0", "Q8_0", "Q4_K_M") and K.HAS_VNNI else 1e-5
         np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=rel * np.abs(unfused).max())
 
 
