@@ -230,7 +230,12 @@ def {name}(q, kc, vc, pos0, n_head, threads, out, scale, window, softcap, half):
     q3 = q.reshape(T, n_head, {HD})
     o3 = out.reshape(T, n_head, {HD})
     for item in prange(T * n_kv * S):
-        t, g, h0 = item // (n_kv * S), (item // S) % n_kv, (item % S) * H
+        # tokens in the order 0, T-1, 1, T-2, ...: a causal token's cost grows with its position, and each thread
+        # takes a contiguous run of items, so in plain order the last thread had the longest rows (the first of two
+        # threads did a quarter of a prompt's work)
+        k = item // (n_kv * S)
+        t = k // 2 if k % 2 == 0 else T - 1 - k // 2
+        g, h0 = (item // S) % n_kv, (item % S) * H
         n_keys = pos0 + t + 1
         j0 = max(0, n_keys - window) if window > 0 else 0  # first key the query sees
         b0 = j0 // KEY_BLOCK  # key blocks before b0 are skipped; keys b0 * KEY_BLOCK .. j0 - 1 get weight 0
