@@ -16,7 +16,8 @@ weights for every output of q|k|v, or gate|up, re-quantized per 32 values in the
 ffn_pack.quantize_columns; a stack is split where that format changes), and the kept channels' units are added by
 kernels.sparse.column_axpy (VNNI; elsewhere the neuron packs' pack_ffn in AXPY_ONLY mode). Prompt batches (and
 tokens keeping more) run the dense kernels on the input with the dropped channels zeroed: the same selection with
-the file's own weights. Column packs are cached beside the neuron packs and loaded into memory at first use.
+the file's own weights. Column packs are cached beside the neuron packs and loaded into memory when the policy is
+installed (InputSparsity.load_packs).
 
 Composition: `teal:S` alone covers all four inputs; `teal:S+POLICY` (e.g. teal:0.4+threshold:0, teal:0.4+predictor)
 covers attention's two and leaves the FFN to POLICY (sparse_ffn.py), whose kernels read the FFN's own packs.

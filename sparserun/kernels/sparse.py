@@ -191,10 +191,13 @@ def _row_dot_k(w, off, qtype, vnni, cols, kt, kd, ks):
     dense matmuls' dot, so a threshold policy's selection sees the dense path's gate values bit for bit."""
     nb = cols // QK
     if qtype == Q4_KR:
-        return dot_row_q4_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else dot_row_q4_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
+        return dot_row_q4_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else \
+            dot_row_q4_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
     if qtype == Q5_KR:
-        return dot_row_q5_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else dot_row_q5_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
-    return dot_row_q6_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else dot_row_q6_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
+        return dot_row_q5_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else \
+            dot_row_q5_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
+    return dot_row_q6_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else \
+        dot_row_q6_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
 
 
 @njit(inline="always")
@@ -576,9 +579,9 @@ def column_axpy(u, unit_bytes, down_kind, n_out, x, t, idx, coef, parts, out):
     Threads split the kept columns: each reads whole units, one stream of 0.6-6.3 KB a column, into its own partial
     sum (parts: one row per thread, n_out wide), and the rows are added at the end. A/B against threads splitting the
     outputs (each reading its slice of every unit: 0.3-3.2 KB), TinyLlama Q4_0 at half the columns, one decode
-    token's calls from DRAM: 11.0 -> 8.2 ms; faster for every width, gate|up's 11,264 included (4.4 -> 3.5 ms), whose
-    partial sums live in L2. Each axpy call prefetches the units COLUMN_AHEAD columns on, two lines per block; their
-    scales at the group's start."""
+    token's 88 calls from DRAM, alternating in one process, 8 processes: that form ran 10.6-11.6 ms in three and
+    14.5-15.0 in five, this one 11.0-12.0 in all. Each axpy call prefetches the units COLUMN_AHEAD columns on, two
+    lines per block; their scales at the group's start."""
     n = 0
     for j in range(x.shape[0]):
         if abs(x[j]) > t:
