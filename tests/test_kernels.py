@@ -466,6 +466,33 @@ def test_generic_x8_dots_equal_the_vnni_ones(qtype):
             np.testing.assert_array_equal(got, want)
 
 
+def test_q8_k_rounding_is_llama_cpps_ties_included():
+    """quantize_acts_k against llama.cpp's quantize_row_q8_K in numpy: the scale from the value of largest magnitude,
+    the first one where several share it (whatever their signs), values rint(x * -127 / max) capped at 127; a zero
+    super-block gives zeros."""
+    from sparserun.kernels import quant as K
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 1024)).astype(np.float32)
+    x[1, 5], x[1, 100] = -9.0, 9.0  # a tie of both signs: the first (negative) decides
+    x[1, 256 + 3], x[1, 256 + 7] = 8.0, -8.0  # and the other way round
+    x[1, 512 + 10], x[1, 512 + 20] = 7.0, 7.0  # a tie of one sign
+    x[2, 768:] = 0.0
+    x[3, :256] = -0.0
+    _, xd, x8, _, _, _ = K.acts_forms_k(x)
+    for t in range(len(x)):
+        for sb in range(x.shape[1] // 256):
+            v = x[t, 256 * sb:256 * (sb + 1)]
+            a = np.abs(v)
+            if a.max() == 0:
+                assert (x8[t, 256 * sb:256 * (sb + 1)] == 0).all() and xd[t, 8 * sb] == 0
+                continue
+            iscale = np.float32(-127.0) / v[int(np.argmax(a))]  # argmax: the first maximum
+            want = np.minimum(127, np.rint(iscale * v).astype(np.int32))
+            np.testing.assert_array_equal(x8[t, 256 * sb:256 * (sb + 1)], want)
+            assert xd[t, 8 * sb] == np.float32(1.0) / iscale
+
+
 def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
     """numba compiles a kernel's callees with the caller's flags: quantize_acts first compiled inside a fastmath
     kernel (as select_pack_ffn calls it) must still round to nearest, there and in later direct calls. A

@@ -14,7 +14,7 @@ Two matmul routes:
 import numpy as np
 from numba import njit, prange
 
-from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni,
+from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni,
                    dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni,
                    dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
                    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
@@ -273,11 +273,25 @@ def quantize_acts_k(x, x8, xd, xb, xt, xs):
         xsf = xs[t].view(np.float32)
         for sb in range(n // QK_K):
             o = sb * QK_K
-            amax, mx = np.float32(0.0), np.float32(0.0)
+            # the value of largest magnitude, the first one on a tie: the magnitude as the largest of the values'
+            # sign-cleared bits (an integer max reduction vectorizes; numba's float max did not), the sign that of
+            # whichever of +amax and -amax occurs, and only where both do is the first one looked for
+            m = np.int32(0)
             for j in range(QK_K):
-                ax = abs(x[t, o + j])
-                if ax > amax:
-                    amax, mx = ax, x[t, o + j]
+                b = f32_bits(x[t, o + j]) & np.int32(0x7FFFFFFF)
+                m = b if b > m else m
+            amax = f32_from_bits(m)
+            pos = neg = False
+            for j in range(QK_K):
+                pos |= x[t, o + j] == amax
+                neg |= x[t, o + j] == -amax
+            if pos and neg:
+                j = 0
+                while abs(x[t, o + j]) != amax:
+                    j += 1
+                mx = x[t, o + j]
+            else:
+                mx = amax if pos else -amax
             iscale = np.float32(-127.0) / mx if amax > 0 else np.float32(0.0)
             d = np.float32(1.0) / iscale if amax > 0 else np.float32(0.0)
             for j in range(QK_K):

@@ -11,7 +11,7 @@
 numba's loops over quantized blocks (a scale per 32 weights, nibbles to split) stay scalar; these emit the
 vector code directly. A new weight type's dots go in its family's module and are named here.
 """
-from .ir import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_from_bits, half_bits, load_bf16, load_f16, load_f32, prefetch,
+from .ir import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, half_bits, load_bf16, load_f16, load_f32, prefetch,
     round_f16)  # noqa: F401
 from .legacy import (dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0,
     dot_row_q5_0_vnni, dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q5_0_vnni,

@@ -103,6 +103,18 @@ def f32_from_bits(typingctx, bits):
 
 
 @intrinsic
+def f32_bits(typingctx, value):
+    """The int32 bit pattern of float32 `value`: magnitudes compare as integers, a max that vectorizes where a float
+    max reduction did not (quant.quantize_acts_k)."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _i32)
+
+    return sig, codegen
+
+
+@intrinsic
 def round_f16(typingctx, value):
     """value rounded to the nearest IEEE half, as float32 (llama.cpp stores block scales as fp16)."""
     sig = types.float32(types.float32)
