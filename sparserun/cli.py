@@ -457,9 +457,7 @@ def profile(
         raise SparserunError("profile needs --corpus (a text file to run the model over)")
     if not 0.0 <= sparsity < 1.0:
         raise SparserunError(f"--target-sparsity must be in [0, 1), got {sparsity}")
-    from .teal import CALIBRATION_TOKENS
-
-    m = _load(model, threads, max(256, min(tokens, CALIBRATION_TOKENS)) if teal else 256)  # teal: one pass of them
+    m = _load(model, threads, 256)  # (teal's calibration runs its text in a context of its own)
     ids = _corpus_ids(m, corpus, tokens)
     p = profile_model(m, ids, target_sparsity=sparsity, progress=stderr_progress, teal=teal, text=str(corpus))
     out = out or Path(PROFILE.default_path(model))
