@@ -445,9 +445,10 @@ def calibrate_teal(model, ids, target, allocation="greedy", sample=256, probe_to
 
 
 def save_teal(path, model, thresholds, tables=None, target=None, allocation=""):
-    """A teal file (side_files.TEAL, bound to the model): the thresholds `teal:FILE` runs, and the tables when given."""
-    t = np.asarray(thresholds, np.float32)
-    tensors = {"thresholds": t, **(tables.tensors() if tables is not None else {})}
+    """A teal file (side_files.TEAL, bound to the model): the thresholds `teal:FILE` runs (None: tables only, the
+    cache of tables_for), and the tables when given."""
+    tensors = {"thresholds": np.asarray(thresholds, np.float32)} if thresholds is not None else {}
+    tensors.update(tables.tensors() if tables is not None else {})
     values = {"target": float(-1 if target is None else target), "allocation": allocation,
               **(tables.values() if tables is not None else {})}
     try:
@@ -490,7 +491,7 @@ def tables_for(model):
           file=sys.stderr)
     tables = teal_tables(model, ids, text="pydoc_data.topics")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    TEAL.write(path, model.gguf.fingerprint(), {"target": -1.0, "allocation": "", **tables.values()}, tables.tensors())
+    save_teal(path, model, None, tables)
     return tables, None
 
 

@@ -379,9 +379,10 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     x (1, cols) is quantized here when the rows' dots read int8 blocks: one call per layer and token carries the
     whole FFN (the Python around it measured ~15 us a layer)."""
     nbo = dim // QK
-    xq, xd, x8, xb, xt, xs = acts_forms(x, qtype in INT8_TYPES or (gated and up_qtype in INT8_TYPES))
     k_rows = qtype in KR_TYPES  # scanned with the dense path's Q8_K forms (A/B, planted TinyLlama Q4_K_M, real decode
     _, kd, _, _, kt, ks = acts_forms_k(x if k_rows else x[:0])  # inputs, 22 layers: FFN 5.58 -> 5.44, 5.68 -> 5.38 ms)
+    # the per-32 forms: the other selection rows' dots and the packs' up rows
+    xq, xd, x8, xb, xt, xs = acts_forms(x, (qtype in INT8_TYPES and not k_rows) or (gated and up_qtype in INT8_TYPES))
     lo, hi = (0 if gated else down_at), down_at + down_bytes(down_kind, dim)  # the bytes of a unit it reads
     n_parts = parts.shape[0]
     counts = np.zeros(n_parts, np.int64)  # neurons kept by each part
