@@ -73,17 +73,9 @@ class GGUFFile:
         """Unmap from this process the file's pages under `view` (a RawTensor's raw bytes). They stay in the page
         cache and are mapped again if read again: after the loader copies a weight, the RSS counts the copy, not
         both (and, released one weight at a time, never both at once)."""
-        import mmap
+        from .memory import discard
 
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        start = view.__array_interface__["data"][0] - self._data.__array_interface__["data"][0]
-        end = start + view.nbytes
-        start -= start % mmap.PAGESIZE  # pages shared with a neighbouring tensor are mapped again if read
-        try:
-            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
-        except (OSError, ValueError):  # not supported here: only the RSS figure is affected
-            pass
+        discard(view, inner=False)  # pages shared with a neighbouring tensor are mapped again if read
 
     # ---- metadata ----
     def get(self, key, default=None):

@@ -318,6 +318,7 @@ def install(model, placement):
     """Move the placement's attention projections and output head to the GPU and hook the hybrid FFN."""
     from . import gpu_kernels as G
 
+    model.restore_rows()  # the device copies are made from them
     pos = DevicePosition()
     attention = {li: GPUAttention(model, L, pos) for li, L in enumerate(model.layers)
                  if placement.attn_gpu[li] and L.plain_attention and model.args.head_dim <= G.MAX_HEAD_DIM}

@@ -154,9 +154,20 @@ class Model:
         """Choose the sparsity policy (a spec string or sparsity.Policy; see sparsity.py)."""
         from .sparsity import parse_sparsity
 
-        self.policy, self.predictor_arg = parse_sparsity(sparsity), predictor
-        self.sparse = self.make_ffn(self.policy, predictor)
+        policy = parse_sparsity(sparsity)
+        self.sparse = None  # the previous policy's packs go before the new one's load
+        self.policy, self.predictor_arg = parse_sparsity("dense"), None  # until the new one is made
+        self.restore_rows()  # the new policy releases what it runs from other copies (teal: load_packs)
+        self.sparse = self.make_ffn(policy, predictor)
+        self.policy, self.predictor_arg = policy, predictor
         self.kv.tokens.clear()  # cached keys/values were computed under the previous policy
+
+    def restore_rows(self):
+        """Read back every layer matrix a policy released (weights.Weight.release: teal's column inputs)."""
+        for L in self.layers:
+            for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down):
+                if isinstance(w, Weight):
+                    w.restore()
 
     def make_ffn(self, policy, predictor=None):
         """The FFN object that runs a policy (None: the dense FFN): a SparseFFN, the hybrid's HybridFFN, or for
@@ -168,8 +179,9 @@ class Model:
         if policy.teal is not None:
             from .teal import ATTENTION, InputSparsity, thresholds_for
 
-            inputs = InputSparsity(self, thresholds_for(self, policy.teal), range(4) if ffn_dense else ATTENTION)
-            inputs.load_packs()
+            t, dropped = thresholds_for(self, policy.teal)
+            inputs = InputSparsity(self, t, range(4) if ffn_dense else ATTENTION, dropped=dropped)
+            inputs.load_packs(release=self.placement is None)  # the hybrid's placement reads the rows
         if self.placement is not None:
             from .hybrid import HybridFFN
 
@@ -456,14 +468,9 @@ def check_tensor_data(f):
 
 def split_rows(w, rows):
     """Weight w as consecutive row blocks of the given heights (views of its bytes, so they stay one stream)."""
-    from .gguf_file import RawTensor
-
     out, r0 = [], 0
     for n in rows:
-        raw = w.raw[r0 * w.row_bytes:(r0 + n) * w.row_bytes]
-        part = Weight(RawTensor(w.name, w.qtype, n, w.cols, raw, w.row_bytes))
-        part.type_name = w.type_name
-        out.append(part)
+        out.append(w.row_block(r0, n))
         r0 += n
     return out
 

@@ -10,14 +10,16 @@ skipped meets the target S, spread over every layer and input greedily by the er
 outputs, weighed by how much that input moves the model's output (or uniformly). The first position (BOS: the
 attention sink) always runs dense.
 
-Decode tokens (T == 1) of an input whose previous token kept at most COLUMNS_BELOW of its channels read column
-packs: the matrices that share the input, stacked and stored column by column (one unit per input channel: its
-weights for every output of q|k|v, or gate|up, re-quantized per 32 values in the neuron packs' down formats,
-ffn_pack.quantize_columns; a stack is split where that format changes), and the kept channels' units are added by
-kernels.sparse.column_axpy (VNNI; elsewhere the neuron packs' pack_ffn in AXPY_ONLY mode). Prompt batches (and
-tokens keeping more) run the dense kernels on the input with the dropped channels zeroed: the same selection with
-the file's own weights. Column packs are cached beside the neuron packs and loaded into memory when the policy is
-installed (InputSparsity.load_packs).
+Each input runs from one of two layouts, chosen when the policy is installed from the share its threshold dropped on
+the calibration text (InputSparsity.columns). Where it keeps at most COLUMNS_BELOW of the channels, column packs: the
+matrices that share the input, stacked and stored column by column (one unit per input channel: its weights for
+every output of q|k|v, or gate|up, re-quantized per 32 values in the neuron packs' down formats,
+ffn_pack.quantize_columns; a stack is split where that format changes). A decode token adds its kept channels' units
+(kernels.columns.column_axpy), a prompt batch runs every unit once for all its tokens (column_matmul), and the rows
+of those matrices are given back to the OS (weights.Weight.release): the model holds each matrix once. Elsewhere the
+dense kernels run on the input with the dropped channels zeroed (the file's own weights). Float32 columns (F32
+models) run through the neuron packs' pack_ffn, a token at a time. Column packs are cached beside the neuron packs and
+loaded into memory when the policy is installed (InputSparsity.load_packs).
 
 Composition: `teal:S` alone covers all four inputs; `teal:S+POLICY` (e.g. teal:0.4+threshold:0, teal:0.4+predictor)
 covers attention's two and leaves the FFN to POLICY (sparse_ffn.py), whose kernels read the FFN's own packs.
@@ -34,14 +36,16 @@ from .ffn_pack import DOWN_KINDS, FOUR_BIT, cache_root, cached_units, part_sums,
 from .kernels import ops
 from .kv_cache import KVCache
 from .kernels import quant as K
+from .kernels import columns as C
 from .kernels import sparse as S
-from .weights import Acts
+from .weights import Acts, Weight
 
 GROUPS = ("attn_qkv", "attn_o", "ffn_gate_up", "ffn_down")
 QKV, O, GATE_UP, DOWN = range(4)
 ATTENTION = (QKV, O)
-# A decode token keeping more than this share of an input runs the dense kernel on the masked input instead of the
-# column pack: the columns stream at 0.75-0.87 of a sequential read and are re-quantized, so near dense they lose
+# An input whose threshold kept more than this share of its channels on the calibration text runs the dense kernels on
+# the masked input (its rows) instead of column packs: the columns stream at 0.75-0.87 of a sequential read and are
+# re-quantized, so near dense they lose
 COLUMNS_BELOW = 0.7
 NO_X = np.zeros((1, K.QK), np.float32)  # pack_ffn's x, unread in AXPY_ONLY mode
 
@@ -84,7 +88,7 @@ class ColumnPack:
                                     self.kind)
 
         self.units = cached_units(os.path.join(cache_dir, stem + ".p4.npy"), stem, (self.n_in, self.stride), build)
-        self.fused = K.HAS_VNNI and self.kind != S.DOWN_F32  # S.column_axpy's VNNI axpys
+        self.fused = self.kind != S.DOWN_F32  # kernels.columns' integer axpys (float32 columns: pack_ffn's)
 
     @staticmethod
     def fits(weights):
@@ -106,12 +110,27 @@ class ColumnPack:
             return None
         return [ColumnPack(ws, cache_dir, layer, group, first) for first, ws in runs]
 
+    def run_batch(self, x, t, first):
+        """(outputs [(T, rows) per matrix, C-contiguous], kept counts (T,)) of a prompt batch x (T, n_in): token r adds
+        its channels with |x[r, j]| > t (rows before `first`: every channel)."""
+        T = x.shape[0]
+        out, counts = np.empty((T, self.n_out), np.float32), np.empty(T, np.int64)
+        if self.fused:
+            C.column_matmul(self.units, self.stride, self.kind, self.n_out, np.ascontiguousarray(x), t, first, out,
+                            counts)
+        else:  # one token at a time through run()
+            idx, coef = np.empty(self.n_in, np.int64), np.empty(self.n_in, np.float32)
+            for r in range(T):
+                o, counts[r] = self.run(x[r], np.float32(-1.0) if r < first else t, idx, coef)
+                out[r] = np.concatenate([a[0] for a in o])
+        return [np.ascontiguousarray(out[:, a:b]) for a, b in zip(self.bounds[:-1], self.bounds[1:])], counts
+
     def run(self, x, t, idx, coef):
         """(outputs [(1, rows) per matrix], kept) = sum over the channels j with |x[j]| > t of x[j] * column j; idx and
         coef: scratch of x's size (x (n_in,))."""
         out = np.empty((1, self.n_out), np.float32)
         if self.fused:  # selection and axpys in one call
-            n = S.column_axpy(self.units, self.stride, self.kind, self.n_out, x, t, idx, coef, part_sums(self.n_out),
+            n = C.column_axpy(self.units, self.stride, self.kind, self.n_out, x, t, idx, coef, part_sums(self.n_out),
                               out[0])
         else:  # the neuron packs' kernel: threads split the columns, each into a partial sum
             n = S.select_threshold(x, t, idx)
@@ -123,21 +142,29 @@ class ColumnPack:
 
 class InputSparsity:
     """Per layer and input (GROUPS) a threshold; __call__ runs the matrices of one input under it. thresholds:
-    (n_layer, 4), -1 keeps every channel; groups: the inputs covered (the others run dense)."""
+    (n_layer, 4), -1 keeps every channel; groups: the inputs covered (the others run dense); dropped: (n_layer, 4)
+    the share of each input's channels its threshold dropped on the calibration text, or None.
 
-    def __init__(self, model, thresholds, groups=range(4)):
+    Each covered input runs from one layout (`columns`, decided here): its column packs where the threshold is
+    expected to keep at most COLUMNS_BELOW of the channels (every input with a threshold where dropped is None), else
+    the dense kernels on the masked input. columns=True / False forces one layout for every covered input."""
+
+    def __init__(self, model, thresholds, groups=range(4), dropped=None, columns=None):
         a = model.args
         self.model = model
         self.t = np.asarray(thresholds, np.float32).reshape(a.n_layer, len(GROUPS))
         self.groups = frozenset(groups)
+        covered = np.zeros(self.t.shape, bool)
+        covered[:, sorted(self.groups)] = True
+        if columns is None:
+            columns = self.t >= 0
+            if dropped is not None:
+                columns &= 1.0 - np.asarray(dropped).reshape(self.t.shape) <= COLUMNS_BELOW
+        self.columns = covered & columns  # (n_layer, 4) inputs that read column packs
         self.cache_dir = os.path.join(cache_root(), model.gguf.fingerprint()[:32])
         self.packs = {}  # (layer, group) -> [ColumnPack] (None: no column path): load_packs, or at first use
         width = max(a.dim, a.n_ff, a.n_head * a.head_dim)
         self.idx, self.coef = np.empty(width, np.int64), np.empty(width, np.float32)  # the kept channels' scratch
-        # the previous token's kept share per layer and input: a decode token reads the columns while it was at most
-        # columns_below, else the dense kernel (the same rule as the sparse FFN's DENSE_ABOVE)
-        self.last = np.zeros((model.args.n_layer, len(GROUPS)))
-        self.columns_below = COLUMNS_BELOW
         self.pos0 = 0  # the first position of the pass running now (Model._forward sets it): position 0 runs dense
         self.records = None  # calibration: per layer and group, a list of the inputs seen (record())
         self.reset_stats()
@@ -165,36 +192,47 @@ class InputSparsity:
             return mats(Acts(x))
         trace = self.model.trace
         t = self.t[li, group]
-        if T == 1 and not first and self.last[li, group] <= self.columns_below:
+        if self.columns[li, group]:
             if (li, group) not in self.packs:  # this input's packs of every layer at once (see load_group)
                 self.load_group(group, li, mats)
             packs = self.packs[li, group]
             if packs is not None:
                 outs = []
-                for pack in packs:
-                    o, n = pack.run(x[0], t, self.idx, self.coef)
-                    outs += o
-                self._count(li, group, (n / n_in,), trace)
+                if T == 1 and not first:  # a decode token: only the kept channels' units are read
+                    for pack in packs:
+                        o, n = pack.run(x[0], t, self.idx, self.coef)
+                        outs += o
+                    self._count(li, group, (n / n_in,), trace)
+                else:  # a prompt batch, or BOS: every unit, each token's kept channels added
+                    for pack in packs:
+                        o, counts = pack.run_batch(x, t, first)
+                        outs += o
+                    self._count(li, group, counts / n_in, trace)
                 return outs
         xm, counts = np.empty_like(x), np.empty(T, np.int64)  # (T, n_in) the kept channels, the rest zero
         mask_inputs(x, t, first, xm, counts)
         self._count(li, group, counts / n_in, trace)
         return mats(Acts(xm))
 
-    def load_packs(self):
-        """Build or load the column packs of every covered input with a threshold, in every layer whose attention
-        runs here, before the first decode token (Model.make_ffn). Built as each was first needed, they loaded inside
-        timed decode: at teal 40% (kept shares near COLUMNS_BELOW, so an input may first read columns many tokens
-        in) a TinyLlama Q4_0 decode ran 16-24 ms a token over its first 32 tokens and 14.5 after, and a bench's
-        first repetition 23 t/s against 67."""
+    def load_packs(self, release=False):
+        """Build or load the column packs of every column input in every layer whose attention runs here, before the
+        first token (Model.make_ffn); release: give back the rows of the matrices they replace (weights.Weight.release:
+        nothing else reads them until the policy changes), layer by layer, so the two copies are never both in
+        memory. Built as each was first needed, they loaded inside timed decode (a bench's first repetition 23 t/s
+        against 67 at teal 40% on TinyLlama Q4_0)."""
         for layer, L in enumerate(self.model.layers):
-            for group in self.groups:
-                if self.t[layer, group] >= 0 and not (group in ATTENTION and L.gpu_attn is not None):
-                    self.load_group(group, layer, None)
+            for group in sorted(self.groups):
+                if self.columns[layer, group] and not (group in ATTENTION and L.gpu_attn is not None):
+                    weights = _group_weights(self.model, layer, group)
+                    packs = self.packs[layer, group] = ColumnPack.for_group(weights, self.cache_dir, layer, group)
+                    if packs is not None and release:
+                        for w in weights:
+                            if isinstance(w, Weight):
+                                w.release()
 
     def load_group(self, group, li, mats):
         """Build or load one input's column packs in every layer not loaded yet (layer li's from mats where given,
-        the matrices its caller runs): a decode token that needs a pack load_packs did not load."""
+        the matrices its caller runs): an InputSparsity used without load_packs (tests, calibration)."""
         for layer in range(len(self.t)):
             if (layer, group) not in self.packs:
                 weights = mats.weights if layer == li and mats is not None else _group_weights(self.model, layer, group)
@@ -203,7 +241,6 @@ class InputSparsity:
     def _count(self, li, group, shares, trace):
         self.kept[li, group] += sum(shares)
         self.tokens[li, group] += len(shares)
-        self.last[li, group] = shares[-1]
         if trace is not None:
             trace.inputs(li, GROUPS[group], shares)
 
@@ -318,7 +355,7 @@ def _run(model, thresholds, ids, record=False):
     model was loaded with, up to the model's training context; longer text in windows of that, each a fresh context
     that starts with BOS again where the text did (its row dropped). (Gemma 3 270M, greedy 25% calibrated on 2048
     tokens: +3.8% perplexity in one context, +4.6% in windows of 512.)"""
-    inputs = InputSparsity(model, thresholds)
+    inputs = InputSparsity(model, thresholds, columns=False)  # the file's own weights, masked
     if record:
         inputs.record()
     width = max(1, min(len(ids), max(model.args.n_ctx_train, model.n_ctx)))
@@ -384,6 +421,13 @@ class TealTables:
         t = np.where(at > 0, np.take_along_axis(self.thresholds, at[..., None], 2)[..., 0], -1.0).astype(np.float32)
         return t, self.levels[at]
 
+    def dropped(self, thresholds):
+        """(n_layer, 4): the share of each input's channels that thresholds (n_layer, 4) dropped on the calibration
+        text, interpolated between the levels (0 where a threshold keeps every channel)."""
+        t = np.asarray(thresholds, np.float64)
+        return np.array([[np.interp(t[li, g], self.thresholds[li, g], self.levels) if t[li, g] >= 0 else 0.0
+                          for g in range(len(GROUPS))] for li in range(len(t))])
+
     # in a side file (the profile's or a teal file's): tensors and keys under "teal."
     def tensors(self):
         out = {"teal.levels": self.levels.astype(np.float32), "teal.thresholds": self.thresholds, "teal.sizes": self.sizes}
@@ -400,7 +444,7 @@ class TealTables:
         if "teal.thresholds" not in tensors:
             return None
         return TealTables(tensors["teal.thresholds"], tensors.get("teal.errors"), tensors["teal.sizes"],
-                          values["teal.tokens"], values["teal.text"], tensors["teal.levels"])
+                          values["teal.tokens"], values.get("teal.text", ""), tensors["teal.levels"])
 
 
 def teal_tables(model, ids, errors=True, sample=256, probe_tokens=256, text="", progress=None):
@@ -496,13 +540,15 @@ def tables_for(model):
 
 
 def thresholds_for(model, value):
-    """A `teal:` value: a teal file's thresholds, or a target share S selected (greedy) from tables_for(model)."""
+    """A `teal:` value's (thresholds (n_layer, 4), the share of each input's channels they dropped in calibration or
+    None where unknown): a teal file's thresholds, or a target share S selected (greedy) from tables_for(model)."""
     if isinstance(value, str):
         if not os.path.exists(value):
             raise SparserunError(f"{value}: no such teal thresholds file")
-        return load_teal(value, model)
+        t, tables = load_teal(value, model), load_tables(value, model)
+        return t, tables.dropped(t) if tables is not None else None
     tables, source = tables_for(model)
-    t, _ = tables.select(value, "greedy" if tables.errors is not None else "uniform")
+    t, dropped = tables.select(value, "greedy" if tables.errors is not None else "uniform")
     if source is not None:
         print(f"teal:{value:g}: thresholds from {source}", file=sys.stderr)
-    return t
+    return t, dropped

@@ -9,7 +9,7 @@ import numpy as np
 from .gguf_file import RawTensor
 from .kernels import quant as K
 from .kernels.krepack import repack_q4_k, repack_q5_k, repack_q6_k
-from .memory import huge_page_buffer
+from .memory import discard, huge_page_buffer
 from .qtypes import type_name
 
 # file type -> (the type of its in-memory copy, the repacking kernel): layouts whose dots need no horizontal
@@ -47,7 +47,11 @@ class Acts:
 
 
 class Weight:
-    """A (rows, cols) weight matrix read in place from the GGUF memory map."""
+    """A (rows, cols) weight matrix read in place from the GGUF memory map, or an in-memory copy of one (in_memory:
+    `origin` is the file's, and the copy can be released and restored)."""
+
+    origin = None  # the file's Weight this copy was made from
+    released = False  # the copy's pages given back to the OS (release); restore() reads them from the file again
 
     def __init__(self, t):
         self.name, self.qtype, self.rows, self.cols = t.name, t.qtype, t.rows, t.cols
@@ -72,6 +76,7 @@ class Weight:
     def subset(self, ids, name=None):
         """A Weight of rows ids of this one, copied into one contiguous huge-page buffer: the gathered rows stream as
         one matrix (the hybrid's CPU share of gate and up rows, the hot head's rows)."""
+        self.restore()
         raw = huge_page_buffer(len(ids) * self.row_bytes)
         raw.reshape(len(ids), self.row_bytes)[:] = self.raw.reshape(self.rows, self.row_bytes)[ids]
         raw.flags.writeable = False
@@ -96,12 +101,47 @@ class Weight:
         a TLB miss per page (memory.Arena gives the figures)."""
         raw = huge_page_buffer(self.raw.nbytes) if into is None else into
         if self.qtype in REPACK:
-            return self.repacked(raw)
-        raw[:] = self.raw
-        return Weight(RawTensor(self.name, self.qtype, self.rows, self.cols, raw, self.row_bytes))
+            w = self.repacked(raw)
+        else:
+            raw[:] = self.raw
+            w = Weight(RawTensor(self.name, self.qtype, self.rows, self.cols, raw, self.row_bytes))
+        w.origin, w._buf = self, raw
+        return w
+
+    def row_block(self, r0, n):
+        """Rows r0 .. r0 + n as a Weight viewing these bytes (a fused matrix's parts): an in-memory copy's block keeps
+        the same block of the file's rows as its origin (the repacked layouts keep each row's bytes in place)."""
+        raw = self.raw[r0 * self.row_bytes:(r0 + n) * self.row_bytes]
+        part = Weight(RawTensor(self.name, self.qtype, n, self.cols, raw, self.row_bytes))
+        part.type_name = self.type_name
+        if self.origin is not None:
+            part.origin = self.origin.row_block(r0, n)
+            part._buf = self._buf[r0 * self.row_bytes:(r0 + n) * self.row_bytes]
+        return part
+
+    def release(self):
+        """Give this in-memory copy's pages back to the OS: a matrix that now runs from another copy only (teal's
+        column packs). Reading it restores it first (Matmuls.run, rows_f32); the caller that made it redundant
+        restores it when that ends (Model.set_sparsity). Returns whether it is released (False where this Weight is
+        the file's own bytes, or the OS cannot)."""
+        if not self.released and self.origin is not None:
+            self.released = discard(self._buf)
+        return self.released
+
+    def restore(self):
+        """Read a released copy back from the file (repacked again where it was)."""
+        if self.released:
+            src = self.origin
+            if src.qtype in REPACK and REPACK[src.qtype][0] == self.qtype:
+                REPACK[src.qtype][1](src.raw, src.rows, src.row_bytes, self._buf)
+            else:
+                self._buf[:] = src.raw
+            discard(src.raw, inner=False)  # the file's pages: read once more, not kept
+            self.released = False
 
     def rows_f32(self, ids):
         """Dequantized rows ids (len(ids), cols): embedding lookup."""
+        self.restore()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.cols), np.float32)
         K.gather_rows(self.raw, self.row_bytes, self.qtype, self.cols, ids, out)
@@ -210,10 +250,20 @@ class Matmuls:
             raws, rows0 = ((one,), row0[[0, -1]]) if one is not None else (tuple(w.raw for w in g), row0)
             self.groups.append((g[0], raws, f32, rows0, row0))
             i = j
+        self._copies = [w for w in self.weights if w.origin is not None]  # those that may be released
+
+    def restore(self):
+        """Restore released weights before a kernel reads them (a policy that runs them from other copies released
+        them: a read of zero pages would be silently wrong)."""
+        for w in self._copies:
+            if w.released:
+                w.restore()
 
     def run(self, k, acts, out=None):
         """out (T, rows of group k's stack) = acts.x @ [W_1; W_2; ...].T"""
         w, raws, f32, row0, _ = self.groups[k]
+        if self._copies:
+            self.restore()
         if out is None:
             out = np.empty((acts.x.shape[0], row0[-1]), np.float32)
         if w.qtype in K.X8_MATMUL:  # the K-quants' and Q4_1 / Q5_1's integer dots, VNNI or generic

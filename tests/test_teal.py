@@ -75,23 +75,36 @@ def test_column_kernel_matches_numpy(make_model, tmp_path, qtype):
                 want = x[keep] @ cols[keep]
                 np.testing.assert_allclose(np.concatenate([o[0] for o in outs]), want, atol=0.02 * np.abs(want).max())
                 got += [o.shape[1] for o in outs]
+                # a prompt batch (column_matmul): every token its own kept channels, the first (BOS) all of them
+                xb = rng.standard_normal((11, ws[0].cols)).astype(np.float32)
+                xb[3, :9] = 0.0  # a group of channels a token drops entirely
+                keep_b = np.abs(xb) > t
+                keep_b[0] = True
+                outs, counts = pack.run_batch(xb, t, 1)
+                assert list(counts) == list(keep_b.sum(1))
+                want = (xb * keep_b) @ cols
+                got_b = np.concatenate(outs, axis=1)
+                assert all(o.flags.c_contiguous for o in outs)
+                np.testing.assert_allclose(got_b, want, atol=0.02 * np.abs(want).max())
             assert got == [w.rows for w in ws]
     if qtype == "Q4_K_M":  # its Q6_K matrices get int8 columns of their own, the 4-bit ones 4-bit columns
         assert kinds == {S.DOWN_Q4, S.DOWN_Q8}
 
 
 def test_every_channel_kept_gives_the_dense_logits(stories):
-    """Thresholds of -1 keep every channel: a prompt batch runs the dense kernels on the same inputs (bit for bit), and
-    decode tokens forced through the column packs (float32 columns of an F32 model: no re-quantization) agree with the
-    dense path to float rounding."""
+    """Thresholds of -1 keep every channel: the masked dense path gives the dense logits bit for bit, and the column
+    packs (float32 columns of an F32 model: no re-quantization), for prompt batches and decode tokens, agree with it
+    to float rounding."""
     m = sparserun.load(stories, kv_type="f32")
     ids = m.tokenize("Once upon a time, there was a little dog named Max. He liked to run")
     dense_batch = m.logits(ids)
     dense = _decode(m, ids)
-    inputs = teal.InputSparsity(m, np.full((m.args.n_layer, 4), -1.0))
-    m.use_ffn(teal.TealFFN(m, None, inputs))
+    keep_all = np.full((m.args.n_layer, 4), -1.0)
+    m.use_ffn(teal.TealFFN(m, None, teal.InputSparsity(m, keep_all)))
     np.testing.assert_array_equal(m.logits(ids), dense_batch)
-    inputs.columns_below = 1.0
+    inputs = teal.InputSparsity(m, keep_all, columns=True)
+    m.use_ffn(teal.TealFFN(m, None, inputs))
+    np.testing.assert_allclose(m.logits(ids), dense_batch, rtol=1e-4, atol=1e-4 * np.abs(dense_batch).max())
     got = _decode(m, ids)
     assert sum(p is not None for p in inputs.packs.values()) == 3 * m.args.n_layer  # gate|up's 2 x 172 rows: not
     # whole blocks
@@ -100,26 +113,68 @@ def test_every_channel_kept_gives_the_dense_logits(stories):
 
 
 def test_decode_columns_agree_with_the_masked_dense_path(make_model):
-    """At half the channels dropped, decode tokens through the column packs and through the dense kernels on the
-    masked input keep the same channels and give the same logits (an F32 model: float32 columns, so only the order
-    of the sums differs; the quantized columns' error is test_column_kernel_matches_numpy's: through a random model
-    sitting on its thresholds it flips channels near one, and those move the next layers)."""
+    """At half the channels dropped, tokens through the column packs (the prompt's first token as a batch, then decode
+    tokens) and through the dense kernels on the masked input keep the same channels and give the same logits (an F32
+    model: float32 columns, so only the order of the sums differs; the quantized columns' error is
+    test_column_kernel_matches_numpy's: through a random model sitting on its thresholds it flips channels near one,
+    and those move the next layers)."""
     m = sparserun.load(make_model("F32", shape="small"), kv_type="f32")
     ids = m.tokenize("The quick brown fox jumps over the lazy dog and runs away")
     t, shares, n = teal.calibrate_teal(m, ids, 0.5, "uniform")
     assert np.all(shares == 0.5) and np.all(t > 0)
-    inputs = teal.InputSparsity(m, t)
+    inputs = teal.InputSparsity(m, t, columns=False)  # the masked dense kernels
     m.use_ffn(teal.TealFFN(m, None, inputs))
-    inputs.columns_below = -1.0  # always the masked dense kernels
     masked = _decode(m, ids)
     kept_masked = inputs.kept_share().copy()
-    inputs.reset_stats()
-    inputs.columns_below = 1.0
+    inputs = teal.InputSparsity(m, t, dropped=shares)  # at 50% dropped every input reads columns
+    assert inputs.columns.all()
+    m.use_ffn(teal.TealFFN(m, None, inputs))
     cols = _decode(m, ids)
     assert sum(p is not None for p in inputs.packs.values()) == 4 * m.args.n_layer
     np.testing.assert_allclose(inputs.kept_share(), kept_masked, atol=1e-9)
     assert 0.3 < kept_masked.mean() < 0.7
     np.testing.assert_allclose(cols, masked, rtol=1e-3, atol=1e-3 * np.abs(masked).max())
+    assert not teal.InputSparsity(m, t, dropped=np.full(t.shape, 0.2)).columns.any()  # near dense: the rows
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K_M"])
+def test_column_inputs_release_their_rows(make_model, tmp_path, qtype):
+    """Under teal alone, the matrices of the inputs that read column packs give their rows back (the model holds each
+    matrix once) and prompts run from the columns; the logits stay close to the masked dense path's; a read of a
+    released matrix restores it first; back to dense, every matrix is restored and the logits are the dense ones bit
+    for bit."""
+    m = sparserun.load(make_model(qtype, shape="small"))
+    ids = m.tokenize("The quick brown fox jumps over the lazy dog and runs away")
+    dense = m.logits(ids)
+    t, shares, _ = teal.calibrate_teal(m, ids, 0.5, "uniform")
+    path = tmp_path / "t50.gguf"
+    tables = teal.teal_tables(m, ids, errors=False)
+    teal.save_teal(path, m, t, tables, target=0.5, allocation="uniform")
+    masked = teal.InputSparsity(m, t, columns=False)
+    m.use_ffn(teal.TealFFN(m, None, masked))
+    want = m.logits(ids)
+    m.set_sparsity(f"teal:{path}")
+    assert m.inputs.columns.all()  # 50% dropped, read back from the file's tables
+    mats = [w for L in m.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
+    assert all(w.released for w in mats)
+    w = m.layers[0].wo
+    assert (w._buf == 0).mean() > 0.75  # its whole pages are gone: zeros until restored (not those it shares)
+    got = m.logits(ids)
+    assert all(w.released for w in mats)  # the prompt ran from the columns
+    corr = lambda a, b: np.corrcoef(a.ravel(), b.ravel())[0, 1]  # noqa: E731
+    # a random model sits on its thresholds: the columns' re-quantization flips channels near them, which move the
+    # next layers; still nearer the masked path than dense is
+    assert corr(got, want) > max(0.9, corr(dense, want))
+    np.testing.assert_allclose(m.inputs.kept_share().mean(), masked.kept_share().mean(), atol=0.05)
+    y = w.matmul(sparserun.weights.Acts(np.ones((1, w.cols), np.float32)))  # a read restores
+    assert not w.released and w._buf.any()
+    m.set_sparsity("dense")
+    assert not any(w.released for w in mats)
+    np.testing.assert_array_equal(m.logits(ids), dense)
+    every = teal.InputSparsity(m, np.full((m.args.n_layer, 4), -1.0), columns=True)  # the re-quantization alone
+    m.use_ffn(teal.TealFFN(m, None, every))
+    assert corr(m.logits(ids), dense) > 0.95  # 4-bit columns from 4-bit rows: a second rounding (see the kernel test)
+    np.testing.assert_array_equal(w.matmul(sparserun.weights.Acts(np.ones((1, w.cols), np.float32))), y)
 
 
 def test_calibration_meets_the_target_and_is_bound_to_its_model(stories, make_model, tmp_path):

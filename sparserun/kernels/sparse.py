@@ -43,10 +43,6 @@ PREFETCH_UNITS = 4
 # beat one (8) at f = 0.5 by 6-8% in two A/B runs (8.75 -> 8.24, 9.05 -> 8.34 ms), alike at 0.25 and 0.1;
 # 24 and 32 alike with 16, 4 slower.
 PREFETCH_AHEAD = 16
-# How far ahead column_axpy prefetches, in kept columns. TinyLlama Q4_0's column packs at half the columns kept, 22
-# layers from DRAM, 2 threads, measured when the threads split the outputs (GB/s of the kept units for no prefetch / 8 / 16 / 32 ahead): q|k|v 10 / 19 / 21 / 20,
-# o 9 / 22 / 24 / 23, gate|up 19 / 28 / 28.5 / 28, down 10 / 17 / 22.5 / 22.5
-COLUMN_AHEAD = 2 * AXPY_GROUP
 PACK_QUEUE = 4  # kept neurons select_pack_ffn holds back while their units load (A/B: 4 and 8 best of 4-16)
 SELECT_PREFETCH_ROWS = 32  # how far ahead select_pack_ffn prefetches its dense selection rows (A/B below)
 
@@ -570,52 +566,3 @@ def predict_active_i8(x, q1, s1, b1, q2t, s2, b2, t, idx, parts):
     for j in range(n_ff):
         z[j] += b2[j]
     return _ids_above(z, t, idx)
-
-
-@njit(parallel=True, cache=True, fastmath=True)
-def column_axpy(u, unit_bytes, down_kind, n_out, x, t, idx, coef, parts, out):
-    """out (n_out,) = sum over the channels j with |x[j]| > t of x[j] * column j of a column pack (teal.py: unit j =
-    input channel j's weights for every output, in a down format of 4-bit or int8 quants then fp16 scales per 32
-    outputs), on VNNI CPUs; returns how many were kept (their ids in idx, values in coef: scratch of x's size).
-    Threads split the kept columns: each reads whole units, one stream of 0.6-6.3 KB a column, into its own partial
-    sum (parts: one row per thread, n_out wide), and the rows are added at the end. A/B against threads splitting the
-    outputs (each reading its slice of every unit: 0.3-3.2 KB), TinyLlama Q4_0 at half the columns, one decode
-    token's 88 calls from DRAM, alternating in one process, 8 processes: that form ran 10.6-11.6 ms in three and
-    14.5-15.0 in five, this one 11.0-12.0 in all. Each axpy call prefetches the units COLUMN_AHEAD columns on, two
-    lines per block; their scales at the group's start."""
-    n = 0
-    for j in range(x.shape[0]):
-        if abs(x[j]) > t:
-            idx[n] = j
-            coef[n] = x[j]
-            n += 1
-    nbo = n_out // QK
-    qbytes = nbo * (16 if down_kind == DOWN_Q4 else 32)  # a unit's quants, then its scales
-    n_parts = parts.shape[0]
-    chunk = (n + n_parts - 1) // n_parts
-    for c in prange(n_parts):
-        acc = parts[c]
-        acc[:] = 0.0
-        ahead = np.full(AXPY_GROUP, -1, np.int64)
-        offs = np.empty(AXPY_GROUP, np.int64)
-        h = np.empty(AXPY_GROUP, np.float32)
-        co = _coef_scratch(nbo)
-        j0, j1 = c * chunk, min(n, (c + 1) * chunk)
-        for j in range(j0, j1, AXPY_GROUP):
-            cnt = min(AXPY_GROUP, j1 - j)
-            for g in range(AXPY_GROUP):
-                k = j + COLUMN_AHEAD + g
-                ahead[g] = idx[k] * unit_bytes if k < j1 else -1
-                if ahead[g] >= 0:
-                    prefetch(u, ahead[g] + qbytes, 2 * nbo)
-                if g < cnt:
-                    offs[g] = idx[j + g] * unit_bytes
-                    h[g] = coef[j + g]
-            _coefs_i8(u, offs, h, cnt, nbo, qbytes, co)
-            if down_kind == DOWN_Q4:
-                axpy_q4_vnni(acc, u, offs, co[0], co[1], co[2], nbo, ahead)
-            else:
-                axpy_i8_vnni(acc, u, offs, co[0], co[1], co[2], nbo, ahead)
-    _sum_parts(parts, out)
-    return n
-

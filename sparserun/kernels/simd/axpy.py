@@ -6,8 +6,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from .ir import (Q4_0R_GROUP, _half_splat, _i32, _i8, _prefetch_line, _ptr, _splat, _splat_f, _vload, _vnni_dot_setup,
-    _vnni_or_trap)
+from .ir import (Q4_0R_GROUP, X86_AVX2, _dpbusd_generic, _half_splat, _i32, _i8, _pmaddubsw, _pmaddwd_ones,
+    _prefetch_line, _ptr, _splat, _splat_f, _vload, _vnni_dot_setup, _vnni_or_trap)
 from .legacy import (_q4_0r_dots)
 
 def _i8x32_floats(builder, qp):
@@ -179,8 +179,33 @@ def coefs_q4_vnni(typingctx, u, offs, h, nb, qbytes, cw, cz, cs):
     return sig, codegen
 
 
-def _axpy_vnni(int8):
-    """The codegen of axpy_q4_vnni (int8: axpy_i8_vnni's, int8 down columns)."""
+def _dp16(builder, generic, nibbles):
+    """(acc, a, x) -> acc + per int32 lane the dot of a's 4 unsigned bytes with x's 4 signed ones (<16 x i32> each):
+    vpdpbusd (512-bit), or on the generic route the same sums from two 8-lane halves: AVX2's pmaddubsw and pmaddwd
+    where a holds nibbles (pairs of products within int16: 2 x 15 x 127, nothing saturates), else
+    ir._dpbusd_generic."""
+    v16i = ir.VectorType(_i32, 16)
+    if not generic:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        return lambda acc, a, x: builder.call(fn, [acc, a, x])
+    half = lambda v, h: builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 8), list(range(8 * h, 8 * h + 8))))
+    join = lambda lo, hi: builder.shuffle_vector(lo, hi, ir.Constant(v16i, list(range(16))))
+    if nibbles and X86_AVX2:
+        def dp(acc, a, x):
+            s = [_pmaddwd_ones(builder, _pmaddubsw(builder, half(a, h), half(x, h))) for h in range(2)]
+            return builder.add(acc, join(*s))
+    else:
+        fn8 = _dpbusd_generic(builder)
+
+        def dp(acc, a, x):
+            return join(*[builder.call(fn8, [half(acc, h), half(a, h), half(x, h)]) for h in range(2)])
+    return dp
+
+
+def _axpy_vnni(int8, generic=False):
+    """The codegen of axpy_q4_vnni (int8: axpy_i8_vnni's, int8 down columns; generic: vpdpbusd's arithmetic in
+    generic vector IR, the same sums on every CPU)."""
     G, Q = AXPY_Q4_COLUMNS, AXPY_Q4_COLUMNS // 4
     qb = 32 if int8 else 16  # quant bytes per block and column
 
@@ -195,8 +220,7 @@ def _axpy_vnni(int8):
         accp = builder.bitcast(A.data, v16f.as_pointer())
         ub = builder.bitcast(U.data, _i8.as_pointer())
         nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
-        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i, v16i, v16i]),
-                                            "llvm.x86.avx512.vpdpbusd.512")
+        dp = _dp16(builder, generic, not int8)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
         cols = [builder.gep(ub, [builder.load(builder.gep(O.data, [c(g)]))]) for g in range(G)]
         transpose = ir.Constant(ir.VectorType(_i32, 64), [16 * (j % 4) + j // 4 for j in range(64)])
@@ -230,7 +254,7 @@ def _axpy_vnni(int8):
                     t = builder.shuffle_vector(cat(cat(q[0], q[1]), cat(q[2], q[3])),
                                                ir.Constant(ir.VectorType(_i8, 64), None), transpose)
                     halves = (builder.and_(t, _splat(64, 15)), builder.and_(builder.lshr(t, _splat(64, 4)), _splat(64, 15)))
-                lanes = [builder.call(dp, [lanes[h], builder.bitcast(halves[h], v16i), coef]) for h in range(2)]
+                lanes = [dp(lanes[h], builder.bitcast(halves[h], v16i), coef) for h in range(2)]
             scale = _splat_f(builder, builder.load(builder.gep(CS.data, [b])), 16)
             for h in range(2):
                 ap = builder.gep(accp, [builder.add(builder.mul(b, c(2)), c(h))])
@@ -265,3 +289,15 @@ def axpy_i8_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
     the weights' sign bit flipped (w + 128, unsigned for vpdpbusd) and 128 x the coefficients' sum taken out in
     the accumulator's start. Replaces the float axpy (axpy_units_i8) on VNNI CPUs: a Q6_K or Q8_0 model's packs."""
     return types.void(acc, u, offs, cw, cz, cs, nb, pf), _vnni_or_trap(_axpy_vnni(True))
+
+
+@intrinsic
+def axpy_q4_generic(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
+    """axpy_q4_vnni with vpdpbusd's arithmetic in generic vector IR (_dp16): the same sums on every CPU."""
+    return types.void(acc, u, offs, cw, cz, cs, nb, pf), _axpy_vnni(False, generic=True)
+
+
+@intrinsic
+def axpy_i8_generic(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
+    """axpy_i8_vnni with vpdpbusd's arithmetic in generic vector IR (_dp16): the same sums on every CPU."""
+    return types.void(acc, u, offs, cw, cz, cs, nb, pf), _axpy_vnni(True, generic=True)
