@@ -83,9 +83,15 @@ class ColumnPack:
         types = "-".join(dict.fromkeys(w.type_name for w in weights))
         stem = f"cols.{layer}.{GROUPS[group]}.{first}.{types}-{DOWN_KINDS[self.kind]}"  # first: its place in the group
 
-        def build():  # (n_in, n_out) float32 -> quantized columns
-            return quantize_columns(np.ascontiguousarray(np.concatenate([w.dequantize() for w in weights]).T),
-                                    self.kind)
+        def build():  # (n_in, n_out) float32, filled a block of rows at a time (no second float copy), quantized
+            wt = np.empty((self.n_in, self.n_out), np.float32)
+            for w, at in zip(weights, self.bounds):
+                whole = None if isinstance(w, Weight) else w.dequantize()  # a TransposedWeight: at once
+                for r0 in range(0, w.rows, 1024):
+                    ids = np.arange(r0, min(w.rows, r0 + 1024))
+                    rows = w.rows_f32(ids) if whole is None else whole[ids]  # (<= 1024, n_in)
+                    wt[:, at + r0:at + r0 + len(rows)] = rows.T
+            return quantize_columns(wt, self.kind)
 
         self.units = cached_units(os.path.join(cache_dir, stem + ".p4.npy"), stem, (self.n_in, self.stride), build)
         self.fused = self.kind != S.DOWN_F32  # kernels.columns' integer axpys (float32 columns: pack_ffn's)
