@@ -179,11 +179,12 @@ def coefs_q4_vnni(typingctx, u, offs, h, nb, qbytes, cw, cz, cs):
     return sig, codegen
 
 
-def _dp16(builder, generic, nibbles):
-    """(acc, a, x) -> acc + per int32 lane the dot of a's 4 unsigned bytes with x's 4 signed ones (<16 x i32> each):
-    vpdpbusd (512-bit), or on the generic route the same sums from two 8-lane halves: AVX2's pmaddubsw and pmaddwd
-    where a holds nibbles (pairs of products within int16: 2 x 15 x 127, nothing saturates), else
-    ir._dpbusd_generic."""
+def _dp16(builder, generic, kind):
+    """(acc, a, x) -> acc + per int32 lane the dot of a's 4 bytes with x's 4 signed ones (<16 x i32> each). kind
+    "unsigned": a's bytes unsigned, vpdpbusd (512-bit), or on the generic route the same sums from two 8-lane halves
+    (ir._dpbusd_generic); "nibbles": a's bytes below 16, on the generic route with AVX2 pmaddubsw and pmaddwd (pairs
+    of products within int16: 2 x 15 x 127); "signed" (the generic route with AVX2 only): a's bytes signed, within
+    +-127, through pmaddubsw(|x|, a with x's signs) (2 x 127 x 127 fits int16: nothing saturates)."""
     v16i = ir.VectorType(_i32, 16)
     if not generic:
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16i, [v16i] * 3),
@@ -191,9 +192,23 @@ def _dp16(builder, generic, nibbles):
         return lambda acc, a, x: builder.call(fn, [acc, a, x])
     half = lambda v, h: builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_i32, 8), list(range(8 * h, 8 * h + 8))))
     join = lambda lo, hi: builder.shuffle_vector(lo, hi, ir.Constant(v16i, list(range(16))))
-    if nibbles and X86_AVX2:
+    if kind == "nibbles" and X86_AVX2:
         def dp(acc, a, x):
             s = [_pmaddwd_ones(builder, _pmaddubsw(builder, half(a, h), half(x, h))) for h in range(2)]
+            return builder.add(acc, join(*s))
+    elif kind == "signed":
+        v32i8 = ir.VectorType(_i8, 32)
+        sign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, v32i8]),
+                                              "llvm.x86.avx2.psign.b")
+        absb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32i8, [v32i8, ir.IntType(1)]),
+                                              "llvm.abs.v32i8")
+
+        def dp(acc, a, x):
+            s = []
+            for h in range(2):
+                ah, xh = builder.bitcast(half(a, h), v32i8), builder.bitcast(half(x, h), v32i8)
+                s.append(_pmaddwd_ones(builder, _pmaddubsw(builder, builder.call(absb, [xh, ir.Constant(ir.IntType(1), 0)]),
+                                                           builder.call(sign, [ah, xh]))))
             return builder.add(acc, join(*s))
     else:
         fn8 = _dpbusd_generic(builder)
@@ -220,7 +235,8 @@ def _axpy_vnni(int8, generic=False):
         accp = builder.bitcast(A.data, v16f.as_pointer())
         ub = builder.bitcast(U.data, _i8.as_pointer())
         nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
-        dp = _dp16(builder, generic, not int8)
+        signed = int8 and generic and X86_AVX2  # the int8 weights as they are (no + 128, no correction)
+        dp = _dp16(builder, generic, "signed" if signed else "unsigned" if int8 else "nibbles")
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
         cols = [builder.gep(ub, [builder.load(builder.gep(O.data, [c(g)]))]) for g in range(G)]
         transpose = ir.Constant(ir.VectorType(_i32, 64), [16 * (j % 4) + j // 4 for j in range(64)])
@@ -236,7 +252,7 @@ def _axpy_vnni(int8, generic=False):
             cz = builder.load(builder.gep(CZ.data, [b]))  # -8 x the coefficients' sum
             if int8:  # the weights' sign bit flipped makes them w + 128: take 128 x the sum back out
                 cz = builder.shl(cz, ir.Constant(_i32, 4))
-            lanes = [_splat_f(builder, cz, 16)] * 2  # outputs 32b + 16h + (0..15)
+            lanes = [_splat_f(builder, ir.Constant(_i32, 0) if signed else cz, 16)] * 2  # outputs 32b + 16h + (0..15)
             for k in range(Q):
                 coef = builder.bitcast(_splat_f(builder, builder.load(builder.gep(CW.data, [builder.add(builder.mul(nb, c(k)), b)])),
                                                 16), v16i)
@@ -248,7 +264,7 @@ def _axpy_vnni(int8, generic=False):
                                 for x in q]
                         t = builder.shuffle_vector(cat(cat(part[0], part[1]), cat(part[2], part[3])),
                                                    ir.Constant(ir.VectorType(_i8, 64), None), transpose)
-                        halves.append(builder.xor(t, _splat(64, -128)))
+                        halves.append(t if signed else builder.xor(t, _splat(64, -128)))
                 else:
                     q = [_vload(builder, builder.gep(cols[4 * k + g], [builder.mul(b, c(qb))]), 16) for g in range(4)]
                     t = builder.shuffle_vector(cat(cat(q[0], q[1]), cat(q[2], q[3])),
