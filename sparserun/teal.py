@@ -38,6 +38,7 @@ from .kv_cache import KVCache
 from .kernels import quant as K
 from .kernels import columns as C
 from .kernels import sparse as S
+from .memory import discard
 from .weights import Acts, Weight
 
 GROUPS = ("attn_qkv", "attn_o", "ffn_gate_up", "ffn_down")
@@ -65,9 +66,44 @@ def mask_inputs(x, t, first, out, counts):
         counts[r] = n
 
 
+EXACT_Q4 = -1  # a column pack kind beside the neuron packs' down formats: the source's own nibbles and scales
+EXACT_SOURCES = (K.Q4_0, K.Q4_K)  # the file types exact 4-bit columns are made from
+
+
+def _source(w):
+    """The file's own weight under an in-memory (perhaps repacked) copy."""
+    return w.origin if getattr(w, "origin", None) is not None else w
+
+
 def _column_kind(weights):
     qtypes = {w.qtype for w in weights}
+    if all(isinstance(w, Weight) and _source(w).qtype in EXACT_SOURCES for w in weights):
+        return EXACT_Q4
     return S.DOWN_F32 if qtypes == {K.F32} else S.DOWN_Q4 if qtypes <= set(FOUR_BIT) else S.DOWN_Q8
+
+
+def exact_q4_parts(w):
+    """A Q4_0 or Q4_K matrix's own parts from the file's bytes: nibbles q (rows, cols) uint8 and, per row and block of
+    32 columns, s and m (rows, cols / 32) float32 with w = s (q - 8) - m (Q4_0: s = d, m = 0; Q4_K: s = d sc, m =
+    dmin mn - 8 s)."""
+    src = _source(w)
+    raw = src.raw.reshape(src.rows, src.row_bytes)
+    if src.qtype == K.Q4_0:
+        blk = raw.reshape(src.rows, -1, 18)
+        d = blk[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)  # (rows, cols / 32)
+        qs = blk[:, :, 2:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=2).reshape(src.rows, src.cols)
+        return q, d, np.zeros_like(d)
+    sb = raw.reshape(src.rows, -1, 144)  # Q4_K super-blocks: d, dmin (fp16), 12 bytes of 6-bit scales and mins, 128 of nibbles
+    d = sb[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)[..., None]  # (rows, n_sb, 1)
+    dmin = sb[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)[..., None]
+    sc6 = sb[:, :, 4:16].astype(np.int32)
+    sc = np.concatenate([sc6[..., 0:4] & 63, (sc6[..., 8:12] & 15) | ((sc6[..., 0:4] >> 6) << 4)], axis=2)
+    mn = np.concatenate([sc6[..., 4:8] & 63, (sc6[..., 8:12] >> 4) | ((sc6[..., 4:8] >> 6) << 4)], axis=2)
+    qs = sb[:, :, 16:].reshape(src.rows, -1, 4, 32)  # pairs of sub-blocks: low nibbles the first, high the second
+    q = np.stack([qs & 15, qs >> 4], axis=3).reshape(src.rows, src.cols)
+    s_ = (d * sc).reshape(src.rows, -1)
+    return q, s_, (dmin * mn).reshape(src.rows, -1) - 8.0 * s_
 
 
 class ColumnPack:
@@ -77,24 +113,54 @@ class ColumnPack:
     def __init__(self, weights, cache_dir, layer, group, first=0):
         self.n_in, self.n_out = weights[0].cols, sum(w.rows for w in weights)
         self.kind = _column_kind(weights)
-        used = S.down_bytes.py_func(self.kind, self.n_out)
+        used = self.n_out // 2 if self.kind == EXACT_Q4 else S.down_bytes.py_func(self.kind, self.n_out)
         self.stride = unit_stride(used)
         self.bounds = np.cumsum([0] + [w.rows for w in weights])  # each matrix's first output, then n_out
-        types = "-".join(dict.fromkeys(w.type_name for w in weights))
-        stem = f"cols.{layer}.{GROUPS[group]}.{first}.{types}-{DOWN_KINDS[self.kind]}"  # first: its place in the group
+        types = "-".join(dict.fromkeys(_source(w).type_name if self.kind == EXACT_Q4 else w.type_name
+                                       for w in weights))
+        kind = "q4x" if self.kind == EXACT_Q4 else DOWN_KINDS[self.kind]
+        stem = f"cols.{layer}.{GROUPS[group]}.{first}.{types}-{kind}"  # first: its place in the group
+        path = os.path.join(cache_dir, stem + ".p4.npy")
+        self.sc = self.mn = None
+        if self.kind == EXACT_Q4:
+            parts = []
 
-        def build():  # (n_in, n_out) float32, filled a block of rows at a time (no second float copy), quantized
-            wt = np.empty((self.n_in, self.n_out), np.float32)
-            for w, at in zip(weights, self.bounds):
-                whole = None if isinstance(w, Weight) else w.dequantize()  # a TransposedWeight: at once
-                for r0 in range(0, w.rows, 1024):
-                    ids = np.arange(r0, min(w.rows, r0 + 1024))
-                    rows = w.rows_f32(ids) if whole is None else whole[ids]  # (<= 1024, n_in)
-                    wt[:, at + r0:at + r0 + len(rows)] = rows.T
-            return quantize_columns(wt, self.kind)
+            def build():  # the nibbles column by column; the scales kept for the second file
+                qs, ss, ms = zip(*(exact_q4_parts(w) for w in weights))
+                q = np.concatenate(qs).T.reshape(self.n_in, -1, 2, 16)  # (n_in, n_out / 32, halves, 16)
+                parts.append(np.stack([np.concatenate(ss).T, np.concatenate(ms).T]).astype(np.float16))
+                for w in weights:
+                    discard(_source(w).raw, inner=False)  # the file's pages: read once for the build
+                return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(self.n_in, -1)  # Q4_0's order: k low, k + 16 high
 
-        self.units = cached_units(os.path.join(cache_dir, stem + ".p4.npy"), stem, (self.n_in, self.stride), build)
+            self.units = cached_units(path, stem, (self.n_in, self.stride), build)
+            n_blk = self.n_in // K.QK  # (2: s, m; blocks; n_out) fp16 as bytes
+            scales = cached_units(os.path.join(cache_dir, stem + "-scales.p4.npy"), stem + "-scales",
+                                  (2 * n_blk, 2 * self.n_out),
+                                  lambda: (parts[0] if parts else self._scales(weights)).reshape(2 * n_blk, -1)
+                                  .view(np.uint8))
+            half = n_blk * 2 * self.n_out
+            self.sc, self.mn = scales[:half], scales[half:]
+            self.has_m = any(_source(w).qtype != K.Q4_0 for w in weights)
+        else:
+            def build():  # (n_in, n_out) float32, filled a block of rows at a time (no second float copy), quantized
+                wt = np.empty((self.n_in, self.n_out), np.float32)
+                for w, at in zip(weights, self.bounds):
+                    whole = None if isinstance(w, Weight) else w.dequantize()  # a TransposedWeight: at once
+                    for r0 in range(0, w.rows, 1024):
+                        ids = np.arange(r0, min(w.rows, r0 + 1024))
+                        rows = w.rows_f32(ids) if whole is None else whole[ids]  # (<= 1024, n_in)
+                        wt[:, at + r0:at + r0 + len(rows)] = rows.T
+                return quantize_columns(wt, self.kind)
+
+            self.units = cached_units(path, stem, (self.n_in, self.stride), build)
         self.fused = self.kind != S.DOWN_F32  # kernels.columns' integer axpys (float32 columns: pack_ffn's)
+
+    @staticmethod
+    def _scales(weights):
+        """The scales' stack (2, n_in / 32, n_out) fp16, from the file (units cached, scales not)."""
+        ss, ms = zip(*(exact_q4_parts(w)[1:] for w in weights))
+        return np.stack([np.concatenate(ss).T, np.concatenate(ms).T]).astype(np.float16)
 
     @staticmethod
     def fits(weights):
@@ -121,7 +187,10 @@ class ColumnPack:
         its channels with |x[r, j]| > t (rows before `first`: every channel)."""
         T = x.shape[0]
         out, counts = np.empty((T, self.n_out), np.float32), np.empty(T, np.int64)
-        if self.fused:
+        if self.kind == EXACT_Q4:
+            C.column_matmul_exact(self.units, self.stride, self.n_out, np.ascontiguousarray(x), t, first, self.sc,
+                                  self.mn, self.has_m, out, counts)
+        elif self.fused:
             C.column_matmul(self.units, self.stride, self.kind, self.n_out, np.ascontiguousarray(x), t, first, out,
                             counts)
         else:  # one token at a time through run()
@@ -135,7 +204,10 @@ class ColumnPack:
         """(outputs [(1, rows) per matrix], kept) = sum over the channels j with |x[j]| > t of x[j] * column j; idx and
         coef: scratch of x's size (x (n_in,))."""
         out = np.empty((1, self.n_out), np.float32)
-        if self.fused:  # selection and axpys in one call
+        if self.kind == EXACT_Q4:
+            n = C.column_axpy_exact(self.units, self.stride, self.n_out, x, t, idx, coef, self.sc, self.mn, self.has_m,
+                                    part_sums(self.n_out), out[0])
+        elif self.fused:  # selection and axpys in one call
             n = C.column_axpy(self.units, self.stride, self.kind, self.n_out, x, t, idx, coef, part_sums(self.n_out),
                               out[0])
         else:  # the neuron packs' kernel: threads split the columns, each into a partial sum

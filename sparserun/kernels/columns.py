@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from .quant import HAS_VNNI, QK
-from .simd import axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, coefs_q4_vnni, prefetch
+from .simd import axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, coefs_q4_vnni, prefetch, scale_rows_add
 from .sparse import AXPY_GROUP, DOWN_Q4, _coef_scratch, _coefs_i8, _sum_parts
 
 
@@ -137,3 +137,129 @@ def column_matmul(u, unit_bytes, down_kind, n_out, x, t, first, out, counts):
                     pf[g] = np.int64(idx[r, k]) * unit_bytes + qb * b0 if k < n else -1
                 coefs_q4_vnni(u, offs_s, h, nb, qbytes, co[0], co[1], co[2])
                 _axpy8(acc, u, offs_q, co, nb, pf, down_kind)
+
+
+# ---- exact 4-bit columns (teal.ColumnPack kind EXACT_Q4): a Q4_0 or Q4_K source's own nibbles, column by column
+# (n_out / 2 bytes a unit, Q4_0's nibble order per 32 outputs), and per block of 32 input channels and output the
+# source rows' scale s and offset m as fp16 (sc, mn: flat uint8, (n_in / 32, n_out) each): w = s (q - 8) - m. No
+# second rounding: only the activations' (int8 per channel block, as a dense Q8_0 dot rounds them).
+EXACT_BLOCK = 32  # input channels sharing one scale per output
+
+
+@njit(inline="always")
+def _exact_block(acc, tmp, u, unit_bytes, idx, coef, j0, j1, n_kept, o0, nb, sc, mn, has_m, blk, n_out, offs, pf, co):
+    """acc (nb x 32 outputs from output block o0) += the source rows' part for the kept channels idx[j0:j1] of channel
+    block blk (values coef[j0:j1]): their int8 coefficients (one scale for the block, the same for every output) and
+    axpys of their nibbles 8 at a time into tmp, then acc += s * tmp - m * (the channels' sum) (scale_rows_add).
+    idx[j1:n_kept] are later kept channels, prefetched 16 ahead."""
+    amax = np.float32(0.0)
+    xsum = np.float32(0.0)
+    for j in range(j0, j1):
+        amax = max(amax, abs(coef[j]))
+        xsum += coef[j]
+    if amax == 0.0:
+        return
+    inv = np.float32(127.0) / amax
+    cw, cz, cs = co
+    for k in range(nb):
+        cs[k] = amax / np.float32(127.0)
+    tmp[:QK * nb] = 0.0
+    for j in range(j0, j1, AXPY_GROUP):
+        cnt = min(AXPY_GROUP, j1 - j)
+        total = 0
+        for quad in range(AXPY_GROUP // 4):
+            word = 0
+            for g4 in range(4):
+                g = 4 * quad + g4
+                qv = np.int64(np.rint(coef[j + g] * inv)) if g < cnt else 0
+                offs[g] = np.int64(idx[j + g] if g < cnt else idx[j]) * unit_bytes + 16 * o0
+                k = j + 2 * AXPY_GROUP + g
+                pf[g] = np.int64(idx[k]) * unit_bytes + 16 * o0 if k < n_kept else -1
+                total += qv
+                word |= (qv & 255) << (8 * g4)
+            for k in range(nb):
+                cw[quad * nb + k] = np.int32(word if word < 2 ** 31 else word - 2 ** 32)
+        for k in range(nb):
+            cz[k] = -8 * total
+        _axpy8(tmp, u, offs, co, nb, pf, DOWN_Q4)
+    at = 2 * (blk * n_out + QK * o0)
+    scale_rows_add(acc, tmp, sc, at, mn, at if has_m else -1, xsum, QK * nb)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def column_axpy_exact(u, unit_bytes, n_out, x, t, idx, coef, sc, mn, has_m, parts, out):
+    """column_axpy over exact 4-bit columns: out (n_out,) = sum over the channels j with |x[j]| > t of x[j] * column
+    j; returns how many were kept (ids in idx, values in coef). Threads split the channel blocks, each adding its
+    blocks' kept columns into its own partial sum (parts)."""
+    n = 0
+    for j in range(x.shape[0]):
+        if abs(x[j]) > t:
+            idx[n] = j
+            coef[n] = x[j]
+            n += 1
+    n_blk = (x.shape[0] + EXACT_BLOCK - 1) // EXACT_BLOCK
+    start = np.zeros(n_blk + 1, np.int64)  # each channel block's first entry in idx
+    for j in range(n):
+        start[idx[j] // EXACT_BLOCK + 1] += 1
+    for b in range(n_blk):
+        start[b + 1] += start[b]
+    nbo = n_out // QK
+    n_parts = parts.shape[0]
+    chunk = (n_blk + n_parts - 1) // n_parts
+    for c in prange(n_parts):
+        acc = parts[c]
+        acc[:] = 0.0
+        tmp = np.empty(n_out, np.float32)
+        offs = np.empty(AXPY_GROUP, np.int64)
+        pf = np.empty(AXPY_GROUP, np.int64)
+        co = _coef_scratch(nbo)
+        for b in range(c * chunk, min(n_blk, (c + 1) * chunk)):
+            if start[b + 1] > start[b]:
+                _exact_block(acc, tmp, u, unit_bytes, idx, coef, start[b], start[b + 1], n, 0, nbo, sc, mn, has_m, b,
+                             n_out, offs, pf, co)
+    _sum_parts(parts, out)
+    return n
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def column_matmul_exact(u, unit_bytes, n_out, x, t, first, sc, mn, has_m, out, counts):
+    """column_matmul over exact 4-bit columns: out (T, n_out) = the prompt batch x (T, n_in), token r adding its
+    channels with |x[r, j]| > t (rows r < first: every channel); counts[r] = its kept channels. Work items as
+    column_matmul's (an output tile, a run of tokens), each token's kept channels taken a channel block at a time."""
+    T, n_in = x.shape
+    idx = np.empty((T, n_in), np.int32)
+    coef = np.empty((T, n_in), np.float32)
+    for r in prange(T):
+        n = 0
+        for j in range(n_in):
+            v = x[r, j]
+            if r < first or abs(v) > t:
+                idx[r, n] = j
+                coef[r, n] = v
+                n += 1
+        counts[r] = n
+    nbo = n_out // QK
+    n_tiles = (nbo + TILE_BLOCKS - 1) // TILE_BLOCKS
+    n_runs = (T + TILE_TOKENS - 1) // TILE_TOKENS
+    for item in prange(n_tiles * n_runs):
+        tile, run = item // n_runs, item % n_runs
+        b0 = tile * TILE_BLOCKS
+        nb = min(TILE_BLOCKS, nbo - b0)
+        tmp = np.empty(QK * nb, np.float32)
+        offs = np.empty(AXPY_GROUP, np.int64)
+        pf = np.empty(AXPY_GROUP, np.int64)
+        co = _coef_scratch(nb)
+        for r in range(run * TILE_TOKENS, min(T, (run + 1) * TILE_TOKENS)):
+            acc = out[r, QK * b0:QK * (b0 + nb)]
+            acc[:] = 0.0
+            n = counts[r]
+            ids, cs = idx[r], coef[r]
+            j0 = 0
+            while j0 < n:
+                blk = ids[j0] // EXACT_BLOCK
+                j1 = j0 + 1
+                while j1 < n and ids[j1] // EXACT_BLOCK == blk:
+                    j1 += 1
+                _exact_block(acc, tmp, u, unit_bytes, ids, cs, j0, j1, n, b0, nb, sc, mn, has_m, blk, n_out, offs,
+                             pf, co)
+                j0 = j1

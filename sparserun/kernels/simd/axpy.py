@@ -317,3 +317,43 @@ def axpy_q4_generic(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
 def axpy_i8_generic(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
     """axpy_i8_vnni with vpdpbusd's arithmetic in generic vector IR (_dp16): the same sums on every CPU."""
     return types.void(acc, u, offs, cw, cz, cs, nb, pf), _axpy_vnni(True, generic=True)
+
+
+@intrinsic
+def scale_rows_add(typingctx, acc, tmp, sc, soff, mn, moff, x_sum, n):
+    """acc[i] += s[i] * tmp[i] - m[i] * x_sum for i < n (a multiple of 16): s and m fp16 at byte offsets soff of sc
+    and moff of mn (uint8 arrays; moff < 0: no m), converted 16 at a time. The exact column packs' per-output scales
+    (teal.ColumnPack, kind DOWN_Q4X): tmp holds a channel block's integer sums, s and m the source rows' scale and
+    offset for that block."""
+    sig = types.void(acc, tmp, sc, soff, mn, moff, x_sum, n)
+
+    def codegen(context, builder, signature, args):
+        acc_a, tmp_a, sc_a, soff, mn_a, moff, xs, n_v = args
+        i64, f32, f16 = ir.IntType(64), ir.FloatType(), ir.HalfType()
+        c = lambda v: ir.Constant(i64, v)
+        v16f, v16h = ir.VectorType(f32, 16), ir.VectorType(f16, 16)
+        arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+        A, T = arr(0, acc_a), arr(1, tmp_a)
+        accp, tp = builder.bitcast(A.data, v16f.as_pointer()), builder.bitcast(T.data, v16f.as_pointer())
+        sb = builder.gep(builder.bitcast(arr(2, sc_a).data, _i8.as_pointer()), [soff])
+        mb = builder.gep(builder.bitcast(arr(4, mn_a).data, _i8.as_pointer()), [builder.select(
+            builder.icmp_signed(">=", moff, c(0)), moff, c(0))])
+        has_m = builder.icmp_signed(">=", moff, c(0))
+        xsv = _splat_f(builder, xs, 16)
+        n = builder.sext(n_v, i64) if n_v.type.width < 64 else n_v
+        with cgutils.for_range(builder, builder.udiv(n, c(16))) as loop:
+            k = loop.index
+            half16 = lambda base: builder.fpext(builder.load(builder.bitcast(builder.gep(base, [builder.mul(k, c(32))]),
+                                                                         v16h.as_pointer()), align=1), v16f)
+            ap, tk = builder.gep(accp, [k]), builder.gep(tp, [k])
+            y = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3),
+                                                            "llvm.fma.v16f32"),
+                             [half16(sb), builder.load(tk, align=4), builder.load(ap, align=4)])
+            with builder.if_else(has_m) as (then, other):
+                with then:
+                    builder.store(builder.fsub(y, builder.fmul(half16(mb), xsv)), ap, align=4)
+                with other:
+                    builder.store(y, ap, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
