@@ -8,7 +8,8 @@ import numpy as np
 from numba import njit, prange
 
 from .quant import HAS_VNNI, QK
-from .simd import axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, coefs_q4_vnni, prefetch, scale_rows_add
+from .simd import (axpy_i8_generic, axpy_i8_vnni, axpy_q4_exact_generic, axpy_q4_exact_vnni, axpy_q4_generic,
+                   axpy_q4_vnni, coefs_q4_vnni, prefetch)
 from .sparse import AXPY_GROUP, DOWN_Q4, _coef_scratch, _coefs_i8, _sum_parts
 
 
@@ -147,11 +148,11 @@ EXACT_BLOCK = 32  # input channels sharing one scale per output
 
 
 @njit(inline="always")
-def _exact_block(acc, tmp, u, unit_bytes, idx, coef, j0, j1, n_kept, o0, nb, sc, mn, has_m, blk, n_out, offs, pf, co):
+def _exact_block(acc, u, unit_bytes, idx, coef, j0, j1, n_kept, o0, nb, sc, mn, has_m, blk, n_out, offs, cw, pf):
     """acc (nb x 32 outputs from output block o0) += the source rows' part for the kept channels idx[j0:j1] of channel
-    block blk (values coef[j0:j1]): their int8 coefficients (one scale for the block, the same for every output) and
-    axpys of their nibbles 8 at a time into tmp, then acc += s * tmp - m * (the channels' sum) (scale_rows_add).
-    idx[j1:n_kept] are later kept channels, prefetched 16 ahead."""
+    block blk (values coef[j0:j1], at most EXACT_BLOCK): their int8 coefficients (one scale for the block, the same for
+    every output) and one axpy_q4_exact of all of them, the scales applied once. The 8 channels after them (idx[j1:],
+    up to n_kept) are prefetched. offs (EXACT_BLOCK,) int64, cw (EXACT_BLOCK / 4,) int32, pf (8,) int64: scratch."""
     amax = np.float32(0.0)
     xsum = np.float32(0.0)
     for j in range(j0, j1):
@@ -160,30 +161,27 @@ def _exact_block(acc, tmp, u, unit_bytes, idx, coef, j0, j1, n_kept, o0, nb, sc,
     if amax == 0.0:
         return
     inv = np.float32(127.0) / amax
-    cw, cz, cs = co
-    for k in range(nb):
-        cs[k] = amax / np.float32(127.0)
-    tmp[:QK * nb] = 0.0
-    for j in range(j0, j1, AXPY_GROUP):
-        cnt = min(AXPY_GROUP, j1 - j)
-        total = 0
-        for quad in range(AXPY_GROUP // 4):
-            word = 0
-            for g4 in range(4):
-                g = 4 * quad + g4
-                qv = np.int64(np.rint(coef[j + g] * inv)) if g < cnt else 0
-                offs[g] = np.int64(idx[j + g] if g < cnt else idx[j]) * unit_bytes + 16 * o0
-                k = j + 2 * AXPY_GROUP + g
-                pf[g] = np.int64(idx[k]) * unit_bytes + 16 * o0 if k < n_kept else -1
-                total += qv
-                word |= (qv & 255) << (8 * g4)
-            for k in range(nb):
-                cw[quad * nb + k] = np.int32(word if word < 2 ** 31 else word - 2 ** 32)
-        for k in range(nb):
-            cz[k] = -8 * total
-        _axpy8(tmp, u, offs, co, nb, pf, DOWN_Q4)
+    cnt = j1 - j0
+    total = 0
+    for quad in range((cnt + 3) // 4):
+        word = 0
+        for g4 in range(4):
+            g = 4 * quad + g4
+            qv = np.int64(np.rint(coef[j0 + g] * inv)) if g < cnt else 0
+            offs[g] = np.int64(idx[j0 + g] if g < cnt else idx[j0]) * unit_bytes + 16 * o0
+            total += qv
+            word |= (qv & 255) << (8 * g4)
+        cw[quad] = np.int32(word if word < 2 ** 31 else word - 2 ** 32)
+    for g in range(AXPY_GROUP):
+        k = j1 + g
+        pf[g] = np.int64(idx[k]) * unit_bytes + 16 * o0 if k < n_kept else -1
     at = 2 * (blk * n_out + QK * o0)
-    scale_rows_add(acc, tmp, sc, at, mn, at if has_m else -1, xsum, QK * nb)
+    if HAS_VNNI:
+        axpy_q4_exact_vnni(acc, u, offs, (cnt + 3) // 4, cw, np.int32(-8 * total), amax / np.float32(127.0), sc, at,
+                           mn, at if has_m else -1, xsum, nb, pf)
+    else:
+        axpy_q4_exact_generic(acc, u, offs, (cnt + 3) // 4, cw, np.int32(-8 * total), amax / np.float32(127.0), sc,
+                              at, mn, at if has_m else -1, xsum, nb, pf)
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -209,14 +207,13 @@ def column_axpy_exact(u, unit_bytes, n_out, x, t, idx, coef, sc, mn, has_m, part
     for c in prange(n_parts):
         acc = parts[c]
         acc[:] = 0.0
-        tmp = np.empty(n_out, np.float32)
-        offs = np.empty(AXPY_GROUP, np.int64)
+        offs = np.empty(EXACT_BLOCK, np.int64)
+        cw = np.empty(EXACT_BLOCK // 4, np.int32)
         pf = np.empty(AXPY_GROUP, np.int64)
-        co = _coef_scratch(nbo)
         for b in range(c * chunk, min(n_blk, (c + 1) * chunk)):
             if start[b + 1] > start[b]:
-                _exact_block(acc, tmp, u, unit_bytes, idx, coef, start[b], start[b + 1], n, 0, nbo, sc, mn, has_m, b,
-                             n_out, offs, pf, co)
+                _exact_block(acc, u, unit_bytes, idx, coef, start[b], start[b + 1], n, 0, nbo, sc, mn, has_m, b, n_out,
+                             offs, cw, pf)
     _sum_parts(parts, out)
     return n
 
@@ -245,10 +242,9 @@ def column_matmul_exact(u, unit_bytes, n_out, x, t, first, sc, mn, has_m, out, c
         tile, run = item // n_runs, item % n_runs
         b0 = tile * TILE_BLOCKS
         nb = min(TILE_BLOCKS, nbo - b0)
-        tmp = np.empty(QK * nb, np.float32)
-        offs = np.empty(AXPY_GROUP, np.int64)
+        offs = np.empty(EXACT_BLOCK, np.int64)
+        cw = np.empty(EXACT_BLOCK // 4, np.int32)
         pf = np.empty(AXPY_GROUP, np.int64)
-        co = _coef_scratch(nb)
         for r in range(run * TILE_TOKENS, min(T, (run + 1) * TILE_TOKENS)):
             acc = out[r, QK * b0:QK * (b0 + nb)]
             acc[:] = 0.0
@@ -260,6 +256,5 @@ def column_matmul_exact(u, unit_bytes, n_out, x, t, first, sc, mn, has_m, out, c
                 j1 = j0 + 1
                 while j1 < n and ids[j1] // EXACT_BLOCK == blk:
                     j1 += 1
-                _exact_block(acc, tmp, u, unit_bytes, ids, cs, j0, j1, n, b0, nb, sc, mn, has_m, blk, n_out, offs,
-                             pf, co)
+                _exact_block(acc, u, unit_bytes, ids, cs, j0, j1, n, b0, nb, sc, mn, has_m, blk, n_out, offs, cw, pf)
                 j0 = j1

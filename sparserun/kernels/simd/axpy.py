@@ -319,41 +319,83 @@ def axpy_i8_generic(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
     return types.void(acc, u, offs, cw, cz, cs, nb, pf), _axpy_vnni(True, generic=True)
 
 
-@intrinsic
-def scale_rows_add(typingctx, acc, tmp, sc, soff, mn, moff, x_sum, n):
-    """acc[i] += s[i] * tmp[i] - m[i] * x_sum for i < n (a multiple of 16): s and m fp16 at byte offsets soff of sc
-    and moff of mn (uint8 arrays; moff < 0: no m), converted 16 at a time. The exact column packs' per-output scales
-    (teal.ColumnPack, kind DOWN_Q4X): tmp holds a channel block's integer sums, s and m the source rows' scale and
-    offset for that block."""
-    sig = types.void(acc, tmp, sc, soff, mn, moff, x_sum, n)
+def _axpy_exact(generic):
+    """The codegen of axpy_q4_exact (generic: vpdpbusd's arithmetic in generic vector IR)."""
+    G = AXPY_Q4_COLUMNS
 
     def codegen(context, builder, signature, args):
-        acc_a, tmp_a, sc_a, soff, mn_a, moff, xs, n_v = args
+        acc_a, u_a, o_a, nq_v, cw_a, cz_v, a_v, sc_a, soff, mn_a, moff, xs, nb_v, pf_a = args
         i64, f32, f16 = ir.IntType(64), ir.FloatType(), ir.HalfType()
         c = lambda v: ir.Constant(i64, v)
-        v16f, v16h = ir.VectorType(f32, 16), ir.VectorType(f16, 16)
+        v16f, v16i, v16h = ir.VectorType(f32, 16), ir.VectorType(_i32, 16), ir.VectorType(f16, 16)
         arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
-        A, T = arr(0, acc_a), arr(1, tmp_a)
-        accp, tp = builder.bitcast(A.data, v16f.as_pointer()), builder.bitcast(T.data, v16f.as_pointer())
-        sb = builder.gep(builder.bitcast(arr(2, sc_a).data, _i8.as_pointer()), [soff])
-        mb = builder.gep(builder.bitcast(arr(4, mn_a).data, _i8.as_pointer()), [builder.select(
-            builder.icmp_signed(">=", moff, c(0)), moff, c(0))])
+        A, U, O, CW, PF = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(4, cw_a), arr(13, pf_a)
+        accp = builder.bitcast(A.data, v16f.as_pointer())
+        ub = builder.bitcast(U.data, _i8.as_pointer())
+        sb = builder.gep(builder.bitcast(arr(7, sc_a).data, _i8.as_pointer()), [soff])
         has_m = builder.icmp_signed(">=", moff, c(0))
-        xsv = _splat_f(builder, xs, 16)
-        n = builder.sext(n_v, i64) if n_v.type.width < 64 else n_v
-        with cgutils.for_range(builder, builder.udiv(n, c(16))) as loop:
-            k = loop.index
-            half16 = lambda base: builder.fpext(builder.load(builder.bitcast(builder.gep(base, [builder.mul(k, c(32))]),
-                                                                         v16h.as_pointer()), align=1), v16f)
-            ap, tk = builder.gep(accp, [k]), builder.gep(tp, [k])
-            y = builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3),
-                                                            "llvm.fma.v16f32"),
-                             [half16(sb), builder.load(tk, align=4), builder.load(ap, align=4)])
-            with builder.if_else(has_m) as (then, other):
-                with then:
-                    builder.store(builder.fsub(y, builder.fmul(half16(mb), xsv)), ap, align=4)
-                with other:
-                    builder.store(y, ap, align=4)
+        mb = builder.gep(builder.bitcast(arr(9, mn_a).data, _i8.as_pointer()), [builder.select(has_m, moff, c(0))])
+        nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+        nq = builder.sext(nq_v, i64) if nq_v.type.width < 64 else nq_v
+        dp = _dp16(builder, generic, "nibbles")
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
+        transpose = ir.Constant(ir.VectorType(_i32, 64), [16 * (j % 4) + j // 4 for j in range(64)])
+        cat = lambda a, b: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, 2 * a.type.count),
+                                                                    list(range(2 * a.type.count))))
+        av, xsv = _splat_f(builder, a_v, 16), _splat_f(builder, xs, 16)
+        lanes = [cgutils.alloca_once(builder, v16i) for _ in range(2)]
+        with cgutils.for_range(builder, nb) as blk:
+            b = blk.index
+            for k in range(2):  # two lines of the later units a block, as axpy_q4_vnni
+                v = builder.add(builder.mul(b, c(2)), c(k))
+                at = builder.load(builder.gep(PF.data, [builder.urem(v, c(G))]))
+                with builder.if_then(builder.icmp_signed(">=", at, c(0))):
+                    _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.udiv(v, c(G)), c(64)))]))
+            for h in range(2):
+                builder.store(_splat_f(builder, cz_v, 16), lanes[h])
+            with cgutils.for_range(builder, nq) as quad:
+                k = quad.index
+                coef = builder.bitcast(_splat_f(builder, builder.load(builder.gep(CW.data, [k])), 16), v16i)
+                q = [_vload(builder, builder.gep(ub, [builder.add(builder.load(builder.gep(
+                    O.data, [builder.add(builder.mul(k, c(4)), c(g))])), builder.mul(b, c(16)))]), 16) for g in range(4)]
+                t = builder.shuffle_vector(cat(cat(q[0], q[1]), cat(q[2], q[3])),
+                                           ir.Constant(ir.VectorType(_i8, 64), None), transpose)
+                halves = (builder.and_(t, _splat(64, 15)), builder.and_(builder.lshr(t, _splat(64, 4)), _splat(64, 15)))
+                for h in range(2):
+                    builder.store(dp(builder.load(lanes[h]), builder.bitcast(halves[h], v16i), coef), lanes[h])
+            for h in range(2):
+                o = builder.add(builder.mul(b, c(2)), c(h))  # 16 outputs
+                half16 = lambda base: builder.fpext(builder.load(builder.bitcast(builder.gep(base, [builder.mul(o, c(32))]),
+                                                                             v16h.as_pointer()), align=1), v16f)
+                ap = builder.gep(accp, [o])
+                y = builder.call(fma, [builder.fmul(builder.sitofp(builder.load(lanes[h]), v16f), av), half16(sb),
+                                       builder.load(ap, align=4)])
+                m = builder.select(has_m, half16(mb), ir.Constant(v16f, [0.0] * 16))
+                builder.store(builder.fsub(y, builder.fmul(m, xsv)), ap, align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+_EXACT_DOC = """acc[32b + i] += a * s(b, i) * sum_g c_g * (nibble(g, b, i) - 8) - m(b, i) * x_sum over nb blocks of 32
+outputs: up to 32 kept channels of one channel block of an exact 4-bit column pack at once (teal.ColumnPack, kind
+EXACT_Q4), in nq quads: their units at byte offsets offs[4k + g] of u (Q4_0's nibble order, 16 bytes a block), their
+int8 coefficients four to an int32 in cw[k] (the same for every output block), cz = -8 x the coefficients' sum, a the
+coefficients' scale; s and m the source rows' fp16 scale and offset at byte soff of sc and moff of mn (moff < 0:
+none), x_sum the channels' values' sum. The integer sums of all the quads stay in registers, and each output's scale
+is applied once per channel block. pf: prefetch of later units, as axpy_q4_vnni's."""
+
+
+@intrinsic
+def axpy_q4_exact_vnni(typingctx, acc, u, offs, nq, cw, cz, a, sc, soff, mn, moff, x_sum, nb, pf):
+    return (types.void(acc, u, offs, nq, cw, cz, a, sc, soff, mn, moff, x_sum, nb, pf),
+            _vnni_or_trap(_axpy_exact(False)))
+
+
+@intrinsic
+def axpy_q4_exact_generic(typingctx, acc, u, offs, nq, cw, cz, a, sc, soff, mn, moff, x_sum, nb, pf):
+    return types.void(acc, u, offs, nq, cw, cz, a, sc, soff, mn, moff, x_sum, nb, pf), _axpy_exact(True)
+
+
+axpy_q4_exact_vnni.__doc__ = _EXACT_DOC
+axpy_q4_exact_generic.__doc__ = _EXACT_DOC + " Generic IR: the same sums on every CPU."
