@@ -134,14 +134,16 @@ class ColumnPack:
                 return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(self.n_in, -1)  # Q4_0's order: k low, k + 16 high
 
             self.units = cached_units(path, stem, (self.n_in, self.stride), build)
-            n_blk = self.n_in // K.QK  # (2: s, m; blocks; n_out) fp16 as bytes
-            scales = cached_units(os.path.join(cache_dir, stem + "-scales.p4.npy"), stem + "-scales",
-                                  (2 * n_blk, 2 * self.n_out),
-                                  lambda: (parts[0] if parts else self._scales(weights)).reshape(2 * n_blk, -1)
+            self.has_m = any(_source(w).qtype != K.Q4_0 for w in weights)  # Q4_0's offsets are 0: not stored
+            n_rows = (2 if self.has_m else 1) * (self.n_in // K.QK)  # (s; m where has_m) x blocks, n_out fp16 each
+            scales = cached_units(os.path.join(cache_dir, stem + "-scales.p5.npy"), stem + "-scales",
+                                  (n_rows, 2 * self.n_out),
+                                  lambda: np.ascontiguousarray((parts[0] if parts else self._scales(weights))
+                                                               [:n_rows // (self.n_in // K.QK)]).reshape(n_rows, -1)
                                   .view(np.uint8))
-            half = n_blk * 2 * self.n_out
-            self.sc, self.mn = scales[:half], scales[half:]
-            self.has_m = any(_source(w).qtype != K.Q4_0 for w in weights)
+            half = (self.n_in // K.QK) * 2 * self.n_out
+            self.sc = scales[:half]
+            self.mn = scales[half:] if self.has_m else self.sc  # (the kernel reads it only where has_m)
         else:
             def build():  # (n_in, n_out) float32, filled a block of rows at a time (no second float copy), quantized
                 wt = np.empty((self.n_in, self.n_out), np.float32)
@@ -160,6 +162,8 @@ class ColumnPack:
     def _scales(weights):
         """The scales' stack (2, n_in / 32, n_out) fp16, from the file (units cached, scales not)."""
         ss, ms = zip(*(exact_q4_parts(w)[1:] for w in weights))
+        for w in weights:
+            discard(_source(w).raw, inner=False)  # the file's pages: read once for the build
         return np.stack([np.concatenate(ss).T, np.concatenate(ms).T]).astype(np.float16)
 
     @staticmethod
