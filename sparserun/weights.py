@@ -250,7 +250,7 @@ class Matmuls:
             raws, rows0 = ((one,), row0[[0, -1]]) if one is not None else (tuple(w.raw for w in g), row0)
             self.groups.append((g[0], raws, f32, rows0, row0))
             i = j
-        self._copies = [w for w in self.weights if w.origin is not None]  # those that may be released
+        self._copies = [w for w in self.weights if getattr(w, "origin", None) is not None]  # those that may be released
 
     def restore(self):
         """Restore released weights before a kernel reads them (a policy that runs them from other copies released
