@@ -81,8 +81,8 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
     def check(h):
         want = h @ dcols[idx]
         tol = 1e-4 * (1 + np.abs(want))
-        if down_qtype in (2, 8) and K.HAS_VNNI:
-            # axpy_q4_vnni / axpy_i8_vnni round each term's coefficient h_j * scale to int8 with at most the block's
+        if down_qtype == 2 or down_qtype == 8 and K.HAS_VNNI:  # 4-bit columns: the integer axpy on every CPU
+            # axpy_q4_vnni / axpy_i8_vnni (or the generic twin) round each term's coefficient h_j * scale to int8 with at most the block's
             # largest |h * scale| / 127 as step: at most half a step times |nibble - 8| (|int8|) per term
             a = np.abs(s[idx])  # (kept, blocks) block scales
             hs = np.abs(h)[:, None] * a
@@ -133,19 +133,23 @@ def test_pack_units_page_padded(tmp_path):
     assert small.unit_bytes == 128 * 4 + 32 * 4
 
 
-@pytest.mark.skipif(not K.HAS_VNNI, reason="this CPU has no AVX512-VNNI (the float axpy runs instead)")
 @pytest.mark.parametrize("cnt", [8, 5, 3, 1])
 @pytest.mark.parametrize("kind", ["q4", "i8"])
 def test_int8_coefficient_axpy_equals_its_rounding(cnt, kind):
     """axpy_q4_vnni (4-bit columns) and axpy_i8_vnni (int8 columns) with _coefs_i8 against numpy doing the same
     rounding (per block: the group's terms h_g * scale rounded to int8 with one scale max / 127); a group under
-    AXPY_GROUP is padded."""
+    AXPY_GROUP is padded. Where the CPU has no AVX512-VNNI, their generic-IR twins (the same sums)."""
     from numba import njit
+
+    from sparserun.kernels import simd
+
+    axpy = {("q4", True): simd.axpy_q4_vnni, ("q4", False): simd.axpy_q4_generic, ("i8", True): simd.axpy_i8_vnni,
+            ("i8", False): simd.axpy_i8_generic}[kind, bool(K.HAS_VNNI)]
 
     G = S.AXPY_GROUP
     rng = np.random.default_rng(cnt)
     nb, n_units = 37, 9  # coefs_q4_vnni: two 16-block vectors, then 5 blocks one at a time
-    down_kind, qb = (S.DOWN_Q4, 16) if kind == "q4" else (S.DOWN_Q8, 32)
+    qb = 16 if kind == "q4" else 32
     q = rng.integers(0, 256, (n_units, nb * qb), dtype=np.uint8)
     if kind == "i8":
         q[q == 128] = 129  # int8 columns hold -127..127
@@ -162,7 +166,8 @@ def test_int8_coefficient_axpy_equals_its_rounding(cnt, kind):
     @njit
     def run(acc, u, offs, h, cnt, nb):
         co = S._coef_scratch(nb)
-        S._axpy(acc, u, offs, h, cnt, nb, down_kind, True, co, np.full(G, -1, np.int64))
+        S._coefs_i8(u, offs, h, cnt, nb, nb * qb, co)
+        axpy(acc, u, offs, co[0], co[1], co[2], nb, np.full(G, -1, np.int64))
 
     acc = rng.standard_normal(nb * 32).astype(np.float32)
     want = acc.copy()
@@ -281,10 +286,10 @@ def test_fused_threshold_kernel_equals_the_unfused_path(make_model, qtype):
         sp.last_kept[li] = 1.0  # above DENSE_ABOVE: the next token takes the unfused path
         unfused = sp(li, Acts(ffn_inputs[li]))[0]
         assert sp.last_kept[li] == n_fused and 0.02 < n_fused <= DENSE_ABOVE, n_fused  # the same few neurons
-        # 4-bit and int8 down columns on a VNNI CPU: each path rounds its groups' coefficients to int8 (exactly
+        # 4-bit down columns, and int8 ones on a VNNI CPU: each path rounds its groups' coefficients to int8 (exactly
         # checked in test_int8_coefficient_axpy_equals_its_rounding), and the two paths group the kept neurons
         # differently
-        rel = 1e-2 if qtype in ("Q4_0", "Q8_0", "Q4_K_M") and K.HAS_VNNI else 1e-5
+        rel = 1e-2 if qtype in ("Q4_0", "Q4_K_M") or qtype == "Q8_0" and K.HAS_VNNI else 1e-5
         np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=rel * np.abs(unfused).max())
 
 
