@@ -89,16 +89,13 @@ TILE_BLOCKS = 32
 TILE_TOKENS = 16
 
 
-@njit(parallel=True, cache=True, fastmath=True)
-def column_matmul(u, unit_bytes, down_kind, n_out, x, t, first, out, counts):
-    """out (T, n_out) = the prompt batch x (T, n_in) times a column pack: token r adds x[r, j] * column j for its
-    channels with |x[r, j]| > t (rows r < first: every channel, BOS); counts[r] = its kept channels. Each token's kept
-    channels are listed once; each work item (an output tile and a run of tokens, see TILE_BLOCKS) then adds, token by
-    token, the tile's slices of that token's kept columns, 8 at a time, as column_axpy does: the coefficients
-    (coefs_q4_vnni: the values times the columns' block scales, rounded to int8 per block) and one axpy (_axpy8). The
-    work is the kept share's, as in decode, and each column's slice is read from memory once for the run."""
+@njit(inline="always")
+def _kept_lists(x, t, first, counts):
+    """Each token's kept channels of a batch x (T, n_in) (|x[r, j]| > t; rows r < first: all), in order: (idx (T,
+    n_in) int32, their values (T, n_in)); counts[r] = how many. Inlined into the parallel kernels: one token a
+    thread."""
     T, n_in = x.shape
-    idx = np.empty((T, n_in), np.int32)  # each token's kept channels, then their values
+    idx = np.empty((T, n_in), np.int32)
     coef = np.empty((T, n_in), np.float32)
     for r in prange(T):
         n = 0
@@ -109,6 +106,19 @@ def column_matmul(u, unit_bytes, down_kind, n_out, x, t, first, out, counts):
                 coef[r, n] = v
                 n += 1
         counts[r] = n
+    return idx, coef
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def column_matmul(u, unit_bytes, down_kind, n_out, x, t, first, out, counts):
+    """out (T, n_out) = the prompt batch x (T, n_in) times a column pack: token r adds x[r, j] * column j for its
+    channels with |x[r, j]| > t (rows r < first: every channel, BOS); counts[r] = its kept channels. Each token's kept
+    channels are listed once; each work item (an output tile and a run of tokens, see TILE_BLOCKS) then adds, token by
+    token, the tile's slices of that token's kept columns, 8 at a time, as column_axpy does: the coefficients
+    (coefs_q4_vnni: the values times the columns' block scales, rounded to int8 per block) and one axpy (_axpy8). The
+    work is the kept share's, as in decode, and each column's slice is read from memory once for the run."""
+    T = x.shape[0]
+    idx, coef = _kept_lists(x, t, first, counts)
     nbo = n_out // QK
     qb = 16 if down_kind == DOWN_Q4 else 32  # quant bytes per block and column
     qbytes = nbo * qb
@@ -223,18 +233,8 @@ def column_matmul_exact(u, unit_bytes, n_out, x, t, first, sc, mn, has_m, out, c
     """column_matmul over exact 4-bit columns: out (T, n_out) = the prompt batch x (T, n_in), token r adding its
     channels with |x[r, j]| > t (rows r < first: every channel); counts[r] = its kept channels. Work items as
     column_matmul's (an output tile, a run of tokens), each token's kept channels taken a channel block at a time."""
-    T, n_in = x.shape
-    idx = np.empty((T, n_in), np.int32)
-    coef = np.empty((T, n_in), np.float32)
-    for r in prange(T):
-        n = 0
-        for j in range(n_in):
-            v = x[r, j]
-            if r < first or abs(v) > t:
-                idx[r, n] = j
-                coef[r, n] = v
-                n += 1
-        counts[r] = n
+    T = x.shape[0]
+    idx, coef = _kept_lists(x, t, first, counts)
     nbo = n_out // QK
     n_tiles = (nbo + TILE_BLOCKS - 1) // TILE_BLOCKS
     n_runs = (T + TILE_TOKENS - 1) // TILE_TOKENS
