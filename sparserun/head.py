@@ -4,15 +4,20 @@ A small model's output head is most of the bytes a decode token reads (Gemma 3 2
 embedding is 72% of them), and which rows matter is Zipfian, as PowerInfer's neurons are. Per token:
 
     hot = W[hot_ids] h                   exact, K rows stored contiguously (hot first)    (K,)
-    est = s * (A_int8 (P h))             every cold row, estimated: rank r, 8 bits         (V - K,)
+    est = A (P h)                        every cold row, estimated: rank r, A in Q4_0      (V - K,)
     cand = top M cold rows by est  +  cold tokens of the context (prompt and output so far)
-    logits[cand] = W[cand] h             exact
+    logits[cand] = W[cand] h             exact, the file's rows dotted in place
     logits = hot, exact candidates and estimates elsewhere                                  (V,)
 
-P (r, dim) and A (int8, a scale per row) come from fit_estimate: the cold rows' principal projection, or with a
-profile the projection of least logit error over the profile's head inputs. The estimate reads r bytes a row where
-the head reads its row (680 bytes for Q8_0 at 640 wide). The estimate is computed once per model and hot set and cached beside the neuron packs,
-bound to the model's fingerprint. A hot set covering the whole vocabulary is the dense head exactly.
+P (r, dim) and A come from fit_estimate: the cold rows' principal projection, or with a profile the projection of
+least logit error over the profile's head inputs. A is stored as Q4_0 (4 bits a value, a scale per 32) and dotted
+in integers with P h rounded to int8 blocks: 72 bytes a row at r = 128, where the head reads its row (680 bytes for
+Q8_0 at 640 wide). The estimate is computed once per model and hot set and cached beside the neuron packs, bound to
+the model's fingerprint. A hot set covering the whole vocabulary is the dense head exactly.
+
+K, r and M were chosen on Gemma 3 270M (docs/PERFORMANCE_LOG.md): per-32 scales on A matter (one scale a row cost 2
+points of perplexity at r = 128), rank 128 in 4 bits beats rank 64 in 8 at the same bytes, and M = 1024 exact rows
+bring the cold tokens a text uses into the exact set.
 
 The hot set: the K tokens most frequent in a profile's corpus (the text's own tokens and the dense model's argmax
 over it: `sparserun profile` records both) when the model has a profile, else the K lowest token ids that are
@@ -25,9 +30,10 @@ import numpy as np
 
 from .errors import SparserunError
 from .kernels import head as KH
+from .kernels import quant as K
 
-RANK = 64  # the cold estimate's rank: 32 and 64 measured in docs/PERFORMANCE_LOG.md (64: a third fewer misses)
-TOP = 256  # cold rows computed exactly per token, by estimate
+RANK = 128  # the cold estimate's rank (a multiple of 32: Q4_0 blocks)
+TOP = 2048  # cold rows computed exactly per token, by estimate (top_rows keeps 1-3x as many)
 UNUSED = 5  # llama.cpp's token type of unused vocabulary slots
 
 
@@ -73,7 +79,7 @@ def _sqrt_and_inverse(g):
 
 
 def fit_estimate(w, cold, rank, cov=None, chunk=16384):
-    """(P (rank, dim), A int8 (n_cold, rank), scale (n_cold,)) with estimate_j = scale_j A_j . (P h).
+    """(P (rank, dim), A (rows, rank)) with estimate_j = A_j . (P h), fitted to the cold rows and given for every row.
 
     Without hidden states (cov None): P spans the cold rows' top principal directions, A = W_cold P^T. With cov, the
     second moment of the head's inputs over a corpus (profile.head_covariance), the estimate minimises the mean
@@ -93,15 +99,18 @@ def fit_estimate(w, cold, rank, cov=None, chunk=16384):
         u = u[:, ::-1][:, :rank]  # (dim, rank)
         p, left = u.T @ half, u.T @ inv_half
     p, left = np.ascontiguousarray(p, np.float32), np.ascontiguousarray(left, np.float32)
-    a = np.empty((len(cold), rank), np.int8)
-    scale = np.empty(len(cold), np.float32)
-    for s in range(0, len(cold), chunk):
-        proj = w.rows_f32(cold[s:s + chunk]) @ left.T  # (n, rank)
-        m = np.abs(proj).max(1)
-        sc = np.where(m > 0, m / 127.0, 1.0).astype(np.float32)
-        a[s:s + chunk] = np.clip(np.rint(proj / sc[:, None]), -127, 127).astype(np.int8)
-        scale[s:s + chunk] = sc
-    return p, a, scale
+    a = np.empty((w.rows, rank), np.float32)
+    for s in range(0, w.rows, chunk):
+        a[s:s + chunk] = w.rows_f32(np.arange(s, min(w.rows, s + chunk))) @ left.T  # (n, rank)
+    return p, a
+
+
+def quantize_estimate(a):
+    """The estimate's factor a (n, rank) as Q4_0 rows (n, rank / 32 * 18 bytes): 4 bits a value and an fp16 scale per
+    32, dotted with the token's basis coordinates in integers (kernels.head.estimate)."""
+    from gguf import GGMLQuantizationType, quants
+
+    return np.ascontiguousarray(quants.quantize(np.ascontiguousarray(a, np.float32), GGMLQuantizationType.Q4_0))
 
 
 class HotHead:
@@ -112,40 +121,47 @@ class HotHead:
     def __init__(self, model, k, order=None, cov=None, rank=RANK, top=TOP):
         w = model.output
         self.w, self.n_vocab = w, w.rows
+        self.file_w = w.origin or w  # the exact cold rows are dotted where they lie (the file's map, or its copy)
         order = default_order(model) if order is None else np.asarray(order, np.int64)
         self.hot = np.sort(order[:k]).astype(np.int64)  # (K,) vocabulary ids computed exactly every token
         self.is_cold = np.ones(w.rows, bool)  # (V,)
         self.is_cold[self.hot] = False
         self.cold = np.nonzero(self.is_cold)[0].astype(np.int64)  # (V - K,)
         self.hot_w = w.subset(self.hot, f"{w.name}[hot]") if len(self.cold) else w
-        self.rank = min(rank, w.cols) if len(self.cold) else 0
+        self.rank = max(32, min(rank, w.cols) // 32 * 32) if len(self.cold) else 0
         self.calibrated = cov is not None
-        self.p, self.a, self.scale = self._estimate(model, cov)
+        self.p, codes = self._estimate(model, cov)  # (r, dim) float32, (V, r / 32 * 18) Q4_0 rows
+        # (ceil(V / 8), r / 32 * 144): every row's estimate, 8 rows a tile, so that it lands in the logits in place (the
+        # hot rows' are overwritten: estimating them costs K / V more reads, scattering the cold ones cost far more)
+        self.tiles = KH.tile_q4_0(codes)
         self.top = min(top, len(self.cold))
-        self.est = np.empty(len(self.cold), np.float32)  # (V - K,) one token's estimates
-        self.cand = np.empty(max(self.top, 1), np.int64)
+        self.cand = np.empty(max(3 * self.top, 1), np.int64)  # top_rows keeps top to 3 top rows
+        self.mark = np.zeros(w.rows, np.uint8)  # (V,) scratch of KH.exact_set
+        self.last_estimates = None  # set to an array to keep the last row's estimates there (tests)
         self.computed = 0  # cold rows computed exactly, summed over rows of logits
         self.cold_argmax = 0  # rows whose largest logit was a cold row's
         self.rows = 0  # rows of logits produced
 
     def _estimate(self, model, cov):
-        """The cold rows' estimate: from the cache beside the neuron packs, else fitted (a few seconds) and cached."""
+        """The cold rows' estimate: from the cache beside the neuron packs, else fitted (seconds) and cached."""
         if not len(self.cold):
-            return np.zeros((0, self.w.cols), np.float32), np.zeros((0, 0), np.int8), np.zeros(0, np.float32)
+            return np.zeros((0, self.w.cols), np.float32), np.zeros((0, 0), np.uint8)
         from .ffn_pack import cache_root
 
         fp = model.gguf.fingerprint()
         key = hashlib.sha256(self.hot.tobytes() + (np.asarray(cov, np.float32).tobytes() if cov is not None else b""))
-        path = os.path.join(cache_root(), fp[:32], f"head.r{self.rank}.{key.hexdigest()[:16]}.npz")
+        path = os.path.join(cache_root(), fp[:32], f"head.r{self.rank}.q4_0.{key.hexdigest()[:16]}.npz")
         got = load_estimate(path, fp)
-        if got is not None and got[0].shape == (self.rank, self.w.cols) and got[1].shape == (len(self.cold), self.rank):
+        if got is not None and got[0].shape == (self.rank, self.w.cols) and \
+                got[1].shape == (self.n_vocab, self.rank // 32 * 18):
             return got
-        p, a, scale = fit_estimate(self.w, self.cold, self.rank, cov)
+        p, a = fit_estimate(self.w, self.cold, self.rank, cov)
+        codes = quantize_estimate(a)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, fingerprint=fp, p=p, a=a, scale=scale)
+        np.savez(tmp, fingerprint=fp, p=p, codes=codes)
         os.replace(tmp, path)
-        return p, a, scale
+        return p, codes
 
     def __call__(self, acts, prior=(), ids=()):
         """acts: Acts of the final normed hidden states (T, dim), row t being the last T tokens of ids in order;
@@ -156,27 +172,28 @@ class HotHead:
         if not len(self.cold):
             return hot
         logits = np.empty((T, self.n_vocab), np.float32)  # (T, V)
-        ids = np.asarray(ids, np.int64)
-        first = len(ids) - T  # ids[:first + 1] are in row 0's context
-        before = np.concatenate([np.asarray(prior, np.int64), ids[:max(first, 0)]])
-        before = np.unique(before[(before >= 0) & (before < self.n_vocab)])
-        ctx = before[self.is_cold[before]]  # the context's cold tokens: computed exactly (sorted, unique)
+        ctx = np.concatenate([np.asarray(prior, np.int64), np.asarray(ids, np.int64)])  # the context's token ids
+        first = len(ctx) - T  # row t's context is ctx[:first + t + 1]
         z = np.empty((T, self.rank), np.float32)  # (T, rank) the hidden states on the estimate's basis
         for t in range(T):
             KH.matvec(self.p, x[t], z[t])
+        _, zd, z8, zb, _, _ = K.acts_forms(z)  # int8 blocks of z, as the Q4_0 dots read them
+        bias = zb.reshape(T, -1, 8).sum(2, dtype=np.int32)  # (T, rank / 32) Q4_0's offset: -8 x each block's sum
+        xq, xd, x8, xb, xt, xs = acts.forms()  # the exact rows' dots read the hidden states' int8 blocks
+        raw, qtype, row_bytes = self.file_w.raw, self.file_w.qtype, self.file_w.row_bytes
+        self.file_w.restore()
+        exact = np.empty(len(self.cand) + len(ctx), np.int64)  # one row's exact cold rows
         for t in range(T):
-            tok = ids[first + t] if first + t >= 0 else -1
-            if 0 <= tok < self.n_vocab and self.is_cold[tok]:
-                ctx = np.union1d(ctx, [tok])
             row = logits[t]
-            KH.estimate(self.a, self.scale, z[t], self.cold, self.est, row)
-            n = KH.top_rows(self.est, self.cold, self.top, self.cand)
+            KH.estimate(self.tiles, self.rank // 32, K.HAS_VNNI, z8[t], zd[t], bias[t], row)
+            if self.last_estimates is not None:
+                self.last_estimates = row.copy()
             KH.scatter(hot[t], self.hot, row)
-            exact_ids = np.union1d(self.cand[:n], ctx)
-            exact = np.empty(len(exact_ids), np.float32)
-            KH.matvec(self.w.rows_f32(exact_ids), x[t], exact)  # a few hundred rows: float dots
-            KH.scatter(exact, exact_ids, row)
-            self.computed += len(exact_ids)
+            n = KH.top_rows(row, self.is_cold, len(self.cold), self.top, self.cand)
+            n = KH.exact_set(self.cand, n, ctx, first + t + 1, self.is_cold, self.mark, exact)
+            KH.exact_rows(raw, row_bytes, qtype, K.HAS_VNNI, exact[:n], x[t:t + 1], xq[t:t + 1], xd[t:t + 1],
+                          x8[t:t + 1], xb[t:t + 1], xt[t:t + 1], xs[t:t + 1], row)
+            self.computed += n
             self.cold_argmax += bool(self.is_cold[int(np.argmax(row))])
         self.rows += T
         return logits
@@ -187,24 +204,27 @@ class HotHead:
     def describe(self):
         how = "fitted to a profile's hidden states" if self.calibrated else "from the rows alone (no profile)"
         return (f"hot head: {len(self.hot)} of {self.n_vocab} rows exact every token, the other {len(self.cold)} "
-                f"estimated at rank {self.rank} ({how}), the top {self.top} of them and the context's tokens exact")
+                f"estimated at rank {self.rank} in 4 bits ({how}), the top {self.top} of them and the context's "
+                "tokens exact")
 
 
 def load_estimate(path, fingerprint):
-    """(p, a, scale) of a cached estimate, None where there is none or it is damaged; a cache written for another
+    """(p, codes) of a cached estimate, None where there is none or it is damaged; a cache written for another
     model is refused."""
     if not os.path.exists(path):
         return None
     try:
         with np.load(path) as z:
             fp = str(z["fingerprint"])
-            got = z["p"], z["a"], z["scale"]
+            got = z["p"], z["codes"]
     except (OSError, ValueError, KeyError):
         return None  # damaged or partial: fitted again
     if fp != fingerprint:
         raise SparserunError(f"{path}: this head estimate was made for another model (fingerprint {fp[:12]}..., "
                              f"the model is {fingerprint[:12]}...)")
-    if not all(np.isfinite(v).all() for v in got if v.dtype.kind == "f"):
+    p, codes = got
+    scales = codes.reshape(len(codes), -1, 18)[:, :, :2].copy().view(np.float16) if codes.size else codes
+    if not (np.isfinite(p).all() and np.isfinite(scales).all()):
         return None
     return got
 

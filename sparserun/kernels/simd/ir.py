@@ -297,6 +297,26 @@ def _dpbusd_generic(builder):
     return fn
 
 
+def _dpbusd_nibbles(builder):
+    """vpdpbusd's arithmetic for weight bytes below 16 (4-bit codes), on CPUs without AVX512-VNNI: on x86 with AVX2,
+    pmaddubsw (pairs of products within int16: 2 x 15 x 127) then pmaddwd by ones, as llama.cpp's AVX2 Q4_0 dot;
+    elsewhere _dpbusd_generic. The same sums as vpdpbusd."""
+    if not X86_AVX2:
+        return _dpbusd_generic(builder)
+    name = "sparserun.dpbusd.nibbles"
+    fn = builder.module.globals.get(name)
+    if fn is not None:
+        return fn
+    v8i = ir.VectorType(_i32, 8)
+    fn = ir.Function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]), name)
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    b = ir.IRBuilder(fn.append_basic_block())
+    acc, a, x = fn.args
+    b.ret(b.add(acc, _pmaddwd_ones(b, _pmaddubsw(b, a, x))))
+    return fn
+
+
 def _bias_ptr(context, builder, arrty, arr, blk, per_block):
     """The activations' offset terms from block blk on: xb (8 int32 a block, as <8 x i32>*) or xs (per_block = 1:
     one int32 a block, as i32*; the repacked Q4_0 dots, see quant.quantize_acts)."""

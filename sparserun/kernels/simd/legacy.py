@@ -9,7 +9,7 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from .ir import (Q4_0R_GROUP, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
+from .ir import (Q4_0R_GROUP, X86_AVX2, _dpbusd_generic, _dpbusd_nibbles, _pmaddubsw, _pmaddwd_ones, _vpdpbusd, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
     _ptr, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_dot_setup, _vnni_or_trap)
 
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
@@ -132,11 +132,13 @@ def dot_row_f32(typingctx, w, woff, n, x):
     return sig, codegen
 
 
-def _row_dot_q4_0_vnni(context, builder, sig, args):
+def _row_dot_q4_0_vnni(context, builder, sig, args, generic=False):
     nb = args[2]
     v8f, v8i = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
     v32i8 = ir.VectorType(_i8, 32)
     wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args)
+    if generic:
+        dp = _dpbusd_nibbles(builder)
     accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)]
 
     def block(b, acc):
@@ -174,6 +176,18 @@ def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
         return _row_dot_q4_0_vnni(context, builder, signature, args)
 
     return sig, _vnni_or_trap(codegen)
+
+
+@intrinsic
+def dot_row_q4_0_generic(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
+    """dot_row_q4_0_vnni on every CPU: vpdpbusd's sums from ir._dpbusd_nibbles (pmaddubsw and pmaddwd on AVX2),
+    the same integer sums and the same float steps, so the two give identical results."""
+    sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
+
+    def codegen(context, builder, signature, args):
+        return _row_dot_q4_0_vnni(context, builder, signature, args, generic=True)
+
+    return sig, codegen
 
 
 def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
@@ -439,3 +453,70 @@ dot_row_q4_1_vnni, dot_tokens_q4_1_vnni, dot_row_q4_1_generic, dot_tokens_q4_1_g
     _q41_51_token_dots(False), "Q4_1")
 dot_row_q5_1_vnni, dot_tokens_q5_1_vnni, dot_row_q5_1_generic, dot_tokens_q5_1_generic = _routes(
     _q41_51_token_dots(True), "Q5_1")
+
+
+TILE_ROWS = 8  # rows of a Q4_0 tile (kernels/head.tile_q4_0): one row per lane of the sums
+
+
+def _lane_pairs(builder, a, b):
+    """Two integer vectors of n lanes -> the sums of adjacent lanes, a's n / 2 then b's."""
+    n = a.type.count
+    idx = lambda k: ir.Constant(ir.VectorType(_i32, n), list(range(k, 2 * n, 2)))  # noqa: E731
+    return builder.add(builder.shuffle_vector(a, b, idx(0)), builder.shuffle_vector(a, b, idx(1)))
+
+
+def _tile_q4_0(vnni):
+    """The codegen of dot_tile_q4_0_vnni / _generic: a tile's 8 rows dotted with one token, 8 floats stored at
+    out[ooff:]. Per block, three rounds of adjacent-lane sums turn the 8 rows' product sums into one vector of the 8
+    rows' block sums (row k in lane k), offset by the block's -8 x (sum of activations) and scaled by the 8 rows'
+    scales at once. On AVX2 the rounds run on pmaddubsw's int16 pairs (a lane then sums 16 products, within
+    16 x 15 x 127 = 30480) and one pmaddwd ends them; with VNNI, and on other CPUs, on vpdpbusd's int32 lanes."""
+    def codegen(context, builder, signature, args):
+        w, woff, nb, x8, xd, bias, out, ooff = args
+        f32, v8f, v8i = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
+        zero = ir.Constant(woff.type, 0)
+        wp = _ptr(context, builder, signature.args[0], w, woff)
+        xp = _ptr(context, builder, signature.args[3], x8, zero)
+        xdp = builder.bitcast(_ptr(context, builder, signature.args[4], xd, zero), f32.as_pointer())
+        bp = builder.bitcast(_ptr(context, builder, signature.args[5], bias, zero), _i32.as_pointer())
+        op = builder.bitcast(_ptr(context, builder, signature.args[6], out, builder.mul(ooff, ir.Constant(ooff.type, 4))),
+                             v8f.as_pointer())
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8))
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            tb = builder.gep(wp, [builder.mul(b, ir.Constant(b.type, 18 * TILE_ROWS))])
+            halves = builder.load(builder.bitcast(tb, ir.VectorType(ir.HalfType(), 8).as_pointer()), align=1)
+            scale = builder.fmul(builder.fpext(halves, v8f), _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4)))
+            xv = _vload(builder, builder.gep(xp, [builder.mul(b, ir.Constant(b.type, 32))]), 32)
+            nib = [_nibbles32(builder, builder.gep(tb, [ir.Constant(_i32, 16 + 16 * k)])) for k in range(TILE_ROWS)]
+            if X86_AVX2 and not vnni:
+                s = [_pmaddubsw(builder, q, xv) for q in nib]
+            else:
+                dp = _vpdpbusd(builder) if vnni else _dpbusd_generic(builder)
+                s = [builder.call(dp, [ir.Constant(v8i, [0] * 8), builder.bitcast(q, v8i), builder.bitcast(xv, v8i)])
+                     for q in nib]
+            while len(s) > 1:
+                s = [_lane_pairs(builder, s[i], s[i + 1]) for i in range(0, len(s), 2)]
+            sums = _pmaddwd_ones(builder, s[0]) if X86_AVX2 and not vnni else s[0]
+            sums = builder.add(sums, _splat_f(builder, builder.load(builder.gep(bp, [b]), align=4)))
+            builder.store(_fma(builder, builder.sitofp(sums, v8f), scale, builder.load(acc)), acc)
+        builder.store(builder.load(acc), op, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _tile_intrinsic(vnni, doc):
+    @intrinsic
+    def dot_tile(typingctx, w, woff, nb, x8, xd, bias, out, ooff):
+        sig = types.void(w, woff, nb, x8, xd, bias, out, ooff)
+        return sig, _vnni_or_trap(_tile_q4_0(True)) if vnni else _tile_q4_0(False)
+
+    dot_tile.__doc__ = doc
+    return dot_tile
+
+
+dot_tile_q4_0_vnni = _tile_intrinsic(True, """out[ooff + k] = row k of the Q4_0 tile at w[woff:] (nb blocks; kernels/head.tile_q4_0)
+dotted with one token's int8 activations x8 (block scales xd, and bias: per block -8 times the sum of its
+activations, int32), k < 8, through vpdpbusd (x86 AVX512-VNNI only).""")
+dot_tile_q4_0_generic = _tile_intrinsic(False, "dot_tile_q4_0_vnni on every CPU (pmaddubsw on AVX2): the same sums.")
