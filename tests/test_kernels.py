@@ -133,7 +133,7 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     acts = Acts(rng.standard_normal((T, cols)).astype(np.float32) * 3)
     xq, xd, x8, xb, xt, xs = acts.forms()
     want = np.empty((T, rows), np.float32)
-    K.matmul_q4_0((w.raw,), w.row_bytes, np.array([0, rows]), xq, xd, xb, want)
+    K.INT8_MATMUL[Q.Q4_0]((w.raw,), w.row_bytes, np.array([0, rows]), x8, xd, xb, want)
     got = np.empty((T, rows), np.float32)
     K.matmul_q4_0_vnni((w.raw,), w.row_bytes, np.array([0, rows]), x8, xd, xb, got)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -404,8 +404,8 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
     ROW_TILE rows, TOKENS tokens per dot_tokens call, then the leftover tokens one by one) is bit-identical to
     each token's own matmul: two weights in separate buffers (two raw arrays for one kernel call), 1056 columns
     (a tail group), 40 + 24 rows (a partial row tile), batches with and without leftover tokens. Repacked Q4_0
-    and Q8_0 equal the GGUF layout's and the generic int16 kernels up to float summation order (the integer
-    block dots are exact in both). The K-quants: 2304 columns (9 super-blocks: two column ranges, K_COLUMNS)."""
+    and Q8_0 equal the GGUF layout's and the generic kernels up to float summation order (the integer block dots are
+    exact in both). The K-quants: 2304 columns (9 super-blocks: two column ranges, K_COLUMNS)."""
     from sparserun.kernels import quant as K
     from sparserun.weights import Matmuls
 
@@ -428,10 +428,11 @@ def test_batch_matmul_tiles_equal_one_token_at_a_time(qtype):
             if qtype == Q.Q4_0:
                 gguf = w.matmul(acts)
                 np.testing.assert_allclose(got, gguf, rtol=2e-6, atol=2e-6 * np.abs(gguf).max())
-            elif qtype in (Q.Q8_0, Q.Q5_0):  # the VNNI route against the generic int16 one
-                xq, xd, _, xb, *_ = acts.forms()
+            elif qtype in (Q.Q8_0, Q.Q5_0):  # the VNNI route against the generic one (Q8_0's int16 dot)
+                xq, xd, x8, xb, *_ = acts.forms()
                 generic = np.empty_like(got)
-                K.INT8_MATMUL[int(qtype)]((w.raw,), w.row_bytes, np.array([0, w.rows]), xq, xd, xb, generic)
+                K.INT8_MATMUL[int(qtype)]((w.raw,), w.row_bytes, np.array([0, w.rows]), xq if qtype == Q.Q8_0 else x8,
+                                          xd, xb, generic)
                 np.testing.assert_allclose(got, generic, rtol=1e-5, atol=1e-6 * np.abs(generic).max())
 
 
@@ -528,10 +529,11 @@ def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
 
 def test_generic_kernels_build_for_aarch64(monkeypatch):
     """The route for CPUs without VNNI is generic LLVM vector IR, so it must build for ARM: the generic row dots
-    (K-quants, repacked K-quants, Q4_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS) are compiled here into a function's LLVM IR, then
-    llvmlite emits AArch64 object code from it (x86 target attributes stripped). The repacked K-quants' dots take
-    AVX2's pmaddubsw on x86 hosts: their portable form (what a non-x86 build emits) is the one checked, and their x86
-    form is checked to be the generic route's (test_repacked_k_quants_equal_the_gguf_layout). Checked: code
+    (K-quants, repacked K-quants, Q4_0, Q5_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS, the hot head's Q4_0 tile) are compiled here
+    into a function's LLVM IR, then llvmlite emits AArch64 object code from it (x86 target attributes stripped). The
+    repacked K-quants', Q4_0's, Q5_0's and the tile's dots take AVX2's pmaddubsw on x86 hosts: their portable form
+    (what a non-x86 build emits) is the one checked, and their x86 form is checked to sum the same
+    (test_repacked_k_dots_in_portable_ir_equal_the_avx2_form, test_generic_q4_0_q5_0_matmuls). Checked: code
     generation for aarch64. Not run: the code itself on ARM."""
     import re
 
@@ -541,10 +543,11 @@ def test_generic_kernels_build_for_aarch64(monkeypatch):
     from sparserun.kernels import simd
     from sparserun.kernels.simd import krepacked
 
-    monkeypatch.setattr(krepacked, "X86_AVX2", False)  # read at code generation: dots below is compiled here
+    for module in (krepacked, simd.ir, simd.legacy):
+        monkeypatch.setattr(module, "X86_AVX2", False)  # read at code generation: dots below is compiled here
 
     @njit(_nrt=False)  # no reference counting: its helpers are numba's runtime, x86 atomics once optimized here
-    def dots(w, x8, xd, xb, xq):
+    def dots(w, x8, xd, xb, xq, bias, out):
         a = simd.dot_row_q4_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_q6_k_generic(w, 0, 8, x8, 0, xd, xb, 0)
         a += simd.dot_row_q4_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q6_kr_generic(w, 0, 8, x8, 0, xd,
                                                                                                    xb[0], 0)
@@ -552,10 +555,12 @@ def test_generic_kernels_build_for_aarch64(monkeypatch):
         t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
         b = simd.dot_row_q3_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_xs_generic(w, 0, 8, x8, 0, xd, xb, 0)
         b += simd.dot_row_q4_1_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_nl_generic(w, 0, 8, x8, 0, xd, xb, 0)
-        return a + b + t[0] + simd.dot_row_q4_0(w, 0, 8, xq, 0, xd, 0) + simd.dot_row_q8_0(w, 0, 8, xq, 0, xd, 0)
+        b += simd.dot_row_q4_0_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_q5_0_generic(w, 0, 8, x8, 0, xd, xb, 0)
+        simd.dot_tile_q4_0_generic(w, 0, 4, x8[0], xd[0], bias, out, 0)  # the hot head's estimate
+        return a + b + t[0] + simd.dot_row_q8_0(w, 0, 8, xq, 0, xd, 0) + out[0]
 
     args = (np.zeros(4096, np.uint8), np.zeros((8, 256), np.int8), np.ones((8, 8), np.float32),
-            np.zeros((8, 64), np.int32), np.zeros((8, 256), np.int16))
+            np.zeros((8, 64), np.int32), np.zeros((8, 256), np.int16), np.zeros(4, np.int32), np.zeros(8, np.float32))
     dots(*args)
     text = dots.inspect_llvm(dots.signatures[0])
     assert "vpdpbusd" not in text and "llvm.x86" not in text  # nothing x86-only in the generic route
@@ -654,3 +659,53 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     want = (acts.x.astype(np.float64) @ values[idx].T)[0] @ down[idx]
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
     np.testing.assert_allclose(outs[1], want, rtol=0.02, atol=0.02 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q5_0], ids=lambda t: t.name)
+def test_generic_q4_0_q5_0_matmuls(qtype, monkeypatch):
+    """Q4_0 and Q5_0 on CPUs without VNNI: the VNNI dots' code with vpdpbusd's sums in generic IR (pmaddubsw on AVX2).
+    Against numpy's dot of the dequantized rows with the int8-rounded activations (exact integer block sums: float
+    tolerance only); a batch in tiles bit-identical to one token at a time (40 + 24 rows in two buffers, 1056 columns,
+    batches with leftover tokens); the sparse FFN's row dot (sparse._row_dot) the dense matmul's bit for bit; and the
+    portable IR (a non-x86 build's) the same sums as the AVX2 form."""
+    from numba import njit
+
+    from sparserun.kernels import quant as K
+    from sparserun.kernels import simd
+    from sparserun.kernels import sparse as S
+    from sparserun.weights import Matmuls
+
+    rng = np.random.default_rng(17)
+    cols = 1056
+    ws = [weight(qtype, 40, cols, rng), weight(qtype, 24, cols, rng)]
+    stack = Matmuls(ws)
+    for T in (1, K.TOKENS, 2 * K.TOKENS + 3):
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        acts = Acts(x)
+        xq, xd, x8, xb, xt, xs = acts.forms()
+        xr = (x8.astype(np.float32).reshape(T, -1, 32) * xd[:, :, None]).reshape(T, cols)  # the rounded activations
+        for w, got in zip(ws, stack(acts)):
+            np.testing.assert_allclose(got, xr @ w.dequantize().T, rtol=1e-4, atol=1e-4 * np.abs(got).max())
+            if T > 1:
+                one = np.concatenate([Matmuls([w])(Acts(x[t:t + 1]))[0] for t in range(T)])
+                np.testing.assert_array_equal(got, one)
+            else:
+                rows = np.array([S._row_dot(w.raw, r * w.row_bytes, int(qtype), False, x, xq, xd, x8, xb, xt, xs,
+                                            np.empty(cols, np.float32)) for r in range(w.rows)])
+                if not K.HAS_VNNI:
+                    np.testing.assert_array_equal(got[0], rows)
+
+    def row(w, x8, xd, xb):
+        if qtype == Q.Q4_0:
+            return simd.dot_row_q4_0_generic(w, 0, cols // 32, x8, 0, xd, xb, 0)
+        return simd.dot_row_q5_0_generic(w, 0, cols // 32, x8, 0, xd, xb, 0)
+
+    _, xd, x8, xb, _, _ = Acts(rng.standard_normal((1, cols)).astype(np.float32)).forms()
+    host, avx2 = njit(row), simd.ir.X86_AVX2
+    want = host(ws[0].raw, x8, xd, xb)
+    for module in (simd.ir, simd.legacy):
+        monkeypatch.setattr(module, "X86_AVX2", False)  # read at code generation
+    portable = njit(row)
+    assert portable(ws[0].raw, x8, xd, xb) == want != 0
+    assert "pmadd.ub.sw" not in portable.inspect_llvm(portable.signatures[0])
+    assert ("pmadd.ub.sw" in host.inspect_llvm(host.signatures[0])) == avx2

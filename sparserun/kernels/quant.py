@@ -14,8 +14,8 @@ Two matmul routes:
 import numpy as np
 from numba import njit, prange
 
-from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, dot_row_q4_0, dot_row_q4_0_vnni, dot_row_q4_0r_vnni,
-                   dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni,
+from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, dot_row_q4_0_generic, dot_tokens_q4_0_generic, dot_row_q4_0_vnni, dot_row_q4_0r_vnni,
+                   dot_row_q4_k_vnni, dot_row_q5_0_generic, dot_tokens_q5_0_generic, dot_row_q5_0_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni,
                    dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
                    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
                    round_f16, dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic,
@@ -454,11 +454,11 @@ X8_MATMUL = {_t: globals()[f"matmul_{_name}_{'vnni' if HAS_VNNI else 'generic'}"
 
 def dot_forms(qtype, forms):
     """(x, xd, bias): the activation forms (quantize_acts' seven, less the input) that the int8 row dots of
-    qtype read: the repacked Q4_0 dots xt and xs, the other VNNI dots x8 and xb, the generic ones xq."""
+    qtype read: the repacked Q4_0 dots xt and xs, Q8_0's generic dot xq, the others x8 and xb."""
     xq, xd, x8, xb, xt, xs = forms
     if qtype in (Q4_0R, Q4_KR, Q5_KR, Q6_KR):
         return xt, xd, xs
-    return (x8, xd, xb) if qtype in X8_MATMUL or HAS_VNNI and qtype in VNNI_MATMUL else (xq, xd, xb)
+    return (xq, xd, xb) if qtype == Q8_0 and not HAS_VNNI else (x8, xd, xb)
 
 
 @njit(parallel=True, cache=True)
@@ -496,12 +496,13 @@ def _nibble(raw, q, i):
     return (v >> 4) if i >= 16 else (v & 15)
 
 
-matmul_q4_0 = _make_matmul("matmul_q4_0", "dot_row_q4_0")
 matmul_q8_0 = _make_matmul("matmul_q8_0", "dot_row_q8_0")
-matmul_q5_0 = _make_matmul("matmul_q5_0", "dot_row_q5_0")
-INT8_MATMUL = {Q4_0: matmul_q4_0, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0}
-"""out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W, activations as int8 blocks (quantize_acts), as llama.cpp's
-vec_dot_q5_0_q8_0 and its kin compute them."""
+matmul_q4_0_generic = _make_batch_matmul("matmul_q4_0_generic", "dot_row_q4_0_generic", "dot_tokens_q4_0_generic")
+matmul_q5_0_generic = _make_batch_matmul("matmul_q5_0_generic", "dot_row_q5_0_generic", "dot_tokens_q5_0_generic")
+INT8_MATMUL = {Q4_0: matmul_q4_0_generic, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0_generic}
+"""out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W on CPUs without VNNI, activations as int8 blocks
+(quantize_acts), as llama.cpp's vec_dot_q5_0_q8_0 and its kin compute them: Q4_0 and Q5_0 through the VNNI dots'
+code in generic IR (x8 and xb), Q8_0 through its int16 dot (xq)."""
 # weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
 Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS, Q4_KR, Q5_KR, Q6_KR)
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)

@@ -11,8 +11,8 @@ from .ops import activate, activate_row, up_part
 from .quant import (F32, INT8_TYPES, acts_forms_k, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0, Q5_1, Q5_K,
                     Q5_KR, Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4,
-                   coefs_q4_vnni, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0, dot_row_q4_0_vnni,
-                   dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
+                   coefs_q4_vnni, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni,
+                   dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0_generic, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
                    dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, prefetch, dot_row_q4_k_generic,
                    dot_row_q5_k_generic, dot_row_q6_k_generic, dot_row_q4_1_vnni, dot_row_q5_1_vnni,
                    dot_row_q4_1_generic, dot_row_q5_1_generic, dot_row_q2_k_vnni, dot_row_q3_k_vnni,
@@ -130,7 +130,7 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
     if qtype == Q4_0 and vnni:
         return dot_row_q4_0_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q4_0:
-        return dot_row_q4_0(u, off, cols // QK, xq, 0, xd, 0)
+        return dot_row_q4_0_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q8_0 and vnni:
         return dot_row_q8_0_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q4_K and vnni:
@@ -168,7 +168,7 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
     if qtype == Q5_0 and vnni:
         return dot_row_q5_0_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q5_0:
-        return dot_row_q5_0(u, off, cols // QK, xq, 0, xd, 0)
+        return dot_row_q5_0_generic(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == F32:
         return dot_row_f32(u, off, cols, x)
     dequant_row(u, off, qtype, cols, scratch)

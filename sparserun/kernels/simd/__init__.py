@@ -13,8 +13,8 @@ vector code directly. A new weight type's dots go in its family's module and are
 """
 from .ir import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, half_bits, load_bf16, load_f16, load_f32, prefetch,
     round_f16)  # noqa: F401
-from .legacy import (TILE_ROWS, dot_row_f32, dot_row_q4_0, dot_row_q4_0_generic, dot_row_q4_0_vnni, dot_tile_q4_0_generic,
-    dot_tile_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0,
+from .legacy import (TILE_ROWS, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni, dot_tile_q4_0_generic,
+    dot_tile_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0_generic, dot_tokens_q4_0_generic, dot_tokens_q5_0_generic,
     dot_row_q5_0_vnni, dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q5_0_vnni,
     dot_tokens_q8_0_vnni, dot_row_q4_1_vnni, dot_row_q5_1_vnni, dot_tokens_q4_1_vnni, dot_tokens_q5_1_vnni,
     dot_row_q4_1_generic, dot_row_q5_1_generic, dot_tokens_q4_1_generic, dot_tokens_q5_1_generic)  # noqa: F401

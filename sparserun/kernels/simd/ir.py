@@ -297,13 +297,13 @@ def _dpbusd_generic(builder):
     return fn
 
 
-def _dpbusd_nibbles(builder):
-    """vpdpbusd's arithmetic for weight bytes below 16 (4-bit codes), on CPUs without AVX512-VNNI: on x86 with AVX2,
-    pmaddubsw (pairs of products within int16: 2 x 15 x 127) then pmaddwd by ones, as llama.cpp's AVX2 Q4_0 dot;
-    elsewhere _dpbusd_generic. The same sums as vpdpbusd."""
+def _dpbusd_small(builder):
+    """vpdpbusd's arithmetic for weight bytes below 128 (Q4_0's nibbles, Q5_0's 5-bit values), on CPUs without
+    AVX512-VNNI: on x86 with AVX2, pmaddubsw (pairs of products within int16: 2 x 127 x 127 = 32258) then pmaddwd by
+    ones, as llama.cpp's AVX2 dots; elsewhere _dpbusd_generic. The same sums as vpdpbusd."""
     if not X86_AVX2:
         return _dpbusd_generic(builder)
-    name = "sparserun.dpbusd.nibbles"
+    name = "sparserun.dpbusd.small"
     fn = builder.module.globals.get(name)
     if fn is not None:
         return fn
@@ -345,16 +345,19 @@ TOKENS = 4  # tokens per call of dot_tokens_q4_0r_vnni
 TOKENS_K = 8
 
 
-def _row_intrinsic(token_dots, doc, generic=False, per_block=8):
+def _row_intrinsic(token_dots, doc, generic=False, per_block=8, small=False):
     """A VNNI row dot with one token (the signature of dot_row_q4_0_vnni) through token_dots(builder, wp, nb, xps,
     xdps, xbps, dp), the same code _tokens_intrinsic runs for TOKENS tokens: the two forms give identical results.
-    generic: vpdpbusd's arithmetic in plain vector IR (every CPU), the same results."""
+    generic: vpdpbusd's arithmetic in plain vector IR (every CPU), the same results; small: the weight bytes are
+    below 128, so the generic route may take _dpbusd_small's pmaddubsw."""
     @intrinsic
     def row_dot(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
         sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
 
         def codegen(context, builder, signature, args):
             wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args, per_block, generic)
+            if generic and small:
+                dp = _dpbusd_small(builder)
             return token_dots(builder, wp, args[2], [xp], [xdp], [xbp], dp)[0]
 
         return sig, codegen if generic else _vnni_or_trap(codegen)
@@ -363,20 +366,21 @@ def _row_intrinsic(token_dots, doc, generic=False, per_block=8):
     return row_dot
 
 
-def _routes(token_dots, name, per_block=8, tokens=TOKENS):
+def _routes(token_dots, name, per_block=8, tokens=TOKENS, small=False):
     """The four intrinsics of a type dotted through token_dots: (row dot, TOKENS-token dot) through vpdpbusd (x86
     AVX512-VNNI only), then the same two with vpdpbusd's arithmetic in generic vector IR (every CPU), identical sums.
-    per_block: the offset terms the dots read (_bias_ptr: 8, xb; 1, xs); tokens: of the several-token dot."""
+    per_block: the offset terms the dots read (_bias_ptr: 8, xb; 1, xs); tokens: of the several-token dot; small:
+    weight bytes below 128 (_dpbusd_small on the generic route)."""
     return (_row_intrinsic(token_dots, f"A {name} row's dot with one token's int8 activations through vpdpbusd.",
                            per_block=per_block),
             _tokens_intrinsic(token_dots, f"The {name} row dot for {tokens} tokens, each result the one-token dot's.",
                               per_block, tokens=tokens),
-            _row_intrinsic(token_dots, f"The {name} row dot in generic IR.", True, per_block),
+            _row_intrinsic(token_dots, f"The {name} row dot in generic IR.", True, per_block, small),
             _tokens_intrinsic(token_dots, f"The {name} {tokens}-token dot in generic IR.", per_block, generic=True,
-                              tokens=tokens))
+                              tokens=tokens, small=small))
 
 
-def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False, tokens=TOKENS):
+def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False, tokens=TOKENS, small=False):
     """An intrinsic dotting one row with TOKENS tokens through token_dots (the batch matmuls' inner call): token
     k's activations at x8[xoff + k xstride:], its block scales and offset terms (per_block int32 a block:
     _bias_ptr) from block xdoff + k xdstride."""
@@ -396,9 +400,8 @@ def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False, tokens=TOKENS
                 xdps.append(builder.bitcast(_ptr(context, builder, signature.args[6], xd_,
                                                  builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
                 xbps.append(_bias_ptr(context, builder, signature.args[7], xb_, xdo, per_block))
-            return context.make_tuple(builder, signature.return_type,
-                                      token_dots(builder, wp, nb_, xps, xdps, xbps,
-                                                 _dpbusd_generic(builder) if generic else _vpdpbusd(builder)))
+            dp = (_dpbusd_small if small else _dpbusd_generic)(builder) if generic else _vpdpbusd(builder)
+            return context.make_tuple(builder, signature.return_type, token_dots(builder, wp, nb_, xps, xdps, xbps, dp))
 
         return sig, codegen if generic else _vnni_or_trap(codegen)
 

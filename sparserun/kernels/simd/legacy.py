@@ -1,15 +1,16 @@
 """Dots of the 32-value block types: Q4_0 (and its repacked Q4_0R), Q4_1, Q5_0, Q5_1, Q8_0, and float32 rows.
 
-Generic route (any CPU): the block's quants widened to int16 against activations rounded to int8 (stored as
-int16), pairwise multiply-adds that LLVM lowers to vpmaddwd on AVX2 (_row_dot). VNNI route (x86 AVX512-VNNI):
-vpdpbusd on unsigned weight bytes and signed activations, the offset folded in from the activations' block
-sums, results as llama.cpp's horizontal order (_hsum8_ggml) where parity asks for it.
+VNNI route (x86 AVX512-VNNI): vpdpbusd on unsigned weight bytes and signed activations, the offset folded in from
+the activations' block sums, results as llama.cpp's horizontal order (_hsum8_ggml) where parity asks for it. Generic
+route (every other CPU): Q4_0, Q5_0, Q4_1 and Q5_1 run the VNNI dots' code with vpdpbusd's sums in generic vector IR
+(pmaddubsw on AVX2: ir._dpbusd_small), identical results; Q8_0 widens its quants to int16 against activations
+stored as int16, pairwise multiply-adds that LLVM lowers to vpmaddwd (_row_dot).
 """
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from .ir import (Q4_0R_GROUP, X86_AVX2, _dpbusd_generic, _dpbusd_nibbles, _pmaddubsw, _pmaddwd_ones, _vpdpbusd, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
+from .ir import (Q4_0R_GROUP, X86_AVX2, _dpbusd_generic, _dpbusd_small, _pmaddubsw, _pmaddwd_ones, _vpdpbusd, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
     _ptr, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_dot_setup, _vnni_or_trap)
 
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
@@ -49,35 +50,10 @@ def _widen_madd(builder, q, x):
     return _even_odd_add(builder, prod)
 
 
-def _q4_0_lanes(builder, qp, xp):
-    q = _vload(builder, qp, 16)
-    lo = builder.sub(builder.and_(q, _splat(16, 15)), _splat(16, 8))
-    hi = builder.sub(builder.lshr(q, _splat(16, 4)), _splat(16, 8))
-    xlo, xhi = _x_halves(builder, xp)
-    return builder.add(_widen_madd(builder, lo, xlo), _widen_madd(builder, hi, xhi))
-
-
 def _q8_0_lanes(builder, qp, xp):
     xlo, xhi = _x_halves(builder, xp)
     qhi = _vload(builder, builder.gep(qp, [ir.Constant(_i32, 16)]), 16)
     return builder.add(_widen_madd(builder, _vload(builder, qp, 16), xlo), _widen_madd(builder, qhi, xhi))
-
-
-def _q5_0_lanes(builder, qp, xp):
-    """Q5_0's block after its scale: qh (32 fifth bits, little-endian), then Q4_0's nibble layout; values q - 16."""
-    v16i32 = ir.VectorType(_i32, 16)
-    qh = _splat_f(builder, builder.load(builder.bitcast(qp, _i32.as_pointer()), align=1), 16)
-    q = _vload(builder, builder.gep(qp, [ir.Constant(_i32, 4)]), 16)
-
-    def fifth(shift0):  # <16 x i8>: bit (shift0 + j) of qh, moved to bit 4
-        bits = builder.lshr(qh, ir.Constant(v16i32, list(range(shift0, shift0 + 16))))
-        return builder.shl(builder.trunc(builder.and_(bits, ir.Constant(v16i32, [1] * 16)), ir.VectorType(_i8, 16)),
-                           _splat(16, 4))
-
-    lo = builder.sub(builder.or_(builder.and_(q, _splat(16, 15)), fifth(0)), _splat(16, 16))
-    hi = builder.sub(builder.or_(builder.lshr(q, _splat(16, 4)), fifth(16)), _splat(16, 16))
-    xlo, xhi = _x_halves(builder, xp)
-    return builder.add(_widen_madd(builder, lo, xlo), _widen_madd(builder, hi, xhi))
 
 
 def _row_dot_intrinsic(block_bytes, block_lanes, doc):
@@ -97,10 +73,7 @@ def _row_dot_intrinsic(block_bytes, block_lanes, doc):
 _ROW_DOT_DOC = """Dot of {name} blocks at w+woff (nb blocks of {bb} bytes: fp16 scale, then quants) with
 activations rounded to int8 and stored as int16 at x[xoff:] (flat element index, 32 per block; kept
 widened so the row loop only widens the weights), whose float32 block scales are xd[xdoff : xdoff+nb]."""
-dot_row_q4_0 = _row_dot_intrinsic(18, _q4_0_lanes, _ROW_DOT_DOC.format(name="Q4_0", bb=18))
-dot_row_q8_0 = _row_dot_intrinsic(34, _q8_0_lanes, _ROW_DOT_DOC.format(name="Q8_0", bb=34))
-dot_row_q5_0 = _row_dot_intrinsic(22, _q5_0_lanes, _ROW_DOT_DOC.format(name="Q5_0", bb=22).replace(
-    "then quants", "32 fifth bits, then nibbles"))
+dot_row_q8_0 = _row_dot_intrinsic(34, _q8_0_lanes, _ROW_DOT_DOC.format(name="Q8_0", bb=34))  # generic route
 
 
 @intrinsic
@@ -132,13 +105,11 @@ def dot_row_f32(typingctx, w, woff, n, x):
     return sig, codegen
 
 
-def _row_dot_q4_0_vnni(context, builder, sig, args, generic=False):
+def _row_dot_q4_0_vnni(context, builder, sig, args):
     nb = args[2]
     v8f, v8i = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
     v32i8 = ir.VectorType(_i8, 32)
     wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args)
-    if generic:
-        dp = _dpbusd_nibbles(builder)
     accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)]
 
     def block(b, acc):
@@ -176,18 +147,6 @@ def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
         return _row_dot_q4_0_vnni(context, builder, signature, args)
 
     return sig, _vnni_or_trap(codegen)
-
-
-@intrinsic
-def dot_row_q4_0_generic(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
-    """dot_row_q4_0_vnni on every CPU: vpdpbusd's sums from ir._dpbusd_nibbles (pmaddubsw and pmaddwd on AVX2),
-    the same integer sums and the same float steps, so the two give identical results."""
-    sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
-
-    def codegen(context, builder, signature, args):
-        return _row_dot_q4_0_vnni(context, builder, signature, args, generic=True)
-
-    return sig, codegen
 
 
 def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
@@ -393,6 +352,40 @@ dot_row_q8_0_vnni = _row_intrinsic(_q8_0_token_dots, """A Q8_0 row's dot with on
     where the generic dot widens to int16 and runs two vpmaddwd.""")
 dot_row_q5_0_vnni = _row_intrinsic(_q5_0_token_dots, """A Q5_0 row's dot with one token's int8 activations through
     vpdpbusd (_q5_0_token_dots; x86 AVX512-VNNI only).""")
+
+
+def _q4_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
+    """A Q4_0 row dotted with one or more tokens' int8 activations through dp (the token_dots form): each block's 32
+    nibbles (0..15) split once for all tokens, each lane starting from xb = -8 times its 4 activations' sum, which
+    takes the offset out; per token two float accumulators by block parity and one horizontal sum, as
+    dot_row_q4_0_vnni."""
+    v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
+    nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
+    c = lambda v: ir.Constant(i64, v)  # noqa: E731
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
+
+    def block(b, k):
+        pb = builder.gep(wp, [builder.mul(b, c(18))])
+        q = builder.bitcast(_nibbles32(builder, builder.gep(pb, [c(2)])), v8i)
+        ws = _half_splat(builder, pb)
+        for xp, xdp, xbp, acc in zip(xps, xdps, xbps, accs):
+            xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
+            lanes = builder.call(dp, [builder.load(builder.gep(xbp, [b]), align=4), q, xv])
+            scale = builder.fmul(ws, _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4)))
+            builder.store(_fma(builder, builder.sitofp(lanes, v8f), scale, builder.load(acc[k])), acc[k])
+
+    pairs = builder.udiv(nb, c(2))
+    with cgutils.for_range(builder, pairs) as loop:  # two accumulators: the FMA chains interleave
+        block(builder.mul(loop.index, c(2)), 0)
+        block(builder.add(builder.mul(loop.index, c(2)), c(1)), 1)
+    with cgutils.for_range_slice(builder, builder.mul(pairs, c(2)), nb, c(1)) as (b, _):
+        block(b, 0)
+    return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
+
+
+# Q4_0 and Q5_0 on CPUs without VNNI: the VNNI dots' code with vpdpbusd's sums from pmaddubsw (ir._dpbusd_small)
+_, _, dot_row_q4_0_generic, dot_tokens_q4_0_generic = _routes(_q4_0_token_dots, "Q4_0", small=True)
+_, _, dot_row_q5_0_generic, dot_tokens_q5_0_generic = _routes(_q5_0_token_dots, "Q5_0", small=True)
 
 
 dot_tokens_q4_0r_vnni = _tokens_intrinsic(_q4_0r_token_dots, """dot_row_q4_0r_vnni of one row with TOKENS tokens'
