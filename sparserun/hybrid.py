@@ -315,7 +315,8 @@ class HybridFFN:
 
 
 def install(model, placement):
-    """Move the placement's attention projections and output head to the GPU and hook the hybrid FFN."""
+    """Move the placement's attention projections and output head (or the hot head's hot rows) to the GPU and hook the
+    hybrid FFN."""
     from . import gpu_kernels as G
 
     model.restore_rows()  # the device copies are made from them
@@ -323,4 +324,9 @@ def install(model, placement):
     attention = {li: GPUAttention(model, L, pos) for li, L in enumerate(model.layers)
                  if placement.attn_gpu[li] and L.plain_attention and model.args.head_dim <= G.MAX_HEAD_DIM}
     # (the device kernel is llama's block only, heads of up to MAX_HEAD_DIM)
-    model.place_on_device(placement, attention, DeviceWeight(model.output, model.gguf) if placement.output_gpu else None)
+    output = None
+    if placement.output_gpu and model.head is not None:  # the hot head's exact rows (placement.plan's head item)
+        model.head.hot_w = DeviceWeight(model.head.hot_w, model.gguf)
+    elif placement.output_gpu:
+        output = DeviceWeight(model.output, model.gguf)
+    model.place_on_device(placement, attention, output)

@@ -9,7 +9,8 @@ every other type). Items:
   bytes), where p is the neuron's profiled activation frequency;
 - the attention block of layer l (q, k, v, o and its KV cache of n_ctx positions): value = the projections'
   CPU bytes, read for every token; VRAM = the projections plus the float32 KV cache;
-- the output head: value = its CPU bytes.
+- the output head: value = its CPU bytes (under `--head hot`, its hot rows': the estimate and the exact cold rows
+  stay on the CPU).
 Not modelled: PCIe transfer and kernel-launch latency (a few vectors of `dim` floats per layer per token), the
 GPU's own time (assumed hidden by the CPU's, which overlaps it), the CPU time of attention over the KV cache
 (it grows with the context; only the weights are valued), and how the activation frequency depends on the text (the profile's corpus stands in for the user's).
@@ -114,7 +115,7 @@ def plan(model, budget_bytes, profile=None, gate_dense=True):
         kv_cache = 2 * model.n_ctx * a.kv_dim * 4  # the layer's float32 KV cache moves to the GPU with it
         costs.append(np.array([sum(device_matrix_bytes(w) for w in attn) + kv_cache], np.float64))
         kinds.append(np.array([[1, li, 0]]))
-    out = model.output
+    out = model.output if model.head is None else model.head.hot_w  # under --head hot: its exact rows (head.py)
     values.append(np.array([out.n_bytes], np.float64))
     costs.append(np.array([device_matrix_bytes(out)], np.float64))
     kinds.append(np.array([[2, 0, 0]]))

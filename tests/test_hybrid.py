@@ -118,6 +118,27 @@ def test_plan_budgets_and_hotness(tiny):
     assert len(chosen) == 40 and chosen.min() >= np.sort(freq.ravel())[-40]  # the 40 hottest over both layers
 
 
+def test_hot_head_rows_are_the_placed_head(tiny, stories):
+    """Under --head hot the placement's head item is the hot rows (value their CPU bytes, cost their device bytes) and
+    install moves them to the GPU: the hybrid's logits equal the CPU's hot head's, whose other rows stay estimated
+    and exact on the CPU."""
+    from sparserun.placement import device_matrix_bytes
+
+    path = tiny(planted=0.7)
+    cpu = sparserun.load(path, n_ctx=32, kv_type="f32", head="hot:128")
+    ref = cpu.logits(IDS)
+    full = plan(cpu, 10**12)
+    whole = plan(sparserun.load(path, n_ctx=32), 10**12)
+    assert full.output_gpu and full.used - whole.used == device_matrix_bytes(cpu.head.hot_w) - \
+        device_matrix_bytes(cpu.output)
+    hyb = sparserun.load(path, n_ctx=32, kv_type="f32", head="hot:128", device="cuda",
+                         vram_budget=device_bytes(cpu) / 2**30)
+    assert hyb.placement.output_gpu and type(hyb.head.hot_w).__name__ == "DeviceWeight"
+    assert hyb.head.hot_w.rows == 128 and not isinstance(hyb.output, type(hyb.head.hot_w))
+    got = hyb.logits(IDS)
+    assert np.abs(got - ref).max() < 1e-4 * ref.std()
+
+
 def test_placement_file_round_trip_and_refusals(tiny, tmp_path):
     m = sparserun.load(tiny(planted=0.7), n_ctx=8)
     p = plan(m, 0.3 * device_bytes(m))
