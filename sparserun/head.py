@@ -131,9 +131,13 @@ class HotHead:
         self.rank = max(32, min(rank, w.cols) // 32 * 32) if len(self.cold) else 0
         self.calibrated = cov is not None
         self.p, codes = self._estimate(model, cov)  # (r, dim) float32, (V, r / 32 * 18) Q4_0 rows
-        # (ceil(V / 8), r / 32 * 144): every row's estimate, 8 rows a tile, so that it lands in the logits in place (the
-        # hot rows' are overwritten: estimating them costs K / V more reads, scattering the cold ones cost far more)
-        self.tiles = KH.tile_q4_0(codes)
+        # the estimate 8 rows a tile, for each tile that holds a cold row, so that it lands in the logits in place (a
+        # tile's hot rows are overwritten; the hot set is mostly runs of ids, so few tiles mix the two: on Gemma 3 270M
+        # 99% of the 32,768 hot rows lie in tiles of hot rows only). Scattering the cold rows' estimates cost more.
+        cold_tiles = np.zeros(-(-w.rows // KH.TILE_ROWS) * KH.TILE_ROWS, bool)
+        cold_tiles[:w.rows] = self.is_cold
+        self.tile_ids = np.nonzero(cold_tiles.reshape(-1, KH.TILE_ROWS).any(1))[0]  # (n_tiles,) tile t: rows 8t..8t+7
+        self.tiles = KH.tile_q4_0(codes)[self.tile_ids] if len(self.cold) else codes  # (n_tiles, r / 32 * 144)
         self.top = min(top, len(self.cold))
         self.cand = np.empty(max(3 * self.top, 1), np.int64)  # top_rows keeps top to 3 top rows
         self.mark = np.zeros(w.rows, np.uint8)  # (V,) scratch of KH.exact_set
@@ -185,7 +189,7 @@ class HotHead:
         exact = np.empty(len(self.cand) + len(ctx), np.int64)  # one row's exact cold rows
         for t in range(T):
             row = logits[t]
-            KH.estimate(self.tiles, self.rank // 32, K.HAS_VNNI, z8[t], zd[t], bias[t], row)
+            KH.estimate(self.tiles, self.tile_ids, self.rank // 32, K.HAS_VNNI, z8[t], zd[t], bias[t], row)
             if self.last_estimates is not None:
                 self.last_estimates = row.copy()
             KH.scatter(hot[t], self.hot, row)

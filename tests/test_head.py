@@ -75,7 +75,8 @@ def test_estimate_fits_the_rows(stories):
 def test_estimate_kernel_is_the_q4_0_dot():
     """The rows' estimate in the kernel (8-row tiles) equals A's Q4_0 rows dotted in float with the basis coordinates'
     int8 rounding (exact in integers: float tolerance only), on the VNNI route where there is one and on the generic
-    one; a vocabulary that is not a whole number of tiles ends in a partial one."""
+    one; a vocabulary that is not a whole number of tiles ends in a partial one; tiles left out (those of hot rows
+    only) leave their rows as they were."""
     from gguf import GGMLQuantizationType, quants
 
     from sparserun.head import quantize_estimate
@@ -94,10 +95,16 @@ def test_estimate_kernel_is_the_q4_0_dot():
     deq = quants.dequantize(codes, GGMLQuantizationType.Q4_0)  # (n, 128)
     want = deq @ (z8[0].astype(np.float32).reshape(4, 32) * zd[0][:, None]).reshape(-1)
     bias = zb.reshape(4, 8).sum(1, dtype=np.int32)
+    some = np.array([0, 3, 125])  # tiles of rows 0-7, 24-31 and the partial last one, 1000-1002
+    rows = np.concatenate([np.arange(0, 8), np.arange(24, 32), np.arange(1000, 1003)])
     for vnni in sorted({False, K.HAS_VNNI}):
         logits = np.full(n, np.nan, np.float32)
-        KH.estimate(tiles, 4, vnni, z8[0], zd[0], bias, logits)
+        KH.estimate(tiles, np.arange(len(tiles)), 4, vnni, z8[0], zd[0], bias, logits)
         np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-4)
+        logits[:] = np.nan
+        KH.estimate(np.ascontiguousarray(tiles[some]), some, 4, vnni, z8[0], zd[0], bias, logits)
+        np.testing.assert_allclose(logits[rows], want[rows], rtol=1e-5, atol=1e-4)
+        assert np.isnan(np.delete(logits, rows)).all()  # the other tiles' rows untouched
 
 
 def test_cached_estimate_is_reused_and_bound_to_its_model(stories, cache):

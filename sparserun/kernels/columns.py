@@ -33,6 +33,18 @@ def _axpy8(acc, u, offs, co, nb, pf, down_kind):
 COLUMN_AHEAD = 2 * AXPY_GROUP
 
 
+@njit(inline="always")
+def _kept(x, t, idx, coef):
+    """A decode token's kept channels, those with |x[j]| > t: ids into idx, values into coef; returns their count."""
+    n = 0
+    for j in range(x.shape[0]):
+        if abs(x[j]) > t:
+            idx[n] = j
+            coef[n] = x[j]
+            n += 1
+    return n
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def column_axpy(u, unit_bytes, down_kind, n_out, x, t, idx, coef, parts, out):
     """out (n_out,) = sum over the channels j with |x[j]| > t of x[j] * column j of a column pack (teal.py: unit j =
@@ -44,12 +56,7 @@ def column_axpy(u, unit_bytes, down_kind, n_out, x, t, idx, coef, parts, out):
     token's 88 calls from DRAM, alternating in one process, 8 processes: that form ran 10.6-11.6 ms in three and
     14.5-15.0 in five, this one 11.0-12.0 in all. Each axpy call prefetches the units COLUMN_AHEAD columns on, two
     lines per block; their scales at the group's start."""
-    n = 0
-    for j in range(x.shape[0]):
-        if abs(x[j]) > t:
-            idx[n] = j
-            coef[n] = x[j]
-            n += 1
+    n = _kept(x, t, idx, coef)
     nbo = n_out // QK
     qbytes = nbo * (16 if down_kind == DOWN_Q4 else 32)  # a unit's quants, then its scales
     n_parts = parts.shape[0]
@@ -199,12 +206,7 @@ def column_axpy_exact(u, unit_bytes, n_out, x, t, idx, coef, sc, mn, has_m, part
     """column_axpy over exact 4-bit columns: out (n_out,) = sum over the channels j with |x[j]| > t of x[j] * column
     j; returns how many were kept (ids in idx, values in coef). Threads split the channel blocks, each adding its
     blocks' kept columns into its own partial sum (parts)."""
-    n = 0
-    for j in range(x.shape[0]):
-        if abs(x[j]) > t:
-            idx[n] = j
-            coef[n] = x[j]
-            n += 1
+    n = _kept(x, t, idx, coef)
     n_blk = (x.shape[0] + EXACT_BLOCK - 1) // EXACT_BLOCK
     start = np.zeros(n_blk + 1, np.int64)  # each channel block's first entry in idx
     for j in range(n):

@@ -25,23 +25,25 @@ def tile_q4_0(codes):
 
 
 @njit(parallel=True, cache=True)
-def estimate(tiles, nb, vnni, z8, zd, bias, logits):
-    """logits[j] = A_j . z for every row j of the vocabulary: tiles the rows of A as Q4_0 tiles (tile_q4_0), z8 / zd
-    (one token's) the basis coordinates as int8 blocks and their scales (quant.quantize_acts), bias (nb,) int32 per
-    block -8 times the sum of z8's values (Q4_0's offset). Integer block dots, 8 rows a call, stored in place
-    (simd.dot_tile_q4_0_vnni or its generic twin)."""
+def estimate(tiles, tile_ids, nb, vnni, z8, zd, bias, logits):
+    """logits[8 t + k] = A_{8 t + k} . z for the rows of the tiles t in tile_ids (k < 8, rows past the vocabulary's end
+    dropped): tiles (len(tile_ids), nb * 144) those rows of A as Q4_0 tiles (tile_q4_0), z8 / zd (one token's) the
+    basis coordinates as int8 blocks and their scales (quant.quantize_acts), bias (nb,) int32 per block -8 times the
+    sum of z8's values (Q4_0's offset). Integer block dots, 8 rows a call, stored in place (simd.dot_tile_q4_0_vnni
+    or its generic twin); the logits of other tiles are left as they are."""
     nt, tb = tiles.shape
     n = logits.shape[0]
     flat = tiles.reshape(-1)
     full = n // TILE_ROWS  # tiles whose 8 rows all lie in logits; the last one, if partial, goes through tail
     for c in prange(ROW_RUNS):
         tail = np.empty(TILE_ROWS, np.float32)
-        for t in range(c * nt // ROW_RUNS, (c + 1) * nt // ROW_RUNS):
+        for i in range(c * nt // ROW_RUNS, (c + 1) * nt // ROW_RUNS):
+            t = tile_ids[i]
             out, at = (logits, t * TILE_ROWS) if t < full else (tail, 0)
             if vnni:
-                dot_tile_q4_0_vnni(flat, t * tb, nb, z8, zd, bias, out, at)
+                dot_tile_q4_0_vnni(flat, i * tb, nb, z8, zd, bias, out, at)
             else:
-                dot_tile_q4_0_generic(flat, t * tb, nb, z8, zd, bias, out, at)
+                dot_tile_q4_0_generic(flat, i * tb, nb, z8, zd, bias, out, at)
             if t >= full:
                 for j in range(t * TILE_ROWS, n):
                     logits[j] = tail[j - t * TILE_ROWS]

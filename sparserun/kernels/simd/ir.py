@@ -274,12 +274,9 @@ def _vpdpbusd(builder):
                                           "llvm.x86.avx512.vpdpbusd.256")
 
 
-def _dpbusd_generic(builder):
-    """vpdpbusd's arithmetic in generic vector IR, for CPUs without AVX512-VNNI (and ARM): acc + per lane the dot of
-    4 unsigned bytes with 4 signed bytes. Products fit int16 (255 x 127), so the widen-multiply-pairwise-add below is
-    the pattern LLVM lowers to vpmaddwd on x86 (a second pairwise add makes the 4-byte groups); wrap-around exactly
-    as vpdpbusd. An internal always-inline function, so the K-quant frames call it as they call the intrinsic."""
-    name = "sparserun.dpbusd.generic"
+def _inline_dp(builder, name, body):
+    """The module's internal always-inline function `name` (acc, a, x: <8 x i32> each) -> <8 x i32>, its body
+    body(b, acc, a, x) built once per module, so the frames call it as they call vpdpbusd."""
     fn = builder.module.globals.get(name)
     if fn is not None:
         return fn
@@ -288,13 +285,23 @@ def _dpbusd_generic(builder):
     fn.linkage = "internal"
     fn.attributes.add("alwaysinline")
     b = ir.IRBuilder(fn.append_basic_block())
-    acc, a, x = fn.args
-    v32i8, v32i16, v32i32 = ir.VectorType(_i8, 32), ir.VectorType(_i16, 32), ir.VectorType(_i32, 32)
-    a16 = b.zext(b.bitcast(a, v32i8), v32i16)
-    x16 = b.sext(b.bitcast(x, v32i8), v32i16)
-    pairs = _even_odd_add(b, b.mul(b.sext(a16, v32i32), b.sext(x16, v32i32)))  # <16 x i32>
-    b.ret(b.add(acc, _even_odd_add(b, pairs)))  # <8 x i32>: 4-byte groups
+    b.ret(body(b, *fn.args))
     return fn
+
+
+def _dpbusd_generic(builder):
+    """vpdpbusd's arithmetic in generic vector IR, for CPUs without AVX512-VNNI (and ARM): acc + per lane the dot of
+    4 unsigned bytes with 4 signed bytes. Products fit int16 (255 x 127), so the widen-multiply-pairwise-add below is
+    the pattern LLVM lowers to vpmaddwd on x86 (a second pairwise add makes the 4-byte groups); wrap-around exactly
+    as vpdpbusd."""
+    def body(b, acc, a, x):
+        v32i8, v32i16, v32i32 = ir.VectorType(_i8, 32), ir.VectorType(_i16, 32), ir.VectorType(_i32, 32)
+        a16 = b.zext(b.bitcast(a, v32i8), v32i16)
+        x16 = b.sext(b.bitcast(x, v32i8), v32i16)
+        pairs = _even_odd_add(b, b.mul(b.sext(a16, v32i32), b.sext(x16, v32i32)))  # <16 x i32>
+        return b.add(acc, _even_odd_add(b, pairs))  # <8 x i32>: 4-byte groups
+
+    return _inline_dp(builder, "sparserun.dpbusd.generic", body)
 
 
 def _dpbusd_small(builder):
@@ -303,18 +310,8 @@ def _dpbusd_small(builder):
     ones, as llama.cpp's AVX2 dots; elsewhere _dpbusd_generic. The same sums as vpdpbusd."""
     if not X86_AVX2:
         return _dpbusd_generic(builder)
-    name = "sparserun.dpbusd.small"
-    fn = builder.module.globals.get(name)
-    if fn is not None:
-        return fn
-    v8i = ir.VectorType(_i32, 8)
-    fn = ir.Function(builder.module, ir.FunctionType(v8i, [v8i, v8i, v8i]), name)
-    fn.linkage = "internal"
-    fn.attributes.add("alwaysinline")
-    b = ir.IRBuilder(fn.append_basic_block())
-    acc, a, x = fn.args
-    b.ret(b.add(acc, _pmaddwd_ones(b, _pmaddubsw(b, a, x))))
-    return fn
+    return _inline_dp(builder, "sparserun.dpbusd.small",
+                      lambda b, acc, a, x: b.add(acc, _pmaddwd_ones(b, _pmaddubsw(b, a, x))))
 
 
 def _bias_ptr(context, builder, arrty, arr, blk, per_block):
