@@ -21,7 +21,8 @@ class _HeadRecorder:
 
 
 def watch_ffn(model, ids, on_layer, batch=256, progress=None, on_head=None, residual=False):
-    """on_head: also called per batch with the output head's inputs (T, dim) and the dense model's greedy tokens.
+    """on_layer (None: no FFN observer): called per layer and batch with the FFN input and its activations' magnitudes.
+    on_head: also called per batch with the output head's inputs (T, dim) and the dense model's greedy tokens.
     residual: on_layer receives the residual stream the FFN input was normalized from instead (PowerInfer's
     predictors read that)."""
     import time
@@ -33,10 +34,12 @@ def watch_ffn(model, ids, on_layer, batch=256, progress=None, on_head=None, resi
         ops.ffn_activate(pre[:0], pre, model.act_id, a)
         on_layer(li, acts.residual if residual else acts.x, np.abs(a))
 
+    import contextlib
+
     t0 = time.perf_counter()
     old_head = model.use_head(_HeadRecorder(model, on_head) if on_head else model.head)
     try:
-        with model.observing_ffn(observe):
+        with model.observing_ffn(observe) if on_layer else contextlib.nullcontext():
             for s in range(0, len(ids), batch):
                 model.reset()
                 model.eval(ids[s:s + batch], all_logits=on_head is not None)

@@ -20,11 +20,14 @@ points of perplexity at r = 128), rank 128 in 4 bits beats rank 64 in 8 at the s
 bring the cold tokens a text uses into the exact set.
 
 The hot set: the K tokens most frequent in a profile's corpus (the text's own tokens and the dense model's argmax
-over it: `sparserun profile` records both) when the model has a profile, else the K lowest token ids that are
-not unused slots (BPE and SentencePiece vocabularies number their tokens roughly by frequency).
+over it: `sparserun profile` records both, with the head inputs' moment the estimate is fitted to). Without a
+profile, the same statistics come from one pass over Python's documentation text at first use (builtin_statistics,
+cached): on Gemma 3 270M over GPL-3 that took the hot head's perplexity from +18.4% (the K lowest token ids that
+are not unused slots, the estimate from the rows alone: default_order) to about a profile's.
 """
 import hashlib
 import os
+import sys
 
 import numpy as np
 
@@ -118,7 +121,7 @@ class HotHead:
     the context's token ids; returns (T, V) logits: exact for the hot rows, the top cold rows by estimate and the
     context's tokens, estimated elsewhere."""
 
-    def __init__(self, model, k, order=None, cov=None, rank=RANK, top=TOP):
+    def __init__(self, model, k, order=None, cov=None, rank=RANK, top=TOP, source=None):
         w = model.output
         self.w, self.n_vocab = w, w.rows
         self.file_w = w.origin or w  # the exact cold rows are dotted where they lie (the file's map, or its copy)
@@ -130,6 +133,7 @@ class HotHead:
         self.hot_w = w.subset(self.hot, f"{w.name}[hot]") if len(self.cold) else w
         self.rank = max(32, min(rank, w.cols) // 32 * 32) if len(self.cold) else 0
         self.calibrated = cov is not None
+        self.source = source or ("given hidden states" if self.calibrated else "the rows alone")
         self.p, codes = self._estimate(model, cov)  # (r, dim) float32, (V, r / 32 * 18) Q4_0 rows
         # the estimate 8 rows a tile, for each tile that holds a cold row, so that it lands in the logits in place (a
         # tile's hot rows are overwritten; the hot set is mostly runs of ids, so few tiles mix the two: on Gemma 3 270M
@@ -206,7 +210,7 @@ class HotHead:
         self.computed = self.cold_argmax = self.rows = 0
 
     def describe(self):
-        how = "fitted to a profile's hidden states" if self.calibrated else "from the rows alone (no profile)"
+        how = f"fitted to the hidden states of {self.source}" if self.calibrated else "from the rows alone"
         return (f"hot head: {len(self.hot)} of {self.n_vocab} rows exact every token, the other {len(self.cold)} "
                 f"estimated at rank {self.rank} in 4 bits ({how}), the top {self.top} of them and the context's "
                 "tokens exact")
@@ -233,9 +237,52 @@ def load_estimate(path, fingerprint):
     return got
 
 
+STATS_TOKENS = 4096  # of the built-in text, for a model without a profile (builtin_statistics)
+
+
+def builtin_statistics(model):
+    """(token frequency (V,), head-input moment (dim, dim)) as a profile records them (the text's tokens and the dense
+    model's argmax over it; the mean h h^T of the head's inputs), from one dense pass over the first STATS_TOKENS of
+    teal.builtin_text() (Python's documentation, shipped with CPython): the hot set and the estimate's basis of a
+    model without a profile. Cached beside the neuron packs, bound to the model's fingerprint. The pass clears the
+    model's context (the next eval recomputes it)."""
+    from .activations import watch_ffn
+    from .ffn_pack import cache_root
+    from .teal import builtin_text
+
+    fp = model.gguf.fingerprint()
+    path = os.path.join(cache_root(), fp[:32], "head.stats.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path) as z:
+                if str(z["fingerprint"]) == fp and z["freq"].shape == (model.output.rows,):
+                    return z["freq"], z["cov"]
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: recomputed
+    ids = model.tokenize(builtin_text())[:STATS_TOKENS]
+    print(f"hot head: no profile; token counts and head inputs from Python's documentation text ({len(ids)} tokens), "
+          f"cached in {path}", file=sys.stderr)
+    freq = np.bincount(ids, minlength=model.output.rows).astype(np.float64)
+    cov = np.zeros((model.args.dim, model.args.dim), np.float64)
+
+    def on_head(x, greedy):
+        nonlocal cov
+        freq[:] += np.bincount(greedy, minlength=len(freq))
+        cov += x.T.astype(np.float64) @ x
+
+    watch_ffn(model, ids, None, batch=min(256, model.n_ctx), on_head=on_head)
+    freq, cov = (freq / (2 * len(ids))).astype(np.float32), (cov / len(ids)).astype(np.float32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, fingerprint=fp, freq=freq, cov=cov)
+    os.replace(tmp, path)
+    return freq, cov
+
+
 def make_head(model, spec, profile=None):
     """The head for `--head SPEC`: None for dense, else a HotHead whose hot set and estimate come from the model's
-    profile (a path, or <model>.gguf.profile.gguf when it exists and records token frequencies)."""
+    profile (a path, or <model>.gguf.profile.gguf when it exists and records token frequencies), else from
+    builtin_statistics (a pass over Python's documentation at first use, cached)."""
     k = parse_head(spec, model.output.rows)
     if k is None:
         return None
@@ -245,5 +292,6 @@ def make_head(model, spec, profile=None):
     path = PROFILE.given_or_default(profile, model.path)
     prof = load_profile(path, model) if path else None
     if prof is not None and prof.token_frequency is not None and len(prof.token_frequency) == model.output.rows:
-        return HotHead(model, k, frequency_order(prof.token_frequency), prof.head_covariance)
-    return HotHead(model, k)
+        return HotHead(model, k, frequency_order(prof.token_frequency), prof.head_covariance, source="a profile")
+    freq, cov = builtin_statistics(model)
+    return HotHead(model, k, frequency_order(freq), cov, source="Python's documentation text (no profile)")

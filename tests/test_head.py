@@ -110,7 +110,7 @@ def test_estimate_kernel_is_the_q4_0_dot():
 def test_cached_estimate_is_reused_and_bound_to_its_model(stories, cache):
     m = sparserun.load(stories)
     m.set_head("hot:128")
-    files = list(cache.rglob("head.*.npz"))
+    files = list(cache.rglob("head.r*.npz"))
     assert len(files) == 1
     stamp = files[0].stat().st_mtime_ns
     m.set_head("hot:128")  # the same hot set: read back, not fitted again
@@ -171,3 +171,26 @@ def test_bench_reports_the_head_mode(stories, cache, tmp_path):
     f = res["fidelity"]["head hot:128"]
     assert f["top1_agreement"] > 0.9 and 0 <= f["cold_argmax_share"] <= 1 and f["cold_rows_computed"] >= 256
     assert f["ppl"] > 0 and f["ppl_dense"] > 0 and "argmax was a cold row's" in r.stdout
+
+
+def test_without_a_profile_the_statistics_come_from_the_builtin_text(stories, cache, capsys):
+    """No profile: the hot set and the estimate's basis come from one dense pass over Python's documentation text,
+    said once on stderr and cached beside the packs (read back, not recomputed); the counts are the text's tokens and
+    the model's argmax, as a profile's."""
+    from sparserun.head import STATS_TOKENS, builtin_statistics, frequency_order
+    from sparserun.teal import builtin_text
+
+    m = sparserun.load(stories)
+    head = m.set_head("hot:64")
+    err = capsys.readouterr().err
+    assert "Python's documentation text" in err and "head.stats.npz" in err
+    assert head.calibrated and "documentation" in head.describe()
+    (stats,) = cache.rglob("head.stats.npz")
+    stamp = stats.stat().st_mtime_ns
+    freq, cov = builtin_statistics(m)
+    assert stats.stat().st_mtime_ns == stamp and "documentation" not in capsys.readouterr().err
+    ids = m.tokenize(builtin_text())[:STATS_TOKENS]
+    assert np.isclose(freq.sum(), 1.0, atol=1e-4) and (freq[np.unique(ids)] >= 0.5 / len(ids) - 1e-7).all()
+    assert np.allclose(cov, cov.T, atol=1e-5) and np.linalg.eigvalsh(cov.astype(np.float64)).min() > -1e-4
+    np.testing.assert_array_equal(head.hot, np.sort(frequency_order(freq)[:64]))
+    assert m.logits(m.tokenize(TEXT)).shape[1] == m.n_vocab  # the model still runs after the pass
