@@ -248,6 +248,7 @@ def builtin_statistics(model):
     model's context (the next eval recomputes it)."""
     from .activations import watch_ffn
     from .ffn_pack import cache_root
+    from .profile import HeadStats
     from .teal import builtin_text
 
     fp = model.gguf.fingerprint()
@@ -262,16 +263,9 @@ def builtin_statistics(model):
     ids = model.tokenize(builtin_text())[:STATS_TOKENS]
     print(f"hot head: no profile; token counts and head inputs from Python's documentation text ({len(ids)} tokens), "
           f"cached in {path}", file=sys.stderr)
-    freq = np.bincount(ids, minlength=model.output.rows).astype(np.float64)
-    cov = np.zeros((model.args.dim, model.args.dim), np.float64)
-
-    def on_head(x, greedy):
-        nonlocal cov
-        freq[:] += np.bincount(greedy, minlength=len(freq))
-        cov += x.T.astype(np.float64) @ x
-
-    watch_ffn(model, ids, None, batch=min(256, model.n_ctx), on_head=on_head)
-    freq, cov = (freq / (2 * len(ids))).astype(np.float32), (cov / len(ids)).astype(np.float32)
+    stats = HeadStats(model, ids)
+    watch_ffn(model, ids, None, batch=min(256, model.n_ctx), on_head=stats)
+    freq, cov = stats.result()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp.npz"
     np.savez(tmp, fingerprint=fp, freq=freq, cov=cov)

@@ -67,9 +67,27 @@ class Profile:
         return rows
 
 
+class HeadStats:
+    """The hot head's statistics over a text (watch_ffn's on_head): the text's tokens and the dense model's argmax
+    over it counted together, and the head inputs' second moment; result() gives them as a profile stores them."""
+
+    def __init__(self, model, ids):
+        self.n = len(ids)
+        self.tokens = np.bincount(np.asarray(ids, np.int64), minlength=model.args.n_vocab).astype(np.float64)
+        self.cov = np.zeros((model.args.dim, model.args.dim), np.float64)
+
+    def __call__(self, x, greedy):
+        self.tokens += np.bincount(greedy, minlength=len(self.tokens))
+        self.cov += x.T.astype(np.float64) @ x
+
+    def result(self):
+        """(token frequency (n_vocab,), mean h h^T (dim, dim)), float32."""
+        return (self.tokens / (2 * self.n)).astype(np.float32), (self.cov / self.n).astype(np.float32)
+
+
 def record(model, ids, thresholds, batch=256, progress=None, head=None):
     """Run the dense model over ids; accumulate per-neuron activity and per-layer histograms (and with head, a
-    dict, the token counts and head-input moment of the head's statistics)."""
+    HeadStats, the head's statistics)."""
     n_layer, n_ff = model.args.n_layer, model.args.n_ff
     count = np.zeros((n_layer, n_ff), np.int64)
     mag = np.zeros((n_layer, n_ff), np.float64)
@@ -82,16 +100,7 @@ def record(model, ids, thresholds, batch=256, progress=None, head=None):
         nz = a[~zeros]
         hist[li, 1:] += np.histogram(np.clip(nz, EDGES[0], EDGES[-1] * 0.999), bins=EDGES)[0]
 
-    on_head = None
-    if head is not None:
-        head["tokens"] = np.bincount(np.asarray(ids, np.int64), minlength=model.args.n_vocab).astype(np.float64)
-        head["cov"] = np.zeros((model.args.dim, model.args.dim), np.float64)
-
-        def on_head(x, greedy):
-            head["tokens"] += np.bincount(greedy, minlength=model.args.n_vocab)
-            head["cov"] += x.T.astype(np.float64) @ x
-
-    watch_ffn(model, ids, on_layer, batch, progress, on_head)
+    watch_ffn(model, ids, on_layer, batch, progress, head)
     return count, mag, hist
 
 
@@ -112,7 +121,7 @@ def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, p
     thresholds = np.asarray(thresholds, np.float32)
     if thresholds.shape != (n_layer,):
         raise SparserunError(f"{len(thresholds)} thresholds for a model of {n_layer} layers")
-    head = {}
+    head = HeadStats(model, ids)
     count, mag, hist = record(model, ids, thresholds, batch, progress, head)
     n = len(ids)
     tables = None
@@ -121,8 +130,7 @@ def profile_model(model, ids, target_sparsity=0.5, thresholds=None, batch=256, p
 
         tables = teal_tables(model, ids[:CALIBRATION_TOKENS], text=text, progress=progress)
     return Profile(model.gguf.fingerprint(), n, model.args.activation, (count / n).astype(np.float32),
-                   (mag / n).astype(np.float32), hist, thresholds, EDGES.copy(),
-                   (head["tokens"] / (2 * n)).astype(np.float32), (head["cov"] / n).astype(np.float32), tables)
+                   (mag / n).astype(np.float32), hist, thresholds, EDGES.copy(), *head.result(), tables)
 
 
 def save_profile(profile, path):
