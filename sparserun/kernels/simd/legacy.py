@@ -105,50 +105,6 @@ def dot_row_f32(typingctx, w, woff, n, x):
     return sig, codegen
 
 
-def _row_dot_q4_0_vnni(context, builder, sig, args):
-    nb = args[2]
-    v8f, v8i = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8)
-    v32i8 = ir.VectorType(_i8, 32)
-    wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)]
-
-    def block(b, acc):
-        pb = builder.gep(wp, [builder.mul(b, ir.Constant(b.type, 18))])
-        splat = builder.fmul(_half_splat(builder, pb), _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4)))
-        xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, ir.Constant(b.type, 32))]), v32i8.as_pointer()),
-                          align=1)
-        # the accumulator input of vpdpbusd starts at -8 * (the lane's 4 activations): signed result, no bias term
-        lanes = builder.call(dp, [builder.load(builder.gep(xbp, [b]), align=4),
-                                  builder.bitcast(_nibbles32(builder, builder.gep(pb, [ir.Constant(_i32, 2)])), v8i),
-                                  builder.bitcast(xv, v8i)])
-        builder.store(_fma(builder, builder.sitofp(lanes, v8f), splat, builder.load(acc)), acc)
-
-    two = ir.Constant(nb.type, 2)
-    pairs = builder.udiv(nb, two)
-    with cgutils.for_range(builder, pairs) as loop:  # two accumulators: the FMA chains interleave
-        block(builder.mul(loop.index, two), accs[0])
-        block(builder.add(builder.mul(loop.index, two), ir.Constant(nb.type, 1)), accs[1])
-    with cgutils.for_range_slice(builder, builder.mul(pairs, two), nb, ir.Constant(nb.type, 1)) as (b, _):
-        block(b, accs[0])
-    return _hsum8(builder, builder.fadd(builder.load(accs[0]), builder.load(accs[1])))
-
-
-@intrinsic
-def dot_row_q4_0_vnni(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
-    """dot_row_q4_0 for CPUs with AVX512-VNNI (x86 only; callers check quant.HAS_VNNI first): vpdpbusd multiplies
-    the 32 unsigned nibbles of a block (0..15, no -8 offset) by 32 int8 activations at x8[xoff:] in one
-    instruction, accumulating onto xb[8 xdoff + 8 b:][:8] (int32, -8 times each lane's 4 activations; see
-    quant.quantize_acts), which takes the offset back out. Block scales d_w * xd[xdoff + b]. Two FMA accumulators.
-    In one process against the form with a per-block scalar bias term: 23% faster from cache, 6% on a
-    TinyLlama-sized matvec from DRAM; that form was 12% faster than the generic vpmaddwd one."""
-    sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
-
-    def codegen(context, builder, signature, args):
-        return _row_dot_q4_0_vnni(context, builder, signature, args)
-
-    return sig, _vnni_or_trap(codegen)
-
-
 def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
     """The exact int32 dots of a whole repacked Q4_0 group (blocks b0 .. b0 + 7) of each row at gps with each
     token's activations: sums[row][token] <8 x i32>, lane k the dot of block b0 + k.
@@ -357,8 +313,7 @@ dot_row_q5_0_vnni = _row_intrinsic(_q5_0_token_dots, """A Q5_0 row's dot with on
 def _q4_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     """A Q4_0 row dotted with one or more tokens' int8 activations through dp (the token_dots form): each block's 32
     nibbles (0..15) split once for all tokens, each lane starting from xb = -8 times its 4 activations' sum, which
-    takes the offset out; per token two float accumulators by block parity and one horizontal sum, as
-    dot_row_q4_0_vnni."""
+    takes the offset out; per token two float accumulators by block parity and one horizontal sum."""
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
     c = lambda v: ir.Constant(i64, v)  # noqa: E731
@@ -383,8 +338,13 @@ def _q4_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
     return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
 
 
-# Q4_0 and Q5_0 on CPUs without VNNI: the VNNI dots' code with vpdpbusd's sums from pmaddubsw (ir._dpbusd_small)
-_, _, dot_row_q4_0_generic, dot_tokens_q4_0_generic = _routes(_q4_0_token_dots, "Q4_0", small=True)
+# Q4_0: vpdpbusd multiplies a block's 32 unsigned nibbles (0..15, no -8 offset) by 32 int8 activations in one
+# instruction, accumulating onto xb (-8 times each lane's 4 activations: quant.quantize_acts), which takes the offset
+# out. In one process against a form with a per-block scalar bias term: 23% faster from cache, 6% on a TinyLlama-sized
+# matvec from DRAM; that form was 12% faster than the generic vpmaddwd one. dot_row_q4_0_vnni serves the neuron packs
+# and the GGUF-layout matmul on VNNI CPUs (callers check quant.HAS_VNNI first); the dense path repacks Q4_0 there.
+# Q4_0 and Q5_0 on CPUs without VNNI: the same code with vpdpbusd's sums from pmaddubsw (ir._dpbusd_small).
+dot_row_q4_0_vnni, _, dot_row_q4_0_generic, dot_tokens_q4_0_generic = _routes(_q4_0_token_dots, "Q4_0", small=True)
 _, _, dot_row_q5_0_generic, dot_tokens_q5_0_generic = _routes(_q5_0_token_dots, "Q5_0", small=True)
 
 
