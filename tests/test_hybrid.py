@@ -126,7 +126,8 @@ def test_hot_head_rows_are_the_placed_head(tiny, stories):
 
     path = tiny(planted=0.7)
     cpu = sparserun.load(path, n_ctx=32, kv_type="f32", head="hot:128")
-    ref = cpu.logits(IDS)
+    ids = IDS[:3]  # the simulator runs every GPU thread in Python
+    ref = cpu.logits(ids)
     full = plan(cpu, 10**12)
     whole = plan(sparserun.load(path, n_ctx=32), 10**12)
     assert full.output_gpu and full.used - whole.used == device_matrix_bytes(cpu.head.hot_w) - \
@@ -135,7 +136,7 @@ def test_hot_head_rows_are_the_placed_head(tiny, stories):
                          vram_budget=device_bytes(cpu) / 2**30)
     assert hyb.placement.output_gpu and type(hyb.head.hot_w).__name__ == "DeviceWeight"
     assert hyb.head.hot_w.rows == 128 and not isinstance(hyb.output, type(hyb.head.hot_w))
-    got = hyb.logits(IDS)
+    got = hyb.logits(ids)
     assert np.abs(got - ref).max() < 1e-4 * ref.std()
 
 
