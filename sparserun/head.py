@@ -93,6 +93,9 @@ def fit_estimate(w, cold, rank, cov=None, chunk=16384):
     for s in range(0, len(cold), chunk):
         x = w.rows_f32(cold[s:s + chunk]).astype(np.float64)
         gram += x.T @ x
+    if not np.isfinite(gram).all():
+        raise SparserunError(f"tensor '{w.name}' holds a non-finite value (NaN or Inf) in its rows: the output head "
+                             "cannot be estimated (--check-tensors checks every tensor at load)")
     if cov is None:
         _, vecs = np.linalg.eigh(gram)
         p = left = vecs[:, ::-1][:, :rank].T  # (rank, dim), largest eigenvalues first
@@ -163,7 +166,10 @@ class HotHead:
         if got is not None and got[0].shape == (self.rank, self.w.cols) and \
                 got[1].shape == (self.n_vocab, self.rank // 32 * 18):
             return got
-        p, a = fit_estimate(self.w, self.cold, self.rank, cov)
+        try:
+            p, a = fit_estimate(self.w, self.cold, self.rank, cov)
+        except SparserunError as e:
+            raise SparserunError(f"{model.path}: {e}") from None
         codes = quantize_estimate(a)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp.npz"

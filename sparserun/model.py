@@ -374,6 +374,9 @@ class Model:
             share = 1.0 if self.head is None else (len(self.head.hot) + (self.head.computed - computed) /
                                                    len(rows)) / a.n_vocab
             self.trace.end([0.0] * (len(ids) - len(rows)) + [share] * len(rows))
+        if not ops.all_finite(logits):  # a head row of NaN or Inf: said here, not left to the sampler
+            raise SparserunError(f"{self.path}: the output head's logits turned non-finite (NaN or Inf): the file's "
+                                 "weights may hold NaN, Inf or garbage (--check-tensors checks them at load)")
         if a.final_softcap:
             c = np.float32(a.final_softcap)
             np.multiply(np.tanh(logits / c), c, out=logits)

@@ -111,6 +111,36 @@ def test_non_finite_weights_are_named(stories, tmp_path, value):
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("head", ["dense", "hot:128"])
+def test_non_finite_output_head_is_named(stories, tmp_path, head):
+    """A NaN in a row of the output head: the dense head's logits and the hot head's estimate (whose fit reads every
+    cold row) each stop with one line naming the file, exit code 2; --check-tensors names the tensor at load."""
+    import os
+    import subprocess
+    import sys
+
+    m = sparserun.load(stories)
+    t = m.gguf.tensor(m.output.name)
+    at = t.raw.ctypes.data - m.gguf._data.ctypes.data + 4 * (m.args.dim * 300 + 5)  # row 300 (cold at hot:128)
+    blob = bytearray(stories.read_bytes())
+    blob[at:at + 4] = np.float32(np.nan).tobytes()
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(bytes(blob))
+    env = {**os.environ, "SPARSERUN_CACHE": str(tmp_path / "cache")}
+    for extra in ([], ["--check-tensors"]):
+        r = subprocess.run([sys.executable, "-m", "sparserun.cli", "generate", str(path), "-p", "Once", "-n", "4",
+                            "--head", head, *extra], capture_output=True, text=True, timeout=300, env=env)
+        lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith("sparserun: compiling")
+                 and not x.startswith("hot head: no profile")]
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert str(path) in lines[0] and ("non-finite" in lines[0]), lines[0]
+    if head != "dense":  # with a profile the fit comes first, and its check names the tensor
+        from sparserun.head import HotHead
+
+        with pytest.raises(SparserunError, match=f"{path}: tensor 'output.weight' holds a non-finite value"):
+            HotHead(sparserun.load(path), 128, cov=np.eye(m.args.dim))
+
+
 @pytest.mark.filterwarnings("error")  # a warning would be a second line on the CLI's stderr
 def test_mutated_side_files_are_refused_in_one_line(stories, tmp_path):
     """Profile, placement and predictor files, each mutated 40 ways (metadata and data bytes, truncation): each
