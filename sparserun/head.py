@@ -146,7 +146,7 @@ class HotHead:
         self.tile_ids = np.nonzero(cold_tiles.reshape(-1, KH.TILE_ROWS).any(1))[0]  # (n_tiles,) tile t: rows 8t..8t+7
         self.tiles = KH.tile_q4_0(codes)[self.tile_ids] if len(self.cold) else codes  # (n_tiles, r / 32 * 144)
         self.top = min(top, len(self.cold))
-        self.cand = np.empty(max(3 * self.top, 1), np.int64)  # top_rows keeps top to 3 top rows
+        self.cand = np.empty(max(3 * self.top, 1), np.int64)  # top_rows keeps top to 3 x top rows
         self.mark = np.zeros(w.rows, np.uint8)  # (V,) scratch of KH.exact_set
         self.last_estimates = None  # set to an array to keep the last row's estimates there (tests)
         self.computed = 0  # cold rows computed exactly, summed over rows of logits
@@ -154,7 +154,8 @@ class HotHead:
         self.rows = 0  # rows of logits produced
 
     def _estimate(self, model, cov):
-        """The cold rows' estimate: from the cache beside the neuron packs, else fitted (seconds) and cached."""
+        """(P, every row's estimate factor as Q4_0 rows), fitted to the cold rows: from the cache beside the neuron packs,
+        else fitted (seconds) and cached."""
         if not len(self.cold):
             return np.zeros((0, self.w.cols), np.float32), np.zeros((0, 0), np.uint8)
         from .ffn_pack import cache_root
@@ -194,8 +195,8 @@ class HotHead:
         _, zd, z8, zb, _, _ = K.acts_forms(z)  # int8 blocks of z, as the Q4_0 dots read them
         bias = zb.reshape(T, -1, 8).sum(2, dtype=np.int32)  # (T, rank / 32) Q4_0's offset: -8 x each block's sum
         xq, xd, x8, xb, xt, xs = acts.forms()  # the exact rows' dots read the hidden states' int8 blocks
-        raw, qtype, row_bytes = self.file_w.raw, self.file_w.qtype, self.file_w.row_bytes
         self.file_w.restore()
+        raw, qtype, row_bytes = self.file_w.raw, self.file_w.qtype, self.file_w.row_bytes
         exact = np.empty(len(self.cand) + len(ctx), np.int64)  # one row's exact cold rows
         for t in range(T):
             row = logits[t]
