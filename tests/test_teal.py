@@ -98,6 +98,55 @@ def test_column_kernel_matches_numpy(make_model, tmp_path, qtype):
     assert kinds == {"Q4_0": {teal.EXACT_Q4}, "Q8_0": {S.DOWN_Q8}, "Q4_K_M": {teal.EXACT_Q4, S.DOWN_Q8}}[qtype]
 
 
+@pytest.mark.skipif(not __import__("sparserun.kernels.simd.ir", fromlist=["X86_AVX2"]).X86_AVX2, reason="an x86 AVX2 host")
+def test_exact_column_axpy_avx2_form_sums_what_the_portable_form_does(monkeypatch):
+    """The exact 4-bit column axpy's AVX2 form (channel pairs through pmaddubsw, no transpose) gives the portable
+    form's result bit for bit (the same int32 sums, the same float steps): 1 to 32 channels, an even and an odd number
+    of output blocks, with and without Q4_K's offsets; and both equal numpy's sum of the columns on the int8
+    coefficients."""
+    from numba import njit
+
+    from sparserun.kernels.simd import axpy
+
+    def run(acc, u, offs, nq, cw, cz, a, sc, soff, mn, moff, xs, nb, pf):
+        axpy.axpy_q4_exact_generic(acc, u, offs, nq, cw, cz, a, sc, soff, mn, moff, xs, nb, pf)
+
+    avx2 = njit(run)
+    rng = np.random.default_rng(11)
+    results = []
+    for n, nb, with_m in [(1, 3, False), (7, 4, True), (16, 5, True), (23, 2, False), (32, 7, True)]:
+        n_out = 32 * nb
+        u = rng.integers(0, 256, (40, n_out // 2), dtype=np.uint8)
+        ch = rng.choice(40, n, replace=False)
+        q = np.zeros(32, np.int64)
+        q[:n] = rng.integers(-127, 128, n)
+        nq = (n + 3) // 4
+        offs = np.array([ch[g] if g < n else ch[0] for g in range(32)], np.int64) * (n_out // 2)
+        cw = (q.reshape(8, 4) & 255).astype(np.uint32) @ (1 << (8 * np.arange(4, dtype=np.uint32)))
+        sc = rng.standard_normal(n_out).astype(np.float16).view(np.uint8)
+        mn = rng.standard_normal(n_out).astype(np.float16).view(np.uint8)
+        pf = np.full(32, -1, np.int64)
+        pf[:3] = offs[:3]
+        args = (u.reshape(-1), offs, nq, cw.astype(np.uint32).view(np.int32), np.int32(-8 * q.sum()), np.float32(0.01),
+                sc, 0, mn, 0 if with_m else -1, np.float32(0.5), nb, pf)
+        acc = rng.standard_normal(n_out).astype(np.float32)
+        got = acc.copy()
+        avx2(got, *args)
+        vals = np.stack([np.concatenate([u[c].reshape(nb, 16) & 15, u[c].reshape(nb, 16) >> 4], axis=1).reshape(-1)
+                         for c in ch]).astype(np.int64) - 8  # (n, n_out): Q4_0's nibble order per block of 32
+        ints = q[:n] @ vals
+        want = acc + 0.01 * sc.view(np.float16).astype(np.float32) * ints - (
+            mn.view(np.float16).astype(np.float32) * 0.5 if with_m else 0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+        results.append((acc, args, got))
+    monkeypatch.setattr(axpy, "X86_AVX2", False)  # read at code generation: the portable form
+    portable = njit(run)
+    for acc, args, got in results:
+        out = acc.copy()
+        portable(out, *args)
+        np.testing.assert_array_equal(out, got)
+
+
 def test_every_channel_kept_gives_the_dense_logits(stories):
     """Thresholds of -1 keep every channel: the masked dense path gives the dense logits bit for bit, and the column
     packs (float32 columns of an F32 model: no re-quantization), for prompt batches and decode tokens, agree with it

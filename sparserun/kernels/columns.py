@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from .quant import HAS_VNNI, QK
-from .simd import (axpy_i8_generic, axpy_i8_vnni, axpy_q4_exact_generic, axpy_q4_exact_vnni, axpy_q4_generic,
+from .simd import (EXACT_PREFETCH, axpy_i8_generic, axpy_i8_vnni, axpy_q4_exact_generic, axpy_q4_exact_vnni, axpy_q4_generic,
                    axpy_q4_vnni, coefs_q4_vnni, prefetch)
 from .sparse import AXPY_GROUP, DOWN_Q4, _coef_scratch, _coefs_i8, _sum_parts
 
@@ -168,8 +168,9 @@ EXACT_BLOCK = 32  # input channels sharing one scale per output
 def _exact_block(acc, u, unit_bytes, idx, coef, j0, j1, n_kept, o0, nb, sc, mn, has_m, blk, n_out, offs, cw, pf):
     """acc (nb x 32 outputs from output block o0) += the source rows' part for the kept channels idx[j0:j1] of channel
     block blk (values coef[j0:j1], at most EXACT_BLOCK): their int8 coefficients (one scale for the block, the same for
-    every output) and one axpy_q4_exact of all of them, the scales applied once. The 8 channels after them (idx[j1:],
-    up to n_kept) are prefetched. offs (EXACT_BLOCK,) int64, cw (EXACT_BLOCK / 4,) int32, pf (8,) int64: scratch."""
+    every output) and one axpy_q4_exact of all of them, the scales applied once. The next channel block's kept channels
+    (from idx[j1], up to n_kept) are prefetched. offs (EXACT_BLOCK,) int64, cw (EXACT_BLOCK / 4,) int32, pf
+    (EXACT_PREFETCH,) int64: scratch."""
     amax = np.float32(0.0)
     xsum = np.float32(0.0)
     for j in range(j0, j1):
@@ -189,9 +190,10 @@ def _exact_block(acc, u, unit_bytes, idx, coef, j0, j1, n_kept, o0, nb, sc, mn, 
             total += qv
             word |= (qv & 255) << (8 * g4)
         cw[quad] = np.int32(word if word < 2 ** 31 else word - 2 ** 32)
-    for g in range(AXPY_GROUP):
+    nxt = idx[j1] // EXACT_BLOCK if j1 < n_kept else -1
+    for g in range(EXACT_PREFETCH):
         k = j1 + g
-        pf[g] = np.int64(idx[k]) * unit_bytes + 16 * o0 if k < n_kept else -1
+        pf[g] = np.int64(idx[k]) * unit_bytes + 16 * o0 if k < n_kept and idx[k] // EXACT_BLOCK == nxt else -1
     at = 2 * (blk * n_out + QK * o0)
     if HAS_VNNI:
         axpy_q4_exact_vnni(acc, u, offs, (cnt + 3) // 4, cw, np.int32(-8 * total), amax / np.float32(127.0), sc, at,
@@ -221,7 +223,7 @@ def column_axpy_exact(u, unit_bytes, n_out, x, t, idx, coef, sc, mn, has_m, part
         acc[:] = 0.0
         offs = np.empty(EXACT_BLOCK, np.int64)
         cw = np.empty(EXACT_BLOCK // 4, np.int32)
-        pf = np.empty(AXPY_GROUP, np.int64)
+        pf = np.empty(EXACT_PREFETCH, np.int64)
         for b in range(c * chunk, min(n_blk, (c + 1) * chunk)):
             if start[b + 1] > start[b]:
                 _exact_block(acc, u, unit_bytes, idx, coef, start[b], start[b + 1], n, 0, nbo, sc, mn, has_m, b, n_out,
@@ -246,7 +248,7 @@ def column_matmul_exact(u, unit_bytes, n_out, x, t, first, sc, mn, has_m, out, c
         nb = min(TILE_BLOCKS, nbo - b0)
         offs = np.empty(EXACT_BLOCK, np.int64)
         cw = np.empty(EXACT_BLOCK // 4, np.int32)
-        pf = np.empty(AXPY_GROUP, np.int64)
+        pf = np.empty(EXACT_PREFETCH, np.int64)
         for r in range(run * TILE_TOKENS, min(T, (run + 1) * TILE_TOKENS)):
             acc = out[r, QK * b0:QK * (b0 + nb)]
             acc[:] = 0.0

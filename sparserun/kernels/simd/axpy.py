@@ -115,6 +115,7 @@ def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, xt, xoff, xd, xs, xdoff, pf, p
     return sig, _vnni_or_trap(codegen)
 
 
+EXACT_PREFETCH = 32  # the units axpy_q4_exact's pf names (the VNNI form reads the first AXPY_Q4_COLUMNS)
 AXPY_Q4_COLUMNS = 8  # down columns axpy_q4_vnni adds per call: two vpdpbusd per half block into one int32 sum
 
 
@@ -320,8 +321,11 @@ def axpy_i8_generic(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
 
 
 def _axpy_exact(generic):
-    """The codegen of axpy_q4_exact (generic: vpdpbusd's arithmetic in generic vector IR)."""
+    """The codegen of axpy_q4_exact (generic: vpdpbusd's arithmetic in generic vector IR; on AVX2 hosts the pair
+    form, _axpy_exact_avx2)."""
     G = AXPY_Q4_COLUMNS
+    if generic and X86_AVX2:
+        return _axpy_exact_avx2
 
     def codegen(context, builder, signature, args):
         acc_a, u_a, o_a, nq_v, cw_a, cz_v, a_v, sc_a, soff, mn_a, moff, xs, nb_v, pf_a = args
@@ -377,13 +381,103 @@ def _axpy_exact(generic):
     return codegen
 
 
+def _axpy_exact_avx2(context, builder, signature, args):
+    """axpy_q4_exact on AVX2 without a transpose: two channels' bytes interleaved (vpunpck{l,h}bw, in-lane: no
+    cross-lane byte shuffle, which AVX2 lacks and the 4-channel transpose spent ~20 instructions on), so one
+    pmaddubsw with the pair's two coefficients gives each output's two products summed in an int16 lane; the pairs
+    of 16 channels add in int16 (16 x 15 x 127 < 2^15), and two such halves meet in int32 through one more in-lane
+    interleave and pmaddwd. Two output blocks (32 bytes of each column) a step; the lanes' in-lane order is undone
+    once per step, where the outputs' scales are applied. The same int32 sums as the portable form."""
+    acc_a, u_a, o_a, nq_v, cw_a, cz_v, a_v, sc_a, soff, mn_a, moff, xs, nb_v, pf_a = args
+    i64, f32, f16 = ir.IntType(64), ir.FloatType(), ir.HalfType()
+    c = lambda v: ir.Constant(i64, v)
+    v8f, v8h = ir.VectorType(f32, 8), ir.VectorType(f16, 8)
+    v32b, v16w = ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16)
+    arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+    A, U, O, CW, PF = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(4, cw_a), arr(13, pf_a)
+    accp = builder.bitcast(A.data, v8f.as_pointer())
+    ub = builder.bitcast(U.data, _i8.as_pointer())
+    sb = builder.gep(builder.bitcast(arr(7, sc_a).data, _i8.as_pointer()), [soff])
+    has_m = builder.icmp_signed(">=", moff, c(0))
+    mb = builder.gep(builder.bitcast(arr(9, mn_a).data, _i8.as_pointer()), [builder.select(has_m, moff, c(0))])
+    nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+    pairs = builder.mul(builder.sext(nq_v, i64) if nq_v.type.width < 64 else nq_v, c(2))
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
+    shuf = lambda a, b, idx: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
+    unpack8 = [[16 * l + 8 * h + i + 32 * s for l in range(2) for i in range(8) for s in range(2)] for h in range(2)]
+    unpack16 = [[8 * l + 4 * h + i + 16 * s for l in range(2) for i in range(4) for s in range(2)] for h in range(2)]
+    av, xsv, czv = _splat_f(builder, a_v, 8), _splat_f(builder, xs, 8), _splat_f(builder, cz_v, 8)
+    zero16 = ir.Constant(v16w, [0] * 16)
+    n_pf = cgutils.alloca_once_value(builder, c(0))  # pf's units: its entries up to the first negative one
+    with cgutils.for_range(builder, c(EXACT_PREFETCH)) as loop:
+        ok = builder.and_(builder.icmp_signed("==", builder.load(n_pf), loop.index),
+                          builder.icmp_signed(">=", builder.load(builder.gep(PF.data, [loop.index])), c(0)))
+        builder.store(builder.select(ok, builder.add(loop.index, c(1)), builder.load(n_pf)), n_pf)
+    n_pf = builder.load(n_pf)
+    # sums[half][k]: channels 0-15 / 16-31, k = 2 (lo / hi bytes of the column block) + (lo / hi nibble)
+    sums = [[cgutils.alloca_once(builder, v16w) for _ in range(4)] for _ in range(2)]
+
+    def step(b, two):
+        """Output blocks b and (two) b + 1."""
+        # the next call's units (the first n_pf of pf), each advancing 32 bytes a step as these do: step s prefetches
+        # line s // 2 of the units i = s mod 2, s mod 2 + 2, ...
+        s = builder.udiv(b, c(2))
+        line = builder.mul(builder.udiv(s, c(2)), c(64))
+        with cgutils.for_range_slice(builder, builder.urem(s, c(2)), n_pf, c(2)) as (i, _):
+            _prefetch_line(builder, builder.gep(ub, [builder.add(builder.load(builder.gep(PF.data, [i])), line)]))
+        for half in range(2):
+            for k in range(4):
+                builder.store(zero16, sums[half][k])
+            lo = c(8 * half)
+            hi = builder.select(builder.icmp_signed("<", pairs, c(8 * half + 8)), pairs, c(8 * half + 8))
+            with cgutils.for_range_slice(builder, lo, builder.select(builder.icmp_signed("<", hi, lo), lo, hi), c(1)) as (p, _):
+                word = builder.load(builder.gep(CW.data, [builder.udiv(p, c(2))]))
+                pair = builder.trunc(builder.lshr(word, builder.trunc(builder.mul(builder.urem(p, c(2)), c(16)), _i32)),
+                                     ir.IntType(16))
+                coef = builder.bitcast(_splat_f(builder, pair, 16), v32b)
+                col = lambda g: builder.gep(ub, [builder.add(builder.load(builder.gep(O.data, [builder.add(builder.mul(p, c(2)), c(g))])),
+                                                             builder.mul(b, c(16)))])
+                if two:
+                    q = [_vload(builder, col(g), 32) for g in range(2)]
+                else:  # one block: the other half zero (its sums are not stored)
+                    q = [shuf(_vload(builder, col(g), 16), ir.Constant(ir.VectorType(_i8, 16), [0] * 16), list(range(32)))
+                         for g in range(2)]
+                for h in range(2):
+                    t = shuf(q[0], q[1], unpack8[h])  # byte 2i / 2i + 1: the two channels' byte i
+                    nib = (builder.and_(t, _splat(32, 15)), builder.lshr(t, _splat(32, 4)))
+                    for n in range(2):
+                        s = sums[half][2 * h + n]
+                        builder.store(builder.add(builder.load(s), _pmaddubsw(builder, nib[n], coef)), s)
+        for k in range(4):
+            x, y = builder.load(sums[0][k]), builder.load(sums[1][k])
+            w = [_pmaddwd_ones(builder, shuf(x, y, unpack16[h])) for h in range(2)]  # [b: 4h..4h+3 | b + 1: same]
+            # 8 outputs of a block: k = 0: 0-7, 1: 16-23, 2: 8-15, 3: 24-31 of block b (then b + 1)
+            first = 8 * (k // 2) + 16 * (k % 2)
+            for blk in range(2 if two else 1):
+                o = builder.add(builder.mul(b, c(4)), c(4 * blk + first // 8))  # 8 outputs from acc[8 o]
+                total = builder.add(shuf(w[0], w[1], [4 * blk + i for i in range(4)] + [8 + 4 * blk + i for i in range(4)]), czv)
+                h8 = lambda base: builder.fpext(builder.load(builder.bitcast(builder.gep(base, [builder.mul(o, c(16))]),
+                                                                         v8h.as_pointer()), align=1), v8f)
+                ap = builder.gep(accp, [o])
+                y = builder.call(fma, [builder.fmul(builder.sitofp(total, v8f), av), h8(sb), builder.load(ap, align=4)])
+                m = builder.select(has_m, h8(mb), ir.Constant(v8f, [0.0] * 8))
+                builder.store(builder.fsub(y, builder.fmul(m, xsv)), ap, align=4)
+
+    with cgutils.for_range(builder, builder.udiv(nb, c(2))) as loop:
+        step(builder.mul(loop.index, c(2)), True)
+    with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, c(2)), c(0))):
+        step(builder.sub(nb, c(1)), False)
+    return context.get_dummy_value()
+
+
 _EXACT_DOC = """acc[32b + i] += a * s(b, i) * sum_g c_g * (nibble(g, b, i) - 8) - m(b, i) * x_sum over nb blocks of 32
 outputs: up to 32 kept channels of one channel block of an exact 4-bit column pack at once (teal.ColumnPack, kind
 EXACT_Q4), in nq quads: their units at byte offsets offs[4k + g] of u (Q4_0's nibble order, 16 bytes a block), their
 int8 coefficients four to an int32 in cw[k] (the same for every output block), cz = -8 x the coefficients' sum, a the
 coefficients' scale; s and m the source rows' fp16 scale and offset at byte soff of sc and moff of mn (moff < 0:
 none), x_sum the channels' values' sum. The integer sums of all the quads stay in registers, and each output's scale
-is applied once per channel block. pf: prefetch of later units, as axpy_q4_vnni's."""
+is applied once per channel block. pf (EXACT_PREFETCH,) int64: the next call's units, compact, -1 after the last: the
+generic form prefetches all of each as it reads its own, the VNNI form the first 8 as axpy_q4_vnni does."""
 
 
 @intrinsic
