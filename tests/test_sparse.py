@@ -135,10 +135,11 @@ def test_pack_units_page_padded(tmp_path):
 
 @pytest.mark.parametrize("cnt", [8, 5, 3, 1])
 @pytest.mark.parametrize("kind", ["q4", "i8"])
-def test_int8_coefficient_axpy_equals_its_rounding(cnt, kind):
+def test_int8_coefficient_axpy_equals_its_rounding(cnt, kind, monkeypatch):
     """axpy_q4_vnni (4-bit columns) and axpy_i8_vnni (int8 columns) with _coefs_i8 against numpy doing the same
     rounding (per block: the group's terms h_g * scale rounded to int8 with one scale max / 127); a group under
-    AXPY_GROUP is padded. Where the CPU has no AVX512-VNNI, their generic-IR twins (the same sums)."""
+    AXPY_GROUP is padded. Where the CPU has no AVX512-VNNI, their generic-IR twins (the same sums); on an AVX2 host the
+    generic form's x86 code (4-bit columns: channel pairs through pmaddubsw) equals its portable form bit for bit."""
     from numba import njit
 
     from sparserun.kernels import simd
@@ -163,15 +164,18 @@ def test_int8_coefficient_axpy_equals_its_rounding(cnt, kind):
     h = np.zeros(G, np.float32)
     h[:cnt] = rng.standard_normal(cnt).astype(np.float32) * 3
 
-    @njit
     def run(acc, u, offs, h, cnt, nb):
         co = S._coef_scratch(nb)
         S._coefs_i8(u, offs, h, cnt, nb, nb * qb, co)
         axpy(acc, u, offs, co[0], co[1], co[2], nb, np.full(G, -1, np.int64))
 
     acc = rng.standard_normal(nb * 32).astype(np.float32)
-    want = acc.copy()
-    run(acc, u, offs, h, cnt, nb)
+    want, start = acc.copy(), acc.copy()
+    njit(run)(acc, u, offs, h, cnt, nb)
+    if not K.HAS_VNNI and simd.axpy.X86_AVX2:
+        monkeypatch.setattr(simd.axpy, "X86_AVX2", False)  # read at code generation: the portable form
+        njit(run)(start, u, offs, h, cnt, nb)
+        np.testing.assert_array_equal(start, acc)
     c = h[:cnt, None] * sc[pick]  # (cnt, nb) terms
     step = np.abs(c).max(axis=0) / 127
     cq = np.rint(c / np.where(step > 0, step, 1)).astype(np.float32) * step  # the rounded terms

@@ -219,10 +219,95 @@ def _dp16(builder, generic, kind):
     return dp
 
 
+_UNPACK8 = [[16 * l + 8 * h + i + 32 * s for l in range(2) for i in range(8) for s in range(2)] for h in range(2)]
+_UNPACK16 = [[8 * l + 4 * h + i + 16 * s for l in range(2) for i in range(4) for s in range(2)] for h in range(2)]
+
+
+def _pair_sums(builder, sums, q, coef):
+    """sums[2 h + n] (<16 x i16>) += pmaddubsw of two 4-bit columns' 32 bytes q (two blocks of 16, Q4_0's nibble order)
+    interleaved by byte (vpunpck{l,h}bw: in-lane, so no cross-lane byte shuffle, which AVX2 lacks) with coef, the
+    pair's two int8 coefficients in each int16 lane (<32 x i8>). Lane j of sums[2 h + n]: block j // 8's output
+    8 h + 16 n + j % 8, summed over the pairs (each lane a sum of two products: 2 x 15 x 127)."""
+    shuf = lambda a, b, idx: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
+    for h in range(2):
+        t = shuf(q[0], q[1], _UNPACK8[h])  # byte 2i / 2i + 1: the two columns' byte i
+        nib = (builder.and_(t, _splat(32, 15)), builder.lshr(t, _splat(32, 4)))
+        for n in range(2):
+            builder.store(builder.add(builder.load(sums[2 * h + n]), _pmaddubsw(builder, nib[n], coef)), sums[2 * h + n])
+
+
+def _pair_outputs(builder, x, y, k, blk):
+    """The int32 sums of 8 outputs of block blk (0 or 1) from _pair_sums' sums[k] of two groups of pairs x and y:
+    interleaved by int16 lane (in-lane again) and added by pmaddwd, then the lanes' in-lane order undone; outputs
+    8 (k // 2) + 16 (k % 2) .. + 7."""
+    shuf = lambda a, b, idx: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
+    w = [_pmaddwd_ones(builder, shuf(x, y, _UNPACK16[h])) for h in range(2)]  # [b: 4h..4h+3 | b + 1: same]
+    return shuf(w[0], w[1], [4 * blk + i for i in range(4)] + [8 + 4 * blk + i for i in range(4)])
+
+
+def _axpy_q4_avx2(context, builder, signature, args):
+    """axpy_q4_generic on AVX2: its 8 columns as 4 pairs through _pair_sums (no 4-column transpose), pairs 0-1 and
+    2-3 summed in int16 (4 x 2 x 15 x 127 < 2^15), the two halves met in int32 by _pair_outputs; two output blocks a
+    step. The same int32 sums as the portable form."""
+    acc_a, u_a, o_a, cw_a, cz_a, cs_a, nb_v, pf_a = args
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    c = lambda v: ir.Constant(i64, v)
+    v8f, v16w, v32b = ir.VectorType(f32, 8), ir.VectorType(ir.IntType(16), 16), ir.VectorType(_i8, 32)
+    arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+    A, U, O, CW, CZ, CS, PF = [arr(k, v) for k, v in enumerate(args[:6])] + [arr(7, pf_a)]
+    accp = builder.bitcast(A.data, v8f.as_pointer())
+    ub = builder.bitcast(U.data, _i8.as_pointer())
+    nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
+    cols = [builder.gep(ub, [builder.load(builder.gep(O.data, [c(g)]))]) for g in range(AXPY_Q4_COLUMNS)]
+    sums = [[cgutils.alloca_once(builder, v16w) for _ in range(4)] for _ in range(2)]
+    zero16 = ir.Constant(v16w, [0] * 16)
+
+    def step(b, two):
+        for k in range(4 if two else 2):  # two lines of the later units a block, as axpy_q4_vnni
+            v = builder.add(builder.mul(b, c(2)), c(k))
+            at = builder.load(builder.gep(PF.data, [builder.urem(v, c(AXPY_Q4_COLUMNS))]))
+            with builder.if_then(builder.icmp_signed(">=", at, c(0))):
+                _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.udiv(v, c(AXPY_Q4_COLUMNS)), c(64)))]))
+        blocks = [b, builder.add(b, c(1))] if two else [b, b]
+        for half in range(2):
+            for k in range(4):
+                builder.store(zero16, sums[half][k])
+            for p in (2 * half, 2 * half + 1):
+                pair = [builder.trunc(builder.lshr(builder.load(builder.gep(CW.data, [builder.add(builder.mul(nb, c(p // 2)), x)])),
+                                                   ir.Constant(_i32, 16 * (p % 2))), ir.IntType(16)) for x in blocks]
+                coef = builder.bitcast(builder.shuffle_vector(_splat_f(builder, pair[0], 16), _splat_f(builder, pair[1], 16),
+                                                              ir.Constant(ir.VectorType(_i32, 16), [0] * 8 + [16] * 8)), v32b)
+                at = [builder.gep(cols[2 * p + g], [builder.mul(b, c(16))]) for g in range(2)]
+                if two:
+                    q = [_vload(builder, x, 32) for x in at]
+                else:  # one block: the other half zero (its sums are not stored)
+                    q = [builder.shuffle_vector(_vload(builder, x, 16), ir.Constant(ir.VectorType(_i8, 16), [0] * 16),
+                                                ir.Constant(ir.VectorType(_i32, 32), list(range(32)))) for x in at]
+                _pair_sums(builder, sums[half], q, coef)
+        for k in range(4):
+            x, y = builder.load(sums[0][k]), builder.load(sums[1][k])
+            for blk in range(2 if two else 1):
+                o = builder.add(builder.mul(blocks[blk], c(4)), c(k // 2 + 2 * (k % 2)))  # 8 outputs from acc[8 o]
+                total = builder.add(_pair_outputs(builder, x, y, k, blk),
+                                    _splat_f(builder, builder.load(builder.gep(CZ.data, [blocks[blk]])), 8))
+                scale = _splat_f(builder, builder.load(builder.gep(CS.data, [blocks[blk]])), 8)
+                ap = builder.gep(accp, [o])
+                builder.store(builder.call(fma, [builder.sitofp(total, v8f), scale, builder.load(ap, align=4)]), ap, align=4)
+
+    with cgutils.for_range(builder, builder.udiv(nb, c(2))) as loop:
+        step(builder.mul(loop.index, c(2)), True)
+    with builder.if_then(builder.icmp_unsigned("!=", builder.urem(nb, c(2)), c(0))):
+        step(builder.sub(nb, c(1)), False)
+    return context.get_dummy_value()
+
+
 def _axpy_vnni(int8, generic=False):
     """The codegen of axpy_q4_vnni (int8: axpy_i8_vnni's, int8 down columns; generic: vpdpbusd's arithmetic in
-    generic vector IR, the same sums on every CPU)."""
+    generic vector IR, the same sums on every CPU; on AVX2 hosts the 4-bit columns' pair form, _axpy_q4_avx2)."""
     G, Q = AXPY_Q4_COLUMNS, AXPY_Q4_COLUMNS // 4
+    if generic and not int8 and X86_AVX2:
+        return _axpy_q4_avx2
     qb = 32 if int8 else 16  # quant bytes per block and column
 
     def codegen(context, builder, signature, args):
@@ -382,12 +467,10 @@ def _axpy_exact(generic):
 
 
 def _axpy_exact_avx2(context, builder, signature, args):
-    """axpy_q4_exact on AVX2 without a transpose: two channels' bytes interleaved (vpunpck{l,h}bw, in-lane: no
-    cross-lane byte shuffle, which AVX2 lacks and the 4-channel transpose spent ~20 instructions on), so one
-    pmaddubsw with the pair's two coefficients gives each output's two products summed in an int16 lane; the pairs
-    of 16 channels add in int16 (16 x 15 x 127 < 2^15), and two such halves meet in int32 through one more in-lane
-    interleave and pmaddwd. Two output blocks (32 bytes of each column) a step; the lanes' in-lane order is undone
-    once per step, where the outputs' scales are applied. The same int32 sums as the portable form."""
+    """axpy_q4_exact on AVX2 without a transpose: channel pairs through _pair_sums (the 4-channel transpose spent ~20
+    instructions on cross-lane byte shuffles, which AVX2 lacks), the pairs of 16 channels added in int16 (16 x 15 x
+    127 < 2^15), the two halves met in int32 by _pair_outputs where the outputs' scales are applied; two output blocks
+    (32 bytes of each column) a step. The same int32 sums as the portable form."""
     acc_a, u_a, o_a, nq_v, cw_a, cz_v, a_v, sc_a, soff, mn_a, moff, xs, nb_v, pf_a = args
     i64, f32, f16 = ir.IntType(64), ir.FloatType(), ir.HalfType()
     c = lambda v: ir.Constant(i64, v)
@@ -404,8 +487,6 @@ def _axpy_exact_avx2(context, builder, signature, args):
     pairs = builder.mul(builder.sext(nq_v, i64) if nq_v.type.width < 64 else nq_v, c(2))
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
     shuf = lambda a, b, idx: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
-    unpack8 = [[16 * l + 8 * h + i + 32 * s for l in range(2) for i in range(8) for s in range(2)] for h in range(2)]
-    unpack16 = [[8 * l + 4 * h + i + 16 * s for l in range(2) for i in range(4) for s in range(2)] for h in range(2)]
     av, xsv, czv = _splat_f(builder, a_v, 8), _splat_f(builder, xs, 8), _splat_f(builder, cz_v, 8)
     zero16 = ir.Constant(v16w, [0] * 16)
     n_pf = cgutils.alloca_once_value(builder, c(0))  # pf's units: its entries up to the first negative one
@@ -442,26 +523,18 @@ def _axpy_exact_avx2(context, builder, signature, args):
                 else:  # one block: the other half zero (its sums are not stored)
                     q = [shuf(_vload(builder, col(g), 16), ir.Constant(ir.VectorType(_i8, 16), [0] * 16), list(range(32)))
                          for g in range(2)]
-                for h in range(2):
-                    t = shuf(q[0], q[1], unpack8[h])  # byte 2i / 2i + 1: the two channels' byte i
-                    nib = (builder.and_(t, _splat(32, 15)), builder.lshr(t, _splat(32, 4)))
-                    for n in range(2):
-                        s = sums[half][2 * h + n]
-                        builder.store(builder.add(builder.load(s), _pmaddubsw(builder, nib[n], coef)), s)
+                _pair_sums(builder, sums[half], q, coef)
         for k in range(4):
             x, y = builder.load(sums[0][k]), builder.load(sums[1][k])
-            w = [_pmaddwd_ones(builder, shuf(x, y, unpack16[h])) for h in range(2)]  # [b: 4h..4h+3 | b + 1: same]
-            # 8 outputs of a block: k = 0: 0-7, 1: 16-23, 2: 8-15, 3: 24-31 of block b (then b + 1)
-            first = 8 * (k // 2) + 16 * (k % 2)
             for blk in range(2 if two else 1):
-                o = builder.add(builder.mul(b, c(4)), c(4 * blk + first // 8))  # 8 outputs from acc[8 o]
-                total = builder.add(shuf(w[0], w[1], [4 * blk + i for i in range(4)] + [8 + 4 * blk + i for i in range(4)]), czv)
+                o = builder.add(builder.mul(b, c(4)), c(4 * blk + k // 2 + 2 * (k % 2)))  # 8 outputs from acc[8 o]
+                total = builder.add(_pair_outputs(builder, x, y, k, blk), czv)
                 h8 = lambda base: builder.fpext(builder.load(builder.bitcast(builder.gep(base, [builder.mul(o, c(16))]),
                                                                          v8h.as_pointer()), align=1), v8f)
                 ap = builder.gep(accp, [o])
-                y = builder.call(fma, [builder.fmul(builder.sitofp(total, v8f), av), h8(sb), builder.load(ap, align=4)])
+                r = builder.call(fma, [builder.fmul(builder.sitofp(total, v8f), av), h8(sb), builder.load(ap, align=4)])
                 m = builder.select(has_m, h8(mb), ir.Constant(v8f, [0.0] * 8))
-                builder.store(builder.fsub(y, builder.fmul(m, xsv)), ap, align=4)
+                builder.store(builder.fsub(r, builder.fmul(m, xsv)), ap, align=4)
 
     with cgutils.for_range(builder, builder.udiv(nb, c(2))) as loop:
         step(builder.mul(loop.index, c(2)), True)
