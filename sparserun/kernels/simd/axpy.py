@@ -302,12 +302,62 @@ def _axpy_q4_avx2(context, builder, signature, args):
     return context.get_dummy_value()
 
 
+def _axpy_i8_avx2(context, builder, signature, args):
+    """axpy_i8_generic on AVX2: its 8 int8 columns as 4 pairs, each pair's 32 bytes of a block interleaved by byte
+    (in-lane) and multiplied by pmaddubsw(|c|, w with c's signs) (the weights within +-127: a lane's two products fit
+    int16, two lanes' would not), each two pairs' int16 sums met in int32 by an in-lane interleave and pmaddwd; one
+    block a step. The same int32 sums as the portable form."""
+    acc_a, u_a, o_a, cw_a, cz_a, cs_a, nb_v, pf_a = args
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    c = lambda v: ir.Constant(i64, v)
+    v8f, v32b = ir.VectorType(f32, 8), ir.VectorType(_i8, 32)
+    arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+    A, U, O, CW, CS, PF = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(3, cw_a), arr(5, cs_a), arr(7, pf_a)
+    accp = builder.bitcast(A.data, v8f.as_pointer())
+    ub = builder.bitcast(U.data, _i8.as_pointer())
+    nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
+    sign = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32b, [v32b, v32b]), "llvm.x86.avx2.psign.b")
+    absb = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32b, [v32b, ir.IntType(1)]), "llvm.abs.v32i8")
+    shuf = lambda a, b, idx: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
+    cols = [builder.gep(ub, [builder.load(builder.gep(O.data, [c(g)]))]) for g in range(AXPY_Q4_COLUMNS)]
+    with cgutils.for_range(builder, nb) as blk:
+        b = blk.index
+        for k in range(2):  # two lines of the later units a block, as axpy_i8_vnni
+            v = builder.add(builder.mul(b, c(2)), c(k))
+            at = builder.load(builder.gep(PF.data, [builder.urem(v, c(AXPY_Q4_COLUMNS))]))
+            with builder.if_then(builder.icmp_signed(">=", at, c(0))):
+                _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.udiv(v, c(AXPY_Q4_COLUMNS)), c(64)))]))
+        pairs = []  # per pair, per h: int16 lane j = output 8 h + j (j < 8), 16 + 8 h + j - 8 (j >= 8)
+        for p in range(AXPY_Q4_COLUMNS // 2):
+            word = builder.load(builder.gep(CW.data, [builder.add(builder.mul(nb, c(p // 2)), b)]))
+            pair = builder.trunc(builder.lshr(word, ir.Constant(_i32, 16 * (p % 2))), ir.IntType(16))
+            coef = builder.bitcast(_splat_f(builder, pair, 16), v32b)
+            mag = builder.call(absb, [coef, ir.Constant(ir.IntType(1), 0)])
+            q = [_vload(builder, builder.gep(cols[2 * p + g], [builder.mul(b, c(32))]), 32) for g in range(2)]
+            pairs.append([_pmaddubsw(builder, mag, builder.call(sign, [shuf(q[0], q[1], _UNPACK8[h]), coef]))
+                          for h in range(2)])
+        scale = _splat_f(builder, builder.load(builder.gep(CS.data, [b])), 8)
+        for h in range(2):
+            # int32 lane m of part[h2]: output 8 h + 4 h2 + m (m < 4), 16 + 8 h + 4 h2 + m - 4 (m >= 4)
+            part = [None, None]
+            for h2 in range(2):
+                for p in (0, 2):
+                    d = _pmaddwd_ones(builder, shuf(pairs[p][h], pairs[p + 1][h], _UNPACK16[h2]))
+                    part[h2] = d if part[h2] is None else builder.add(part[h2], d)
+            for hi in range(2):  # outputs 8 h + 16 hi .. + 7
+                total = shuf(part[0], part[1], [4 * hi + i for i in range(4)] + [8 + 4 * hi + i for i in range(4)])
+                ap = builder.gep(accp, [builder.add(builder.mul(b, c(4)), c(h + 2 * hi))])
+                builder.store(builder.call(fma, [builder.sitofp(total, v8f), scale, builder.load(ap, align=4)]), ap, align=4)
+    return context.get_dummy_value()
+
+
 def _axpy_vnni(int8, generic=False):
     """The codegen of axpy_q4_vnni (int8: axpy_i8_vnni's, int8 down columns; generic: vpdpbusd's arithmetic in
-    generic vector IR, the same sums on every CPU; on AVX2 hosts the 4-bit columns' pair form, _axpy_q4_avx2)."""
+    generic vector IR, the same sums on every CPU; on AVX2 hosts the pair forms, _axpy_q4_avx2 / _axpy_i8_avx2)."""
     G, Q = AXPY_Q4_COLUMNS, AXPY_Q4_COLUMNS // 4
-    if generic and not int8 and X86_AVX2:
-        return _axpy_q4_avx2
+    if generic and X86_AVX2:
+        return _axpy_i8_avx2 if int8 else _axpy_q4_avx2
     qb = 32 if int8 else 16  # quant bytes per block and column
 
     def codegen(context, builder, signature, args):
