@@ -81,7 +81,7 @@ def test_neuron_pack_kernel_matches_numpy(tmp_path, down_qtype):
     def check(h):
         want = h @ dcols[idx]
         tol = 1e-4 * (1 + np.abs(want))
-        if down_qtype == 2 or down_qtype == 8 and K.HAS_VNNI:  # 4-bit columns: the integer axpy on every CPU
+        if down_qtype in (2, 8):  # quantized columns: the integer axpy on every CPU
             # axpy_q4_vnni / axpy_i8_vnni (or the generic twin) round each term's coefficient h_j * scale to int8 with at most the block's
             # largest |h * scale| / 127 as step: at most half a step times |nibble - 8| (|int8|) per term
             a = np.abs(s[idx])  # (kept, blocks) block scales
@@ -238,7 +238,7 @@ def test_keep_everything_equals_dense_quantized(make_model, qtype):
     np.testing.assert_allclose(decode_logits(sparserun.load(path, sparsity="topk:1.0"), ids), dense, atol=1e-4)
 
 
-@pytest.mark.parametrize("qtype,max_tol,mean_tol", [("Q4_0", 0.35, 0.06), ("Q8_0", 0.12, 0.02)])
+@pytest.mark.parametrize("qtype,max_tol,mean_tol", [("Q4_0", 0.35, 0.06), ("Q8_0", 0.15, 0.02)])
 def test_neuron_pack_error(make_model, qtype, max_tol, mean_tol):
     """What the gathered decode kernels change, isolated: the same top-k selection decoded through them
     against the prompt path, which applies it to the original weights. Two roundings differ: the
@@ -247,7 +247,8 @@ def test_neuron_pack_error(make_model, qtype, max_tol, mean_tol):
     to int8 blocks. Measured on this random model, relative to the logits' std: Q4_0 max 0.27 / mean
     0.043, Q8_0 max 0.088 / mean 0.012 (llama.cpp differs from the dense path by max 0.2 / mean 0.024). A float32
     KV cache keeps its rounding out of the comparison (with f16 the chaotic maximum moves: Q8_0 max 0.122 / mean
-    0.013, Q4_0 0.263 / 0.043)."""
+    0.013, Q4_0 0.263 / 0.043). The int8 columns' axpy rounds its coefficients to int8 per block on every CPU (as
+    the 4-bit one does): Q8_0 max 0.127 / mean 0.0135 on the AVX2 route."""
     path = make_model(qtype)
     m = sparserun.load(path, sparsity="topk:0.3", kv_type="f32")
     ids = m.tokenize("The quick brown fox jumps over the lazy dog and runs away")
@@ -290,10 +291,9 @@ def test_fused_threshold_kernel_equals_the_unfused_path(make_model, qtype):
         sp.last_kept[li] = 1.0  # above DENSE_ABOVE: the next token takes the unfused path
         unfused = sp(li, Acts(ffn_inputs[li]))[0]
         assert sp.last_kept[li] == n_fused and 0.02 < n_fused <= DENSE_ABOVE, n_fused  # the same few neurons
-        # 4-bit down columns, and int8 ones on a VNNI CPU: each path rounds its groups' coefficients to int8 (exactly
-        # checked in test_int8_coefficient_axpy_equals_its_rounding), and the two paths group the kept neurons
-        # differently
-        rel = 1e-2 if qtype in ("Q4_0", "Q4_K_M") or qtype == "Q8_0" and K.HAS_VNNI else 1e-5
+        # 4-bit and int8 down columns: each path rounds its groups' coefficients to int8 (exactly checked in
+        # test_int8_coefficient_axpy_equals_its_rounding), and the two paths group the kept neurons differently
+        rel = 1e-2 if qtype in ("Q4_0", "Q4_K_M", "Q8_0") else 1e-5
         np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=rel * np.abs(unfused).max())
 
 
