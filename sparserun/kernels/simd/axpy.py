@@ -265,10 +265,7 @@ def _axpy_q4_avx2(context, builder, signature, args):
 
     def step(b, two):
         for k in range(4 if two else 2):  # two lines of the later units a block, as axpy_q4_vnni
-            v = builder.add(builder.mul(b, c(2)), c(k))
-            at = builder.load(builder.gep(PF.data, [builder.urem(v, c(AXPY_Q4_COLUMNS))]))
-            with builder.if_then(builder.icmp_signed(">=", at, c(0))):
-                _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.udiv(v, c(AXPY_Q4_COLUMNS)), c(64)))]))
+            _unit_line_ahead(builder, ub, PF, builder.add(builder.mul(b, c(2)), c(k)))
         blocks = [b, builder.add(b, c(1))] if two else [b, b]
         for half in range(2):
             for k in range(4):
@@ -324,10 +321,7 @@ def _axpy_i8_avx2(context, builder, signature, args):
     with cgutils.for_range(builder, nb) as blk:
         b = blk.index
         for k in range(2):  # two lines of the later units a block, as axpy_i8_vnni
-            v = builder.add(builder.mul(b, c(2)), c(k))
-            at = builder.load(builder.gep(PF.data, [builder.urem(v, c(AXPY_Q4_COLUMNS))]))
-            with builder.if_then(builder.icmp_signed(">=", at, c(0))):
-                _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.udiv(v, c(AXPY_Q4_COLUMNS)), c(64)))]))
+            _unit_line_ahead(builder, ub, PF, builder.add(builder.mul(b, c(2)), c(k)))
         pairs = []  # per pair, per h: int16 lane j = output 8 h + j (j < 8), 16 + 8 h + j - 8 (j >= 8)
         for p in range(AXPY_Q4_COLUMNS // 2):
             word = builder.load(builder.gep(CW.data, [builder.add(builder.mul(nb, c(p // 2)), b)]))
@@ -455,27 +449,44 @@ def axpy_i8_generic(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
     return types.void(acc, u, offs, cw, cz, cs, nb, pf), _axpy_vnni(True, generic=True)
 
 
+def _unit_line_ahead(builder, ub, PF, v):
+    """Prefetch line v // 8 of the unit at byte PF[v % 8] of ub (none where that is negative): the axpys' prefetch of
+    later units, two lines a block of 32 outputs, at the pace of the compute (see axpy_q4_vnni)."""
+    i64 = ir.IntType(64)
+    at = builder.load(builder.gep(PF.data, [builder.urem(v, ir.Constant(i64, AXPY_Q4_COLUMNS))]))
+    with builder.if_then(builder.icmp_signed(">=", at, ir.Constant(i64, 0))):
+        line = builder.mul(builder.udiv(v, ir.Constant(i64, AXPY_Q4_COLUMNS)), ir.Constant(i64, 64))
+        _prefetch_line(builder, builder.gep(ub, [builder.add(at, line)]))
+
+
+def _exact_frame(context, builder, signature, args):
+    """axpy_q4_exact's arguments as both forms read them: the arrays acc, u, offs, cw, pf; u's bytes; the scales' and
+    offsets' byte pointers (offsets: none where moff < 0, has_m); nb and nq as int64."""
+    _, _, _, nq_v, _, _, _, sc_a, soff, mn_a, moff, _, nb_v, _ = args
+    i64 = ir.IntType(64)
+    arr = lambda k: context.make_array(signature.args[k])(context, builder, args[k])
+    A, U, O, CW, PF = arr(0), arr(1), arr(2), arr(4), arr(13)
+    ub = builder.bitcast(U.data, _i8.as_pointer())
+    sb = builder.gep(builder.bitcast(arr(7).data, _i8.as_pointer()), [soff])
+    has_m = builder.icmp_signed(">=", moff, ir.Constant(i64, 0))
+    mb = builder.gep(builder.bitcast(arr(9).data, _i8.as_pointer()), [builder.select(has_m, moff, ir.Constant(i64, 0))])
+    wide = lambda v: builder.sext(v, i64) if v.type.width < 64 else v
+    return A, U, O, CW, PF, ub, sb, mb, has_m, wide(nb_v), wide(nq_v)
+
+
 def _axpy_exact(generic):
     """The codegen of axpy_q4_exact (generic: vpdpbusd's arithmetic in generic vector IR; on AVX2 hosts the pair
     form, _axpy_exact_avx2)."""
-    G = AXPY_Q4_COLUMNS
     if generic and X86_AVX2:
         return _axpy_exact_avx2
 
     def codegen(context, builder, signature, args):
-        acc_a, u_a, o_a, nq_v, cw_a, cz_v, a_v, sc_a, soff, mn_a, moff, xs, nb_v, pf_a = args
+        _, _, _, _, _, cz_v, a_v, _, _, _, _, xs, _, _ = args
+        A, U, O, CW, PF, ub, sb, mb, has_m, nb, nq = _exact_frame(context, builder, signature, args)
         i64, f32, f16 = ir.IntType(64), ir.FloatType(), ir.HalfType()
         c = lambda v: ir.Constant(i64, v)
         v16f, v16i, v16h = ir.VectorType(f32, 16), ir.VectorType(_i32, 16), ir.VectorType(f16, 16)
-        arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
-        A, U, O, CW, PF = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(4, cw_a), arr(13, pf_a)
         accp = builder.bitcast(A.data, v16f.as_pointer())
-        ub = builder.bitcast(U.data, _i8.as_pointer())
-        sb = builder.gep(builder.bitcast(arr(7, sc_a).data, _i8.as_pointer()), [soff])
-        has_m = builder.icmp_signed(">=", moff, c(0))
-        mb = builder.gep(builder.bitcast(arr(9, mn_a).data, _i8.as_pointer()), [builder.select(has_m, moff, c(0))])
-        nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
-        nq = builder.sext(nq_v, i64) if nq_v.type.width < 64 else nq_v
         dp = _dp16(builder, generic, "nibbles")
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16f, [v16f] * 3), "llvm.fma.v16f32")
         transpose = ir.Constant(ir.VectorType(_i32, 64), [16 * (j % 4) + j // 4 for j in range(64)])
@@ -486,10 +497,7 @@ def _axpy_exact(generic):
         with cgutils.for_range(builder, nb) as blk:
             b = blk.index
             for k in range(2):  # two lines of the later units a block, as axpy_q4_vnni
-                v = builder.add(builder.mul(b, c(2)), c(k))
-                at = builder.load(builder.gep(PF.data, [builder.urem(v, c(G))]))
-                with builder.if_then(builder.icmp_signed(">=", at, c(0))):
-                    _prefetch_line(builder, builder.gep(ub, [builder.add(at, builder.mul(builder.udiv(v, c(G)), c(64)))]))
+                _unit_line_ahead(builder, ub, PF, builder.add(builder.mul(b, c(2)), c(k)))
             for h in range(2):
                 builder.store(_splat_f(builder, cz_v, 16), lanes[h])
             with cgutils.for_range(builder, nq) as quad:
@@ -521,20 +529,14 @@ def _axpy_exact_avx2(context, builder, signature, args):
     instructions on cross-lane byte shuffles, which AVX2 lacks), the pairs of 16 channels added in int16 (16 x 15 x
     127 < 2^15), the two halves met in int32 by _pair_outputs where the outputs' scales are applied; two output blocks
     (32 bytes of each column) a step. The same int32 sums as the portable form."""
-    acc_a, u_a, o_a, nq_v, cw_a, cz_v, a_v, sc_a, soff, mn_a, moff, xs, nb_v, pf_a = args
+    _, _, _, _, _, cz_v, a_v, _, _, _, _, xs, _, _ = args
+    A, U, O, CW, PF, ub, sb, mb, has_m, nb, nq = _exact_frame(context, builder, signature, args)
     i64, f32, f16 = ir.IntType(64), ir.FloatType(), ir.HalfType()
     c = lambda v: ir.Constant(i64, v)
     v8f, v8h = ir.VectorType(f32, 8), ir.VectorType(f16, 8)
     v32b, v16w = ir.VectorType(_i8, 32), ir.VectorType(ir.IntType(16), 16)
-    arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
-    A, U, O, CW, PF = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(4, cw_a), arr(13, pf_a)
     accp = builder.bitcast(A.data, v8f.as_pointer())
-    ub = builder.bitcast(U.data, _i8.as_pointer())
-    sb = builder.gep(builder.bitcast(arr(7, sc_a).data, _i8.as_pointer()), [soff])
-    has_m = builder.icmp_signed(">=", moff, c(0))
-    mb = builder.gep(builder.bitcast(arr(9, mn_a).data, _i8.as_pointer()), [builder.select(has_m, moff, c(0))])
-    nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
-    pairs = builder.mul(builder.sext(nq_v, i64) if nq_v.type.width < 64 else nq_v, c(2))
+    pairs = builder.mul(nq, c(2))
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8f, [v8f] * 3), "llvm.fma.v8f32")
     shuf = lambda a, b, idx: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_i32, len(idx)), idx))
     av, xsv, czv = _splat_f(builder, a_v, 8), _splat_f(builder, xs, 8), _splat_f(builder, cz_v, 8)
