@@ -37,11 +37,14 @@ COLUMN_AHEAD = 2 * AXPY_GROUP
 def _kept(x, t, idx, coef):
     """A decode token's kept channels, those with |x[j]| > t: ids into idx, values into coef; returns their count."""
     n = 0
+    # branch-free: every entry written at n, kept by counting it. A branch on channels kept at random mispredicts
+    # about half the time: half of 5,632 channels of fresh inputs took 37.9 us that way, 4.2 us this way (2,048: 13.6
+    # against 2.7); a TinyLlama teal token makes 88 such lists.
     for j in range(x.shape[0]):
-        if abs(x[j]) > t:
-            idx[n] = j
-            coef[n] = x[j]
-            n += 1
+        v = x[j]
+        idx[n] = j
+        coef[n] = v
+        n += abs(v) > t
     return n
 
 
@@ -106,12 +109,11 @@ def _kept_lists(x, t, first, counts):
     coef = np.empty((T, n_in), np.float32)
     for r in prange(T):
         n = 0
-        for j in range(n_in):
+        for j in range(n_in):  # branch-free, as _kept
             v = x[r, j]
-            if r < first or abs(v) > t:
-                idx[r, n] = j
-                coef[r, n] = v
-                n += 1
+            idx[r, n] = j
+            coef[r, n] = v
+            n += r < first or abs(v) > t
         counts[r] = n
     return idx, coef
 

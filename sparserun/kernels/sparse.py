@@ -51,10 +51,9 @@ SELECT_PREFETCH_ROWS = 32  # how far ahead select_pack_ffn prefetches its dense 
 def select_threshold(a, t, idx):
     """Indices i with |a[i]| > t into idx; returns the count. (t = 0 keeps exactly the non-zeros.)"""
     n = 0
-    for i in range(a.shape[0]):
-        if abs(a[i]) > t:
-            idx[n] = i
-            n += 1
+    for i in range(a.shape[0]):  # branch-free, as kernels.columns._kept
+        idx[n] = i
+        n += abs(a[i]) > t
     return n
 
 
