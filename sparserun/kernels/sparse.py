@@ -10,7 +10,7 @@ from numba import njit, prange
 from .ops import activate, activate_row, up_part
 from .quant import (F32, INT8_TYPES, acts_forms_k, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0, Q5_1, Q5_K,
                     Q5_KR, Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
-from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32, axpy_units_i8, axpy_units_q4,
+from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32,
                    coefs_q4_vnni, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni,
                    dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0_generic, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
                    dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, prefetch, dot_row_q4_k_generic,

@@ -10,22 +10,6 @@ from .ir import (Q4_0R_GROUP, X86_AVX2, _dpbusd_generic, _half_splat, _i32, _i8,
     _prefetch_line, _ptr, _splat, _splat_f, _vload, _vnni_dot_setup, _vnni_or_trap)
 from .legacy import (_q4_0r_dots)
 
-def _i8x32_floats(builder, qp):
-    """32 int8 at qp as <32 x float>."""
-    return builder.sitofp(_vload(builder, qp, 32), ir.VectorType(ir.FloatType(), 32))
-
-
-def _q4x32_floats(builder, qp):
-    """32 4-bit values in 16 bytes at qp (value j in the low nibble of byte j, j+16 in its high
-    nibble, offset by 8, as Q4_0) as <32 x float>. The bytes are widened to int32 lanes first and split
-    there (no byte shuffles: 7% faster axpy than splitting the bytes, A/B in one process)."""
-    w = builder.zext(_vload(builder, qp, 16), ir.VectorType(_i32, 16))
-    lo = builder.sub(builder.and_(w, _splat(16, 15, _i32)), _splat(16, 8, _i32))
-    hi = builder.sub(builder.lshr(w, _splat(16, 4, _i32)), _splat(16, 8, _i32))
-    both = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_i32, 32), list(range(32))))
-    return builder.sitofp(both, ir.VectorType(ir.FloatType(), 32))
-
-
 def _f32x32(builder, qp):
     """32 float32 at qp."""
     return builder.load(builder.bitcast(qp, ir.VectorType(ir.FloatType(), 32).as_pointer()), align=1)
@@ -68,16 +52,10 @@ def _axpy_units_intrinsic(block_bytes, block_floats, scaled):
     return axpy_units
 
 
-_AXPY_DOC = """acc[:] += sum_{{g < cnt}} h[g] * column(offs[g]) over nb blocks of 32 values: a group of kept neurons'
-down columns, each {kind} at byte offset offs[g] of u{scales}, added to acc (32 nb,) float32. Each 32-value
-slice of acc is loaded and stored once per group rather than once per neuron."""
-_SCALES = " (nb blocks of quants, then nb fp16 scales)"
-axpy_units_q4 = _axpy_units_intrinsic(16, _q4x32_floats, True)
-axpy_units_q4.__doc__ = _AXPY_DOC.format(kind="4-bit (Q4_0 nibble order, offset 8)", scales=_SCALES)
-axpy_units_i8 = _axpy_units_intrinsic(32, _i8x32_floats, True)
-axpy_units_i8.__doc__ = _AXPY_DOC.format(kind="int8", scales=_SCALES)
 axpy_units_f32 = _axpy_units_intrinsic(128, _f32x32, False)
-axpy_units_f32.__doc__ = _AXPY_DOC.format(kind="float32", scales="")
+axpy_units_f32.__doc__ = """acc[:] += sum_{g < cnt} h[g] * column(offs[g]) over nb blocks of 32 values: a group of kept
+neurons' float32 down columns at byte offsets offs[g] of u, added to acc (32 nb,) float32. Each 32-value slice of acc
+is loaded and stored once per group rather than once per neuron. (Quantized columns take the integer axpys.)"""
 
 
 @intrinsic
@@ -412,7 +390,7 @@ def _axpy_vnni(int8, generic=False):
 
 @intrinsic
 def axpy_q4_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
-    """axpy_units_q4 for 8 neurons at once through vpdpbusd (x86 AVX512-VNNI only, see the module note):
+    """8 neurons' 4-bit down columns added at once through vpdpbusd (x86 AVX512-VNNI only, see the module note):
     acc[32b : 32b+32] += cs[b] * sum_g cq[g, b] * (nibbles of column g, block b), where the int8 cq[g, b] (h_g
     times the column's block scale, rounded with one scale cs[b] per block: see sparse._coefs_i8) are packed
     four to an int32, columns 4k..4k+3 in cw[k nb + b], and cz[b] = -8 * sum_g cq[g, b] takes Q4_0's nibble
@@ -433,7 +411,7 @@ def axpy_i8_vnni(typingctx, acc, u, offs, cw, cz, cs, nb, pf):
     """axpy_q4_vnni for int8 down columns (32 quant bytes a block, then the fp16 scales; the coefficients from
     coefs_q4_vnni as for 4-bit ones): each half block's 16 bytes of the 4 columns transposed into one register,
     the weights' sign bit flipped (w + 128, unsigned for vpdpbusd) and 128 x the coefficients' sum taken out in
-    the accumulator's start. Replaces the float axpy (axpy_units_i8) on VNNI CPUs: a Q6_K or Q8_0 model's packs."""
+    the accumulator's start. Replaced a float axpy on VNNI CPUs: a Q6_K or Q8_0 model's packs."""
     return types.void(acc, u, offs, cw, cz, cs, nb, pf), _vnni_or_trap(_axpy_vnni(True))
 
 
