@@ -13,11 +13,9 @@ from .memory import discard, huge_page_buffer
 from .qtypes import type_name
 
 # file type -> (the type of its in-memory copy, the repacking kernel): layouts whose dots need no horizontal
-# reduction per block (kernels/krepack.py, quant.repack_q4_0). Repacked Q4_0 runs on the VNNI route only (its
-# generic dot reads the file's layout); the K-quants' repacked dots run on both.
-REPACK = {K.Q4_K: (K.Q4_KR, repack_q4_k), K.Q5_K: (K.Q5_KR, repack_q5_k), K.Q6_K: (K.Q6_KR, repack_q6_k)}
-if K.HAS_VNNI:
-    REPACK[K.Q4_0] = (K.Q4_0R, K.repack_q4_0)
+# reduction per block (kernels/krepack.py, quant.repack_q4_0), on the VNNI route and the generic one alike.
+REPACK = {K.Q4_K: (K.Q4_KR, repack_q4_k), K.Q5_K: (K.Q5_KR, repack_q5_k), K.Q6_K: (K.Q6_KR, repack_q6_k),
+          K.Q4_0: (K.Q4_0R, K.repack_q4_0)}
 
 
 class Acts:

@@ -276,14 +276,12 @@ def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads, k
             np.testing.assert_allclose(out[t, h * hd:(h + 1) * hd], p @ v, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
-                    reason="the repacked Q4_0 layout is used only with the VNNI kernels")
 @pytest.mark.parametrize("cols", [256, 1056, 96])
 def test_repacked_q4_0_equals_the_gguf_layout(cols):
-    """Weight.repacked (8 blocks' scales, then their quants; 1056 and 96 columns end in a shorter group): the
-    same dequantized values, the same matmul up to float rounding (the same exact int32 block dots; a whole
-    group's 8 block dots meet their scales in one FMA, simd._q4_0r_group_sums), row subsets exactly the rows'
-    results, and the same neuron-pack up dots."""
+    """Weight.repacked (8 blocks' scales, then their quants; 1056 and 96 columns end in a shorter group), on this
+    CPU's route: the same dequantized values, the same matmul up to float rounding (the same exact int32 block dots;
+    a whole group's 8 block dots meet their scales in one FMA, simd._q4_0r_group_sums), batch tiles bit-identical to
+    one token at a time, row subsets exactly the rows' results, and the same neuron-pack up dots."""
     from sparserun.ffn_pack import down_kind
     from sparserun.kernels import quant as K
     from sparserun.kernels import sparse as S
@@ -294,10 +292,11 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
     r = w.repacked()
     assert r.type_name == "Q4_0R" and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
     np.testing.assert_array_equal(r.dequantize(), w.dequantize())
-    for T in (1, 3):
-        acts = Acts(rng.standard_normal((T, cols)).astype(np.float32))
-        ref = w.matmul(acts)
-        np.testing.assert_allclose(r.matmul(acts), ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+    for T in (1, 3, 2 * K.TOKENS + 1):  # one token, leftover tokens only, then tiles and a leftover
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        ref, got = w.matmul(Acts(x)), r.matmul(Acts(x))
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+        np.testing.assert_array_equal(got, np.concatenate([r.matmul(Acts(x[t:t + 1])) for t in range(T)]))
     ids = np.array([3, 0, 39, 17])
     acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
     np.testing.assert_array_equal(r.subset(ids).matmul(acts), r.matmul(acts)[:, ids])
@@ -308,8 +307,8 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
     for src in (w, r):
         units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, True, S.DOWN_F32, 32,
-                   idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x,
+        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
+                   32, idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x,
                    np.empty((2, 32), np.float32), out)
         outs.append(out)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
@@ -326,7 +325,7 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
         units = np.concatenate(rows + [down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
         S.pack_ffn(units.reshape(-1), units.shape[1], gate.row_bytes, gate.row_bytes + up.row_bytes, gate.qtype,
-                   up.qtype, True, S.DOWN_F32, 32, idx, 4, np.empty(0, np.float32), S.GATED_DOTS, 0, acts.x,
+                   up.qtype, K.HAS_VNNI, S.DOWN_F32, 32, idx, 4, np.empty(0, np.float32), S.GATED_DOTS, 0, acts.x,
                    np.empty((2, 32), np.float32), out)
         outs.append(out)
     gd, ud = g.matmul(acts)[0, idx], w.matmul(acts)[0, idx]
@@ -335,16 +334,24 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
     np.testing.assert_allclose(outs[1], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
-                    reason="dot_gate_up_q4_0r_vnni runs only with the VNNI kernels")
-def test_interleaved_gate_up_dots_equal_single_ones():
-    """dot_gate_up_q4_0r_vnni on rows interleaved by ffn_pack.interleave_rows: each of its two results is
-    bit-identical to the one-row dot of that row (rows of whole groups, with a tail group, and of a tail group
-    only), with or without its prefetch of another pair, and the interleaved bytes are the two rows' bytes."""
+@pytest.mark.parametrize("route", ["vnni", "generic"])
+def test_interleaved_gate_up_dots_equal_single_ones(route):
+    """dot_gate_up_q4_0r (both routes: the VNNI one where this CPU has it) on rows interleaved by
+    ffn_pack.interleave_rows: each of its two results is bit-identical to the one-row dot of that row (rows of whole
+    groups, with a tail group, and of a tail group only), with or without its prefetch of another pair, and the
+    interleaved bytes are the two rows' bytes. The generic route's one-row dots are the VNNI route's bit for bit."""
     from numba import njit
 
     from sparserun.ffn_pack import interleave_rows
-    from sparserun.kernels.simd import dot_gate_up_q4_0r_vnni, dot_row_q4_0r_vnni
+    from sparserun.kernels import quant as K
+    from sparserun.kernels import simd
+
+    if route == "vnni" and not K.HAS_VNNI:
+        pytest.skip("this CPU has no AVX512-VNNI")
+    if route == "vnni":
+        gate_up, row_dot = simd.dot_gate_up_q4_0r_vnni, simd.dot_row_q4_0r_vnni
+    else:
+        gate_up, row_dot = simd.dot_gate_up_q4_0r_generic, simd.dot_row_q4_0r_generic
 
     @njit
     def dots(pairs, raw, rows, rb, nb, xt, xd, xs):
@@ -352,8 +359,8 @@ def test_interleaved_gate_up_dots_equal_single_ones():
         for r in range(rows):
             # odd rows also prefetch the next pair's lines, as pack_ffn does: results must not change
             pf = ((r + 1) % rows) * 2 * rb if r % 2 else -1
-            out[r, 0], out[r, 1] = dot_gate_up_q4_0r_vnni(pairs, r * 2 * rb, nb, xt, 0, xd, xs, 0, pf, 3)
-            out[r, 2] = dot_row_q4_0r_vnni(raw, r * rb, nb, xt, 0, xd, xs, 0)
+            out[r, 0], out[r, 1] = gate_up(pairs, r * 2 * rb, nb, xt, 0, xd, xs, 0, pf, 3)
+            out[r, 2] = row_dot(raw, r * rb, nb, xt, 0, xd, xs, 0)
         return out
 
     rng = np.random.default_rng(11)
@@ -371,8 +378,6 @@ def test_interleaved_gate_up_dots_equal_single_ones():
         np.testing.assert_array_equal(out[:, 1], out[::-1, 2])
 
 
-@pytest.mark.skipif(not __import__("sparserun.kernels.quant", fromlist=["x"]).HAS_VNNI,
-                    reason="the repacked Q4_0 layout is used only with the VNNI kernels")
 def test_weights_in_memory_together_run_as_one_array():
     """in_memory_together puts q/k/v-like weights back to back in one buffer; Matmuls then hands the kernel one
     array (weights.joined) and every output equals that weight's own repacked matmul exactly. Slices that are
@@ -529,11 +534,12 @@ def test_activation_rounding_survives_a_fastmath_caller(tmp_path):
 
 def test_generic_kernels_build_for_aarch64(monkeypatch):
     """The route for CPUs without VNNI is generic LLVM vector IR, so it must build for ARM: the generic row dots
-    (K-quants, repacked K-quants, Q4_0, Q5_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS, the hot head's Q4_0 tile) are compiled here
+    (K-quants, repacked K-quants and Q4_0, the paired gate/up dot, Q4_0, Q5_0, Q4_1, Q8_0, IQ4_NL, IQ4_XS, the hot
+    head's Q4_0 tile) are compiled here
     into a function's LLVM IR, then llvmlite emits AArch64 object code from it (x86 target attributes stripped). The
-    repacked K-quants', Q4_0's, Q5_0's and the tile's dots take AVX2's pmaddubsw on x86 hosts: their portable form
+    repacked dots', Q4_0's, Q5_0's and the tile's dots take AVX2's pmaddubsw on x86 hosts: their portable form
     (what a non-x86 build emits) is the one checked, and their x86 form is checked to sum the same
-    (test_repacked_k_dots_in_portable_ir_equal_the_avx2_form, test_generic_q4_0_q5_0_matmuls). Checked: code
+    (test_repacked_dots_in_portable_ir_equal_the_avx2_form, test_generic_q4_0_q5_0_matmuls). Checked: code
     generation for aarch64. Not run: the code itself on ARM."""
     import re
 
@@ -541,9 +547,8 @@ def test_generic_kernels_build_for_aarch64(monkeypatch):
     from numba import njit
 
     from sparserun.kernels import simd
-    from sparserun.kernels.simd import krepacked
 
-    for module in (krepacked, simd.ir, simd.legacy):
+    for module in (simd.ir, simd.legacy):
         monkeypatch.setattr(module, "X86_AVX2", False)  # read at code generation: dots below is compiled here
 
     @njit(_nrt=False)  # no reference counting: its helpers are numba's runtime, x86 atomics once optimized here
@@ -551,7 +556,10 @@ def test_generic_kernels_build_for_aarch64(monkeypatch):
         a = simd.dot_row_q4_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_q6_k_generic(w, 0, 8, x8, 0, xd, xb, 0)
         a += simd.dot_row_q4_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q6_kr_generic(w, 0, 8, x8, 0, xd,
                                                                                                    xb[0], 0)
-        a += simd.dot_row_q5_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0)
+        a += simd.dot_row_q5_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q4_0r_generic(w, 0, 9, x8, 0, xd,
+                                                                                                   xb[0], 0)
+        g, u = simd.dot_gate_up_q4_0r_generic(w, 0, 8, x8[0], 0, xd, xb[0], 0, -1, 0)
+        a += g + u
         t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
         b = simd.dot_row_q3_k_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_xs_generic(w, 0, 8, x8, 0, xd, xb, 0)
         b += simd.dot_row_q4_1_generic(w, 0, 8, x8, 0, xd, xb, 0) + simd.dot_row_iq4_nl_generic(w, 0, 8, x8, 0, xd, xb, 0)
@@ -578,30 +586,32 @@ def test_generic_kernels_build_for_aarch64(monkeypatch):
     assert re.search(r"\tsmull2?\t", assembly) and re.search(r"\taddp\t", assembly)  # NEON widening multiplies, pairwise adds
 
 
-def test_repacked_k_dots_in_portable_ir_equal_the_avx2_form(monkeypatch):
-    """The repacked K-quants' generic dots in portable IR (a non-x86 build's) sum exactly what their x86 form
-    (pmaddubsw) sums: one row of each type against random activations, as the neuron packs call them."""
+def test_repacked_dots_in_portable_ir_equal_the_avx2_form(monkeypatch):
+    """The repacked K-quants' and Q4_0's generic dots in portable IR (a non-x86 build's) sum exactly what their x86
+    form (pmaddubsw) sums: one row of each type against random activations, as the neuron packs call them (Q4_0: 9
+    blocks, a whole group and a tail block)."""
     from numba import njit
 
     from sparserun.kernels import simd
-    from sparserun.kernels.simd import krepacked
     from sparserun.weights import Acts
 
-    def row_dots(w4, w5, w6, xt, xd, xs):
+    def row_dots(w4, w5, w6, w0, xt, xd, xs):
         return (simd.dot_row_q4_kr_generic(w4, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q5_kr_generic(w5, 0, 8, xt, 0, xd, xs, 0),
-                simd.dot_row_q6_kr_generic(w6, 0, 8, xt, 0, xd, xs, 0))
+                simd.dot_row_q6_kr_generic(w6, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q4_0r_generic(w0, 0, 9, xt, 0, xd, xs, 0))
 
     rng = np.random.default_rng(5)
     rows = [weight(q, 1, 256, rng).repacked().raw for q in (Q.Q4_K, Q.Q5_K, Q.Q6_K)]
-    _, xd, _, _, xt, xs = Acts(rng.standard_normal((1, 256)).astype(np.float32)).forms()
-    fh = njit(row_dots)
+    rows.append(weight(Q.Q4_0, 1, 288, rng).repacked().raw)
+    x = rng.standard_normal((1, 288)).astype(np.float32)
+    _, xd, _, _, xt, xs = Acts(x).forms()  # (the K-quant rows read the first 256 values)
+    fh, avx2 = njit(row_dots), simd.ir.X86_AVX2
     host = fh(*rows, xt, xd, xs)
-    monkeypatch.setattr(krepacked, "X86_AVX2", False)  # read at code generation
+    monkeypatch.setattr(simd.ir, "X86_AVX2", False)  # read at code generation (ir._dots)
     fp = njit(row_dots)
     portable = fp(*rows, xt, xd, xs)
     assert host == portable and all(np.isfinite(host)) and min(map(abs, host)) > 0
     assert "pmadd.ub.sw" not in fp.inspect_llvm(fp.signatures[0])
-    assert ("pmadd.ub.sw" in fh.inspect_llvm(fh.signatures[0])) == simd.ir.X86_AVX2
+    assert ("pmadd.ub.sw" in fh.inspect_llvm(fh.signatures[0])) == avx2
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)

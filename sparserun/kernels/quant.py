@@ -14,7 +14,7 @@ Two matmul routes:
 import numpy as np
 from numba import njit, prange
 
-from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, dot_row_q4_0_generic, dot_tokens_q4_0_generic, dot_row_q4_0_vnni, dot_row_q4_0r_vnni,
+from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, dot_row_q4_0_generic, dot_tokens_q4_0_generic, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q4_0r_generic, dot_tokens_q4_0r_generic,
                    dot_row_q4_k_vnni, dot_row_q5_0_generic, dot_tokens_q5_0_generic, dot_row_q5_0_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni,
                    dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
                    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
@@ -451,8 +451,8 @@ matmul_q8_0_vnni = _make_batch_matmul("matmul_q8_0_vnni", "dot_row_q8_0_vnni", "
 matmul_q5_0_vnni = _make_batch_matmul("matmul_q5_0_vnni", "dot_row_q5_0_vnni", "dot_tokens_q5_0_vnni")
 
 
-VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni,  # HAS_VNNI only (Q4_0R
-               Q5_0: matmul_q5_0_vnni}  # exists only then); the other types' route is X8_MATMUL's
+VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni,  # HAS_VNNI only; the
+               Q5_0: matmul_q5_0_vnni}  # other types' route is X8_MATMUL's, and INT8_MATMUL's below without VNNI
 # The types whose integer dots read the int8 forms (x8, xd, xb) on every CPU: through vpdpbusd on VNNI CPUs, through
 # its arithmetic in generic vector IR elsewhere (identical sums). One batch matmul per type and route,
 # matmul_<type>_vnni and matmul_<type>_generic (Q4_1 / Q5_1's min from the activations' block sums; the K-quants and
@@ -520,7 +520,8 @@ def _nibble(raw, q, i):
 matmul_q8_0 = _make_matmul("matmul_q8_0", "dot_row_q8_0")
 matmul_q4_0_generic = _make_batch_matmul("matmul_q4_0_generic", "dot_row_q4_0_generic", "dot_tokens_q4_0_generic")
 matmul_q5_0_generic = _make_batch_matmul("matmul_q5_0_generic", "dot_row_q5_0_generic", "dot_tokens_q5_0_generic")
-INT8_MATMUL = {Q4_0: matmul_q4_0_generic, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0_generic}
+matmul_q4_0r_generic = _make_batch_matmul("matmul_q4_0r_generic", "dot_row_q4_0r_generic", "dot_tokens_q4_0r_generic")
+INT8_MATMUL = {Q4_0: matmul_q4_0_generic, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0_generic, Q4_0R: matmul_q4_0r_generic}
 """out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W on CPUs without VNNI, activations as int8 blocks
 (quantize_acts), as llama.cpp's vec_dot_q5_0_q8_0 and its kin compute them: Q4_0 and Q5_0 through the VNNI dots'
 code in generic IR (x8 and xb), Q8_0 through its int16 dot (xq)."""

@@ -11,8 +11,8 @@ from .ops import activate, activate_row, up_part
 from .quant import (F32, INT8_TYPES, acts_forms_k, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0, Q5_1, Q5_K,
                     Q5_KR, Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32,
-                   coefs_q4_vnni, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni,
-                   dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0_generic, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
+                   coefs_q4_vnni, dot_gate_up_q4_0r_generic, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni,
+                   dot_row_q4_0r_generic, dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0_generic, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
                    dot_row_q6_k_vnni, dot_row_q8_0, dot_row_q8_0_vnni, prefetch, dot_row_q4_k_generic,
                    dot_row_q5_k_generic, dot_row_q6_k_generic, dot_row_q4_1_vnni, dot_row_q5_1_vnni,
                    dot_row_q4_1_generic, dot_row_q5_1_generic, dot_row_q2_k_vnni, dot_row_q3_k_vnni,
@@ -111,13 +111,22 @@ AXPY_ONLY, COEF_TIMES_DOT, ACT_OF_DOT, GATED_DOTS = 0, 1, 2, 3  # how a kept neu
 
 
 @njit(inline="always")
+def _gate_up_dots(u, base, nbi, xt, xd, xs, pf, pf_lines, vnni):
+    """(gate . x, up . x) of an interleaved repacked Q4_0 unit (dot_gate_up_q4_0r), on the CPU's route."""
+    if vnni:
+        return dot_gate_up_q4_0r_vnni(u, base, nbi, xt, 0, xd, xs, 0, pf, pf_lines)
+    return dot_gate_up_q4_0r_generic(u, base, nbi, xt, 0, xd, xs, 0, pf, pf_lines)
+
+
+@njit(inline="always")
 def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
     """The row at u[off:] (GGUF row format of qtype) dotted with the token's activations (x and its
     quant.quantize_acts forms)."""
     cols = x.shape[1]
-    if qtype == Q4_0R:  # exists only where VNNI does (weights.Weight.repacked)
-        return dot_row_q4_0r_vnni(u, off, cols // QK, xt, 0, xd, xs, 0)
-    if qtype == Q4_KR:  # the K-quants repacked at load (every CPU: weights.REPACK)
+    if qtype == Q4_0R:  # Q4_0 and the K-quants repacked at load (every CPU: weights.REPACK)
+        return dot_row_q4_0r_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
+            dot_row_q4_0r_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
+    if qtype == Q4_KR:
         return dot_row_q4_kr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
             dot_row_q4_kr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
     if qtype == Q5_KR:
@@ -285,7 +294,7 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
     # interleaving them in memory (one stream instead of two 1152 bytes apart): from DRAM 4.6% faster again at
     # f = 0.5 (12.19 -> 11.63 ms), 2% at 0.25, alike at 0.1 and 0.05, the same sums.
     # The dense matmul does not pair rows: two interleaved row streams per thread ran 1.2-1.5x slower from DRAM.
-    paired = vnni and gate_qtype == Q4_0R and up_qtype == Q4_0R
+    paired = gate_qtype == Q4_0R and up_qtype == Q4_0R
     lo = down_at if mode == AXPY_ONLY else 0 if mode == GATED_DOTS else up_at  # first byte this mode reads
     hi = down_at + down_bytes(down_kind, dim)  # the unit's end; the rest of its stride is page padding
     step = ((hi - lo + 191) // 192) * 64  # a third of the bytes read per unit, in whole cache lines
@@ -317,7 +326,7 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                     ahead[g] = idx[t] * unit_bytes if g < cnt and t < end else -1
                     if g < cnt:
                         base = idx[j + g] * unit_bytes
-                        dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, xt, 0, xd, xs, 0, ahead[g], head_per_group)
+                        dg, d = _gate_up_dots(u, base, nbi, xt, xd, xs, ahead[g], head_per_group, vnni)
                         h[g] = activate(dg, act_id) * up_part(d, act_id)
                         offs[g] = base + down_at
                     if ahead[g] >= 0:
@@ -337,7 +346,7 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                 if mode == AXPY_ONLY:
                     h[g] = coef[j + g]
                 elif mode == GATED_DOTS and paired:
-                    dg, d = dot_gate_up_q4_0r_vnni(u, base, nbi, xt, 0, xd, xs, 0, -1, 0)
+                    dg, d = _gate_up_dots(u, base, nbi, xt, xd, xs, -1, 0, vnni)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     h[g] = activate(dg, act_id) * up_part(d, act_id)
                 else:

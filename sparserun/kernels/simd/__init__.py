@@ -14,8 +14,8 @@ vector code directly. A new weight type's dots go in its family's module and are
 from .ir import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, half_bits, load_bf16, load_f16, load_f32, prefetch,
     round_f16)  # noqa: F401
 from .legacy import (TILE_ROWS, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni, dot_tile_q4_0_generic,
-    dot_tile_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q5_0_generic, dot_tokens_q4_0_generic, dot_tokens_q5_0_generic,
-    dot_row_q5_0_vnni, dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q5_0_vnni,
+    dot_tile_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q4_0r_generic, dot_row_q5_0_generic, dot_tokens_q4_0_generic, dot_tokens_q5_0_generic,
+    dot_row_q5_0_vnni, dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_0r_generic, dot_tokens_q5_0_vnni,
     dot_tokens_q8_0_vnni, dot_row_q4_1_vnni, dot_row_q5_1_vnni, dot_tokens_q4_1_vnni, dot_tokens_q5_1_vnni,
     dot_row_q4_1_generic, dot_row_q5_1_generic, dot_tokens_q4_1_generic, dot_tokens_q5_1_generic)  # noqa: F401
 from .kquants import (dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic, dot_tokens_q4_k_generic,
@@ -31,5 +31,5 @@ from .krepacked import (dot_row_q4_kr_vnni, dot_row_q4_kr_generic, dot_row_q5_kr
 from .iquants import (dot_row_iq4_nl_vnni, dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic,
     dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic)  # noqa: F401
 from .axpy import (AXPY_Q4_COLUMNS, EXACT_PREFETCH, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32, coefs_q4_vnni, axpy_q4_exact_vnni, axpy_q4_exact_generic,
-    dot_gate_up_q4_0r_vnni)  # noqa: F401
+    dot_gate_up_q4_0r_vnni, dot_gate_up_q4_0r_generic)  # noqa: F401
 from .attention import (ATTENTION_HEADS, KEY_BLOCK, key_block_dots, value_rows_sum)  # noqa: F401

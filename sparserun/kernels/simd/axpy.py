@@ -58,39 +58,47 @@ neurons' float32 down columns at byte offsets offs[g] of u, added to acc (32 nb,
 is loaded and stored once per group rather than once per neuron. (Quantized columns take the integer axpys.)"""
 
 
-@intrinsic
-def dot_gate_up_q4_0r_vnni(typingctx, w, off, nb, xt, xoff, xd, xs, xdoff, pf, pf_lines):
-    """(gate . x, up . x) for a neuron's gate and up rows, repacked Q4_0 (quant.repack_q4_0) and interleaved from
-    byte off of w: each whole group of Q4_0R_GROUP blocks of the gate (144 bytes), then the up row's same group;
-    then the gate's shorter last group, if any, and the up row's (ffn_pack.interleave_rows). One block loop
-    over one stream of bytes: each block's activations (xt[xoff:], block scales and offset terms from xdoff, as
-    dot_row_q4_0r_vnni reads them) are loaded once for both rows, and the rows' independent chains interleave. Each result is bit-identical to
-    dot_row_q4_0r_vnni of that row.
-    Where pf >= 0, whole group g also prefetches pf_lines cache lines of w from byte pf + 64 pf_lines g:
-    pack_ffn's prefetch of a later unit, issued at the pace of the compute (see sparse.PREFETCH_AHEAD)."""
-    sig = types.UniTuple(types.float32, 2)(w, off, nb, xt, xoff, xd, xs, xdoff, pf, pf_lines)
+def _gate_up_q4_0r(generic):
+    """dot_gate_up_q4_0r through vpdpbusd (x86 AVX512-VNNI only), or generic: its sums in generic IR."""
+    @intrinsic
+    def dot_gate_up_q4_0r(typingctx, w, off, nb, xt, xoff, xd, xs, xdoff, pf, pf_lines):
+        """(gate . x, up . x) for a neuron's gate and up rows, repacked Q4_0 (quant.repack_q4_0) and interleaved from
+        byte off of w: each whole group of Q4_0R_GROUP blocks of the gate (144 bytes), then the up row's same group;
+        then the gate's shorter last group, if any, and the up row's (ffn_pack.interleave_rows). One block loop
+        over one stream of bytes: each block's activations (xt[xoff:], block scales and offset terms from xdoff, as
+        dot_row_q4_0r_vnni reads them) are loaded once for both rows, and the rows' independent chains interleave. Each result is bit-identical to
+        dot_row_q4_0r_vnni of that row.
+        Where pf >= 0, whole group g also prefetches pf_lines cache lines of w from byte pf + 64 pf_lines g:
+        pack_ffn's prefetch of a later unit, issued at the pace of the compute (see sparse.PREFETCH_AHEAD)."""
+        sig = types.UniTuple(types.float32, 2)(w, off, nb, xt, xoff, xd, xs, xdoff, pf, pf_lines)
 
-    def codegen(context, builder, signature, args):
-        wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args[:8], per_block=1)
-        gb = 18 * Q4_0R_GROUP
-        i64 = ir.IntType(64)
-        c = lambda v: ir.Constant(i64, v)
-        w0 = _ptr(context, builder, signature.args[0], args[0], c(0))
-        pf, k = [builder.sext(v, i64) if v.type.width < 64 else v for v in args[8:10]]
+        def codegen(context, builder, signature, args):
+            wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args[:8], 1, generic)
+            gb = 18 * Q4_0R_GROUP
+            i64 = ir.IntType(64)
+            c = lambda v: ir.Constant(i64, v)
+            w0 = _ptr(context, builder, signature.args[0], args[0], c(0))
+            pf, k = [builder.sext(v, i64) if v.type.width < 64 else v for v in args[8:10]]
 
-        def each_group(g):
-            with builder.if_then(builder.icmp_signed(">=", pf, c(0))):
-                at = builder.gep(w0, [builder.add(pf, builder.mul(builder.mul(g, k), c(64)))])
-                with cgutils.for_range(builder, k) as line:
-                    _prefetch_line(builder, builder.gep(at, [builder.mul(line.index, c(64))]))
+            def each_group(g):
+                with builder.if_then(builder.icmp_signed(">=", pf, c(0))):
+                    at = builder.gep(w0, [builder.add(pf, builder.mul(builder.mul(g, k), c(64)))])
+                    with cgutils.for_range(builder, k) as line:
+                        _prefetch_line(builder, builder.gep(at, [builder.mul(line.index, c(64))]))
 
-        tail = lambda groups, m: [builder.gep(wp, [builder.mul(groups, c(2 * gb))]),
-                                  builder.gep(wp, [builder.add(builder.mul(groups, c(2 * gb)), builder.mul(m, c(18)))])]
-        dots = [d[0] for d in _q4_0r_dots(builder, [wp, builder.gep(wp, [c(gb)])], args[2], [xp], [xdp], [xbp], dp,
-                                          2 * gb, tail, each_group)]
-        return context.make_tuple(builder, signature.return_type, dots)
+            tail = lambda groups, m: [builder.gep(wp, [builder.mul(groups, c(2 * gb))]),
+                                      builder.gep(wp, [builder.add(builder.mul(groups, c(2 * gb)), builder.mul(m, c(18)))])]
+            dots = [d[0] for d in _q4_0r_dots(builder, [wp, builder.gep(wp, [c(gb)])], args[2], [xp], [xdp], [xbp], dp,
+                                              2 * gb, tail, each_group)]
+            return context.make_tuple(builder, signature.return_type, dots)
 
-    return sig, _vnni_or_trap(codegen)
+        return sig, codegen if generic else _vnni_or_trap(codegen)
+
+    return dot_gate_up_q4_0r
+
+
+# the VNNI form, and the generic one (legacy._q4_0r_group_sums' generic-IR sums: the same results)
+dot_gate_up_q4_0r_vnni, dot_gate_up_q4_0r_generic = _gate_up_q4_0r(False), _gate_up_q4_0r(True)
 
 
 EXACT_PREFETCH = 32  # the units axpy_q4_exact's pf names (the VNNI form reads the first AXPY_Q4_COLUMNS)

@@ -314,6 +314,46 @@ def _dpbusd_small(builder):
                       lambda b, acc, a, x: b.add(acc, _pmaddwd_ones(b, _pmaddubsw(b, a, x))))
 
 
+def _generic(dp):
+    return dp.name == "sparserun.dpbusd.generic"
+
+
+def _dots(builder, dp, terms, seed=None, qmax=15):
+    """seed (or 0) + the sum over terms (q, x: <8 x i32> of unsigned bytes <= qmax and of signed bytes) of
+    vpdpbusd(0, q, x): lane k the sum of its 4-byte group's products over all terms. Through vpdpbusd in two chains
+    (half the dependent latency). On the generic route (dp is ir._dpbusd_generic): on x86 with AVX2 as AVX2 CPUs do
+    it, pmaddubsw's int16 pair sums added over as many terms as cannot overflow int16 (|pair| <= 2 x 128 qmax),
+    then one pmaddwd by ones per such run (2 instructions per 32 bytes where widening took 6); elsewhere in
+    portable IR, products widened and summed in pairs into one <16 x i32> (vpmaddwd's pattern, smull / addp on
+    ARM), the pairs added once at the end. The same sums on every route."""
+    zero = ir.Constant(ir.VectorType(_i32, 8), [0] * 8)
+    if not _generic(dp):
+        ch = [seed if seed is not None else zero, zero]
+        for i, (q, x) in enumerate(terms):
+            ch[i % 2] = builder.call(dp, [ch[i % 2], q, x])
+        return builder.add(ch[0], ch[1])
+    out = seed
+    if X86_AVX2:
+        run = max(1, 32767 // (2 * 128 * qmax))
+        for at in range(0, len(terms), run):
+            acc = None
+            for q, x in terms[at:at + run]:
+                p = _pmaddubsw(builder, q, x)
+                acc = p if acc is None else builder.add(acc, p)
+            s = _pmaddwd_ones(builder, acc)
+            out = s if out is None else builder.add(out, s)
+        return out
+    v32i8, v32i16, v32i32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 32), ir.VectorType(_i32, 32)
+    acc = None
+    for q, x in terms:
+        a = builder.sext(builder.zext(builder.bitcast(q, v32i8), v32i16), v32i32)
+        b = builder.sext(builder.sext(builder.bitcast(x, v32i8), v32i16), v32i32)
+        pairs = _even_odd_add(builder, builder.mul(a, b))  # <16 x i32>
+        acc = pairs if acc is None else builder.add(acc, pairs)
+    s = _even_odd_add(builder, acc)
+    return s if out is None else builder.add(out, s)
+
+
 def _bias_ptr(context, builder, arrty, arr, blk, per_block):
     """The activations' offset terms from block blk on: xb (8 int32 a block, as <8 x i32>*) or xs (per_block = 1:
     one int32 a block, as i32*; the repacked Q4_0 dots, see quant.quantize_acts)."""

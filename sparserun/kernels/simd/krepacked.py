@@ -11,7 +11,7 @@ where the rounding is theirs. One token or TOKENS_K tokens through one frame, on
 from llvmlite import ir
 from numba.core import cgutils
 
-from .ir import TOKENS_K, X86_AVX2, _even_odd_add, _fma, _hsum8, _i32, _pmaddubsw, _pmaddwd_ones, _routes, _splat, _splat_f, _vload
+from .ir import TOKENS_K, _dots, _fma, _hsum8, _i32, _routes, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
@@ -25,46 +25,6 @@ def _c(v):
 def _half(builder, p, at):
     return builder.fpext(builder.load(builder.bitcast(builder.gep(p, [_c(at)]), ir.HalfType().as_pointer()), align=1),
                          ir.FloatType())
-
-
-def _generic(dp):
-    return dp.name == "sparserun.dpbusd.generic"
-
-
-def _dots(builder, dp, terms, seed=None, qmax=15):
-    """seed (or 0) + the sum over terms (q, x: <8 x i32> of unsigned bytes <= qmax and of signed bytes) of
-    vpdpbusd(0, q, x): lane k the sum of its 4-byte group's products over all terms. Through vpdpbusd in two chains
-    (half the dependent latency). On the generic route (dp is ir._dpbusd_generic): on x86 with AVX2 as AVX2 CPUs do
-    it, pmaddubsw's int16 pair sums added over as many terms as cannot overflow int16 (|pair| <= 2 x 128 qmax),
-    then one pmaddwd by ones per such run (2 instructions per 32 bytes where widening took 6); elsewhere in
-    portable IR, products widened and summed in pairs into one <16 x i32> (vpmaddwd's pattern, smull / addp on
-    ARM), the pairs added once at the end. The same sums on every route."""
-    zero = ir.Constant(_V8I, [0] * 8)
-    if not _generic(dp):
-        ch = [seed if seed is not None else zero, zero]
-        for i, (q, x) in enumerate(terms):
-            ch[i % 2] = builder.call(dp, [ch[i % 2], q, x])
-        return builder.add(ch[0], ch[1])
-    out = seed
-    if X86_AVX2:
-        run = max(1, 32767 // (2 * 128 * qmax))
-        for at in range(0, len(terms), run):
-            acc = None
-            for q, x in terms[at:at + run]:
-                p = _pmaddubsw(builder, q, x)
-                acc = p if acc is None else builder.add(acc, p)
-            s = _pmaddwd_ones(builder, acc)
-            out = s if out is None else builder.add(out, s)
-        return out
-    v32i8, v32i16, v32i32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 32), ir.VectorType(_i32, 32)
-    acc = None
-    for q, x in terms:
-        a = builder.sext(builder.zext(builder.bitcast(q, v32i8), v32i16), v32i32)
-        b = builder.sext(builder.sext(builder.bitcast(x, v32i8), v32i16), v32i32)
-        pairs = _even_odd_add(builder, builder.mul(a, b))  # <16 x i32>
-        acc = pairs if acc is None else builder.add(acc, pairs)
-    s = _even_odd_add(builder, acc)
-    return s if out is None else builder.add(out, s)
 
 
 def _chunks(builder, p, at):

@@ -10,7 +10,7 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from .ir import (Q4_0R_GROUP, X86_AVX2, _dpbusd_generic, _dpbusd_small, _pmaddubsw, _pmaddwd_ones, _vpdpbusd, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
+from .ir import (Q4_0R_GROUP, X86_AVX2, _dots, _dpbusd_generic, _generic, _dpbusd_small, _pmaddubsw, _pmaddwd_ones, _vpdpbusd, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
     _ptr, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_dot_setup, _vnni_or_trap)
 
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
@@ -114,15 +114,20 @@ def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
     products of every block to that block's own lane: 8 of them make the 8 block dots, with no horizontal
     reduction. The high nibbles are used in place (and 0xF0: 16 times their value, exact in int32) and their
     sums shifted back once; the offset terms xs (-8 times each block's activation sum) seed a chain.
-    From L1, 1.8x faster than lanes per block reduced by shuffles; bit-identical sums."""
+    From L1, 1.8x faster than lanes per block reduced by shuffles; bit-identical sums.
+    On the generic route (dp: ir._dpbusd_generic) the high nibbles are shifted down instead (pmaddubsw's int16 pair
+    sums would saturate on 16 times them) and the 8 products of a row summed as ir._dots sums them: the same int32
+    sums."""
     G = Q4_0R_GROUP
     v8i, i64 = ir.VectorType(_i32, 8), ir.IntType(64)
     zero, four = ir.Constant(v8i, [0] * 8), ir.Constant(v8i, [4] * 8)
-    nibs = []  # [row][chunk] (low, 16 x high) as <8 x i32>
+    generic = _generic(dp)
+    nibs = []  # [row][chunk] (low, 16 x high; generic: high) as <8 x i32>
     for gp in gps:
         chunks = [_vload(builder, builder.gep(gp, [ir.Constant(i64, 2 * G + 32 * j)]), 32) for j in range(4)]
         nibs.append([(builder.bitcast(builder.and_(v, _splat(32, 15)), v8i),
-                      builder.bitcast(builder.and_(v, _splat(32, -16)), v8i)) for v in chunks])
+                      builder.bitcast(builder.lshr(v, _splat(32, 4)) if generic else builder.and_(v, _splat(32, -16)),
+                                      v8i)) for v in chunks])
     sums = [[None] * len(xps) for _ in gps]
     for t, (xp, xsp) in enumerate(zip(xps, xsps)):
         xg = builder.gep(xp, [builder.mul(b0, ir.Constant(i64, 32))])
@@ -130,6 +135,10 @@ def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
               for i in range(8)]
         bias = builder.load(builder.bitcast(builder.gep(xsp, [b0]), v8i.as_pointer()), align=4)
         for r in range(len(gps)):
+            if generic:
+                sums[r][t] = _dots(builder, dp, [t_ for j, (nl, nh) in enumerate(nibs[r])
+                                                 for t_ in ((nl, xv[2 * j]), (nh, xv[2 * j + 1]))], bias)
+                continue
             lo, hi = [bias, zero], [zero, zero]  # two chains each: half the dependent vpdpbusd latency
             for j, (nl, nh) in enumerate(nibs[r]):
                 lo[j % 2] = builder.call(dp, [lo[j % 2], nl, xv[2 * j]])
@@ -190,29 +199,6 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP,
                 builder.store(_fma(builder, builder.sitofp(lanes, v8f), builder.fmul(ws, xds), builder.load(acc)), acc)
     return [[_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in row_accs]
             for row_accs in accs]
-
-
-def _row_dot_q4_0r_vnni(context, builder, sig, args):
-    wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, sig, args, per_block=1)
-    return _q4_0r_dots(builder, [wp], args[2], [xp], [xdp], [xbp], dp)[0][0]
-
-
-@intrinsic
-def dot_row_q4_0r_vnni(typingctx, w, woff, nb, xt, xoff, xd, xs, xdoff):
-    """dot_row_q4_0_vnni for a row in the repacked Q4_0 layout (quant.repack_q4_0: per group of 8 blocks, their 8
-    fp16 scales, then their quants with the group's blocks across the lanes; a shorter group at the row's end),
-    with the activations in the forms it reads (quant.quantize_acts: xt, xs; xd as for every int8 dot). The 8
-    scales convert in one vcvtph2ps and multiply the activations' 8 block scales in one vmulps, and meet the
-    group's 8 exact block dots (_q4_0r_group_sums) in one FMA. Against the GGUF-layout dot: the per-block scale
-    load, conversion and multiply gone (a TinyLlama-sized matvec 11% faster from DRAM), then no horizontal
-    reduction per block (1.8x faster from L1). The sum differs from the GGUF-layout dot's by float rounding only."""
-    sig = types.float32(w, woff, nb, xt, xoff, xd, xs, xdoff)
-
-    def codegen(context, builder, signature, args):
-        return _row_dot_q4_0r_vnni(context, builder, signature, args)
-
-    return sig, _vnni_or_trap(codegen)
-
 
 
 def _q4_0r_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
@@ -348,10 +334,21 @@ dot_row_q4_0_vnni, _, dot_row_q4_0_generic, dot_tokens_q4_0_generic = _routes(_q
 _, _, dot_row_q5_0_generic, dot_tokens_q5_0_generic = _routes(_q5_0_token_dots, "Q5_0", small=True)
 
 
-dot_tokens_q4_0r_vnni = _tokens_intrinsic(_q4_0r_token_dots, """dot_row_q4_0r_vnni of one row with TOKENS tokens'
+# Repacked Q4_0 on every route: vpdpbusd on VNNI CPUs, the same int32 sums in generic IR elsewhere
+# (_q4_0r_group_sums: pmaddubsw's int16 pair sums on AVX2)
+dot_row_q4_0r_vnni, dot_tokens_q4_0r_vnni, dot_row_q4_0r_generic, dot_tokens_q4_0r_generic = _routes(
+    _q4_0r_token_dots, "Q4_0R", per_block=1)
+dot_row_q4_0r_vnni.__doc__ = """dot_row_q4_0_vnni for a row in the repacked Q4_0 layout (quant.repack_q4_0: per group of 8 blocks, their 8
+    fp16 scales, then their quants with the group's blocks across the lanes; a shorter group at the row's end),
+    with the activations in the forms it reads (quant.quantize_acts: xt, xs; xd as for every int8 dot). The 8
+    scales convert in one vcvtph2ps and multiply the activations' 8 block scales in one vmulps, and meet the
+    group's 8 exact block dots (_q4_0r_group_sums) in one FMA. Against the GGUF-layout dot: the per-block scale
+    load, conversion and multiply gone (a TinyLlama-sized matvec 11% faster from DRAM), then no horizontal
+    reduction per block (1.8x faster from L1). The sum differs from the GGUF-layout dot's by float rounding only."""
+dot_tokens_q4_0r_vnni.__doc__ = """dot_row_q4_0r_vnni of one row with TOKENS tokens'
     activations (_tokens_intrinsic; xt, xd, xs as it reads them): the row's nibbles are split and its scales
     converted once for all of them (a prompt batch's matmul, quant.matmul_q4_0r_vnni); each result is
-    bit-identical to the one-token dot.""", per_block=1)
+    bit-identical to the one-token dot."""
 
 
 dot_tokens_q5_0_vnni = _tokens_intrinsic(_q5_0_token_dots, """dot_row_q5_0_vnni of one row with TOKENS tokens'
