@@ -190,12 +190,13 @@ def _hsum8_ggml(builder, v):
     return builder.fadd(builder.fadd(r[0], r[2]), builder.fadd(r[1], r[3]))
 
 
-def _prefetch_line(builder, p):
+def _prefetch_line(builder, p, locality=2):
     """llvm.prefetch of the cache line at byte pointer p into L2 (locality 2: more requests can be in flight
-    than for L1, measured faster for row gathers; locality 1 measured alike, 3 and 0 1.4x slower in pack_ffn)."""
+    than for L1, measured faster for row gathers; locality 1 measured alike, 3 and 0 1.4x slower in pack_ffn), or
+    into L1 (locality 3) for bytes a kernel reads a few steps later."""
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32]),
                                         "llvm.prefetch.p0i8")
-    builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 2), ir.Constant(_i32, 1)])
+    builder.call(fn, [p, ir.Constant(_i32, 0), ir.Constant(_i32, locality), ir.Constant(_i32, 1)])
 
 
 @intrinsic
