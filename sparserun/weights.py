@@ -81,8 +81,8 @@ class Weight:
         return Weight(RawTensor(name or f"{self.name}[subset]", self.qtype, len(ids), self.cols, raw, self.row_bytes))
 
     def repacked(self, into=None):
-        """This weight with its rows in the integer dots' layout (REPACK: Q4_0 where the VNNI kernels run, the
-        K-quants Q4_K, Q5_K and Q6_K on every CPU), as an in-memory copy (into: the uint8 slice to hold it, see in_memory_together): the
+        """This weight with its rows in the integer dots' layout (REPACK: Q4_0 and the
+        K-quants Q4_K, Q5_K and Q6_K, on every CPU), as an in-memory copy (into: the uint8 slice to hold it, see in_memory_together): the
         same bytes per row, so row offsets and row subsets work unchanged; dequantize() still gives the same values
         (the GPU placement uploads from it). The copy lies in huge pages (memory.Arena says why)."""
         qtype, repack = REPACK[self.qtype]
