@@ -7,8 +7,8 @@ starts at byte r * row_bytes. Shapes and offsets are validated in Python before 
 Two matmul routes:
 - Integer dots: activations are rounded to int8 per 32-block (Q8_K per 256 for the K-quants, as llama.cpp does)
   and each block dot is an integer SIMD intrinsic (kernels.simd): vpdpbusd on AVX512-VNNI CPUs, the same sums in
-  generic vector IR elsewhere, for every quantized type (the K-quants, and Q4_0 on the VNNI route, repacked at load into layouts made for the
-  dot: kernels.krepack, repack_q4_0).
+  generic vector IR elsewhere, for every quantized type (Q4_0 and the K-quants repacked at load into layouts made
+  for the dot: repack_q4_0, kernels.krepack).
 - F32, F16 and BF16 rows are converted in L1 and dotted as floats (matmul_f32 / matmul_dequant).
 """
 import numpy as np
@@ -524,9 +524,10 @@ matmul_q4_0_generic = _make_batch_matmul("matmul_q4_0_generic", "dot_row_q4_0_ge
 matmul_q5_0_generic = _make_batch_matmul("matmul_q5_0_generic", "dot_row_q5_0_generic", "dot_tokens_q5_0_generic")
 matmul_q4_0r_generic = _make_batch_matmul("matmul_q4_0r_generic", "dot_row_q4_0r_generic", "dot_tokens_q4_0r_generic")
 INT8_MATMUL = {Q4_0: matmul_q4_0_generic, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0_generic, Q4_0R: matmul_q4_0r_generic}
-"""out[t, r] = W[r] . x[t] for Q4_0 / Q8_0 / Q5_0 weights W on CPUs without VNNI, activations as int8 blocks
-(quantize_acts), as llama.cpp's vec_dot_q5_0_q8_0 and its kin compute them: Q4_0 and Q5_0 through the VNNI dots'
-code in generic IR (x8 and xb), Q8_0 through its int16 dot (xq)."""
+"""out[t, r] = W[r] . x[t] for Q4_0 (repacked: Q4_0R; or in the file's layout) / Q8_0 / Q5_0 weights W on CPUs
+without VNNI, activations as int8 blocks (quantize_acts), as llama.cpp's vec_dot_q5_0_q8_0 and its kin compute them:
+Q4_0R, Q4_0 and Q5_0 through the VNNI dots' code in generic IR (xt and xs; x8 and xb), Q8_0 through its int16 dot
+(xq)."""
 # weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
 Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS, Q4_KR, Q5_KR, Q6_KR)
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)
