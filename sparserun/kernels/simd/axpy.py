@@ -6,56 +6,42 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from .ir import (Q4_0R_GROUP, X86_AVX2, _dpbusd_generic, _half_splat, _i32, _i8, _pmaddubsw, _pmaddwd_ones,
+from .ir import (Q4_0R_GROUP, X86_AVX2, _dpbusd_generic, _i32, _i8, _pmaddubsw, _pmaddwd_ones,
     _prefetch_line, _ptr, _splat, _splat_f, _vload, _vnni_dot_setup, _vnni_or_trap)
 from .legacy import (_q4_0r_dots)
 
-def _f32x32(builder, qp):
-    """32 float32 at qp."""
-    return builder.load(builder.bitcast(qp, ir.VectorType(ir.FloatType(), 32).as_pointer()), align=1)
+@intrinsic
+def axpy_units_f32(typingctx, acc, u, offs, h, cnt, nb):
+    """acc[:] += sum_{g < cnt} h[g] * column(offs[g]) over nb blocks of 32 values: a group of kept neurons' float32
+    down columns at byte offsets offs[g] of u, added to acc (32 nb,) float32. Each 32-value slice of acc is loaded and
+    stored once per group rather than once per neuron. (Quantized columns take the integer axpys.)"""
+    sig = types.void(acc, u, offs, h, cnt, nb)
 
+    def codegen(context, builder, signature, args):
+        acc_a, u_a, o_a, h_a, cnt_v, nb_v = args
+        i64, f32 = ir.IntType(64), ir.FloatType()
+        v32f = ir.VectorType(f32, 32)
+        arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
+        A, U, O, H = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(3, h_a)
+        accp = builder.bitcast(A.data, v32f.as_pointer())
+        ub = builder.bitcast(U.data, _i8.as_pointer())
+        cnt = builder.sext(cnt_v, i64) if cnt_v.type.width < 64 else cnt_v
+        nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
+        with cgutils.for_range(builder, nb) as blk:
+            b = blk.index
+            ap = builder.gep(accp, [b])
+            total = cgutils.alloca_once_value(builder, builder.load(ap, align=4))
+            with cgutils.for_range(builder, cnt) as grp:
+                g = grp.index
+                base = builder.gep(ub, [builder.load(builder.gep(O.data, [g]))])
+                f = _splat_f(builder, builder.load(builder.gep(H.data, [g])), 32)
+                qp = builder.gep(base, [builder.mul(b, ir.Constant(i64, 128))])  # 32 float32 a block
+                qv = builder.load(builder.bitcast(qp, v32f.as_pointer()), align=1)
+                builder.store(builder.fadd(builder.load(total), builder.fmul(qv, f)), total)
+            builder.store(builder.load(total), ap, align=4)
+        return context.get_dummy_value()
 
-def _axpy_units_intrinsic(block_bytes, block_floats, scaled):
-    @intrinsic
-    def axpy_units(typingctx, acc, u, offs, h, cnt, nb):
-        sig = types.void(acc, u, offs, h, cnt, nb)
-
-        def codegen(context, builder, signature, args):
-            acc_a, u_a, o_a, h_a, cnt_v, nb_v = args
-            i64, f32 = ir.IntType(64), ir.FloatType()
-            v32f = ir.VectorType(f32, 32)
-            arr = lambda k, v: context.make_array(signature.args[k])(context, builder, v)
-            A, U, O, H = arr(0, acc_a), arr(1, u_a), arr(2, o_a), arr(3, h_a)
-            accp = builder.bitcast(A.data, v32f.as_pointer())
-            ub = builder.bitcast(U.data, _i8.as_pointer())
-            cnt = builder.sext(cnt_v, i64) if cnt_v.type.width < 64 else cnt_v
-            nb = builder.sext(nb_v, i64) if nb_v.type.width < 64 else nb_v
-            scales = builder.mul(nb, ir.Constant(i64, block_bytes))  # the fp16 scales follow the quants
-            with cgutils.for_range(builder, nb) as blk:
-                b = blk.index
-                ap = builder.gep(accp, [b])
-                total = cgutils.alloca_once_value(builder, builder.load(ap, align=4))
-                with cgutils.for_range(builder, cnt) as grp:
-                    g = grp.index
-                    base = builder.gep(ub, [builder.load(builder.gep(O.data, [g]))])
-                    f = _splat_f(builder, builder.load(builder.gep(H.data, [g])), 32)
-                    if scaled:  # a splat of the fp16 scale (_half_splat: no false dependency)
-                        sp = builder.gep(base, [builder.add(scales, builder.mul(b, ir.Constant(i64, 2)))])
-                        f = builder.fmul(f, _half_splat(builder, sp, 32))
-                    qv = block_floats(builder, builder.gep(base, [builder.mul(b, ir.Constant(i64, block_bytes))]))
-                    builder.store(builder.fadd(builder.load(total), builder.fmul(qv, f)), total)
-                builder.store(builder.load(total), ap, align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return axpy_units
-
-
-axpy_units_f32 = _axpy_units_intrinsic(128, _f32x32, False)
-axpy_units_f32.__doc__ = """acc[:] += sum_{g < cnt} h[g] * column(offs[g]) over nb blocks of 32 values: a group of kept
-neurons' float32 down columns at byte offsets offs[g] of u, added to acc (32 nb,) float32. Each 32-value slice of acc
-is loaded and stored once per group rather than once per neuron. (Quantized columns take the integer axpys.)"""
+    return sig, codegen
 
 
 def _gate_up_q4_0r(generic):

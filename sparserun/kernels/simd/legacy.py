@@ -10,8 +10,8 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
-from .ir import (Q4_0R_GROUP, X86_AVX2, _dots, _dpbusd_generic, _generic, _dpbusd_small, _pmaddubsw, _pmaddwd_ones, _vpdpbusd, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
-    _ptr, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_dot_setup, _vnni_or_trap)
+from .ir import (Q4_0R_GROUP, X86_AVX2, _dots, _dpbusd_generic, _generic, _pmaddubsw, _pmaddwd_ones, _vpdpbusd, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
+    _ptr, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_or_trap)
 
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
     """Shared body of the row-dot intrinsics: sum over nb blocks of d_w[b] * d_x[b] * idot(b), with
