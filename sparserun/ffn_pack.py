@@ -13,8 +13,8 @@ GGUF stores ffn_down as (dim rows, n_ff cols), so a neuron's down weights are a 
 use it is dequantized, transposed and re-quantized per 32 values, at the precision of the source (PowerInfer's files
 store it neuron-major as ffn_down_t: there F32, Q4_0 and Q8_0 columns are taken as they are, see down_columns):
 - float32 for F32 models (exact);
-- 4-bit (Q4_0's nibble order and rounding) for 4-bit sources (Q4_0, Q4_K): as many quant bytes per neuron
-  as the original, so skipping neurons saves what it should;
+- 4-bit (Q4_0's nibble order and rounding) for sources of 4 bits or fewer (Q4_0, Q4_K, Q3_K, Q2_K): as many
+  quant bytes per neuron as a 4-bit original, so skipping neurons saves what it should;
 - int8 for everything else (Q8_0, Q5_K, Q6_K, F16, BF16).
 Quantized columns keep their quants first and then one fp16 scale per 32 values, as Q4_0 and Q8_0 do: a 4-bit
 column has the source's bytes per neuron. (float32 scales, 3.6% more bytes a 2048-wide Q4_0 predictor unit,
@@ -50,7 +50,7 @@ from .kernels import quant as K
 from .kernels import sparse as S
 from .memory import huge_page_buffer
 
-FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K, K.Q4_KR)
+FOUR_BIT = (K.Q4_0, K.Q4_0R, K.Q4_K, K.Q4_KR, K.Q3_K, K.Q3_KR, K.Q2_K, K.Q2_KR)  # sources of 4 bits or fewer
 PAGE = 4096
 PAD_AT_MOST = 0.2  # padding a unit to whole pages is worth this much of its size
 FORMAT = "p4"  # in the cache file names; older formats are not read: none (before page padding), "p" (gate and

@@ -558,6 +558,8 @@ def test_generic_kernels_build_for_aarch64(monkeypatch):
                                                                                                    xb[0], 0)
         a += simd.dot_row_q5_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q4_0r_generic(w, 0, 9, x8, 0, xd,
                                                                                                    xb[0], 0)
+        a += simd.dot_row_q3_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q2_krk_generic(w, 0, 8, x8, 0, xd,
+                                                                                                    xb[0], 0)
         g, u = simd.dot_gate_up_q4_0r_generic(w, 0, 8, x8[0], 0, xd, xb[0], 0, -1, 0)
         a += g + u
         t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
@@ -595,12 +597,13 @@ def test_repacked_dots_in_portable_ir_equal_the_avx2_form(monkeypatch):
     from sparserun.kernels import simd
     from sparserun.weights import Acts
 
-    def row_dots(w4, w5, w6, w0, xt, xd, xs):
+    def row_dots(w4, w5, w6, w3, w2, w0, xt, xd, xs):
         return (simd.dot_row_q4_kr_generic(w4, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q5_kr_generic(w5, 0, 8, xt, 0, xd, xs, 0),
-                simd.dot_row_q6_kr_generic(w6, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q4_0r_generic(w0, 0, 9, xt, 0, xd, xs, 0))
+                simd.dot_row_q6_kr_generic(w6, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q3_kr_generic(w3, 0, 8, xt, 0, xd, xs, 0),
+                simd.dot_row_q2_kr_generic(w2, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q4_0r_generic(w0, 0, 9, xt, 0, xd, xs, 0))
 
     rng = np.random.default_rng(5)
-    rows = [weight(q, 1, 256, rng).repacked().raw for q in (Q.Q4_K, Q.Q5_K, Q.Q6_K)]
+    rows = [weight(q, 1, 256, rng).repacked().raw for q in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K)]
     rows.append(weight(Q.Q4_0, 1, 288, rng).repacked().raw)
     x = rng.standard_normal((1, 288)).astype(np.float32)
     _, xd, _, _, xt, xs = Acts(x).forms()  # (the K-quant rows read the first 256 values)
@@ -614,9 +617,9 @@ def test_repacked_dots_in_portable_ir_equal_the_avx2_form(monkeypatch):
     assert ("pmadd.ub.sw" in fh.inspect_llvm(fh.signatures[0])) == avx2
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K], ids=lambda t: t.name)
 def test_repacked_k_quants_equal_the_gguf_layout(qtype):
-    """Q4_K / Q6_K repacked at load (kernels/krepack.py: Q4_KR, Q6_KR; the same bytes per row): the same dequantized
+    """The K-quants repacked at load (kernels/krepack.py: Q4_KR ... Q2_KR; the same bytes per row): the same dequantized
     values; the matmul on Q8_K-rounded activations equal to the GGUF-layout dot up to float rounding (both sum
     the same exact integers) and to numpy on those activations; on activations rounded per 32 values (the neuron
     packs' forms) equal to numpy on those; the generic route bit for bit the VNNI one; row subsets the rows'
@@ -632,7 +635,7 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     assert r.qtype == REPACK[int(qtype)][0] and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
     np.testing.assert_array_equal(r.dequantize(), w.dequantize())
     values = w.dequantize().astype(np.float64)
-    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_kr"}[r.qtype]
+    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_kr", K.Q3_KR: "q3_kr", K.Q2_KR: "q2_kr"}[r.qtype]
     # the dense matmuls' dots (Q8_K forms, Q6_K's reading its half sums) and the neuron packs' (per-32 forms)
     dense = {route: getattr(K, f"matmul_{name}k_{route}") for route in ("generic", "vnni")}
     packs = {route: getattr(K, f"matmul_{name}_{route}") for route in ("generic", "vnni")}

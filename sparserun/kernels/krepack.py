@@ -1,6 +1,5 @@
 """The K-quants repacked at load for the integer dots (simd/krepacked.py): Q4_K -> Q4_KR, Q5_K -> Q5_KR,
-Q6_K -> Q6_KR, the same
-bytes per super-block, only their order changed, so row offsets, row subsets and a stack's row_bytes hold as in
+Q6_K -> Q6_KR, Q3_K -> Q3_KR, Q2_K -> Q2_KR, the same bytes per super-block, only their order changed, so row offsets, row subsets and a stack's row_bytes hold as in
 the file. A super-block's 256 values are 8 sub-blocks of 32; the repacked quants lie as repacked Q4_0's groups do:
 chunk j (32 bytes) holds at byte 4 k + m sub-block k's values 8 j + m (low nibble) and 8 j + 4 + m (high).
 
@@ -9,6 +8,10 @@ Q5_KR (176 bytes): Q4_KR's 144 bytes of the values' low 4 bits, then 32 bytes of
 that of chunk j's low nibble at byte L, bit 2 j + 1 that of its high nibble.
 Q6_KR (210 bytes): d (fp16), the 16 int8 scales, the 4 chunks of the values' low 4 bits, then two runs of 32 bytes
 of their high 2 bits: bits 2 s of byte 4 k + m of run h belong to sub-block k's value 4 (4 h + s) + m.
+Q3_KR (110 bytes): d (fp16), Q3_K's 12 bytes of 6-bit scales as they are, two runs of 32 bytes of the values' low 2
+bits (bits 2 s of byte 4 k + m of run c: sub-block k's value 4 (4 c + s) + m, as Q6_KR's high bits), then 32 bytes
+of their third bits (bit i of byte 4 k + m: sub-block k's value 4 i + m).
+Q2_KR (84 bytes): d, dmin (fp16), Q2_K's 16 scale bytes as they are, then the two runs of 2-bit values (as Q3_KR's).
 """
 import numpy as np
 from numba import njit, prange
@@ -89,6 +92,86 @@ def repack_q6_k(raw, rows, row_bytes, out):
                             out[hat] = q >> 4
                         else:
                             out[hat] = np.int32(out[hat]) | ((q >> 4) << (2 * (i % 4)))
+
+
+@njit(cache=True, inline="always")
+def _two_bit_runs(raw, qs, out, at):
+    """Q2_K / Q3_K's 64 bytes of 2-bit quants at raw[qs:] (value 128 h + 32 s + l: bits 2 s of byte 32 h + l) ->
+    the two lane-ordered runs at out[at:] (module docstring)."""
+    for c in range(2):
+        for k in range(8):
+            for m in range(4):
+                b = 0
+                for s in range(4):
+                    l = 4 * (4 * c + s) + m  # sub-block k's value l: value 32 k + l of the super-block
+                    b |= ((np.int32(raw[qs + 32 * (k // 4) + l]) >> (2 * (k % 4))) & 3) << (2 * s)
+                out[at + 32 * c + 4 * k + m] = b
+
+
+@njit(parallel=True, cache=True)
+def repack_q3_k(raw, rows, row_bytes, out):
+    """Q3_K rows (hmask 32 bytes, 2-bit quants 64, scales 12, d) -> Q3_KR (module docstring)."""
+    for r in prange(rows):
+        for sb in range(row_bytes // 110):
+            p = r * row_bytes + 110 * sb
+            out[p:p + 2] = raw[p + 108:p + 110]
+            out[p + 2:p + 14] = raw[p + 96:p + 108]
+            _two_bit_runs(raw, p + 32, out, p + 14)
+            for k in range(8):  # value 32 k + l's third bit: bit k of hmask byte l (k = 4 h + s)
+                for m in range(4):
+                    b = 0
+                    for i in range(8):
+                        b |= ((np.int32(raw[p + 4 * i + m]) >> k) & 1) << i
+                    out[p + 78 + 4 * k + m] = b
+
+
+@njit(parallel=True, cache=True)
+def repack_q2_k(raw, rows, row_bytes, out):
+    """Q2_K rows (scales 16 bytes, 2-bit quants 64, d, dmin) -> Q2_KR (module docstring)."""
+    for r in prange(rows):
+        for sb in range(row_bytes // 84):
+            p = r * row_bytes + 84 * sb
+            out[p:p + 4] = raw[p + 80:p + 84]
+            out[p + 4:p + 20] = raw[p:p + 16]
+            _two_bit_runs(raw, p + 16, out, p + 20)
+
+
+@njit(cache=True, inline="always")
+def _two_bits(raw, p, k, l):
+    """Sub-block k's value l (0..31) from Q3_KR / Q2_KR's runs of 2-bit values at raw[p:]."""
+    i, m = l // 4, l % 4
+    return (np.int32(raw[p + 32 * (i // 4) + 4 * k + m]) >> (2 * (i % 4))) & 3
+
+
+@njit(cache=True, inline="always")
+def dequant_q3_kr(raw, off, n, out):
+    """The n values of the Q3_KR row at raw[off:] as float32 (value = d (sc - 32) (q - 4), q the 3-bit quant, as
+    Q3_K's with its high bit inverted: set means no - 4 in ggml's terms)."""
+    for s in range(n // 256):
+        p = off + 110 * s
+        d = load_f16(raw, p)
+        for j in range(16):  # scale j: low 4 bits from byte j % 8 (nibble j // 8), high 2 from byte 8 + j % 4
+            lo = (np.int32(raw[p + 2 + j % 8]) >> (4 * (j // 8))) & 15
+            hi = (np.int32(raw[p + 10 + j % 4]) >> (2 * (j // 4))) & 3
+            dl = d * np.float32((lo | (hi << 4)) - 32)
+            k = j // 2
+            for l in range(16 * (j % 2), 16 * (j % 2) + 16):
+                q = _two_bits(raw, p + 14, k, l) | (((np.int32(raw[p + 78 + 4 * k + l % 4]) >> (l // 4)) & 1) << 2)
+                out[256 * s + 32 * k + l] = dl * np.float32(q - 4)
+
+
+@njit(cache=True, inline="always")
+def dequant_q2_kr(raw, off, n, out):
+    """The n values of the Q2_KR row at raw[off:] as float32 (value = d sc q - dmin m per 16 values, as Q2_K's)."""
+    for s in range(n // 256):
+        p = off + 84 * s
+        d, dmin = load_f16(raw, p), load_f16(raw, p + 2)
+        for j in range(16):
+            sc = np.int32(raw[p + 4 + j])
+            dl, ml = d * np.float32(sc & 15), dmin * np.float32(sc >> 4)
+            k = j // 2
+            for l in range(16 * (j % 2), 16 * (j % 2) + 16):
+                out[256 * s + 32 * k + l] = dl * np.float32(_two_bits(raw, p + 20, k, l)) - ml
 
 
 @njit(cache=True, inline="always")

@@ -30,13 +30,17 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_fr
                    dot_row_q6_kr_generic, dot_row_q4_krk_vnni, dot_tokens_q4_krk_vnni, dot_row_q4_krk_generic,
                    dot_tokens_q4_krk_generic, dot_row_q5_krk_vnni, dot_tokens_q5_krk_vnni, dot_row_q5_krk_generic,
                    dot_tokens_q5_krk_generic, dot_row_q6_krk_vnni, dot_tokens_q6_krk_vnni, dot_row_q6_krk_generic,
-                   dot_tokens_q6_krk_generic, prefetch)
+                   dot_tokens_q6_krk_generic, dot_row_q3_kr_vnni, dot_row_q3_kr_generic, dot_row_q2_kr_vnni,
+                   dot_row_q2_kr_generic, dot_row_q3_krk_vnni, dot_tokens_q3_krk_vnni, dot_row_q3_krk_generic,
+                   dot_tokens_q3_krk_generic, dot_row_q2_krk_vnni, dot_tokens_q2_krk_vnni, dot_row_q2_krk_generic,
+                   dot_tokens_q2_krk_generic, prefetch)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
-from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0,  # noqa: E402
-                      Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0)
+from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1, Q4_K,  # noqa: E402
+                      Q4_KR, Q5_0, Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0)
 from .templates import define  # noqa: E402
-from .krepack import dequant_q4_kr, dequant_q5_kr, dequant_q6_kr, k_scale_min  # noqa: E402
+from .krepack import dequant_q2_kr, dequant_q3_kr, dequant_q4_kr, dequant_q5_kr, dequant_q6_kr, k_scale_min  # noqa: E402
+KR_TYPES = (Q4_KR, Q5_KR, Q6_KR, Q3_KR, Q2_KR)  # the K-quants repacked at load (krepack.py)
 from .dequant import (dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1, dequant_q5_0,  # noqa: E402
                       dequant_q5_1)
 
@@ -97,6 +101,10 @@ def dequant_row(raw, off, qtype, n, out):
         dequant_q5_kr(raw, off, n, out)
     elif qtype == Q6_KR:
         dequant_q6_kr(raw, off, n, out)
+    elif qtype == Q3_KR:
+        dequant_q3_kr(raw, off, n, out)
+    elif qtype == Q2_KR:
+        dequant_q2_kr(raw, off, n, out)
     elif qtype == Q5_K:
         _dequant_q5_k(raw, off, n, out)
     elif qtype == Q6_K:
@@ -460,7 +468,8 @@ VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8
 # matmul_<type>_vnni and matmul_<type>_generic (Q4_1 / Q5_1's min from the activations' block sums; the K-quants and
 # IQ4_XS on activations rounded as Q8_K; simd's kquants and iquants frames).
 _X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q2_K: "q2_k", Q3_K: "q3_k", Q4_1: "q4_1", Q5_1: "q5_1",
-             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_krk", Q5_KR: "q5_krk", Q6_KR: "q6_krk"}
+             IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_krk", Q5_KR: "q5_krk", Q6_KR: "q6_krk", Q3_KR: "q3_krk",
+             Q2_KR: "q2_krk"}
 for _name in _X8_NAMES.values():
     for _route in ("vnni", "generic"):
         _fn = f"matmul_{_name}_{_route}"
@@ -468,7 +477,7 @@ for _name in _X8_NAMES.values():
         globals()[_fn] = _make_batch_matmul(_fn, f"dot_row_{_name}_{_route}", f"dot_tokens_{_name}_{_route}",
                                             TOKENS_K if _kr else TOKENS, K_COLUMNS if _kr else 0)
 # the neuron packs' repacked K-quant dots (activations rounded per 32: quantize_acts) as matmuls, for tests
-for _name in ("q4_kr", "q5_kr", "q6_kr"):
+for _name in ("q4_kr", "q5_kr", "q6_kr", "q3_kr", "q2_kr"):
     for _route in ("vnni", "generic"):
         globals()[f"matmul_{_name}_{_route}"] = _make_matmul(f"matmul_{_name}_{_route}", f"dot_row_{_name}_{_route}",
                                                              vnni=True)
@@ -479,7 +488,7 @@ def dot_forms(qtype, forms):
     """(x, xd, bias): the activation forms (quantize_acts' seven, less the input) that the int8 row dots of
     qtype read: the repacked Q4_0 dots xt and xs, Q8_0's generic dot xq, the others x8 and xb."""
     xq, xd, x8, xb, xt, xs = forms
-    if qtype in (Q4_0R, Q4_KR, Q5_KR, Q6_KR):
+    if qtype == Q4_0R or qtype in KR_TYPES:
         return xt, xd, xs
     return (xq, xd, xb) if qtype == Q8_0 and not HAS_VNNI else (x8, xd, xb)
 
@@ -529,9 +538,9 @@ without VNNI, activations as int8 blocks (quantize_acts), as llama.cpp's vec_dot
 Q4_0R, Q4_0 and Q5_0 through the VNNI dots' code in generic IR (xt and xs; x8 and xb), Q8_0 through its int16 dot
 (xq)."""
 # weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
-Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS, Q4_KR, Q5_KR, Q6_KR)
+Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS) + KR_TYPES
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)
-INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS, Q4_KR, Q5_KR, Q6_KR)
+INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS) + KR_TYPES
 
 
 @njit(parallel=True, cache=True, fastmath=True)

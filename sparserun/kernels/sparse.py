@@ -8,8 +8,8 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate, activate_row, up_part
-from .quant import (F32, INT8_TYPES, acts_forms_k, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_0R, Q4_1, Q4_K, Q4_KR, Q5_0, Q5_1, Q5_K,
-                    Q5_KR, Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
+from .quant import (F32, INT8_TYPES, KR_TYPES, acts_forms_k, IQ4_NL, IQ4_XS, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1,
+                    Q4_K, Q4_KR, Q5_0, Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32,
                    coefs_q4_vnni, dot_gate_up_q4_0r_generic, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni,
                    dot_row_q4_0r_generic, dot_row_q4_0r_vnni, dot_row_q4_k_vnni, dot_row_q5_0_generic, dot_row_q5_0_vnni, dot_row_q5_k_vnni,
@@ -20,7 +20,9 @@ from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_generic, axpy_i8_vnni, 
                    dot_row_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_row_q4_kr_vnni, dot_row_q4_kr_generic,
                    dot_row_q6_kr_vnni, dot_row_q6_kr_generic, dot_row_q5_kr_vnni, dot_row_q5_kr_generic,
                    dot_row_q4_krk_vnni, dot_row_q4_krk_generic, dot_row_q5_krk_vnni, dot_row_q5_krk_generic,
-                   dot_row_q6_krk_vnni, dot_row_q6_krk_generic)
+                   dot_row_q6_krk_vnni, dot_row_q6_krk_generic, dot_row_q3_kr_vnni, dot_row_q3_kr_generic,
+                   dot_row_q2_kr_vnni, dot_row_q2_kr_generic, dot_row_q3_krk_vnni, dot_row_q3_krk_generic,
+                   dot_row_q2_krk_vnni, dot_row_q2_krk_generic)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -135,6 +137,12 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
     if qtype == Q6_KR:
         return dot_row_q6_kr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
             dot_row_q6_kr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
+    if qtype == Q3_KR:
+        return dot_row_q3_kr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
+            dot_row_q3_kr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
+    if qtype == Q2_KR:
+        return dot_row_q2_kr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
+            dot_row_q2_kr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
     if qtype == Q4_0 and vnni:
         return dot_row_q4_0_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q4_0:
@@ -186,13 +194,10 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
     return acc
 
 
-KR_TYPES = (Q4_KR, Q5_KR, Q6_KR)  # the K-quants repacked at load: select_pack_ffn scans them as the dense path dots them
-
-
 @njit(inline="always")
 def _row_dot_k(w, off, qtype, vnni, cols, kt, kd, ks):
-    """A repacked K-quant row (KR_TYPES) dotted with activations rounded as Q8_K (quant.acts_forms_k's kt, kd, ks): the
-    dense matmuls' dot, so a threshold policy's selection sees the dense path's gate values bit for bit."""
+    """A repacked K-quant row (quant.KR_TYPES) dotted with activations rounded as Q8_K (quant.acts_forms_k's kt, kd, ks):
+    the dense matmuls' dot, so a threshold policy's selection sees the dense path's gate values bit for bit."""
     nb = cols // QK
     if qtype == Q4_KR:
         return dot_row_q4_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else \
@@ -200,6 +205,12 @@ def _row_dot_k(w, off, qtype, vnni, cols, kt, kd, ks):
     if qtype == Q5_KR:
         return dot_row_q5_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else \
             dot_row_q5_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
+    if qtype == Q3_KR:
+        return dot_row_q3_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else \
+            dot_row_q3_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
+    if qtype == Q2_KR:
+        return dot_row_q2_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else \
+            dot_row_q2_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
     return dot_row_q6_krk_vnni(w, off, nb, kt, 0, kd, ks, 0) if vnni else \
         dot_row_q6_krk_generic(w, off, nb, kt, 0, kd, ks, 0)
 

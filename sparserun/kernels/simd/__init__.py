@@ -3,7 +3,7 @@
     ir          the frame: pointers, loads, fp16, horizontal sums, prefetch, the VNNI intrinsic frames
     legacy      Q4_0 / Q4_0R, Q4_1, Q5_0, Q5_1, Q8_0 and float32 row dots (generic and VNNI), token tiles for prompts
     kquants     Q2_K, Q3_K, Q4_K, Q5_K, Q6_K row dots and token tiles (VNNI and generic)
-    krepacked   the same for Q4_K and Q6_K rows repacked at load (Q4_KR, Q5_KR, Q6_KR: kernels/krepack.py)
+    krepacked   the same for K-quant rows repacked at load (Q4_KR, Q5_KR, Q6_KR, Q3_KR, Q2_KR: kernels/krepack.py)
     iquants     IQ4_NL, IQ4_XS row dots and token tiles (VNNI and generic)
     axpy        the sparse FFN's down-column accumulations and fused gate/up dots
     attention   key-block scores and value-row sums
@@ -27,7 +27,9 @@ from .krepacked import (dot_row_q4_kr_vnni, dot_row_q4_kr_generic, dot_row_q5_kr
     dot_row_q6_kr_vnni, dot_row_q6_kr_generic, dot_row_q4_krk_vnni, dot_tokens_q4_krk_vnni, dot_row_q4_krk_generic,
     dot_tokens_q4_krk_generic, dot_row_q5_krk_vnni, dot_tokens_q5_krk_vnni, dot_row_q5_krk_generic,
     dot_tokens_q5_krk_generic, dot_row_q6_krk_vnni, dot_tokens_q6_krk_vnni, dot_row_q6_krk_generic,
-    dot_tokens_q6_krk_generic)  # noqa: F401
+    dot_tokens_q6_krk_generic, dot_row_q3_kr_vnni, dot_row_q3_kr_generic, dot_row_q2_kr_vnni, dot_row_q2_kr_generic,
+    dot_row_q3_krk_vnni, dot_tokens_q3_krk_vnni, dot_row_q3_krk_generic, dot_tokens_q3_krk_generic,
+    dot_row_q2_krk_vnni, dot_tokens_q2_krk_vnni, dot_row_q2_krk_generic, dot_tokens_q2_krk_generic)  # noqa: F401
 from .iquants import (dot_row_iq4_nl_vnni, dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic,
     dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic)  # noqa: F401
 from .axpy import (AXPY_Q4_COLUMNS, EXACT_PREFETCH, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32, coefs_q4_vnni, axpy_q4_exact_vnni, axpy_q4_exact_generic,

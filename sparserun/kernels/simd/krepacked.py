@@ -1,4 +1,5 @@
-"""Dots of the K-quants in the layout the loader repacks them into (kernels/krepack.py: Q4_KR, Q5_KR, Q6_KR): each
+"""Dots of the K-quants in the layout the loader repacks them into (kernels/krepack.py: Q4_KR, Q5_KR, Q6_KR, Q3_KR,
+Q2_KR): each
 super-block's quants laid across the vector lanes as repacked Q4_0's groups are (legacy._q4_0r_group_sums), so
 the 8 sub-blocks' exact integer dots come out of the vpdpbusd chains as the 8 lanes of one vector, with no
 horizontal reduction and no per-sub-block float work: Q4_K / Q5_K's sub-block scales and mins are converted to
@@ -127,6 +128,81 @@ def _q6_kr_super_block(builder, p, toks, dp):
     return out
 
 
+def _two_bit_values(builder, p, at):
+    """The 8 value runs of Q3_KR / Q2_KR's two runs of 2-bit values at p + at, as <32 x i8>: run i's byte 4 k + m is
+    sub-block k's value 4 i + m's 2 bits."""
+    runs = [_vload(builder, builder.gep(p, [_c(at + 32 * c)]), 32) for c in range(2)]
+    return [builder.and_(builder.lshr(runs[i // 4], _splat(32, 2 * (i % 4))) if i % 4 else runs[i // 4], _splat(32, 3))
+            for i in range(8)]
+
+
+def _even_odd(builder, b16):
+    """Bytes 0, 2, .. 14 and 1, 3, .. 15 of a <16 x i8> as two <8 x i32> (zero-extended)."""
+    return [builder.zext(builder.shuffle_vector(b16, b16, ir.Constant(_V8I, list(range(h, 16, 2)))), _V8I)
+            for h in range(2)]
+
+
+def _first_halves(builder, dp, xv, xh, weight):
+    """weight x each block's first 16 activations' sum (<8 x i32>): from the Q8_K forms' xh (-8 x that sum) where
+    the forms carry it, else a dot of the first 4 value runs' activations with weight."""
+    if xh is not None:
+        return builder.ashr(builder.mul(xh, ir.Constant(_V8I, [-weight] * 8)), ir.Constant(_V8I, [3] * 8))  # exact
+    return _dots(builder, dp, [(builder.bitcast(_splat(32, weight), _V8I), xv[i]) for i in range(4)], qmax=weight)
+
+
+def _q3_kr_super_block(builder, p, toks, dp):
+    """Q3_KR super-block at p (110 bytes: d, Q3_K's 12 bytes of 6-bit scales, 2 x 32 bytes of low 2 bits, 32 bytes of
+    third bits; krepack.py): per token [(half sums x their scales, d)] (float lanes, exact). Value = d (sc - 32) (q -
+    4), a scale per 16 values: lanes sum each sub-block's first and second 16 apart (value runs 0-3 and 4-7), and the
+    - 4 comes from the first halves' activation sums and xs (the whole block's), as Q6_KR's - 32. The scales unpack as
+    ggml's own (three 32-bit words, masks and shifts)."""
+    d = _half(builder, p, 0)
+    w = [builder.load(builder.bitcast(builder.gep(p, [_c(2 + 4 * k)]), _i32.as_pointer()), align=1) for k in range(3)]
+    k32 = lambda v: ir.Constant(_i32, v)  # noqa: E731
+    low4 = lambda v, sh: builder.and_(builder.lshr(v, k32(sh)) if sh else v, k32(0x0F0F0F0F))  # noqa: E731
+    top2 = lambda sh: builder.shl(builder.and_(builder.lshr(w[2], k32(sh)) if sh else w[2], k32(0x03030303)), k32(4))  # noqa: E731
+    words = [builder.or_(low4(w[0], 0), top2(0)), builder.or_(low4(w[1], 0), top2(2)),
+             builder.or_(low4(w[0], 4), top2(4)), builder.or_(low4(w[1], 4), top2(6))]
+    v4 = ir.Constant(ir.VectorType(_i32, 4), None)
+    for k, x in enumerate(words):
+        v4 = builder.insert_element(v4, x, k32(k))
+    thirty2 = ir.Constant(_V8I, [32] * 8)
+    sc_a, sc_b = [builder.sub(v, thirty2) for v in _even_odd(builder, builder.bitcast(v4, ir.VectorType(ir.IntType(8), 16)))]
+    third = _vload(builder, builder.gep(p, [_c(78)]), 32)
+    vals = []
+    for i, low in enumerate(_two_bit_values(builder, p, 14)):  # the third bit moved to bit 2
+        top = builder.shl(third, _splat(32, 2 - i)) if i < 2 else builder.lshr(third, _splat(32, i - 2)) if i > 2 else third
+        vals.append(builder.bitcast(builder.or_(low, builder.and_(top, _splat(32, 4))), _V8I))
+    out = []
+    for xv, xs, xh, _ in toks:
+        first = _first_halves(builder, dp, xv, xh, 4)
+        sums_a = builder.sub(_dots(builder, dp, [(vals[i], xv[i]) for i in range(4)], qmax=7), first)
+        # second halves: q x - 4 (whole sum - first) = q x + xs / 2 + first (xs = -8 x the whole block's sum)
+        sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)],
+                       builder.add(builder.ashr(xs, ir.Constant(_V8I, [1] * 8)), first), qmax=7)
+        out.append([(builder.sitofp(builder.add(builder.mul(sums_a, sc_a), builder.mul(sums_b, sc_b)), _V8F), d)])
+    return out
+
+
+def _q2_kr_super_block(builder, p, toks, dp):
+    """Q2_KR super-block at p (84 bytes: d, dmin, Q2_K's 16 scale bytes, 2 x 32 bytes of 2-bit values; krepack.py):
+    per token [(half sums x their scales, d), (the mins x their halves' -8 x activation sums, dmin / 8)] (float lanes,
+    exact). Value = d sc q - dmin m, a scale and min per 16 values (a byte: low and high nibble)."""
+    d, dmin = _half(builder, p, 0), builder.fmul(_half(builder, p, 2), ir.Constant(ir.FloatType(), 0.125))
+    b_a, b_b = _even_odd(builder, _vload(builder, builder.gep(p, [_c(4)]), 16))
+    fifteen, four = ir.Constant(_V8I, [15] * 8), ir.Constant(_V8I, [4] * 8)
+    sc_a, sc_b, mn_a, mn_b = builder.and_(b_a, fifteen), builder.and_(b_b, fifteen), builder.lshr(b_a, four), builder.lshr(b_b, four)
+    vals = [builder.bitcast(v, _V8I) for v in _two_bit_values(builder, p, 20)]
+    out = []
+    for xv, xs, xh, _ in toks:
+        sums = [_dots(builder, dp, [(vals[4 * h + i], xv[4 * h + i]) for i in range(4)], qmax=3) for h in range(2)]
+        first = xh if xh is not None else builder.mul(_first_halves(builder, dp, xv, None, 1), ir.Constant(_V8I, [-8] * 8))
+        mins = builder.add(builder.mul(first, mn_a), builder.mul(builder.sub(xs, first), mn_b))
+        out.append([(builder.sitofp(builder.add(builder.mul(sums[0], sc_a), builder.mul(sums[1], sc_b)), _V8F), d),
+                    (builder.sitofp(mins, _V8F), dmin)])
+    return out
+
+
 def _kr_token_dots(size, super_block, q8k=False):
     """The token_dots frame (ir._row_intrinsic / _tokens_intrinsic) of a repacked K-quant: per super-block (8 blocks
     of 32), each token's 8 transposed activation vectors, offset terms and 8 block scales loaded once, the row's
@@ -171,6 +247,10 @@ dot_row_q5_kr_vnni, _, dot_row_q5_kr_generic, _ = _routes(
     _kr_token_dots(176, _q5_kr_super_block), "Q5_KR", per_block=2, tokens=TOKENS_K)
 dot_row_q6_kr_vnni, _, dot_row_q6_kr_generic, _ = _routes(
     _kr_token_dots(210, _q6_kr_super_block), "Q6_KR", per_block=2, tokens=TOKENS_K)
+dot_row_q3_kr_vnni, _, dot_row_q3_kr_generic, _ = _routes(
+    _kr_token_dots(110, _q3_kr_super_block), "Q3_KR", per_block=2, tokens=TOKENS_K)
+dot_row_q2_kr_vnni, _, dot_row_q2_kr_generic, _ = _routes(
+    _kr_token_dots(84, _q2_kr_super_block), "Q2_KR", per_block=2, tokens=TOKENS_K)
 # the dense matmuls' (rounded as Q8_K: quant.quantize_acts_k), Q6_K's reading the first 16 values' sums from the
 # forms, 4 vpdpbusd fewer per 8 on the VNNI route
 dot_row_q4_krk_vnni, dot_tokens_q4_krk_vnni, dot_row_q4_krk_generic, dot_tokens_q4_krk_generic = _routes(
@@ -179,3 +259,7 @@ dot_row_q5_krk_vnni, dot_tokens_q5_krk_vnni, dot_row_q5_krk_generic, dot_tokens_
     _kr_token_dots(176, _q5_kr_super_block, True), "Q5_KR", per_block=3, tokens=TOKENS_K)
 dot_row_q6_krk_vnni, dot_tokens_q6_krk_vnni, dot_row_q6_krk_generic, dot_tokens_q6_krk_generic = _routes(
     _kr_token_dots(210, _q6_kr_super_block, True), "Q6_KR", per_block=3, tokens=TOKENS_K)
+dot_row_q3_krk_vnni, dot_tokens_q3_krk_vnni, dot_row_q3_krk_generic, dot_tokens_q3_krk_generic = _routes(
+    _kr_token_dots(110, _q3_kr_super_block, True), "Q3_KR", per_block=3, tokens=TOKENS_K)
+dot_row_q2_krk_vnni, dot_tokens_q2_krk_vnni, dot_row_q2_krk_generic, dot_tokens_q2_krk_generic = _routes(
+    _kr_token_dots(84, _q2_kr_super_block, True), "Q2_KR", per_block=3, tokens=TOKENS_K)
