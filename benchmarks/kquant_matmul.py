@@ -1,6 +1,6 @@
-"""python benchmarks/kquant_matmul.py [TYPES]   (TYPES: comma-separated, default Q4_0,Q4_K,Q5_K,Q6_K)
+"""python benchmarks/kquant_matmul.py [TYPES]   (TYPES: comma-separated, default Q4_0,Q4_K,Q5_K,Q6_K,Q3_K,Q2_K)
 
-The dense matmul of each type as the loader holds it (Weight.in_memory: Q4_0, Q4_K, Q5_K and Q6_K repacked), on
+The dense matmul of each type as the loader holds it (Weight.in_memory: Q4_0 and the K-quants repacked), on
 random rows 2048 wide: one token over 65,536 rows (a stream from DRAM: GB/s) and a 64-token batch over 8,192 rows
 (the batch tiles: G multiply-adds/s). Medians of 9 calls, in one process."""
 import os
@@ -27,13 +27,17 @@ def weight(qtype, rows, cols):
         b[:, 0:2], b[:, 2:4] = scale(), scale()
     elif qtype == Q.Q6_K:
         b[:, 208:210] = scale()
+    elif qtype == Q.Q3_K:
+        b[:, 108:110] = scale()
+    elif qtype == Q.Q2_K:
+        b[:, 80:82], b[:, 82:84] = scale(), scale()
     else:
         b[:, 0:2] = scale()
     raw = b.reshape(-1)
     return Weight(RawTensor("w", int(qtype), rows, cols, raw, raw.nbytes // rows))
 
 
-for qt in [Q[a] for a in (sys.argv[1] if len(sys.argv) > 1 else "Q4_0,Q4_K,Q5_K,Q6_K").split(",")]:
+for qt in [Q[a] for a in (sys.argv[1] if len(sys.argv) > 1 else "Q4_0,Q4_K,Q5_K,Q6_K,Q3_K,Q2_K").split(",")]:
     for rows, T in ((65536, 1), (8192, 64)):
         w = weight(qt, rows, 2048).in_memory()
         m = Matmuls([w])
