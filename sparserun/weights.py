@@ -8,14 +8,15 @@ import numpy as np
 
 from .gguf_file import RawTensor
 from .kernels import quant as K
-from .kernels.krepack import repack_q2_k, repack_q3_k, repack_q4_k, repack_q5_k, repack_q6_k
+from .kernels.krepack import repack_iq4_xs, repack_q2_k, repack_q3_k, repack_q4_k, repack_q5_k, repack_q6_k
 from .memory import discard, huge_page_buffer
 from .qtypes import type_name
 
 # file type -> (the type of its in-memory copy, the repacking kernel): layouts whose dots need no horizontal
 # reduction per block (kernels/krepack.py, quant.repack_q4_0), on the VNNI route and the generic one alike.
 REPACK = {K.Q4_K: (K.Q4_KR, repack_q4_k), K.Q5_K: (K.Q5_KR, repack_q5_k), K.Q6_K: (K.Q6_KR, repack_q6_k),
-          K.Q3_K: (K.Q3_KR, repack_q3_k), K.Q2_K: (K.Q2_KR, repack_q2_k), K.Q4_0: (K.Q4_0R, K.repack_q4_0)}
+          K.Q3_K: (K.Q3_KR, repack_q3_k), K.Q2_K: (K.Q2_KR, repack_q2_k), K.IQ4_XS: (K.IQ4_XSR, repack_iq4_xs),
+          K.Q4_0: (K.Q4_0R, K.repack_q4_0)}
 
 
 class Acts:

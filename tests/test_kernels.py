@@ -560,6 +560,7 @@ def test_generic_kernels_build_for_aarch64(monkeypatch):
                                                                                                    xb[0], 0)
         a += simd.dot_row_q3_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q2_krk_generic(w, 0, 8, x8, 0, xd,
                                                                                                     xb[0], 0)
+        a += simd.dot_row_iq4_xsr_generic(w, 0, 8, x8, 0, xd, xb[0], 0)
         g, u = simd.dot_gate_up_q4_0r_generic(w, 0, 8, x8[0], 0, xd, xb[0], 0, -1, 0)
         a += g + u
         t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
@@ -597,13 +598,14 @@ def test_repacked_dots_in_portable_ir_equal_the_avx2_form(monkeypatch):
     from sparserun.kernels import simd
     from sparserun.weights import Acts
 
-    def row_dots(w4, w5, w6, w3, w2, w0, xt, xd, xs):
+    def row_dots(w4, w5, w6, w3, w2, wi, w0, xt, xd, xs):
         return (simd.dot_row_q4_kr_generic(w4, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q5_kr_generic(w5, 0, 8, xt, 0, xd, xs, 0),
                 simd.dot_row_q6_kr_generic(w6, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q3_kr_generic(w3, 0, 8, xt, 0, xd, xs, 0),
-                simd.dot_row_q2_kr_generic(w2, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_q4_0r_generic(w0, 0, 9, xt, 0, xd, xs, 0))
+                simd.dot_row_q2_kr_generic(w2, 0, 8, xt, 0, xd, xs, 0), simd.dot_row_iq4_xsr_generic(wi, 0, 8, xt, 0, xd, xs, 0),
+                simd.dot_row_q4_0r_generic(w0, 0, 9, xt, 0, xd, xs, 0))
 
     rng = np.random.default_rng(5)
-    rows = [weight(q, 1, 256, rng).repacked().raw for q in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K)]
+    rows = [weight(q, 1, 256, rng).repacked().raw for q in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K, Q.IQ4_XS)]
     rows.append(weight(Q.Q4_0, 1, 288, rng).repacked().raw)
     x = rng.standard_normal((1, 288)).astype(np.float32)
     _, xd, _, _, xt, xs = Acts(x).forms()  # (the K-quant rows read the first 256 values)
@@ -617,9 +619,56 @@ def test_repacked_dots_in_portable_ir_equal_the_avx2_form(monkeypatch):
     assert ("pmadd.ub.sw" in fh.inspect_llvm(fh.signatures[0])) == avx2
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.IQ4_NL, Q.IQ4_XS], ids=lambda t: t.name)
+def test_signed_weight_dots_on_avx2_equal_the_portable_form(qtype, monkeypatch):
+    """The types whose VNNI dots multiply weights + 128 (Q8_0, IQ4_NL, IQ4_XS) take AVX2's pmaddubsw on signed bytes on
+    the generic route of x86 (ir._dpbssd_avx2: the weights as they are, no offset; IQ4's levels looked up by vpshufb):
+    their one-token and batch dots equal, bit for bit, the portable form (vpdpbusd's arithmetic widened, the levels by
+    16 selects) and numpy on the int8-rounded activations; a batch in tiles equals one token at a time. A Q8_0 row
+    holding -128 (llama.cpp's quantizer never writes it; a file may) is summed exactly too."""
+    from numba import njit
+
+    from sparserun.kernels import simd
+
+    rng = np.random.default_rng(9)
+    raw = random_blocks(qtype, 8, 512, rng).copy()
+    if qtype == Q.Q8_0:
+        raw.reshape(8, -1, 34)[2, 3, 2:6] = 128  # -128 as int8
+    w = Weight(RawTensor("w", int(qtype), 8, 512, raw, raw.nbytes // 8))
+    name = qtype.name.lower()
+    k8 = int(qtype) in (Q.IQ4_XS,)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    from sparserun.kernels import quant as K
+    _, xd, x8, xb, _, _ = (K.acts_forms_k if k8 else K.acts_forms)(x)
+    row, tokens = getattr(simd, f"dot_row_{name}_generic"), getattr(simd, f"dot_tokens_{name}_generic")
+
+    def dots(raw, x8, xd, xb, out):
+        nb = x8.shape[1] // 32
+        for r in range(8):
+            for t in range(x8.shape[0]):
+                out[0, t, r] = row(raw, r * (raw.shape[0] // 8), nb, x8, t * x8.shape[1], xd, xb, t * nb)
+            got = tokens(raw, r * (raw.shape[0] // 8), nb, x8, 0, x8.shape[1], xd, xb, 0, nb)
+            for t in range(len(got)):
+                out[1, t, r] = got[t]
+
+    results = []
+    for avx2 in (simd.ir.X86_AVX2, False):
+        monkeypatch.setattr(simd.ir, "X86_AVX2", avx2)  # read at code generation (ir._route_dp)
+        out = np.zeros((2, 5, 8), np.float32)
+        f = njit(dots)
+        f(w.raw, x8, xd, xb, out)
+        assert ("pmadd.ub.sw" in f.inspect_llvm(f.signatures[0])) == avx2
+        results.append(out)
+    n_tok = simd.TOKENS
+    np.testing.assert_array_equal(results[0], results[1])
+    np.testing.assert_array_equal(results[0][1, :n_tok], results[0][0, :n_tok])  # tiles: one token at a time
+    ref = (x8.astype(np.float64) * np.repeat(xd, 32, axis=1)) @ w.dequantize().astype(np.float64).T
+    np.testing.assert_allclose(results[0][0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q3_K, Q.Q2_K, Q.IQ4_XS], ids=lambda t: t.name)
 def test_repacked_k_quants_equal_the_gguf_layout(qtype):
-    """The K-quants repacked at load (kernels/krepack.py: Q4_KR ... Q2_KR; the same bytes per row): the same dequantized
+    """The K-quants and IQ4_XS repacked at load (kernels/krepack.py: Q4_KR ... IQ4_XSR; the same bytes per row): the same dequantized
     values; the matmul on Q8_K-rounded activations equal to the GGUF-layout dot up to float rounding (both sum
     the same exact integers) and to numpy on those activations; on activations rounded per 32 values (the neuron
     packs' forms) equal to numpy on those; the generic route bit for bit the VNNI one; row subsets the rows'
@@ -635,7 +684,8 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     assert r.qtype == REPACK[int(qtype)][0] and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
     np.testing.assert_array_equal(r.dequantize(), w.dequantize())
     values = w.dequantize().astype(np.float64)
-    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_kr", K.Q3_KR: "q3_kr", K.Q2_KR: "q2_kr"}[r.qtype]
+    name = {K.Q4_KR: "q4_kr", K.Q5_KR: "q5_kr", K.Q6_KR: "q6_kr", K.Q3_KR: "q3_kr", K.Q2_KR: "q2_kr",
+            K.IQ4_XSR: "iq4_xsr"}[r.qtype]
     # the dense matmuls' dots (Q8_K forms, Q6_K's reading its half sums) and the neuron packs' (per-32 forms)
     dense = {route: getattr(K, f"matmul_{name}k_{route}") for route in ("generic", "vnni")}
     packs = {route: getattr(K, f"matmul_{name}_{route}") for route in ("generic", "vnni")}

@@ -12,10 +12,13 @@ Q3_KR (110 bytes): d (fp16), Q3_K's 12 bytes of 6-bit scales as they are, two ru
 bits (bits 2 s of byte 4 k + m of run c: sub-block k's value 4 (4 c + s) + m, as Q6_KR's high bits), then 32 bytes
 of their third bits (bit i of byte 4 k + m: sub-block k's value 4 i + m).
 Q2_KR (84 bytes): d, dmin (fp16), Q2_K's 16 scale bytes as they are, then the two runs of 2-bit values (as Q3_KR's).
+IQ4_XSR (136 bytes): IQ4_XS's first 8 bytes as they are (d, the scales' high and low bits), then its nibbles in Q4_KR's 4
+chunks (IQ4_XS is Q4_K's geometry with its own scales and ggml's 16 non-linear levels).
 """
 import numpy as np
 from numba import njit, prange
 
+from .dequant import IQ4_LEVELS
 from .simd import load_f16
 
 
@@ -134,6 +137,39 @@ def repack_q2_k(raw, rows, row_bytes, out):
             out[p:p + 4] = raw[p + 80:p + 84]
             out[p + 4:p + 20] = raw[p:p + 16]
             _two_bit_runs(raw, p + 16, out, p + 20)
+
+
+@njit(parallel=True, cache=True)
+def repack_iq4_xs(raw, rows, row_bytes, out):
+    """IQ4_XS rows (d, scales_h, scales_l, then 8 sub-blocks of 16 nibble bytes in Q4_0's order) -> IQ4_XSR."""
+    for r in prange(rows):
+        for s in range(row_bytes // 136):
+            p = r * row_bytes + 136 * s
+            out[p:p + 8] = raw[p:p + 8]
+            for j in range(4):
+                for k in range(8):
+                    for m in range(4):
+                        lo, hi = 8 * j + m, 8 * j + 4 + m  # sub-block k's values: byte l % 16, nibble l // 16
+                        a = (np.int32(raw[p + 8 + 16 * k + lo % 16]) >> (4 * (lo // 16))) & 15
+                        b = (np.int32(raw[p + 8 + 16 * k + hi % 16]) >> (4 * (hi // 16))) & 15
+                        out[p + 8 + 32 * j + 4 * k + m] = a | (b << 4)
+
+
+@njit(cache=True, inline="always")
+def dequant_iq4_xsr(raw, off, n, out):
+    """The n values of the IQ4_XSR row at raw[off:] as float32 (value = d (ls_k - 32) levels[q], as IQ4_XS's)."""
+    for s in range(n // 256):
+        p = off + 136 * s
+        d = load_f16(raw, p)
+        sh = np.int32(raw[p + 2]) | (np.int32(raw[p + 3]) << 8)
+        for k in range(8):
+            ls = ((np.int32(raw[p + 4 + k // 2]) >> (4 * (k % 2))) & 15) | (((sh >> (2 * k)) & 3) << 4)
+            dl = d * np.float32(ls - 32)
+            for j in range(4):
+                for m in range(4):
+                    q = np.int32(raw[p + 8 + 32 * j + 4 * k + m])
+                    out[256 * s + 32 * k + 8 * j + m] = dl * IQ4_LEVELS[q & 15]
+                    out[256 * s + 32 * k + 8 * j + 4 + m] = dl * IQ4_LEVELS[q >> 4]
 
 
 @njit(cache=True, inline="always")

@@ -16,7 +16,7 @@ from numba import njit, prange
 
 from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_from_bits, dot_row_q4_0_generic, dot_tokens_q4_0_generic, dot_row_q4_0_vnni, dot_row_q4_0r_vnni, dot_row_q4_0r_generic, dot_tokens_q4_0r_generic,
                    dot_row_q4_k_vnni, dot_row_q5_0_generic, dot_tokens_q5_0_generic, dot_row_q5_0_vnni, dot_row_q5_k_vnni, dot_row_q6_k_vnni,
-                   dot_row_q8_0, dot_row_q8_0_vnni, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
+                   dot_row_q8_0, dot_row_q8_0_vnni, dot_row_q8_0_generic, dot_tokens_q8_0_generic, X86_AVX2, dot_tokens_q4_0r_vnni, dot_tokens_q4_k_vnni, dot_tokens_q5_0_vnni,
                    dot_tokens_q5_k_vnni, dot_tokens_q6_k_vnni, dot_tokens_q8_0_vnni, load_bf16, load_f16, load_f32,
                    round_f16, dot_row_q4_k_generic, dot_row_q5_k_generic, dot_row_q6_k_generic,
                    dot_tokens_q4_k_generic, dot_tokens_q5_k_generic, dot_tokens_q6_k_generic, dot_row_q4_1_vnni,
@@ -33,14 +33,16 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_fr
                    dot_tokens_q6_krk_generic, dot_row_q3_kr_vnni, dot_row_q3_kr_generic, dot_row_q2_kr_vnni,
                    dot_row_q2_kr_generic, dot_row_q3_krk_vnni, dot_tokens_q3_krk_vnni, dot_row_q3_krk_generic,
                    dot_tokens_q3_krk_generic, dot_row_q2_krk_vnni, dot_tokens_q2_krk_vnni, dot_row_q2_krk_generic,
-                   dot_tokens_q2_krk_generic, prefetch)
+                   dot_tokens_q2_krk_generic, dot_row_iq4_xsr_vnni, dot_row_iq4_xsr_generic, dot_row_iq4_xsrk_vnni,
+                   dot_tokens_iq4_xsrk_vnni, dot_row_iq4_xsrk_generic, dot_tokens_iq4_xsrk_generic, prefetch)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
-from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1, Q4_K,  # noqa: E402
+from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, IQ4_XSR, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1, Q4_K,  # noqa: E402
                       Q4_KR, Q5_0, Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0)
 from .templates import define  # noqa: E402
-from .krepack import dequant_q2_kr, dequant_q3_kr, dequant_q4_kr, dequant_q5_kr, dequant_q6_kr, k_scale_min  # noqa: E402
-KR_TYPES = (Q4_KR, Q5_KR, Q6_KR, Q3_KR, Q2_KR)  # the K-quants repacked at load (krepack.py)
+from .krepack import (dequant_iq4_xsr, dequant_q2_kr, dequant_q3_kr, dequant_q4_kr, dequant_q5_kr, dequant_q6_kr,  # noqa: E402
+                      k_scale_min)
+KR_TYPES = (Q4_KR, Q5_KR, Q6_KR, Q3_KR, Q2_KR, IQ4_XSR)  # the 256-value types repacked at load (krepack.py)
 from .dequant import (dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1, dequant_q5_0,  # noqa: E402
                       dequant_q5_1)
 
@@ -105,6 +107,8 @@ def dequant_row(raw, off, qtype, n, out):
         dequant_q3_kr(raw, off, n, out)
     elif qtype == Q2_KR:
         dequant_q2_kr(raw, off, n, out)
+    elif qtype == IQ4_XSR:
+        dequant_iq4_xsr(raw, off, n, out)
     elif qtype == Q5_K:
         _dequant_q5_k(raw, off, n, out)
     elif qtype == Q6_K:
@@ -469,7 +473,7 @@ VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8
 # IQ4_XS on activations rounded as Q8_K; simd's kquants and iquants frames).
 _X8_NAMES = {Q4_K: "q4_k", Q5_K: "q5_k", Q6_K: "q6_k", Q2_K: "q2_k", Q3_K: "q3_k", Q4_1: "q4_1", Q5_1: "q5_1",
              IQ4_NL: "iq4_nl", IQ4_XS: "iq4_xs", Q4_KR: "q4_krk", Q5_KR: "q5_krk", Q6_KR: "q6_krk", Q3_KR: "q3_krk",
-             Q2_KR: "q2_krk"}
+             Q2_KR: "q2_krk", IQ4_XSR: "iq4_xsrk"}
 for _name in _X8_NAMES.values():
     for _route in ("vnni", "generic"):
         _fn = f"matmul_{_name}_{_route}"
@@ -477,7 +481,7 @@ for _name in _X8_NAMES.values():
         globals()[_fn] = _make_batch_matmul(_fn, f"dot_row_{_name}_{_route}", f"dot_tokens_{_name}_{_route}",
                                             TOKENS_K if _kr else TOKENS, K_COLUMNS if _kr else 0)
 # the neuron packs' repacked K-quant dots (activations rounded per 32: quantize_acts) as matmuls, for tests
-for _name in ("q4_kr", "q5_kr", "q6_kr", "q3_kr", "q2_kr"):
+for _name in ("q4_kr", "q5_kr", "q6_kr", "q3_kr", "q2_kr", "iq4_xsr"):
     for _route in ("vnni", "generic"):
         globals()[f"matmul_{_name}_{_route}"] = _make_matmul(f"matmul_{_name}_{_route}", f"dot_row_{_name}_{_route}",
                                                              vnni=True)
@@ -490,7 +494,7 @@ def dot_forms(qtype, forms):
     xq, xd, x8, xb, xt, xs = forms
     if qtype == Q4_0R or qtype in KR_TYPES:
         return xt, xd, xs
-    return (xq, xd, xb) if qtype == Q8_0 and not HAS_VNNI else (x8, xd, xb)
+    return (xq, xd, xb) if qtype == Q8_0 and not HAS_VNNI and not X86_AVX2 else (x8, xd, xb)
 
 
 @njit(parallel=True, cache=True)
@@ -529,14 +533,16 @@ def _nibble(raw, q, i):
 
 
 matmul_q8_0 = _make_matmul("matmul_q8_0", "dot_row_q8_0")
+matmul_q8_0_generic = _make_batch_matmul("matmul_q8_0_generic", "dot_row_q8_0_generic", "dot_tokens_q8_0_generic")
 matmul_q4_0_generic = _make_batch_matmul("matmul_q4_0_generic", "dot_row_q4_0_generic", "dot_tokens_q4_0_generic")
 matmul_q5_0_generic = _make_batch_matmul("matmul_q5_0_generic", "dot_row_q5_0_generic", "dot_tokens_q5_0_generic")
 matmul_q4_0r_generic = _make_batch_matmul("matmul_q4_0r_generic", "dot_row_q4_0r_generic", "dot_tokens_q4_0r_generic")
-INT8_MATMUL = {Q4_0: matmul_q4_0_generic, Q8_0: matmul_q8_0, Q5_0: matmul_q5_0_generic, Q4_0R: matmul_q4_0r_generic}
+INT8_MATMUL = {Q4_0: matmul_q4_0_generic, Q8_0: matmul_q8_0_generic if X86_AVX2 else matmul_q8_0,
+               Q5_0: matmul_q5_0_generic, Q4_0R: matmul_q4_0r_generic}
 """out[t, r] = W[r] . x[t] for Q4_0 (repacked: Q4_0R; or in the file's layout) / Q8_0 / Q5_0 weights W on CPUs
 without VNNI, activations as int8 blocks (quantize_acts), as llama.cpp's vec_dot_q5_0_q8_0 and its kin compute them:
-Q4_0R, Q4_0 and Q5_0 through the VNNI dots' code in generic IR (xt and xs; x8 and xb), Q8_0 through its int16 dot
-(xq)."""
+Q4_0R, Q4_0 and Q5_0 through the VNNI dots' code in generic IR (xt and xs; x8 and xb), Q8_0 too on x86 with AVX2
+(pmaddubsw on signed bytes: simd.ir._dpbssd_avx2), elsewhere through its int16 dot (xq)."""
 # weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
 Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS) + KR_TYPES
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)

@@ -4,13 +4,14 @@ high and 4 of low scale bits, 128 nibble bytes; sub-block j's value = d (ls_j - 
 
 Each nibble indexes ggml's 16 levels (ggml-common.h kvalues_iq4nl); the levels + 128 are the unsigned bytes
 vpdpbusd multiplies, and each lane starts from 16 xb = -128 x its activations' sum, which takes the offset back out:
-exact int32 sums, as for Q8_0. The lookup is one vpshufb on the VNNI route and a chain of 16 selects in generic IR
-(no portable IR instruction indexes a vector by a vector).
+exact int32 sums, as for Q8_0 (on the generic route of AVX2 CPUs the levels themselves, with no offset:
+ir._dpbssd_avx2). The lookup is one vpshufb on x86 (the VNNI route and AVX2's generic one) and a chain of 16 selects
+in portable IR (no portable IR instruction indexes a vector by a vector).
 """
 from llvmlite import ir
 from numba.core import cgutils
 
-from .ir import _i32, _i8, _routes, _splat, _vload
+from .ir import _i32, _i8, _routes, _signed, _splat, _vload
 from .kquants import _kquant_tokens
 from .legacy import offset128_token_dots
 
@@ -21,7 +22,7 @@ _SHIFTED = [v + 128 - 256 if v + 128 > 127 else v + 128 for v in LEVELS]  # leve
 def _levels(builder, idx, dp):
     """<32 x i8>: levels[idx] + 128 (unsigned) of nibbles idx (<32 x i8>, 0..15)."""
     v32 = ir.VectorType(_i8, 32)
-    if dp.name.startswith("llvm.x86"):  # the VNNI route: vpshufb looks each byte up in its 128-bit lane's table
+    if dp.name.startswith("llvm.x86") or _signed(dp):  # vpshufb looks each byte up in its 128-bit lane's table
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32]), "llvm.x86.avx2.pshuf.b")
         return builder.call(fn, [ir.Constant(v32, _SHIFTED * 2), idx])
     out = ir.Constant(v32, [_SHIFTED[0]] * 32)
@@ -63,6 +64,6 @@ def _iq4_xs_super_block(builder, wp, dp):
 
 
 dot_row_iq4_nl_vnni, dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic = _routes(
-    _iq4_nl_token_dots, "IQ4_NL")
+    _iq4_nl_token_dots, "IQ4_NL", signed=True)
 dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic = _routes(
-    _kquant_tokens(_iq4_xs_super_block), "IQ4_XS")
+    _kquant_tokens(_iq4_xs_super_block), "IQ4_XS", signed=True)

@@ -315,6 +315,39 @@ def _dpbusd_small(builder):
                       lambda b, acc, a, x: b.add(acc, _pmaddwd_ones(b, _pmaddubsw(b, a, x))))
 
 
+def _dpbssd_avx2(builder):
+    """acc + per lane the dot of 4 signed bytes a (-128..127) with 4 signed bytes x (within +-127), on x86 with AVX2:
+    pmaddubsw(|a|, x with a's signs) (|a| unsigned: 128 for -128; a pair within int16, 2 x 128 x 127) then pmaddwd
+    by ones, as llama.cpp's AVX2 dots of signed weights. The frames of the offset-128 types (Q8_0, IQ4_NL, IQ4_XS:
+    weights + 128 for vpdpbusd, the offset taken out by the accumulator's start) take it on the generic route of AVX2
+    CPUs with the weights as they are and no offset (_signed): vpdpbusd's arithmetic on weights up to 255 would need
+    int32 products."""
+    def body(b, acc, a, x):
+        v32 = ir.VectorType(_i8, 32)
+        a8, x8 = b.bitcast(a, v32), b.bitcast(x, v32)
+        sign = cgutils.get_or_insert_function(b.module, ir.FunctionType(v32, [v32, v32]), "llvm.x86.avx2.psign.b")
+        absb = cgutils.get_or_insert_function(b.module, ir.FunctionType(v32, [v32, ir.IntType(1)]), "llvm.abs.v32i8")
+        mag = b.call(absb, [a8, ir.Constant(ir.IntType(1), 0)])
+        return b.add(acc, _pmaddwd_ones(b, _pmaddubsw(b, mag, b.call(sign, [x8, a8]))))
+
+    return _inline_dp(builder, "sparserun.dpbssd.avx2", body)
+
+
+def _signed(dp):
+    """Whether dp is _dpbssd_avx2: the offset-128 frames then pass their weights unshifted and no offset."""
+    return dp.name == "sparserun.dpbssd.avx2"
+
+
+def _route_dp(builder, generic, small, signed):
+    """The dot a frame calls: vpdpbusd; on the generic route _dpbusd_small (small: weight bytes below 128),
+    _dpbssd_avx2 (signed: an offset-128 type, on x86 with AVX2) or _dpbusd_generic."""
+    if not generic:
+        return _vpdpbusd(builder)
+    if small:
+        return _dpbusd_small(builder)
+    return _dpbssd_avx2(builder) if signed and X86_AVX2 else _dpbusd_generic(builder)
+
+
 def _generic(dp):
     return dp.name == "sparserun.dpbusd.generic"
 
@@ -383,19 +416,19 @@ TOKENS = 4  # tokens per call of dot_tokens_q4_0r_vnni
 TOKENS_K = 8
 
 
-def _row_intrinsic(token_dots, doc, generic=False, per_block=8, small=False):
+def _row_intrinsic(token_dots, doc, generic=False, per_block=8, small=False, signed=False):
     """A VNNI row dot with one token (the signature of dot_row_q4_0_vnni) through token_dots(builder, wp, nb, xps,
     xdps, xbps, dp), the same code _tokens_intrinsic runs for TOKENS tokens: the two forms give identical results.
     generic: vpdpbusd's arithmetic in plain vector IR (every CPU), the same results; small: the weight bytes are
-    below 128, so the generic route may take _dpbusd_small's pmaddubsw."""
+    below 128, so the generic route may take _dpbusd_small's pmaddubsw; signed: an offset-128 frame, which may take
+    _dpbssd_avx2 (_route_dp)."""
     @intrinsic
     def row_dot(typingctx, w, woff, nb, x8, xoff, xd, xb, xdoff):
         sig = types.float32(w, woff, nb, x8, xoff, xd, xb, xdoff)
 
         def codegen(context, builder, signature, args):
-            wp, xp, xdp, xbp, dp = _vnni_dot_setup(context, builder, signature, args, per_block, generic)
-            if generic and small:
-                dp = _dpbusd_small(builder)
+            wp, xp, xdp, xbp, _ = _vnni_dot_setup(context, builder, signature, args, per_block, generic)
+            dp = _route_dp(builder, generic, small, signed)
             return token_dots(builder, wp, args[2], [xp], [xdp], [xbp], dp)[0]
 
         return sig, codegen if generic else _vnni_or_trap(codegen)
@@ -404,21 +437,22 @@ def _row_intrinsic(token_dots, doc, generic=False, per_block=8, small=False):
     return row_dot
 
 
-def _routes(token_dots, name, per_block=8, tokens=TOKENS, small=False):
+def _routes(token_dots, name, per_block=8, tokens=TOKENS, small=False, signed=False):
     """The four intrinsics of a type dotted through token_dots: (row dot, TOKENS-token dot) through vpdpbusd (x86
     AVX512-VNNI only), then the same two with vpdpbusd's arithmetic in generic vector IR (every CPU), identical sums.
     per_block: the offset terms the dots read (_bias_ptr: 8, xb; 1, xs); tokens: of the several-token dot; small:
-    weight bytes below 128 (_dpbusd_small on the generic route)."""
+    weight bytes below 128 (_dpbusd_small on the generic route); signed: an offset-128 frame (_dpbssd_avx2 on the
+    generic route of AVX2 CPUs)."""
     return (_row_intrinsic(token_dots, f"A {name} row's dot with one token's int8 activations through vpdpbusd.",
                            per_block=per_block),
             _tokens_intrinsic(token_dots, f"The {name} row dot for {tokens} tokens, each result the one-token dot's.",
                               per_block, tokens=tokens),
-            _row_intrinsic(token_dots, f"The {name} row dot in generic IR.", True, per_block, small),
+            _row_intrinsic(token_dots, f"The {name} row dot in generic IR.", True, per_block, small, signed),
             _tokens_intrinsic(token_dots, f"The {name} {tokens}-token dot in generic IR.", per_block, generic=True,
-                              tokens=tokens, small=small))
+                              tokens=tokens, small=small, signed=signed))
 
 
-def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False, tokens=TOKENS, small=False):
+def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False, tokens=TOKENS, small=False, signed=False):
     """An intrinsic dotting one row with TOKENS tokens through token_dots (the batch matmuls' inner call): token
     k's activations at x8[xoff + k xstride:], its block scales and offset terms (per_block int32 a block:
     _bias_ptr) from block xdoff + k xdstride."""
@@ -438,7 +472,7 @@ def _tokens_intrinsic(token_dots, doc, per_block=8, generic=False, tokens=TOKENS
                 xdps.append(builder.bitcast(_ptr(context, builder, signature.args[6], xd_,
                                                  builder.mul(xdo, ir.Constant(xdo.type, 4))), f32.as_pointer()))
                 xbps.append(_bias_ptr(context, builder, signature.args[7], xb_, xdo, per_block))
-            dp = (_dpbusd_small if small else _dpbusd_generic)(builder) if generic else _vpdpbusd(builder)
+            dp = _route_dp(builder, generic, small, signed)
             return context.make_tuple(builder, signature.return_type, token_dots(builder, wp, nb_, xps, xdps, xbps, dp))
 
         return sig, codegen if generic else _vnni_or_trap(codegen)

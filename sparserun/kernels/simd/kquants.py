@@ -4,7 +4,7 @@ scale; Q4_K / Q5_K's mins come from the activations' block sums. One token or TO
 """
 from llvmlite import ir
 from numba.core import cgutils
-from .ir import (_fma, _hsum8, _i32, _i8, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload)
+from .ir import (_fma, _hsum8, _i32, _i8, _routes, _row_intrinsic, _signed, _splat, _splat_f, _tokens_intrinsic, _vload)
 
 def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
     """Shared frame of the K-quant VNNI dots, for one token or several (pointers per token, as
@@ -24,6 +24,8 @@ def _kquant_token_dots(builder, nb, xps, xdps, xbps, dp, super_block):
 
         def block(j, q, init, scale, min_scale):
             b = builder.add(builder.mul(s, c(8)), c(j))
+            if _signed(dp):  # an offset-128 type (IQ4_XS) on AVX2's dot of signed bytes: w itself, no offset
+                q, init = builder.xor(q, _splat(32, -128)), lambda xbv: ir.Constant(xbv.type, None)
             q = builder.bitcast(q, v8i)
             scale = scale if isinstance(scale.type, ir.VectorType) else _splat_f(builder, scale)
             for xp, xdp, xbp, acc in zip(xps, xdps, xbps, accs):

@@ -12,7 +12,8 @@ where the rounding is theirs. One token or TOKENS_K tokens through one frame, on
 from llvmlite import ir
 from numba.core import cgutils
 
-from .ir import TOKENS_K, _dots, _fma, _hsum8, _i32, _routes, _splat, _splat_f, _vload
+from .iquants import _levels
+from .ir import TOKENS_K, _dots, _fma, _hsum8, _i32, _routes, _signed, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
@@ -203,6 +204,34 @@ def _q2_kr_super_block(builder, p, toks, dp):
     return out
 
 
+def _iq4_xsr_super_block(builder, p, toks, dp):
+    """IQ4_XSR super-block at p (136 bytes: d, IQ4_XS's 2 bytes of the scales' high bits and 4 of their low ones, the
+    nibbles in _chunks' order; krepack.py): per token [(sums x the 8 scales, d)] (float lanes, exact: |sums| <= 32 x
+    127 x 128 and |scale| <= 32). Value = d (ls_k - 32) levels[q]: each nibble looked up (iquants._levels: vpshufb on
+    x86), then as the other offset-128 types: levels + 128 for vpdpbusd, each lane seeded with -128 x its block's
+    activation sum (16 xs), or on AVX2's signed dot (ir._dpbssd_avx2) the levels themselves and no seed."""
+    d = _half(builder, p, 0)
+    k32 = lambda v: ir.Constant(_V8I, [v] * 8)  # noqa: E731
+
+    def lanes(at, ty, step):  # the little-endian word at p + at in every lane, lane k shifted right by step k
+        v = builder.zext(builder.load(builder.bitcast(builder.gep(p, [_c(at)]), ty.as_pointer()), align=1), _i32)
+        v = builder.insert_element(ir.Constant(_V8I, None), v, ir.Constant(_i32, 0))
+        return builder.lshr(builder.shuffle_vector(v, v, ir.Constant(_V8I, [0] * 8)), ir.Constant(_V8I, [step * k for k in range(8)]))
+    low, high = builder.and_(lanes(4, _i32, 4), k32(15)), builder.and_(lanes(2, ir.IntType(16), 2), k32(3))
+    sc = builder.sub(builder.or_(low, builder.shl(high, k32(4))), k32(32))
+    signed = _signed(dp)
+    vals = []
+    for nl, nh in _chunks(builder, p, 8):
+        for nib in (nl, nh):
+            v = _levels(builder, builder.bitcast(nib, ir.VectorType(ir.IntType(8), 32)), dp)
+            vals.append(builder.bitcast(builder.xor(v, _splat(32, -128)) if signed else v, _V8I))
+    out = []
+    for xv, xs, _, _ in toks:
+        sums = _dots(builder, dp, list(zip(vals, xv)), None if signed else builder.shl(xs, k32(4)), qmax=255)
+        out.append([(builder.sitofp(builder.mul(sums, sc), _V8F), d)])
+    return out
+
+
 def _kr_token_dots(size, super_block, q8k=False):
     """The token_dots frame (ir._row_intrinsic / _tokens_intrinsic) of a repacked K-quant: per super-block (8 blocks
     of 32), each token's 8 transposed activation vectors, offset terms and 8 block scales loaded once, the row's
@@ -251,6 +280,8 @@ dot_row_q3_kr_vnni, _, dot_row_q3_kr_generic, _ = _routes(
     _kr_token_dots(110, _q3_kr_super_block), "Q3_KR", per_block=2, tokens=TOKENS_K)
 dot_row_q2_kr_vnni, _, dot_row_q2_kr_generic, _ = _routes(
     _kr_token_dots(84, _q2_kr_super_block), "Q2_KR", per_block=2, tokens=TOKENS_K)
+dot_row_iq4_xsr_vnni, _, dot_row_iq4_xsr_generic, _ = _routes(
+    _kr_token_dots(136, _iq4_xsr_super_block), "IQ4_XSR", per_block=2, tokens=TOKENS_K, signed=True)
 # the dense matmuls' (rounded as Q8_K: quant.quantize_acts_k), Q6_K's reading the first 16 values' sums from the
 # forms, 4 vpdpbusd fewer per 8 on the VNNI route
 dot_row_q4_krk_vnni, dot_tokens_q4_krk_vnni, dot_row_q4_krk_generic, dot_tokens_q4_krk_generic = _routes(
@@ -263,3 +294,5 @@ dot_row_q3_krk_vnni, dot_tokens_q3_krk_vnni, dot_row_q3_krk_generic, dot_tokens_
     _kr_token_dots(110, _q3_kr_super_block, True), "Q3_KR", per_block=3, tokens=TOKENS_K)
 dot_row_q2_krk_vnni, dot_tokens_q2_krk_vnni, dot_row_q2_krk_generic, dot_tokens_q2_krk_generic = _routes(
     _kr_token_dots(84, _q2_kr_super_block, True), "Q2_KR", per_block=3, tokens=TOKENS_K)
+dot_row_iq4_xsrk_vnni, dot_tokens_iq4_xsrk_vnni, dot_row_iq4_xsrk_generic, dot_tokens_iq4_xsrk_generic = _routes(
+    _kr_token_dots(136, _iq4_xsr_super_block, True), "IQ4_XSR", per_block=3, tokens=TOKENS_K, signed=True)

@@ -11,7 +11,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from .ir import (Q4_0R_GROUP, X86_AVX2, _dots, _dpbusd_generic, _generic, _pmaddubsw, _pmaddwd_ones, _vpdpbusd, _even_odd_add, _fma, _half_splat, _hsum8, _hsum8_ggml, _i16, _i32, _i8, _nibbles32,
-    _ptr, _routes, _row_intrinsic, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_or_trap)
+    _ptr, _routes, _row_intrinsic, _signed, _splat, _splat_f, _tokens_intrinsic, _vload, _vnni_or_trap)
 
 def _row_dot(context, builder, sig, args, block_bytes, block_lanes):
     """Shared body of the row-dot intrinsics: sum over nb blocks of d_w[b] * d_x[b] * idot(b), with
@@ -211,7 +211,7 @@ def offset128_token_dots(block_bytes, unsigned_quants):
     values w (Q8_0: the int8 themselves; IQ4_NL: nibbles indexing its levels): unsigned_quants(builder, bp, dp) gives
     the block's <32 x i8> w + 128 (for Q8_0 its sign bit flipped, one vpxor per block for all tokens), as vpdpbusd
     multiplies unsigned by signed bytes, and each lane starts from 16 xb = -128 times its 4 activations' sum, which
-    takes the offset back out: exact int32 lane sums. Per token two float accumulators by block parity and one
+    takes the offset back out: exact int32 lane sums (with ir._dpbssd_avx2, w itself and no offset: the same sums). Per token two float accumulators by block parity and one
     horizontal sum, as the Q4_0 dots, so the one-token and the several-token forms give identical results."""
     return lambda builder, wp, nb, xps, xdps, xbps, dp: _offset128_dots(builder, wp, nb, xps, xdps, xbps, dp,
                                                                         block_bytes, unsigned_quants)
@@ -223,13 +223,17 @@ def _offset128_dots(builder, wp, nb, xps, xdps, xbps, dp, block_bytes, unsigned_
     c = lambda v: ir.Constant(i64, v)
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(v8f, [0.0] * 8)) for _ in range(2)] for _ in xps]
 
+    signed = _signed(dp)  # (AVX2's dot of signed bytes: the weights as they are, no offset)
+
     def block(b, acc_of):
         bp = builder.gep(wp, [builder.mul(b, c(block_bytes))])
-        q = builder.bitcast(unsigned_quants(builder, bp, dp), v8i)
+        q = unsigned_quants(builder, bp, dp)
+        q = builder.bitcast(builder.xor(q, _splat(32, -128)) if signed else q, v8i)
         ws = _half_splat(builder, bp)
         for xp, xdp, xbp, acc in zip(xps, xdps, xbps, accs):
             xv = builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1)
-            init = builder.shl(builder.load(builder.gep(xbp, [b]), align=4), _splat(8, 4, _i32))
+            init = ir.Constant(v8i, [0] * 8) if signed else \
+                builder.shl(builder.load(builder.gep(xbp, [b]), align=4), _splat(8, 4, _i32))
             lanes = builder.call(dp, [init, q, xv])
             scale = builder.fmul(ws, _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4)))
             a = acc_of(acc)
@@ -292,6 +296,9 @@ def _q5_0_token_dots(builder, wp, nb, xps, xdps, xbps, dp):
 dot_row_q8_0_vnni = _row_intrinsic(_q8_0_token_dots, """A Q8_0 row's dot with one token's int8 activations through
     vpdpbusd (_q8_0_token_dots; x86 AVX512-VNNI only, as dot_row_q4_0_vnni): one xor and one vpdpbusd per block
     where the generic dot widens to int16 and runs two vpmaddwd.""")
+# Q8_0 on CPUs without VNNI but with AVX2: the same frame through pmaddubsw on signed bytes (ir._dpbssd_avx2), with
+# batch tiles; elsewhere dot_row_q8_0's int16 dot
+_, _, dot_row_q8_0_generic, dot_tokens_q8_0_generic = _routes(_q8_0_token_dots, "Q8_0", signed=True)
 dot_row_q5_0_vnni = _row_intrinsic(_q5_0_token_dots, """A Q5_0 row's dot with one token's int8 activations through
     vpdpbusd (_q5_0_token_dots; x86 AVX512-VNNI only).""")
 
