@@ -46,9 +46,9 @@ Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = 10, 11, 12, 13, 14
 IQ4_NL, IQ4_XS = 20, 23
 # Not ggml types: rows repacked at load for the integer dots (kernels/quant.repack_q4_0, kernels/krepack.py), the
 # same bytes per row as the file's type
-Q4_0R, Q4_KR, Q5_KR, Q6_KR, Q3_KR, Q2_KR, IQ4_XSR = 1002, 1003, 1004, 1005, 1006, 1007, 1008
+Q4_0R, Q4_KR, Q5_KR, Q6_KR, Q3_KR, Q2_KR, IQ4_XSR, IQ4_NLR = 1002, 1003, 1004, 1005, 1006, 1007, 1008, 1009
 REPACKED_NAMES = {Q4_0R: "Q4_0R", Q4_KR: "Q4_KR", Q5_KR: "Q5_KR", Q6_KR: "Q6_KR", Q3_KR: "Q3_KR", Q2_KR: "Q2_KR",
-                  IQ4_XSR: "IQ4_XSR"}
+                  IQ4_XSR: "IQ4_XSR", IQ4_NLR: "IQ4_NLR"}
 
 
 def type_name(qtype):

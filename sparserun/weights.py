@@ -16,7 +16,7 @@ from .qtypes import type_name
 # reduction per block (kernels/krepack.py, quant.repack_q4_0), on the VNNI route and the generic one alike.
 REPACK = {K.Q4_K: (K.Q4_KR, repack_q4_k), K.Q5_K: (K.Q5_KR, repack_q5_k), K.Q6_K: (K.Q6_KR, repack_q6_k),
           K.Q3_K: (K.Q3_KR, repack_q3_k), K.Q2_K: (K.Q2_KR, repack_q2_k), K.IQ4_XS: (K.IQ4_XSR, repack_iq4_xs),
-          K.Q4_0: (K.Q4_0R, K.repack_q4_0)}
+          K.Q4_0: (K.Q4_0R, K.repack_q4_0), K.IQ4_NL: (K.IQ4_NLR, K.repack_q4_0)}
 
 
 class Acts:

@@ -560,7 +560,8 @@ def test_generic_kernels_build_for_aarch64(monkeypatch):
                                                                                                    xb[0], 0)
         a += simd.dot_row_q3_kr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_q2_krk_generic(w, 0, 8, x8, 0, xd,
                                                                                                     xb[0], 0)
-        a += simd.dot_row_iq4_xsr_generic(w, 0, 8, x8, 0, xd, xb[0], 0)
+        a += simd.dot_row_iq4_xsr_generic(w, 0, 8, x8, 0, xd, xb[0], 0) + simd.dot_row_iq4_nlr_generic(w, 0, 9, x8, 0, xd,
+                                                                                                      xb[0], 0)
         g, u = simd.dot_gate_up_q4_0r_generic(w, 0, 8, x8[0], 0, xd, xb[0], 0, -1, 0)
         a += g + u
         t = simd.dot_tokens_q5_k_generic(w, 0, 8, x8, 0, 256, xd, xb, 0, 8)
@@ -617,6 +618,56 @@ def test_repacked_dots_in_portable_ir_equal_the_avx2_form(monkeypatch):
     assert host == portable and all(np.isfinite(host)) and min(map(abs, host)) > 0
     assert "pmadd.ub.sw" not in fp.inspect_llvm(fp.signatures[0])
     assert ("pmadd.ub.sw" in fh.inspect_llvm(fh.signatures[0])) == avx2
+
+
+@pytest.mark.parametrize("cols", [1056, 96])
+def test_repacked_iq4_nl_equals_the_gguf_layout(cols, monkeypatch):
+    """IQ4_NL repacked at load in Q4_0R's layout (IQ4_NLR: the same block geometry, each nibble a level; 1056 and 96
+    columns end in a shorter group): the same dequantized values; the matmul equal to the GGUF-layout one up to float
+    rounding (the same exact int32 block dots); batch tiles bit-identical to one token at a time; the portable IR
+    (levels + 128 by selects, vpdpbusd's arithmetic widened) bit for bit the AVX2 form (vpshufb, pmaddubsw on signed
+    bytes); a neuron pack of repacked up rows the GGUF rows' pack."""
+    from numba import njit
+
+    from sparserun.kernels import quant as K
+    from sparserun.kernels import simd
+    from sparserun.kernels import sparse as S
+
+    rng = np.random.default_rng(cols + 1)
+    w = weight(Q.IQ4_NL, 40, cols, rng)
+    r = w.repacked()
+    assert r.type_name == "IQ4_NLR" and r.raw.nbytes == w.raw.nbytes and not np.array_equal(r.raw, w.raw)
+    np.testing.assert_array_equal(r.dequantize(), w.dequantize())
+    for T in (1, 3, 2 * K.TOKENS + 1):
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        ref, got = w.matmul(Acts(x)), r.matmul(Acts(x))
+        np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * np.abs(ref).max())
+        np.testing.assert_array_equal(got, np.concatenate([r.matmul(Acts(x[t:t + 1])) for t in range(T)]))
+    _, xd, _, _, xt, xs = Acts(rng.standard_normal((1, cols)).astype(np.float32)).forms()
+
+    def row_dots(raw, xt, xd, xs, out):
+        for i in range(out.shape[0]):
+            out[i] = simd.dot_row_iq4_nlr_generic(raw, i * (raw.shape[0] // out.shape[0]), xt.shape[1] // 32, xt, 0, xd, xs, 0)
+
+    results = []
+    for avx2 in (simd.ir.X86_AVX2, False):
+        monkeypatch.setattr(simd.ir, "X86_AVX2", avx2)  # read at code generation (ir._route_dp)
+        out = np.empty(40, np.float32)
+        njit(row_dots)(r.raw, xt, xd, xs, out)
+        results.append(out)
+    np.testing.assert_array_equal(results[0], results[1])
+    monkeypatch.undo()
+    acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
+    down = rng.standard_normal((40, 32)).astype(np.float32)
+    idx = np.array([1, 5, 6, 30], np.int64)
+    outs = []
+    for src in (w, r):
+        units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
+        out = np.empty(32, np.float32)
+        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
+                   32, idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, np.empty((2, 32), np.float32), out)
+        outs.append(out)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
 
 
 @pytest.mark.parametrize("qtype", [Q.Q8_0, Q.IQ4_NL, Q.IQ4_XS], ids=lambda t: t.name)

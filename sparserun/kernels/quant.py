@@ -34,17 +34,19 @@ from .simd import (HAS_X86_VNNI, Q4_0R_GROUP, TOKENS, TOKENS_K, f32_bits, f32_fr
                    dot_row_q2_kr_generic, dot_row_q3_krk_vnni, dot_tokens_q3_krk_vnni, dot_row_q3_krk_generic,
                    dot_tokens_q3_krk_generic, dot_row_q2_krk_vnni, dot_tokens_q2_krk_vnni, dot_row_q2_krk_generic,
                    dot_tokens_q2_krk_generic, dot_row_iq4_xsr_vnni, dot_row_iq4_xsr_generic, dot_row_iq4_xsrk_vnni,
-                   dot_tokens_iq4_xsrk_vnni, dot_row_iq4_xsrk_generic, dot_tokens_iq4_xsrk_generic, prefetch)
+                   dot_tokens_iq4_xsrk_vnni, dot_row_iq4_xsrk_generic, dot_tokens_iq4_xsrk_generic, dot_row_iq4_nlr_vnni,
+                   dot_tokens_iq4_nlr_vnni, dot_row_iq4_nlr_generic, dot_tokens_iq4_nlr_generic, prefetch)
 
 # ggml type ids (sparserun.qtypes, the one table of types), plain ints so numba can branch on them
-from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_XS, IQ4_XSR, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1, Q4_K,  # noqa: E402
+from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_NLR, IQ4_XS, IQ4_XSR, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1, Q4_K,  # noqa: E402
                       Q4_KR, Q5_0, Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0)
 from .templates import define  # noqa: E402
 from .krepack import (dequant_iq4_xsr, dequant_q2_kr, dequant_q3_kr, dequant_q4_kr, dequant_q5_kr, dequant_q6_kr,  # noqa: E402
                       k_scale_min)
 KR_TYPES = (Q4_KR, Q5_KR, Q6_KR, Q3_KR, Q2_KR, IQ4_XSR)  # the 256-value types repacked at load (krepack.py)
-from .dequant import (dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1, dequant_q5_0,  # noqa: E402
-                      dequant_q5_1)
+from .dequant import (IQ4_LEVELS, dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1,  # noqa: E402
+                      dequant_q5_0, dequant_q5_1)
+Q4_0_LEVELS = np.arange(-8, 8).astype(np.float32)  # a Q4_0 nibble's value, as IQ4_LEVELS gives IQ4_NL's
 
 QK = 32  # block size of Q4_0 / Q8_0 and of the int8 activation blocks
 QK_K = 256  # super-block size of the K-quants
@@ -70,8 +72,9 @@ def dequant_row(raw, off, qtype, n, out):
                 q = raw[p + 2 + j]
                 out[b * 32 + j] = d * np.float32((q & 15) - 8)
                 out[b * 32 + j + 16] = d * np.float32((q >> 4) - 8)
-    elif qtype == Q4_0R:
+    elif qtype == Q4_0R or qtype == IQ4_NLR:  # (IQ4_NL in Q4_0R's layout: each nibble a level)
         nb = n // 32
+        lv = IQ4_LEVELS if qtype == IQ4_NLR else Q4_0_LEVELS
         for b in range(nb):
             g, k = b // Q4_0R_GROUP, b % Q4_0R_GROUP
             m = min(Q4_0R_GROUP, nb - g * Q4_0R_GROUP)
@@ -80,14 +83,14 @@ def dequant_row(raw, off, qtype, n, out):
             if m < Q4_0R_GROUP:  # the shorter run: Q4_0's byte order
                 for j in range(16):
                     q = raw[p + 2 * m + 16 * k + j]
-                    out[b * 32 + j] = d * np.float32((q & 15) - 8)
-                    out[b * 32 + j + 16] = d * np.float32((q >> 4) - 8)
+                    out[b * 32 + j] = d * lv[q & 15]
+                    out[b * 32 + j + 16] = d * lv[q >> 4]
                 continue
             for j in range(4):  # repack_q4_0's lanes: weights 8 j + mm (low nibble) and 8 j + 4 + mm (high)
                 for mm in range(4):
                     q = raw[p + 2 * m + 32 * j + 4 * k + mm]
-                    out[b * 32 + 8 * j + mm] = d * np.float32((q & 15) - 8)
-                    out[b * 32 + 8 * j + 4 + mm] = d * np.float32((q >> 4) - 8)
+                    out[b * 32 + 8 * j + mm] = d * lv[q & 15]
+                    out[b * 32 + 8 * j + 4 + mm] = d * lv[q >> 4]
     elif qtype == Q8_0:
         for b in range(n // 32):
             p = off + b * 34
@@ -461,12 +464,13 @@ def _make_batch_matmul(name, dot_row, dot_tokens, tokens=TOKENS, columns=0):
 
 # weights in the repacked layout (repack_q4_0): A/B against one token per row dot, benchmarks/batch_matmul.py
 matmul_q4_0r_vnni = _make_batch_matmul("matmul_q4_0r_vnni", "dot_row_q4_0r_vnni", "dot_tokens_q4_0r_vnni")
+matmul_iq4_nlr_vnni = _make_batch_matmul("matmul_iq4_nlr_vnni", "dot_row_iq4_nlr_vnni", "dot_tokens_iq4_nlr_vnni")
 matmul_q8_0_vnni = _make_batch_matmul("matmul_q8_0_vnni", "dot_row_q8_0_vnni", "dot_tokens_q8_0_vnni")
 matmul_q5_0_vnni = _make_batch_matmul("matmul_q5_0_vnni", "dot_row_q5_0_vnni", "dot_tokens_q5_0_vnni")
 
 
 VNNI_MATMUL = {Q4_0: matmul_q4_0_vnni, Q4_0R: matmul_q4_0r_vnni, Q8_0: matmul_q8_0_vnni,  # HAS_VNNI only; the
-               Q5_0: matmul_q5_0_vnni}  # other types' route is X8_MATMUL's, and INT8_MATMUL's below without VNNI
+               Q5_0: matmul_q5_0_vnni, IQ4_NLR: matmul_iq4_nlr_vnni}  # other types' route is X8_MATMUL's, and INT8_MATMUL's below without VNNI
 # The types whose integer dots read the int8 forms (x8, xd, xb) on every CPU: through vpdpbusd on VNNI CPUs, through
 # its arithmetic in generic vector IR elsewhere (identical sums). One batch matmul per type and route,
 # matmul_<type>_vnni and matmul_<type>_generic (Q4_1 / Q5_1's min from the activations' block sums; the K-quants and
@@ -492,7 +496,7 @@ def dot_forms(qtype, forms):
     """(x, xd, bias): the activation forms (quantize_acts' seven, less the input) that the int8 row dots of
     qtype read: the repacked Q4_0 dots xt and xs, Q8_0's generic dot xq, the others x8 and xb."""
     xq, xd, x8, xb, xt, xs = forms
-    if qtype == Q4_0R or qtype in KR_TYPES:
+    if qtype in (Q4_0R, IQ4_NLR) or qtype in KR_TYPES:
         return xt, xd, xs
     return (xq, xd, xb) if qtype == Q8_0 and not HAS_VNNI and not X86_AVX2 else (x8, xd, xb)
 
@@ -537,8 +541,10 @@ matmul_q8_0_generic = _make_batch_matmul("matmul_q8_0_generic", "dot_row_q8_0_ge
 matmul_q4_0_generic = _make_batch_matmul("matmul_q4_0_generic", "dot_row_q4_0_generic", "dot_tokens_q4_0_generic")
 matmul_q5_0_generic = _make_batch_matmul("matmul_q5_0_generic", "dot_row_q5_0_generic", "dot_tokens_q5_0_generic")
 matmul_q4_0r_generic = _make_batch_matmul("matmul_q4_0r_generic", "dot_row_q4_0r_generic", "dot_tokens_q4_0r_generic")
+matmul_iq4_nlr_generic = _make_batch_matmul("matmul_iq4_nlr_generic", "dot_row_iq4_nlr_generic",
+                                            "dot_tokens_iq4_nlr_generic")
 INT8_MATMUL = {Q4_0: matmul_q4_0_generic, Q8_0: matmul_q8_0_generic if X86_AVX2 else matmul_q8_0,
-               Q5_0: matmul_q5_0_generic, Q4_0R: matmul_q4_0r_generic}
+               Q5_0: matmul_q5_0_generic, Q4_0R: matmul_q4_0r_generic, IQ4_NLR: matmul_iq4_nlr_generic}
 """out[t, r] = W[r] . x[t] for Q4_0 (repacked: Q4_0R; or in the file's layout) / Q8_0 / Q5_0 weights W on CPUs
 without VNNI, activations as int8 blocks (quantize_acts), as llama.cpp's vec_dot_q5_0_q8_0 and its kin compute them:
 Q4_0R, Q4_0 and Q5_0 through the VNNI dots' code in generic IR (xt and xs; x8 and xb), Q8_0 too on x86 with AVX2
@@ -546,7 +552,7 @@ Q4_0R, Q4_0 and Q5_0 through the VNNI dots' code in generic IR (xt and xs; x8 an
 # weight types whose dense dots read activations rounded as llama.cpp's Q8_K (quantize_acts_k), on every CPU
 Q8K_TYPES = (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_XS) + KR_TYPES
 # weight types whose row dots read the int8 activation forms (the K-quants through their VNNI or generic dots)
-INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS) + KR_TYPES
+INT8_TYPES = (Q4_0, Q8_0, Q5_0, Q4_0R, Q4_K, Q5_K, Q6_K, Q4_1, Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS, IQ4_NLR) + KR_TYPES
 
 
 @njit(parallel=True, cache=True, fastmath=True)

@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate, activate_row, up_part
-from .quant import (F32, INT8_TYPES, KR_TYPES, acts_forms_k, IQ4_NL, IQ4_XS, IQ4_XSR, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1,
+from .quant import (F32, INT8_TYPES, KR_TYPES, acts_forms_k, IQ4_NL, IQ4_NLR, IQ4_XS, IQ4_XSR, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1,
                     Q4_K, Q4_KR, Q5_0, Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32,
                    coefs_q4_vnni, dot_gate_up_q4_0r_generic, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni,
@@ -23,7 +23,7 @@ from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_generic, axpy_i8_vnni, 
                    dot_row_q6_krk_vnni, dot_row_q6_krk_generic, dot_row_q3_kr_vnni, dot_row_q3_kr_generic,
                    dot_row_q2_kr_vnni, dot_row_q2_kr_generic, dot_row_q3_krk_vnni, dot_row_q3_krk_generic,
                    dot_row_q2_krk_vnni, dot_row_q2_krk_generic, dot_row_iq4_xsr_vnni, dot_row_iq4_xsr_generic,
-                   dot_row_iq4_xsrk_vnni, dot_row_iq4_xsrk_generic)
+                   dot_row_iq4_xsrk_vnni, dot_row_iq4_xsrk_generic, dot_row_iq4_nlr_vnni, dot_row_iq4_nlr_generic)
 
 # The down axpy sums into private partial sums, parts (n_parts, dim), one per thread (the caller's
 # buffer, see ffn_pack.part_sums): threads split the kept neurons evenly. One per thread rather than a
@@ -147,6 +147,9 @@ def _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch):
     if qtype == IQ4_XSR:
         return dot_row_iq4_xsr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
             dot_row_iq4_xsr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
+    if qtype == IQ4_NLR:
+        return dot_row_iq4_nlr_vnni(u, off, cols // QK, xt, 0, xd, xs, 0) if vnni else \
+            dot_row_iq4_nlr_generic(u, off, cols // QK, xt, 0, xd, xs, 0)
     if qtype == Q4_0 and vnni:
         return dot_row_q4_0_vnni(u, off, cols // QK, x8, 0, xd, xb, 0)
     if qtype == Q4_0:

@@ -33,7 +33,8 @@ from .krepacked import (dot_row_q4_kr_vnni, dot_row_q4_kr_generic, dot_row_q5_kr
     dot_row_iq4_xsr_vnni, dot_row_iq4_xsr_generic, dot_row_iq4_xsrk_vnni, dot_tokens_iq4_xsrk_vnni,
     dot_row_iq4_xsrk_generic, dot_tokens_iq4_xsrk_generic)  # noqa: F401
 from .iquants import (dot_row_iq4_nl_vnni, dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_iq4_nl_generic,
-    dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic)  # noqa: F401
+    dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic,
+    dot_row_iq4_nlr_vnni, dot_tokens_iq4_nlr_vnni, dot_row_iq4_nlr_generic, dot_tokens_iq4_nlr_generic)  # noqa: F401
 from .axpy import (AXPY_Q4_COLUMNS, EXACT_PREFETCH, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32, coefs_q4_vnni, axpy_q4_exact_vnni, axpy_q4_exact_generic,
     dot_gate_up_q4_0r_vnni, dot_gate_up_q4_0r_generic)  # noqa: F401
 from .attention import (ATTENTION_HEADS, KEY_BLOCK, key_block_dots, value_rows_sum)  # noqa: F401

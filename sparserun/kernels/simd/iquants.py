@@ -13,7 +13,7 @@ from numba.core import cgutils
 
 from .ir import _i32, _i8, _routes, _signed, _splat, _vload
 from .kquants import _kquant_tokens
-from .legacy import offset128_token_dots
+from .legacy import _q4_0r_dots, offset128_token_dots
 
 LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _SHIFTED = [v + 128 - 256 if v + 128 > 127 else v + 128 for v in LEVELS]  # levels + 128 as i8 bit patterns
@@ -29,6 +29,13 @@ def _levels(builder, idx, dp):
     for i in range(1, 16):
         out = builder.select(builder.icmp_unsigned("==", idx, _splat(32, i)), _splat(32, _SHIFTED[i]), out)
     return out
+
+
+def _level_lanes(builder, nib, dp):
+    """<8 x i32>: the levels of nibbles nib (32 bytes, 0..15) as dp multiplies them: + 128 (vpdpbusd's unsigned
+    bytes, the offset taken out by the caller's seed), or themselves on AVX2's signed dot (ir._dpbssd_avx2)."""
+    v = _levels(builder, builder.bitcast(nib, ir.VectorType(_i8, 32)), dp)
+    return builder.bitcast(builder.xor(v, _splat(32, -128)) if _signed(dp) else v, ir.VectorType(_i32, 8))
 
 
 def _nibbles(builder, p):
@@ -67,3 +74,8 @@ dot_row_iq4_nl_vnni, dot_tokens_iq4_nl_vnni, dot_row_iq4_nl_generic, dot_tokens_
     _iq4_nl_token_dots, "IQ4_NL", signed=True)
 dot_row_iq4_xs_vnni, dot_tokens_iq4_xs_vnni, dot_row_iq4_xs_generic, dot_tokens_iq4_xs_generic = _routes(
     _kquant_tokens(_iq4_xs_super_block), "IQ4_XS", signed=True)
+# IQ4_NL repacked at load as Q4_0 is (IQ4_NLR: quant.repack_q4_0, the same block geometry): repacked Q4_0's group
+# frame with each nibble looked up
+dot_row_iq4_nlr_vnni, dot_tokens_iq4_nlr_vnni, dot_row_iq4_nlr_generic, dot_tokens_iq4_nlr_generic = _routes(
+    lambda builder, wp, nb, xps, xdps, xsps, dp: _q4_0r_dots(builder, [wp], nb, xps, xdps, xsps, dp,
+                                                            levels=_level_lanes)[0], "IQ4_NLR", per_block=1, signed=True)

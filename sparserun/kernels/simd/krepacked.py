@@ -12,7 +12,7 @@ where the rounding is theirs. One token or TOKENS_K tokens through one frame, on
 from llvmlite import ir
 from numba.core import cgutils
 
-from .iquants import _levels
+from .iquants import _level_lanes
 from .ir import TOKENS_K, _dots, _fma, _hsum8, _i32, _routes, _signed, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
@@ -219,15 +219,10 @@ def _iq4_xsr_super_block(builder, p, toks, dp):
         return builder.lshr(builder.shuffle_vector(v, v, ir.Constant(_V8I, [0] * 8)), ir.Constant(_V8I, [step * k for k in range(8)]))
     low, high = builder.and_(lanes(4, _i32, 4), k32(15)), builder.and_(lanes(2, ir.IntType(16), 2), k32(3))
     sc = builder.sub(builder.or_(low, builder.shl(high, k32(4))), k32(32))
-    signed = _signed(dp)
-    vals = []
-    for nl, nh in _chunks(builder, p, 8):
-        for nib in (nl, nh):
-            v = _levels(builder, builder.bitcast(nib, ir.VectorType(ir.IntType(8), 32)), dp)
-            vals.append(builder.bitcast(builder.xor(v, _splat(32, -128)) if signed else v, _V8I))
+    vals = [_level_lanes(builder, nib, dp) for pair in _chunks(builder, p, 8) for nib in pair]
     out = []
     for xv, xs, _, _ in toks:
-        sums = _dots(builder, dp, list(zip(vals, xv)), None if signed else builder.shl(xs, k32(4)), qmax=255)
+        sums = _dots(builder, dp, list(zip(vals, xv)), None if _signed(dp) else builder.shl(xs, k32(4)), qmax=255)
         out.append([(builder.sitofp(builder.mul(sums, sc), _V8F), d)])
     return out
 

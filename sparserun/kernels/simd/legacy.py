@@ -105,7 +105,7 @@ def dot_row_f32(typingctx, w, woff, n, x):
     return sig, codegen
 
 
-def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
+def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps, levels=None):
     """The exact int32 dots of a whole repacked Q4_0 group (blocks b0 .. b0 + 7) of each row at gps with each
     token's activations: sums[row][token] <8 x i32>, lane k the dot of block b0 + k.
     The group's 128 quant bytes are 4 chunks of 32 (quant.repack_q4_0): chunk j's byte 4k + m holds block k's
@@ -117,17 +117,21 @@ def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
     From L1, 1.8x faster than lanes per block reduced by shuffles; bit-identical sums.
     On the generic route (dp: ir._dpbusd_generic) the high nibbles are shifted down instead (pmaddubsw's int16 pair
     sums would saturate on 16 times them) and the 8 products of a row summed as ir._dots sums them: the same int32
-    sums."""
+    sums. levels (IQ4_NL in this layout): levels(builder, nibbles, dp) gives the weights the nibbles stand for as dp
+    multiplies them (iquants._level_lanes), summed by ir._dots with no -8 offset (16 xs seeds the +128 of vpdpbusd's
+    unsigned form, nothing on AVX2's signed dot)."""
     G = Q4_0R_GROUP
     v8i, i64 = ir.VectorType(_i32, 8), ir.IntType(64)
     zero, four = ir.Constant(v8i, [0] * 8), ir.Constant(v8i, [4] * 8)
-    generic = _generic(dp)
+    generic = _generic(dp) or levels is not None
     nibs = []  # [row][chunk] (low, 16 x high; generic: high) as <8 x i32>
     for gp in gps:
         chunks = [_vload(builder, builder.gep(gp, [ir.Constant(i64, 2 * G + 32 * j)]), 32) for j in range(4)]
         nibs.append([(builder.bitcast(builder.and_(v, _splat(32, 15)), v8i),
                       builder.bitcast(builder.lshr(v, _splat(32, 4)) if generic else builder.and_(v, _splat(32, -16)),
                                       v8i)) for v in chunks])
+        if levels is not None:
+            nibs[-1] = [(levels(builder, nl, dp), levels(builder, nh, dp)) for nl, nh in nibs[-1]]
     sums = [[None] * len(xps) for _ in gps]
     for t, (xp, xsp) in enumerate(zip(xps, xsps)):
         xg = builder.gep(xp, [builder.mul(b0, ir.Constant(i64, 32))])
@@ -135,6 +139,11 @@ def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
               for i in range(8)]
         bias = builder.load(builder.bitcast(builder.gep(xsp, [b0]), v8i.as_pointer()), align=4)
         for r in range(len(gps)):
+            if levels is not None:
+                seed = None if _signed(dp) else builder.shl(bias, ir.Constant(v8i, [4] * 8))
+                sums[r][t] = _dots(builder, dp, [t_ for j, (nl, nh) in enumerate(nibs[r])
+                                                 for t_ in ((nl, xv[2 * j]), (nh, xv[2 * j + 1]))], seed, qmax=255)
+                continue
             if generic:
                 sums[r][t] = _dots(builder, dp, [t_ for j, (nl, nh) in enumerate(nibs[r])
                                                  for t_ in ((nl, xv[2 * j]), (nh, xv[2 * j + 1]))], bias)
@@ -147,7 +156,8 @@ def _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps):
     return sums
 
 
-def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP, tail_at=None, each_group=None):
+def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP, tail_at=None, each_group=None,
+                levels=None):
     """Dots of the repacked Q4_0 rows at wps (byte pointers) with the activations of tokens xps (xt) / xdps /
     xsps (xs), quant.quantize_acts' forms for these dots: dots[row][token]. Each block's nibbles are unpacked
     once for all tokens and each token's activations loaded once for all rows. Per (row, token): whole groups
@@ -157,7 +167,7 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP,
     gate/up dot equals each row's own). A row's groups lie gstride bytes apart (its own groups back to back,
     or two rows' groups interleaved); tail_at(groups, m) gives the pointers of the rows' last, shorter groups
     (default: where the next group would start). each_group(g) emits extra code at the start of whole group g
-    (dot_gate_up_q4_0r_vnni's prefetches)."""
+    (dot_gate_up_q4_0r_vnni's prefetches). levels: IQ4_NL's lookup (_q4_0r_group_sums)."""
     G = Q4_0R_GROUP
     v8f, v8i, i64 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(_i32, 8), ir.IntType(64)
     nb = builder.sext(nb, i64) if nb.type.width < 64 else nb
@@ -174,7 +184,7 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP,
             each_group(loop.index)
         xd8s = [builder.load(builder.bitcast(builder.gep(xdp, [b0]), v8f.as_pointer()), align=4) for xdp in xdps]
         gps = [builder.gep(wp, [builder.mul(loop.index, c(gstride))]) for wp in wps]
-        for gp, row_sums, row_accs in zip(gps, _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps), accs):
+        for gp, row_sums, row_accs in zip(gps, _q4_0r_group_sums(builder, dp, gps, b0, xps, xsps, levels), accs):
             w8 = scales8(gp)
             for sums, xd8, a in zip(row_sums, xd8s, row_accs):
                 builder.store(_fma(builder, builder.sitofp(sums, v8f), builder.fmul(w8, xd8), builder.load(a[0])), a[0])
@@ -185,17 +195,26 @@ def _q4_0r_dots(builder, wps, nb, xps, xdps, xsps, dp, gstride=18 * Q4_0R_GROUP,
         b = builder.add(b0, loop.index)
         odd = builder.trunc(loop.index, ir.IntType(1))  # block parity picks the accumulator, as in the GGUF-layout dot
         # tail blocks keep Q4_0's byte order (xt there is x8 as it is); the block's offset term seeds lane 0
+        shift = 4 if levels is not None else 0  # (IQ4_NL: vpdpbusd's + 128 taken out by 16 xs, or nothing to take)
         xs = [(builder.load(builder.bitcast(builder.gep(xp, [builder.mul(b, c(32))]), v8i.as_pointer()), align=1),
-               builder.insert_element(ir.Constant(v8i, [0] * 8), builder.load(builder.gep(xsp, [b]), align=4),
+               ir.Constant(v8i, [0] * 8) if levels is not None and _signed(dp) else
+               builder.insert_element(ir.Constant(v8i, [0] * 8), builder.shl(builder.load(builder.gep(xsp, [b]), align=4),
+                                                                             ir.Constant(_i32, shift)),
                                       ir.Constant(_i32, 0)),
                _splat_f(builder, builder.load(builder.gep(xdp, [b]), align=4))) for xp, xdp, xsp in zip(xps, xdps, xsps)]
         for tp, row_accs in zip(tps, accs):
             nib = builder.bitcast(_nibbles32(builder, builder.gep(tp, [builder.add(builder.mul(m, c(2)),
                                                                                    builder.mul(loop.index, c(16)))])), v8i)
+            if levels is not None:
+                nib = levels(builder, nib, dp)
             ws = _half_splat(builder, builder.gep(tp, [builder.mul(loop.index, c(2))]))
             for (xv, xb, xds), a in zip(xs, row_accs):
                 acc = builder.select(odd, a[1], a[0])
                 lanes = builder.call(dp, [xb, nib, xv])
+                if levels is not None:  # the block's exact sum in lane 0, so both of IQ4's forms round alike
+                    total = builder.call(cgutils.get_or_insert_function(
+                        builder.module, ir.FunctionType(_i32, [v8i]), "llvm.vector.reduce.add.v8i32"), [lanes])
+                    lanes = builder.insert_element(ir.Constant(v8i, [0] * 8), total, ir.Constant(_i32, 0))
                 builder.store(_fma(builder, builder.sitofp(lanes, v8f), builder.fmul(ws, xds), builder.load(acc)), acc)
     return [[_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in row_accs]
             for row_accs in accs]
