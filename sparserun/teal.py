@@ -15,8 +15,10 @@ the calibration text (InputSparsity.columns). Where it keeps at most COLUMNS_BEL
 matrices that share the input, stacked and stored column by column (one unit per input channel: its weights for
 every output of q|k|v, or gate|up, re-quantized per 32 values in the neuron packs' down formats,
 ffn_pack.quantize_columns; a stack is split where that format changes). A decode token adds its kept channels' units
-(kernels.columns.column_axpy), a prompt batch runs every unit once for all its tokens (column_matmul), and the rows
-of those matrices are given back to the OS (weights.Weight.release): the model holds each matrix once. Elsewhere the
+(kernels.columns.column_axpy), a short prompt batch runs every unit once for all its tokens (column_matmul), and the
+rows of those matrices are given back to the OS (weights.Weight.release): the model holds each matrix once. A prompt
+batch of PROMPT_ROWS tokens or more reads each matrix's rows back from the file for its call (Weight.restore) and runs
+the dense kernels on the masked input, then gives them back: one layer's rows more in memory at a time. Elsewhere the
 dense kernels run on the input with the dropped channels zeroed (the file's own weights). Float32 columns (F32
 models) run through the neuron packs' pack_ffn, a token at a time. Column packs are cached beside the neuron packs and
 loaded into memory when the policy is installed (InputSparsity.load_packs).
@@ -48,6 +50,12 @@ ATTENTION = (QKV, O)
 # the masked input (its rows) instead of column packs: the columns stream at 0.75-0.87 of a sequential read and are
 # re-quantized, so near dense they lose
 COLUMNS_BELOW = 0.7
+# A prompt batch of at least this many tokens runs through the rows of a column input's matrices, read back from the
+# file (repacked) for the call and given back after it, rather than from its columns: 64 tokens' batch through the
+# columns ran at 0.45-0.5x the dense batch (a channel's weights are added token by token). TinyLlama Q4_0 at teal 50%,
+# `sparserun bench -p P -n 0 -r 5 --modes sparse`, columns / rows t/s: P = 16 55.9 / 34.7, 32 60.9 / 51.8, 64
+# 63.8 / 71.5, 128 63.3 / 98.1 (the rows' fixed cost is the repacking, 0.2-0.3 s for the whole model).
+PROMPT_ROWS = 48
 NO_X = np.zeros((1, K.QK), np.float32)  # pack_ffn's x, unread in AXPY_ONLY mode
 
 
@@ -285,15 +293,27 @@ class InputSparsity:
                         o, n = pack.run(x[0], t, self.idx, self.coef)
                         outs += o
                     self._count(li, group, (n / n_in,), trace)
-                else:  # a prompt batch, or BOS: every unit, each token's kept channels added
+                    return outs
+                if T < PROMPT_ROWS:  # a short prompt batch, or BOS: every unit, each token's kept channels added
                     for pack in packs:
                         o, counts = pack.run_batch(x, t, first)
                         outs += o
                     self._count(li, group, counts / n_in, trace)
+                    return outs
+                # a longer batch: the rows, read back from the file for this call only (Matmuls.run restores them)
+                released = [w for w in mats.weights if getattr(w, "released", False)]
+                outs = self._masked(li, group, mats, x, t, first, trace)
+                for w in released:
+                    w.release()
                 return outs
+        return self._masked(li, group, mats, x, t, first, trace)
+
+    def _masked(self, li, group, mats, x, t, first, trace):
+        """The dense kernels of mats on x with the dropped channels zeroed."""
+        T = x.shape[0]
         xm, counts = np.empty_like(x), np.empty(T, np.int64)  # (T, n_in) the kept channels, the rest zero
         mask_inputs(x, t, first, xm, counts)
-        self._count(li, group, counts / n_in, trace)
+        self._count(li, group, counts / x.shape[1], trace)
         return mats(Acts(xm))
 
     def load_packs(self, release=False):

@@ -197,8 +197,9 @@ def test_decode_columns_agree_with_the_masked_dense_path(make_model):
 def test_column_inputs_release_their_rows(make_model, tmp_path, qtype):
     """Under teal alone, the matrices of the inputs that read column packs give their rows back (the model holds each
     matrix once) and prompts run from the columns; the logits stay close to the masked dense path's; a read of a
-    released matrix restores it first; back to dense, every matrix is restored and the logits are the dense ones bit
-    for bit."""
+    released matrix restores it first; a prompt of teal.PROMPT_ROWS tokens or more runs through the rows, read back for
+    each call and given back after it (the masked path's logits bit for bit); back to dense, every matrix is restored
+    and the logits are the dense ones bit for bit."""
     m = sparserun.load(make_model(qtype, shape="small"))
     ids = m.tokenize("The quick brown fox jumps over the lazy dog and runs away")
     dense = m.logits(ids)
@@ -209,6 +210,8 @@ def test_column_inputs_release_their_rows(make_model, tmp_path, qtype):
     masked = teal.InputSparsity(m, t, columns=False)
     m.use_ffn(teal.TealFFN(m, None, masked))
     want = m.logits(ids)
+    long = (ids * (teal.PROMPT_ROWS // len(ids) + 2))[:teal.PROMPT_ROWS + 3]
+    want_long = m.logits(long)
     m.set_sparsity(f"teal:{path}")
     assert m.inputs.columns.all()  # 50% dropped, read back from the file's tables
     mats = [w for L in m.layers for w in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down)]
@@ -217,6 +220,10 @@ def test_column_inputs_release_their_rows(make_model, tmp_path, qtype):
     assert (w._buf == 0).mean() > 0.75  # its whole pages are gone: zeros until restored (not those it shares)
     got = m.logits(ids)
     assert all(w.released for w in mats)  # the prompt ran from the columns
+    # a long prompt batch: each matrix's rows read back for its call, the masked dense path's logits bit for bit, and
+    # the rows given back after it
+    np.testing.assert_array_equal(m.logits(long), want_long)
+    assert all(w.released for w in mats)
     corr = lambda a, b: np.corrcoef(a.ravel(), b.ravel())[0, 1]  # noqa: E731
     # a random model sits on its thresholds: the columns' re-quantization flips channels near them, which move the
     # next layers; still nearer the masked path than dense is

@@ -23,44 +23,29 @@ from .simd import load_f16
 
 
 @njit(cache=True, inline="always")
-def _q4_k_value(raw, p, k, l):
-    """Q4_K super-block at raw[p:]: sub-block k's 4-bit value l (0..31)."""
-    return (np.int32(raw[p + 16 + 32 * (k // 2) + l]) >> (4 * (k % 2))) & 15
-
-
-@njit(cache=True, inline="always")
-def _q6_k_value(raw, p, v):
-    """Q6_K super-block at raw[p:]: value v's 6-bit quant (0..63; ggml's dequantize_row_q6_K layout)."""
-    h, r = v // 128, v % 128
-    k, l = r // 32, r % 32
-    a = np.int32(raw[p + 64 * h + l + 32 * (k % 2)])
-    low = (a & 15) if k < 2 else (a >> 4)
-    return low | (((np.int32(raw[p + 128 + 32 * h + l]) >> (2 * k)) & 3) << 4)
-
-
-@njit(cache=True, inline="always")
 def _repack_q45_k(raw, rows, row_bytes, out, five):
     """Q4_K rows -> Q4_KR, or Q5_K -> Q5_KR (five: the nibbles sit where Q4_K's do, 32 bytes later, and the fifth bits
     of chunk j's low and high nibble at byte L go to bits 2 j and 2 j + 1 of byte 144 + L); module docstring."""
     size, qs = (176, 32) if five else (144, 0)
+    u = np.uint64  # unsigned indices: numba's check for negative ones cost several times the work here
     for r in prange(rows):
         for s in range(row_bytes // size):
-            p = r * row_bytes + size * s
-            out[p:p + 16] = raw[p:p + 16]
+            p = u(r * row_bytes + size * s)
+            for i in range(16):
+                out[p + u(i)] = raw[p + u(i)]
             if five:
                 for L in range(32):
-                    out[p + 144 + L] = 0
-            for j in range(4):
-                for k in range(8):
+                    out[p + u(144 + L)] = 0
+            for k in range(8):  # sub-block k: the low (even k) or high nibbles of 32 bytes from 16 + qs + 32 (k // 2)
+                src, sh = p + u(16 + qs + 32 * (k // 2)), 4 * (k % 2)
+                for j in range(4):
                     for m in range(4):
-                        at = 4 * k + m
-                        lo, hi = 8 * j + m, 8 * j + 4 + m
-                        out[p + 16 + 32 * j + at] = (_q4_k_value(raw, p + qs, k, lo) |
-                                                     (_q4_k_value(raw, p + qs, k, hi) << 4))
+                        lo, hi = u(8 * j + m), u(8 * j + 4 + m)
+                        at = u(4 * k + m)
+                        out[p + u(16 + 32 * j) + at] = ((raw[src + lo] >> sh) & 15) | (((raw[src + hi] >> sh) & 15) << 4)
                         if five:
-                            f = (((np.int32(raw[p + 16 + lo]) >> k) & 1) << (2 * j)) | \
-                                (((np.int32(raw[p + 16 + hi]) >> k) & 1) << (2 * j + 1))
-                            out[p + 144 + at] = np.int32(out[p + 144 + at]) | f
+                            f = (((raw[p + u(16) + lo] >> k) & 1) << (2 * j)) | (((raw[p + u(16) + hi] >> k) & 1) << (2 * j + 1))
+                            out[p + u(144) + at] |= f
 
 
 @njit(parallel=True, cache=True)
@@ -76,25 +61,28 @@ def repack_q5_k(raw, rows, row_bytes, out):
 @njit(parallel=True, cache=True)
 def repack_q6_k(raw, rows, row_bytes, out):
     """Q6_K rows -> Q6_KR (module docstring), row by row."""
+    u = np.uint64  # unsigned indices (see _repack_q45_k)
     for r in prange(rows):
         for s in range(row_bytes // 210):
-            p = r * row_bytes + 210 * s
-            out[p:p + 2] = raw[p + 208:p + 210]
-            out[p + 2:p + 18] = raw[p + 192:p + 208]
-            for k in range(8):
+            p = u(r * row_bytes + 210 * s)
+            for i in range(2):
+                out[p + u(i)] = raw[p + u(208 + i)]
+            for i in range(16):
+                out[p + u(2 + i)] = raw[p + u(192 + i)]
+            for k in range(8):  # sub-block k = 4 h + k2 (ggml's dequantize_row_q6_K): value l's low 4 bits in byte
+                h, k2 = k // 4, k % 4  # 64 h + 32 (k2 % 2) + l, nibble k2 // 2; its high 2 in 128 + 32 h + l, bits 2 k2
+                lsrc, lsh = p + u(64 * h + 32 * (k2 % 2)), 4 * (k2 // 2)
+                hsrc, hsh = p + u(128 + 32 * h), 2 * k2
                 for m in range(4):
-                    for i in range(8):
-                        q = _q6_k_value(raw, p, 32 * k + 4 * i + m)
-                        at = p + 18 + 32 * (i // 2) + 4 * k + m
-                        if i % 2 == 0:
-                            out[at] = q & 15
-                        else:
-                            out[at] = np.int32(out[at]) | ((q & 15) << 4)
-                        hat = p + 146 + 32 * (i // 4) + 4 * k + m
-                        if i % 4 == 0:
-                            out[hat] = q >> 4
-                        else:
-                            out[hat] = np.int32(out[hat]) | ((q >> 4) << (2 * (i % 4)))
+                    for c in range(4):  # value runs 2 c and 2 c + 1: one byte of low nibbles
+                        a = (raw[lsrc + u(8 * c + m)] >> lsh) & 15
+                        b = (raw[lsrc + u(8 * c + 4 + m)] >> lsh) & 15
+                        out[p + u(18 + 32 * c + 4 * k + m)] = a | (b << 4)
+                    for c in range(2):  # value runs 4 c .. 4 c + 3: one byte of high bits
+                        v = 0
+                        for i in range(4):
+                            v |= ((raw[hsrc + u(4 * (4 * c + i) + m)] >> hsh) & 3) << (2 * i)
+                        out[p + u(146 + 32 * c + 4 * k + m)] = v
 
 
 @njit(cache=True, inline="always")
