@@ -89,58 +89,69 @@ def repack_q6_k(raw, rows, row_bytes, out):
 def _two_bit_runs(raw, qs, out, at):
     """Q2_K / Q3_K's 64 bytes of 2-bit quants at raw[qs:] (value 128 h + 32 s + l: bits 2 s of byte 32 h + l) ->
     the two lane-ordered runs at out[at:] (module docstring)."""
-    for c in range(2):
-        for k in range(8):
+    u = np.uint64  # (unsigned indices: see _repack_q45_k)
+    for k in range(8):
+        src, sh = qs + u(32 * (k // 4)), 2 * (k % 4)
+        for c in range(2):
             for m in range(4):
                 b = 0
-                for s in range(4):
-                    l = 4 * (4 * c + s) + m  # sub-block k's value l: value 32 k + l of the super-block
-                    b |= ((np.int32(raw[qs + 32 * (k // 4) + l]) >> (2 * (k % 4))) & 3) << (2 * s)
-                out[at + 32 * c + 4 * k + m] = b
+                for s in range(4):  # sub-block k's value l = 4 (4 c + s) + m: value 32 k + l of the super-block
+                    b |= ((raw[src + u(4 * (4 * c + s) + m)] >> sh) & 3) << (2 * s)
+                out[at + u(32 * c + 4 * k + m)] = b
 
 
 @njit(parallel=True, cache=True)
 def repack_q3_k(raw, rows, row_bytes, out):
     """Q3_K rows (hmask 32 bytes, 2-bit quants 64, scales 12, d) -> Q3_KR (module docstring)."""
+    u = np.uint64
     for r in prange(rows):
         for sb in range(row_bytes // 110):
-            p = r * row_bytes + 110 * sb
-            out[p:p + 2] = raw[p + 108:p + 110]
-            out[p + 2:p + 14] = raw[p + 96:p + 108]
-            _two_bit_runs(raw, p + 32, out, p + 14)
+            p = u(r * row_bytes + 110 * sb)
+            for i in range(2):
+                out[p + u(i)] = raw[p + u(108 + i)]
+            for i in range(12):
+                out[p + u(2 + i)] = raw[p + u(96 + i)]
+            _two_bit_runs(raw, p + u(32), out, p + u(14))
             for k in range(8):  # value 32 k + l's third bit: bit k of hmask byte l (k = 4 h + s)
                 for m in range(4):
                     b = 0
                     for i in range(8):
-                        b |= ((np.int32(raw[p + 4 * i + m]) >> k) & 1) << i
-                    out[p + 78 + 4 * k + m] = b
+                        b |= ((raw[p + u(4 * i + m)] >> k) & 1) << i
+                    out[p + u(78 + 4 * k + m)] = b
 
 
 @njit(parallel=True, cache=True)
 def repack_q2_k(raw, rows, row_bytes, out):
     """Q2_K rows (scales 16 bytes, 2-bit quants 64, d, dmin) -> Q2_KR (module docstring)."""
+    u = np.uint64
     for r in prange(rows):
         for sb in range(row_bytes // 84):
-            p = r * row_bytes + 84 * sb
-            out[p:p + 4] = raw[p + 80:p + 84]
-            out[p + 4:p + 20] = raw[p:p + 16]
-            _two_bit_runs(raw, p + 16, out, p + 20)
+            p = u(r * row_bytes + 84 * sb)
+            for i in range(4):
+                out[p + u(i)] = raw[p + u(80 + i)]
+            for i in range(16):
+                out[p + u(4 + i)] = raw[p + u(i)]
+            _two_bit_runs(raw, p + u(16), out, p + u(20))
 
 
 @njit(parallel=True, cache=True)
 def repack_iq4_xs(raw, rows, row_bytes, out):
     """IQ4_XS rows (d, scales_h, scales_l, then 8 sub-blocks of 16 nibble bytes in Q4_0's order) -> IQ4_XSR."""
+    u = np.uint64
     for r in prange(rows):
         for s in range(row_bytes // 136):
-            p = r * row_bytes + 136 * s
-            out[p:p + 8] = raw[p:p + 8]
-            for j in range(4):
-                for k in range(8):
-                    for m in range(4):
-                        lo, hi = 8 * j + m, 8 * j + 4 + m  # sub-block k's values: byte l % 16, nibble l // 16
-                        a = (np.int32(raw[p + 8 + 16 * k + lo % 16]) >> (4 * (lo // 16))) & 15
-                        b = (np.int32(raw[p + 8 + 16 * k + hi % 16]) >> (4 * (hi // 16))) & 15
-                        out[p + 8 + 32 * j + 4 * k + m] = a | (b << 4)
+            p = u(r * row_bytes + 136 * s)
+            for i in range(8):
+                out[p + u(i)] = raw[p + u(i)]
+            for k in range(8):  # sub-block k's value l: byte l % 16 of its 16, nibble l // 16 (as repack_q4_0)
+                q, o = p + u(8 + 16 * k), p + u(8 + 4 * k)
+                for i in range(4):
+                    mm = u(i)
+                    w0, w1, w2, w3 = raw[q + mm], raw[q + u(4) + mm], raw[q + u(8) + mm], raw[q + u(12) + mm]
+                    out[o + mm] = (w0 & 15) | ((w1 & 15) << 4)
+                    out[o + u(32) + mm] = (w2 & 15) | ((w3 & 15) << 4)
+                    out[o + u(64) + mm] = (w0 >> 4) | (w1 & 240)
+                    out[o + u(96) + mm] = (w2 >> 4) | (w3 & 240)
 
 
 @njit(cache=True, inline="always")
