@@ -276,6 +276,25 @@ def test_attention_matches_float64_softmax(n_head, n_kv, hd, T, pos0, threads, k
             np.testing.assert_allclose(out[t, h * hd:(h + 1) * hd], p @ v, rtol=1e-4, atol=1e-5)
 
 
+def _up_row_packs(w, r, rng, acts=None):
+    """pack_ffn (COEF_TIMES_DOT, float32 down columns) of 4 neurons of 40 whose up rows are w's, then r's (its
+    repacked copy): the two outputs, which should agree, the down columns and the neurons."""
+    from sparserun.kernels import quant as K
+    from sparserun.kernels import sparse as S
+
+    acts = acts or Acts(rng.standard_normal((1, w.cols)).astype(np.float32))
+    down = rng.standard_normal((40, 32)).astype(np.float32)
+    idx = np.array([1, 5, 6, 30], np.int64)
+    outs = []
+    for src in (w, r):
+        units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
+        out = np.empty(32, np.float32)
+        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
+                   32, idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, np.empty((2, 32), np.float32), out)
+        outs.append(out)
+    return outs, down, idx
+
+
 @pytest.mark.parametrize("cols", [256, 1056, 96])
 def test_repacked_q4_0_equals_the_gguf_layout(cols):
     """Weight.repacked (8 blocks' scales, then their quants; 1056 and 96 columns end in a shorter group), on this
@@ -301,16 +320,7 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
     acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
     np.testing.assert_array_equal(r.subset(ids).matmul(acts), r.matmul(acts)[:, ids])
     # a pack whose up rows are the repacked rows: COEF_TIMES_DOT gives the GGUF rows' result
-    down = rng.standard_normal((40, 32)).astype(np.float32)
-    idx = np.array([1, 5, 6, 30], np.int64)
-    outs = []
-    for src in (w, r):
-        units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
-        out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
-                   32, idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x,
-                   np.empty((2, 32), np.float32), out)
-        outs.append(out)
+    outs, down, idx = _up_row_packs(w, r, rng, acts)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6 * np.abs(outs[0]).max())
     # predictor packs (gate and up rows): repacked rows are interleaved (ffn_pack.interleave_rows) and take the
     # paired dot (dot_gate_up_q4_0r_vnni), the GGUF rows one dot each; silu(gate . x) * (up . x) alike
@@ -631,8 +641,7 @@ def test_repacked_iq4_nl_equals_the_gguf_layout(cols, monkeypatch):
 
     from sparserun.kernels import quant as K
     from sparserun.kernels import simd
-    from sparserun.kernels import sparse as S
-
+    
     rng = np.random.default_rng(cols + 1)
     w = weight(Q.IQ4_NL, 40, cols, rng)
     r = w.repacked()
@@ -657,16 +666,7 @@ def test_repacked_iq4_nl_equals_the_gguf_layout(cols, monkeypatch):
         results.append(out)
     np.testing.assert_array_equal(results[0], results[1])
     monkeypatch.undo()
-    acts = Acts(rng.standard_normal((1, cols)).astype(np.float32))
-    down = rng.standard_normal((40, 32)).astype(np.float32)
-    idx = np.array([1, 5, 6, 30], np.int64)
-    outs = []
-    for src in (w, r):
-        units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
-        out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
-                   32, idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, np.empty((2, 32), np.float32), out)
-        outs.append(out)
+    outs = _up_row_packs(w, r, rng)[0]
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
 
 

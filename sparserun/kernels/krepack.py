@@ -134,6 +134,22 @@ def repack_q2_k(raw, rows, row_bytes, out):
             _two_bit_runs(raw, p + u(16), out, p + u(20))
 
 
+@njit(cache=True, inline="always")
+def lane_nibbles(raw, q, out, o):
+    """The 32 nibbles of 16 bytes at raw[q:] (value l: byte l % 16, low nibble for l < 16; Q4_0's and IQ4's order) into
+    lane k of 4 chunks of 32 bytes from out[o - 4 k:] (o: chunk 0's byte 4 k): chunk j's bytes o + 32 j + m hold values
+    8 j + m (low nibble) and 8 j + 4 + m (high), m < 4. Per source byte quad, branch-free; q and o unsigned (see
+    _repack_q45_k)."""
+    u = np.uint64
+    for i in range(4):
+        mm = u(i)
+        w0, w1, w2, w3 = raw[q + mm], raw[q + u(4) + mm], raw[q + u(8) + mm], raw[q + u(12) + mm]
+        out[o + mm] = (w0 & 15) | ((w1 & 15) << 4)
+        out[o + u(32) + mm] = (w2 & 15) | ((w3 & 15) << 4)
+        out[o + u(64) + mm] = (w0 >> 4) | (w1 & 240)
+        out[o + u(96) + mm] = (w2 >> 4) | (w3 & 240)
+
+
 @njit(parallel=True, cache=True)
 def repack_iq4_xs(raw, rows, row_bytes, out):
     """IQ4_XS rows (d, scales_h, scales_l, then 8 sub-blocks of 16 nibble bytes in Q4_0's order) -> IQ4_XSR."""
@@ -143,15 +159,8 @@ def repack_iq4_xs(raw, rows, row_bytes, out):
             p = u(r * row_bytes + 136 * s)
             for i in range(8):
                 out[p + u(i)] = raw[p + u(i)]
-            for k in range(8):  # sub-block k's value l: byte l % 16 of its 16, nibble l // 16 (as repack_q4_0)
-                q, o = p + u(8 + 16 * k), p + u(8 + 4 * k)
-                for i in range(4):
-                    mm = u(i)
-                    w0, w1, w2, w3 = raw[q + mm], raw[q + u(4) + mm], raw[q + u(8) + mm], raw[q + u(12) + mm]
-                    out[o + mm] = (w0 & 15) | ((w1 & 15) << 4)
-                    out[o + u(32) + mm] = (w2 & 15) | ((w3 & 15) << 4)
-                    out[o + u(64) + mm] = (w0 >> 4) | (w1 & 240)
-                    out[o + u(96) + mm] = (w2 >> 4) | (w3 & 240)
+            for k in range(8):
+                lane_nibbles(raw, p + u(8 + 16 * k), out, p + u(8 + 4 * k))
 
 
 @njit(cache=True, inline="always")

@@ -42,7 +42,7 @@ from ..qtypes import (BF16, BLOCKS, F16, F32, IQ4_NL, IQ4_NLR, IQ4_XS, IQ4_XSR, 
                       Q4_KR, Q5_0, Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0)
 from .templates import define  # noqa: E402
 from .krepack import (dequant_iq4_xsr, dequant_q2_kr, dequant_q3_kr, dequant_q4_kr, dequant_q5_kr, dequant_q6_kr,  # noqa: E402
-                      k_scale_min)
+                      k_scale_min, lane_nibbles)
 KR_TYPES = (Q4_KR, Q5_KR, Q6_KR, Q3_KR, Q2_KR, IQ4_XSR)  # the 256-value types repacked at load (krepack.py)
 from .dequant import (IQ4_LEVELS, dequant_iq4_nl, dequant_iq4_xs, dequant_q2_k, dequant_q3_k, dequant_q4_1,  # noqa: E402
                       dequant_q5_0, dequant_q5_1)
@@ -521,17 +521,8 @@ def repack_q4_0(raw, rows, row_bytes, out):
                 src = base + u(18 * (g * G + k))
                 out[dst + u(2 * k)] = raw[src]
                 out[dst + u(2 * k + 1)] = raw[src + u(1)]
-                # chunk j, lane k: weights 8 j + mm (low nibble) and 8 j + 4 + mm (high); weight w is byte w % 16's
-                # low (w < 16) or high nibble: per source byte quad, branch-free (a prompt under teal repacks the rows
-                # it gave back, layer by layer: teal.PROMPT_ROWS)
-                q, o = src + u(2), dst + u(2 * G + 4 * k)
-                for i in range(4):
-                    mm = u(i)
-                    w0, w1, w2, w3 = raw[q + mm], raw[q + u(4) + mm], raw[q + u(8) + mm], raw[q + u(12) + mm]
-                    out[o + mm] = (w0 & 15) | ((w1 & 15) << 4)
-                    out[o + u(32) + mm] = (w2 & 15) | ((w3 & 15) << 4)
-                    out[o + u(64) + mm] = (w0 >> 4) | (w1 & 240)
-                    out[o + u(96) + mm] = (w2 >> 4) | (w3 & 240)
+                # (a prompt under teal repacks the rows it gave back, layer by layer: teal.PROMPT_ROWS)
+                lane_nibbles(raw, src + u(2), out, dst + u(2 * G + 4 * k))
         dst = base + u(whole * 18 * G)
         for k in range(m):  # the shorter group: its scales, then its blocks' bytes in Q4_0's order
             src = base + u(18 * (whole * G + k))
