@@ -33,19 +33,17 @@ def _repack_q45_k(raw, rows, row_bytes, out, five):
             p = u(r * row_bytes + size * s)
             for i in range(16):
                 out[p + u(i)] = raw[p + u(i)]
-            if five:
-                for L in range(32):
-                    out[p + u(144 + L)] = 0
             for k in range(8):  # sub-block k: the low (even k) or high nibbles of 32 bytes from 16 + qs + 32 (k // 2)
                 src, sh = p + u(16 + qs + 32 * (k // 2)), 4 * (k % 2)
-                for j in range(4):
-                    for m in range(4):
+                for m in range(4):
+                    at, f = u(4 * k + m), 0
+                    for j in range(4):
                         lo, hi = u(8 * j + m), u(8 * j + 4 + m)
-                        at = u(4 * k + m)
                         out[p + u(16 + 32 * j) + at] = ((raw[src + lo] >> sh) & 15) | (((raw[src + hi] >> sh) & 15) << 4)
-                        if five:
-                            f = (((raw[p + u(16) + lo] >> k) & 1) << (2 * j)) | (((raw[p + u(16) + hi] >> k) & 1) << (2 * j + 1))
-                            out[p + u(144) + at] |= f
+                        if five:  # the fifth bits: bit k of qh bytes lo and hi
+                            f |= (((raw[p + u(16) + lo] >> k) & 1) << (2 * j)) | (((raw[p + u(16) + hi] >> k) & 1) << (2 * j + 1))
+                    if five:
+                        out[p + u(144) + at] = f
 
 
 @njit(parallel=True, cache=True)
