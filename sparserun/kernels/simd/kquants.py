@@ -130,6 +130,23 @@ def _q2_k_super_block(builder, wp, dp):
     return emit
 
 
+def q3_k_scales(builder, p):
+    """Q3_K's 16 6-bit scales from the 12 bytes at p as <16 x i8> (0..63, before the - 32): ggml's own unpacking
+    (dequantize_row_q3_K: three 32-bit words, masks and shifts). Q3_KR keeps the same 12 bytes."""
+    k32 = lambda v: ir.Constant(_i32, v)  # noqa: E731
+    aux = [builder.load(builder.bitcast(builder.gep(p, [ir.Constant(ir.IntType(64), 4 * k)]), _i32.as_pointer()),
+                        align=1) for k in range(3)]
+    m1, m2 = k32(0x03030303), k32(0x0F0F0F0F)
+    low = lambda v, sh: builder.and_(builder.lshr(v, k32(sh)), m2) if sh else builder.and_(v, m2)  # noqa: E731
+    top = lambda sh: builder.shl(builder.and_(builder.lshr(aux[2], k32(sh)), m1), k32(4))  # noqa: E731
+    words = [builder.or_(low(aux[0], 0), top(0)), builder.or_(low(aux[1], 0), top(2)),
+             builder.or_(low(aux[0], 4), top(4)), builder.or_(low(aux[1], 4), top(6))]
+    v4 = ir.Constant(ir.VectorType(_i32, 4), None)
+    for k, w in enumerate(words):
+        v4 = builder.insert_element(v4, w, k32(k))
+    return builder.bitcast(v4, ir.VectorType(_i8, 16))
+
+
 def _q3_k_super_block(builder, wp, dp):
     """Q3_K (110 bytes: 32 bytes hmask, 64 bytes of 2-bit quants, 12 bytes holding 16 6-bit scales, fp16 d): value
     = d (sc - 32) (u - 4), u the 2 low bits (bits 2 j of bytes 32 + 32 n on, for 32-value block 4 n + j) and bit
@@ -137,23 +154,12 @@ def _q3_k_super_block(builder, wp, dp):
     the accumulator input (xb / 2 = -4 x each lane's activation sum)."""
     i64, f32 = ir.IntType(64), ir.FloatType()
     c = lambda v: ir.Constant(i64, v)  # noqa: E731
-    k32 = lambda v: ir.Constant(_i32, v)  # noqa: E731
 
     def emit(s, block):
         p = builder.gep(wp, [builder.mul(s, c(110))])
         d = builder.fpext(builder.load(builder.bitcast(builder.gep(p, [c(108)]), ir.HalfType().as_pointer()), align=1),
                           f32)
-        aux = [builder.load(builder.bitcast(builder.gep(p, [c(96 + 4 * k)]), _i32.as_pointer()), align=1)
-               for k in range(3)]
-        m1, m2 = k32(0x03030303), k32(0x0F0F0F0F)
-        low = lambda v, sh: builder.and_(builder.lshr(v, k32(sh)), m2) if sh else builder.and_(v, m2)  # noqa: E731
-        top = lambda sh: builder.shl(builder.and_(builder.lshr(aux[2], k32(sh)), m1), k32(4))  # noqa: E731
-        words = [builder.or_(low(aux[0], 0), top(0)), builder.or_(low(aux[1], 0), top(2)),
-                 builder.or_(low(aux[0], 4), top(4)), builder.or_(low(aux[1], 4), top(6))]
-        v4 = ir.Constant(ir.VectorType(_i32, 4), None)
-        for k, w in enumerate(words):
-            v4 = builder.insert_element(v4, w, k32(k))
-        sc = builder.sub(builder.zext(builder.bitcast(v4, ir.VectorType(_i8, 16)), ir.VectorType(_i32, 16)),
+        sc = builder.sub(builder.zext(q3_k_scales(builder, builder.gep(p, [c(96)])), ir.VectorType(_i32, 16)),
                          ir.Constant(ir.VectorType(_i32, 16), [32] * 16))
         scales = builder.fmul(builder.sitofp(sc, ir.VectorType(f32, 16)), _splat_f(builder, d, 16))
         hm = _vload(builder, p, 32)

@@ -13,6 +13,7 @@ from llvmlite import ir
 from numba.core import cgutils
 
 from .iquants import _level_lanes
+from .kquants import q3_k_scales
 from .ir import TOKENS_K, _dots, _fma, _hsum8, _i32, _routes, _signed, _splat, _splat_f, _vload
 
 _V8I = ir.VectorType(_i32, 8)
@@ -114,13 +115,9 @@ def _q6_kr_super_block(builder, p, toks, dp):
         top = (builder.shl(hb, _splat(32, 4 - 2 * s)) if s < 2 else
                builder.lshr(hb, _splat(32, 2 * s - 4)) if s > 2 else hb)
         vals.append(builder.bitcast(builder.or_(nib, builder.and_(top, _splat(32, 48))), _V8I))
-    thirty2 = builder.bitcast(_splat(32, 32), _V8I)
     out = []
     for xv, xs, xh, _ in toks:
-        if xh is not None:  # 32 x the first 16 values' sums, from the activations' forms (-8 x each sum)
-            first = builder.mul(xh, ir.Constant(_V8I, [-4] * 8))
-        else:  # computed here: a vpdpbusd of 32s
-            first = _dots(builder, dp, [(thirty2, xv[i]) for i in range(4)], qmax=32)
+        first = _first_halves(builder, dp, xv, xh, 32)  # 32 x the first 16 values' sums
         sums_a = builder.sub(_dots(builder, dp, [(vals[i], xv[i]) for i in range(4)], qmax=63), first)
         # second halves: q x - 32 (whole sum - first) = q x + 4 xs + first (xs = -8 x the whole block's sum)
         sums_b = _dots(builder, dp, [(vals[4 + i], xv[4 + i]) for i in range(4)],
@@ -146,6 +143,8 @@ def _even_odd(builder, b16):
 def _first_halves(builder, dp, xv, xh, weight):
     """weight x each block's first 16 activations' sum (<8 x i32>): from the Q8_K forms' xh (-8 x that sum) where
     the forms carry it, else a dot of the first 4 value runs' activations with weight."""
+    if xh is not None and weight % 8 == 0:
+        return builder.mul(xh, ir.Constant(_V8I, [-weight // 8] * 8))
     if xh is not None:
         return builder.ashr(builder.mul(xh, ir.Constant(_V8I, [-weight] * 8)), ir.Constant(_V8I, [3] * 8))  # exact
     return _dots(builder, dp, [(builder.bitcast(_splat(32, weight), _V8I), xv[i]) for i in range(4)], qmax=weight)
@@ -156,19 +155,10 @@ def _q3_kr_super_block(builder, p, toks, dp):
     third bits; krepack.py): per token [(half sums x their scales, d)] (float lanes, exact). Value = d (sc - 32) (q -
     4), a scale per 16 values: lanes sum each sub-block's first and second 16 apart (value runs 0-3 and 4-7), and the
     - 4 comes from the first halves' activation sums and xs (the whole block's), as Q6_KR's - 32. The scales unpack as
-    ggml's own (three 32-bit words, masks and shifts)."""
+    ggml's own (kquants.q3_k_scales)."""
     d = _half(builder, p, 0)
-    w = [builder.load(builder.bitcast(builder.gep(p, [_c(2 + 4 * k)]), _i32.as_pointer()), align=1) for k in range(3)]
-    k32 = lambda v: ir.Constant(_i32, v)  # noqa: E731
-    low4 = lambda v, sh: builder.and_(builder.lshr(v, k32(sh)) if sh else v, k32(0x0F0F0F0F))  # noqa: E731
-    top2 = lambda sh: builder.shl(builder.and_(builder.lshr(w[2], k32(sh)) if sh else w[2], k32(0x03030303)), k32(4))  # noqa: E731
-    words = [builder.or_(low4(w[0], 0), top2(0)), builder.or_(low4(w[1], 0), top2(2)),
-             builder.or_(low4(w[0], 4), top2(4)), builder.or_(low4(w[1], 4), top2(6))]
-    v4 = ir.Constant(ir.VectorType(_i32, 4), None)
-    for k, x in enumerate(words):
-        v4 = builder.insert_element(v4, x, k32(k))
     thirty2 = ir.Constant(_V8I, [32] * 8)
-    sc_a, sc_b = [builder.sub(v, thirty2) for v in _even_odd(builder, builder.bitcast(v4, ir.VectorType(ir.IntType(8), 16)))]
+    sc_a, sc_b = [builder.sub(v, thirty2) for v in _even_odd(builder, q3_k_scales(builder, builder.gep(p, [_c(2)])))]
     third = _vload(builder, builder.gep(p, [_c(78)]), 32)
     vals = []
     for i, low in enumerate(_two_bit_values(builder, p, 14)):  # the third bit moved to bit 2
