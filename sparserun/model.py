@@ -529,6 +529,6 @@ def load(path, threads=None, n_ctx=2048, n_batch=256, sparsity=None, predictor=N
         from .hybrid import install, make_placement, resolve_device
 
         if resolve_device(device, vram_budget if placement is None else 0, err) == "cuda":
-            install(m, make_placement(m, vram_budget, placement, profile, gate_dense=m.policy.gate_dense))
+            install(m, make_placement(m, vram_budget, placement, profile))
     m.load_seconds = time.perf_counter() - t0
     return m

@@ -6,7 +6,9 @@ float32 rows for F32 models, float16 for F16 / BF16, the file's bytes for Q4_0 a
 every other type). Items:
 - one FFN neuron of layer l (its gate row, up row and down column together): VRAM their device bytes, value =
   the gate row's CPU bytes (the CPU computes the gate of every neuron it owns) plus p * (up row + down column
-  bytes), where p is the neuron's profiled activation frequency;
+  bytes), where p is the neuron's activation frequency: the profile's, or without one, measured at first use under
+  the policy's own keep rule on a built-in text (builtin_frequencies, cached); every neuron p = 1 under the dense
+  policy;
 - the attention block of layer l (q, k, v, o and its KV cache of n_ctx positions): value = the projections'
   CPU bytes, read for every token; VRAM = the projections plus the float32 KV cache;
 - the output head: value = its CPU bytes (under `--head hot`, its hot rows': the estimate and the exact cold rows
@@ -29,6 +31,9 @@ device size places everything.
 File: GGUF side file "sparserun-placement", fingerprint-bound like the profile: per layer blk.N.gpu_neurons
 (neuron ids, float32-stored integers), attn_gpu (n_layer,), output_gpu (1,), and the budget and bytes used.
 """
+import hashlib
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,12 +78,48 @@ class Placement:
         return not (self.output_gpu or self.attn_gpu.any() or any(len(g) for g in self.gpu_neurons))
 
 
-def neuron_frequencies(model, profile):
-    """(n_layer, n_ff) activation frequencies from a profile, or all ones (every neuron equally hot) without."""
+FREQUENCY_TOKENS = 1024  # of the built-in text, for a sparse policy's plan without a profile (builtin_frequencies)
+
+
+def builtin_frequencies(model, policy):
+    """(n_layer, n_ff) how often each neuron is kept under `policy`'s keep rule (|activation| above the layer's
+    threshold; non-zero for the others: ReLU zeros, a predictor's targets), from one dense pass over the first
+    FREQUENCY_TOKENS of teal.builtin_text() (Python's documentation, shipped with CPython). All ones under the dense
+    policy (every neuron computed: nothing to measure). Cached beside the neuron packs per model and keep rule; the
+    pass clears the model's context. Without it a sparse model's plan counts every neuron as hot and fills the budget
+    with whole layers of mostly idle neurons."""
     a = model.args
-    if profile is None:
+    if policy is None or policy.is_dense:
         return np.ones((a.n_layer, a.n_ff), np.float32)
-    return np.asarray(profile.frequency, np.float32)
+    from .activations import watch_ffn
+    from .ffn_pack import cache_root
+    from .teal import builtin_text
+
+    params = policy.layer_params(a.n_layer, a.n_ff)
+    thr = np.array([p if isinstance(p, (float, np.floating)) else 0.0 for p in params], np.float32)
+    fp = model.gguf.fingerprint()
+    path = os.path.join(cache_root(), fp[:32], f"hotness.{hashlib.sha1(thr.tobytes()).hexdigest()[:12]}.npy")
+    if os.path.exists(path):
+        try:
+            freq = np.load(path)
+            if freq.shape == (a.n_layer, a.n_ff):
+                return freq
+        except (OSError, ValueError):
+            pass  # damaged: measured again
+    ids = model.tokenize(builtin_text())[:FREQUENCY_TOKENS]
+    print(f"placement: no profile; neuron hotness under --sparsity {policy.spec} measured on Python's documentation "
+          f"text ({len(ids)} tokens), cached in {path}", file=sys.stderr)
+    count = np.zeros((a.n_layer, a.n_ff), np.int64)
+
+    def on_layer(li, x, act):  # act: |activation| (T, n_ff)
+        count[li] += (act > thr[li]).sum(0)
+
+    watch_ffn(model, ids, on_layer, batch=min(256, model.n_ctx))
+    freq = (count / max(len(ids), 1)).astype(np.float32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path + ".tmp.npy", freq)
+    os.replace(path + ".tmp.npy", path)
+    return freq
 
 
 def greedy(values, costs, budget):
@@ -93,11 +134,12 @@ def greedy(values, costs, budget):
     return chosen
 
 
-def plan(model, budget_bytes, profile=None, gate_dense=True):
-    """The greedy plan (see the module docstring). gate_dense: the CPU computes the gate of all its neurons (the
-    ReLU / threshold policies); False when a predictor picks neurons before any FFN row is read."""
+def plan(model, budget_bytes, frequency=None, gate_dense=True):
+    """The greedy plan (see the module docstring). frequency: (n_layer, n_ff) each neuron's activation frequency
+    (None: every neuron hot). gate_dense: the CPU computes the gate of all its neurons (the ReLU / threshold
+    policies); False when a predictor picks neurons before any FFN row is read."""
     a = model.args
-    freq = neuron_frequencies(model, profile)
+    freq = np.ones((a.n_layer, a.n_ff), np.float32) if frequency is None else np.asarray(frequency, np.float32)
     budget = int(max(0, budget_bytes))
     values, costs, kinds = [], [], []  # kinds: (0, layer, neuron) | (1, layer) attention | (2,) head
     for li, L in enumerate(model.layers):

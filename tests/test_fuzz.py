@@ -155,7 +155,7 @@ def test_mutated_side_files_are_refused_in_one_line(stories, tmp_path):
                      "with her friends. One day, she saw a big red ball near the tree and ran to get it.")
     prof = profile_model(m, ids)
     save_profile(prof, tmp_path / "profile.gguf")
-    save_placement(plan(m, device_bytes(m) // 3, prof), tmp_path / "placement.gguf")
+    save_placement(plan(m, device_bytes(m) // 3, prof.frequency), tmp_path / "placement.gguf")
     pset, _ = train_predictors(m, ids, ranks=(8,), epochs=0)
     pset.save(tmp_path / "predictors.gguf")
     loaders = {"profile.gguf": lambda p: load_profile(p, m), "placement.gguf": lambda p: load_placement(p, m),

@@ -106,18 +106,44 @@ def test_greedy_is_optimal_for_equal_costs_and_near_optimal_otherwise():
 
 
 def test_plan_budgets_and_hotness(tiny):
-    from sparserun.profile import Profile
-
     m = sparserun.load(tiny(planted=0.7), n_ctx=8)
     assert plan(m, 0).empty
     full = plan(m, 10**12)
     assert all(len(g) == 128 for g in full.gpu_neurons) and full.attn_gpu.all() and full.output_gpu
     assert full.used == device_bytes(m)
     freq = np.random.default_rng(1).random((2, 128)).astype(np.float32)
-    prof = Profile(m.gguf.fingerprint(), 100, "relu", freq, freq, np.zeros((2, 362), np.int64), np.zeros(2, np.float32))
-    p = plan(m, 40 * 3 * 64 * 4, prof)  # room for 40 neurons (float32 rows of 64)
+    p = plan(m, 40 * 3 * 64 * 4, freq)  # room for 40 neurons (float32 rows of 64)
     chosen = np.concatenate([freq[li][g] for li, g in enumerate(p.gpu_neurons)])
     assert len(chosen) == 40 and chosen.min() >= np.sort(freq.ravel())[-40]  # the 40 hottest over both layers
+
+
+def test_a_sparse_plan_without_a_profile_measures_its_neurons(tiny, capsys):
+    """No profile: the plan of a sparse policy ranks neurons by how often its keep rule kept them over the built-in
+    text (one pass, said on stderr, cached), as a profile of that text would; the dense policy needs no pass."""
+    from sparserun.hybrid import make_placement
+    from sparserun.placement import FREQUENCY_TOKENS, builtin_frequencies
+    from sparserun.profile import profile_model
+    from sparserun.teal import builtin_text
+
+    path = tiny(planted=0.7)
+    m = sparserun.load(path, n_ctx=64, sparsity="threshold:0")
+    budget = 0.2 * device_bytes(m)
+    p = make_placement(m, budget / 2**30)
+    assert "no profile; neuron hotness under --sparsity threshold:0" in capsys.readouterr().err
+    ids = m.tokenize(builtin_text())[:FREQUENCY_TOKENS]
+    freq = profile_model(m, ids, batch=64).frequency  # ReLU: active = non-zero, threshold:0's rule (batches of n_ctx)
+    assert 0.05 < freq.mean() < 0.6 and freq.max() > 2 * freq.mean()  # planted: some neurons far hotter
+    ref = plan(m, budget, freq)
+    assert all(np.array_equal(a, b) for a, b in zip(p.gpu_neurons, ref.gpu_neurons)) and p.used == ref.used
+    assert np.array_equal(p.attn_gpu, ref.attn_gpu) and p.output_gpu == ref.output_gpu
+    hot = np.concatenate([freq[li][g] for li, g in enumerate(p.gpu_neurons)])
+    cold = np.concatenate([np.delete(freq[li], g) for li, g in enumerate(p.gpu_neurons)])
+    assert len(hot) and hot.min() >= cold.max()  # the hottest neurons, not whole layers
+    assert np.array_equal(builtin_frequencies(m, m.policy), freq)  # from the cache now
+    assert "no profile" not in capsys.readouterr().err
+    dense = sparserun.load(path, n_ctx=64)
+    assert builtin_frequencies(dense, dense.policy).min() == 1.0  # dense: every neuron computed, no pass
+    assert capsys.readouterr().err == ""
 
 
 def test_hot_head_rows_are_the_placed_head(tiny, stories):

@@ -9,6 +9,9 @@ from sparserun.kernels import quant as K
 from sparserun.kernels import sparse as S
 from sparserun.sparsity import POLICIES, parse_sparsity, save_thresholds
 
+ONLY_ONE_ROUTE = pytest.mark.skipif(not K.HAS_VNNI, reason="this CPU has no AVX512-VNNI: the whole suite runs the "
+                                    "route SPARSERUN_NO_VNNI=1 forces, so there is no second route to compare")
+
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path, monkeypatch):
@@ -387,6 +390,7 @@ def test_neuron_pack_cache_problems_are_one_line_errors(make_model, tmp_path, mo
         sparserun.load(path, sparsity="threshold:0")
 
 
+@ONLY_ONE_ROUTE
 def test_non_vnni_build_runs_and_agrees(make_model, tmp_path):
     """SPARSERUN_NO_VNNI=1 (as on a CPU without AVX512-VNNI): the VNNI intrinsics compile to traps the kernels
     never reach, the generic dots and the float axpy run, and a sparse Q4_0 decode agrees with this process's.
@@ -415,6 +419,7 @@ def test_non_vnni_build_runs_and_agrees(make_model, tmp_path):
     assert (there.argmax(-1) == here.argmax(-1)).mean() > 0.9
 
 
+@ONLY_ONE_ROUTE
 def test_non_vnni_kquant_model_agrees(make_model, tmp_path):
     """SPARSERUN_NO_VNNI=1 on a Q4_K_M model: the K-quant rows are dotted in integers through the generic kernels
     (not dequantized), with the same sums as the VNNI ones, so the logits match this process's."""
