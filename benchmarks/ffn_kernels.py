@@ -5,7 +5,7 @@
 Each sparse row computes a fixed random neuron set per layer the way a predictor policy does (one pass
 of the pack kernel over the neurons' gate, up and down; see sparserun/ffn_pack.py); the dense row is the dense FFN (gate and up
 matmuls, activation, down matmul). Repetitions are interleaved across rows; medians are reported.
-Target (issue 3): at fraction f the FFN costs at most f + 0.05 of the dense FFN.
+Target: at fraction f the FFN costs at most f + 0.05 of the dense FFN.
 
 The "read floor" column is the time to only read the same units' bytes, split over the threads the same way
 and prefetched line by line READ_AHEAD units ahead, with no arithmetic (benchmarks/unit_reads.py: a whole unit

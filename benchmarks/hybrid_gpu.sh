@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU/GPU hybrid on a real NVIDIA GPU, in one run of a few minutes: the hybrid and kernel tests on the device
 # (not numba's simulator), the decode table on a TinyLlama-shaped planted-sparsity Q4_0 model (CPU dense, CPU
-# sparse, hybrid at 10, 25, 50 and 100% of the model's device bytes), then the overlap of the GPU and CPU halves.
+# sparse, hybrid at 10, 25, 50 and 100% of the model's device bytes) beside its byte ceiling (hybrid_ceiling.py), then
+# the overlap of the GPU and CPU halves. The plans rank neurons by their keep frequency, measured at first use.
 #     benchmarks/hybrid_gpu.sh [OUTDIR]        (PRESET=tiny for a dry run; THREADS=N for the CPU's threads;
 #                                              NO_LLAMA_CPP=1 where llama-cpp-python is not installed)
 set -u
@@ -32,6 +33,10 @@ timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py t
     ${NO_LLAMA_CPP:+-k "not place_cli and not Q4_K_M and not bench_hybrid"} > "$out/tests.log" 2>&1
 step "tests rc $?"
 wait
+
+step ceiling
+timeout 60 python3 benchmarks/hybrid_ceiling.py "$model" --budget 0.1 0.25 0.5 1 > "$out/ceiling.md" 2>&1
+step "ceiling rc $?"
 
 step bench
 timeout 200 python3 -m sparserun.cli bench "$model" -n 32 -p 0 -r 3 $t --fidelity-tokens 0 --sparsity threshold:0 \

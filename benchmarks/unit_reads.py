@@ -13,7 +13,7 @@ project is measured on they come within about 10% of each other, in no stable or
 - lockstep: 8 units at a time, line k of each in turn, no software prefetch (8 hardware streams);
 - lockstep+pf: the same, and the first 4 lines of the next 8 units prefetched.
 "stream" reads the same number of bytes sequentially, prefetched 1 KiB ahead: what a dense matrix costs.
-The f + 0.05 targets of issue 3 ask the kept units to come at (nearly) the stream's rate.
+The sparse FFN's target (at kept fraction f, at most f + 0.05 of the dense FFN's time) asks the kept units to come at (nearly) the stream's rate.
 """
 import argparse
 import os

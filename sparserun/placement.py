@@ -122,6 +122,14 @@ def builtin_frequencies(model, policy):
     return freq
 
 
+def neuron_cpu_bytes(L, n_ff, p, gate_dense):
+    """(n_ff,) the CPU bytes a token reads for each neuron of layer L kept at frequency p: its gate row (every token
+    when gate_dense) and p x its up row and down column, in the file's types."""
+    b_gate = L.w_gate.row_bytes if L.w_gate is not None else 0
+    b_rest = L.w_up.row_bytes + L.w_down.n_bytes / n_ff
+    return (b_gate if gate_dense else b_gate * p) + p * b_rest
+
+
 def greedy(values, costs, budget):
     """Items in decreasing value per cost (ties: lower index first), each taken if it still fits: a bool mask."""
     order = np.lexsort((np.arange(len(values)), -(values / costs)))
@@ -143,13 +151,8 @@ def plan(model, budget_bytes, frequency=None, gate_dense=True):
     budget = int(max(0, budget_bytes))
     values, costs, kinds = [], [], []  # kinds: (0, layer, neuron) | (1, layer) attention | (2,) head
     for li, L in enumerate(model.layers):
-        gated = L.w_gate is not None
         c = device_neuron_bytes(L, a.dim)
-        b_gate = L.w_gate.row_bytes if gated else 0  # CPU bytes of one row, in the file's type
-        b_rest = L.w_up.row_bytes + L.w_down.n_bytes / a.n_ff
-        p = freq[li]
-        v = (b_gate if gate_dense else b_gate * p) + p * b_rest
-        values.append(v)
+        values.append(neuron_cpu_bytes(L, a.n_ff, freq[li], gate_dense))
         costs.append(np.full(a.n_ff, c, np.float64))
         kinds.append(np.stack([np.zeros(a.n_ff, np.int64), np.full(a.n_ff, li), np.arange(a.n_ff)], 1))
         attn = [L.wq, L.wk, L.wv, L.wo]
