@@ -1,6 +1,6 @@
 """How fast this machine reads random neuron units, against a sequential stream of the same bytes.
 
-    python benchmarks/unit_reads.py [--fractions 0.5,0.25] [-r 7] [-t 2]
+    python benchmarks/unit_reads.py [--fractions 0.5,0.25] [-r 7] [-t 2] [--unit 3456 --stride 4096]
 
 The sparse FFN's kept neurons are random 3456-byte units (a TinyLlama-shaped Q4_0 predictor pack: gate, up
 and down of one neuron), each alone in a 4 KiB page, in huge pages (ffn_pack.py). These pure reads of such
@@ -13,6 +13,10 @@ project is measured on they come within about 10% of each other, in no stable or
 - lockstep: 8 units at a time, line k of each in turn, no software prefetch (8 hardware streams);
 - lockstep+pf: the same, and the first 4 lines of the next 8 units prefetched.
 "stream" reads the same number of bytes sequentially, prefetched 1 KiB ahead: what a dense matrix costs.
+"ceiling" is the speed-up that skipping can give at most on these bytes: reading every unit as one stream, against
+reading the kept ones the best of the four ways. teal's column packs are contiguous units of one input channel's
+weights for every output (`--unit 1024 --stride 1024`: a 4-bit column of 2,048 outputs, TinyLlama's o and down;
+1280 for q|k|v, 5632 for gate|up).
 The sparse FFN's target (at kept fraction f, at most f + 0.05 of the dense FFN's time) asks the kept units to come at (nearly) the stream's rate.
 """
 import argparse
@@ -29,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparserun.kernels.simd import prefetch  # noqa: E402
 from sparserun.memory import huge_page_buffer  # noqa: E402
 
-UNIT, STRIDE, N_UNITS = 3456, 4096, 22 * 5632  # 507 MB of units: far more than the caches
+UNIT, STRIDE, TOTAL = 3456, 4096, 22 * 5632 * 4096  # 507 MB of units: far more than the caches
 AHEAD = 8
 
 
@@ -99,19 +103,24 @@ def main(argv=None):
     ap.add_argument("--fractions", default="0.5,0.25")
     ap.add_argument("-r", "--repetitions", type=int, default=7)
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--unit", type=int, default=UNIT, help="bytes read of each unit (a multiple of 64)")
+    ap.add_argument("--stride", type=int, default=STRIDE, help="bytes from one unit's start to the next's")
     a = ap.parse_args(argv)
     numba.set_num_threads(a.threads)
-    u = huge_page_buffer(N_UNITS * STRIDE)
+    unit, stride = a.unit, a.stride
+    n_units = TOTAL // stride
+    u = huge_page_buffer(n_units * stride)
     u[:] = 1  # touch every page
     rng = np.random.default_rng(0)
-    print(f"{a.threads} threads, units of {UNIT} bytes {STRIDE} apart, medians of {a.repetitions} (GB/s)")
-    print("| kept fraction | stream | " + " | ".join(WAYS) + " |")
-    print("|---" * (2 + len(WAYS)) + "|")
+    print(f"{a.threads} threads, units of {unit} bytes {stride} apart, medians of {a.repetitions} (GB/s)")
+    print("| kept fraction | stream | " + " | ".join(WAYS) + " | ceiling |")
+    print("|---" * (3 + len(WAYS)) + "|")
     for f in [float(v) for v in a.fractions.split(",")]:
-        idx = np.sort(rng.choice(N_UNITS, int(f * N_UNITS), replace=False)).astype(np.int64)
-        nbytes = len(idx) * UNIT
+        idx = np.sort(rng.choice(n_units, int(f * n_units), replace=False)).astype(np.int64)
+        nbytes = len(idx) * unit
         runs = {"stream": lambda: read_stream(u, nbytes, a.threads),
-                **{k: (lambda h=h: read_units(u, STRIDE, UNIT, idx, a.threads, h, AHEAD)) for k, h in WAYS.items()}}
+                **{k: (lambda h=h: read_units(u, stride, unit, idx, a.threads, h, AHEAD)) for k, h in WAYS.items()}}
+        runs["all"] = lambda: read_stream(u, n_units * stride, a.threads)  # the dense matrix: every unit
         rates = {k: [] for k in runs}
         for r in range(a.repetitions + 1):  # interleaved: every way sees the same machine state
             for k, fn in runs.items():
@@ -119,7 +128,10 @@ def main(argv=None):
                 fn()
                 if r:  # the first pass compiles
                     rates[k].append(nbytes / (time.perf_counter() - t) / 1e9)
-        print(f"| {f:g} | " + " | ".join(f"{statistics.median(v):.1f}" for v in rates.values()) + " |")
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        every = med.pop("all")  # the kept bytes over the time of reading every unit (rates are nbytes / time)
+        print(f"| {f:g} | " + " | ".join(f"{v:.1f}" for v in med.values())
+              + f" | {max(med[k] for k in WAYS) / every:.2f}x |")
 
 
 if __name__ == "__main__":
