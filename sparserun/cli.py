@@ -475,22 +475,29 @@ def place(
     profile: Optional[Path] = typer.Option(None, "--profile", help="neuron hotness (default: <model>.gguf.profile.gguf)"),
     vram_budget: float = typer.Option(..., "--vram-budget", help="GiB of GPU memory to fill"),
     out: Optional[Path] = typer.Option(None, "-o", "--output", help="placement file (default: <model>.gguf.placement.gguf)"),
+    sparsity: Optional[str] = typer.Option(None, "--sparsity", help="the policy the placement serves: without a profile, "
+                                           "each neuron's hotness is measured under its keep rule on a built-in text"),
     predictor: bool = typer.Option(False, "--for-predictor", help="plan for the predictor policy (no dense CPU gate)"),
 ):
     """Decide which neurons, attention blocks and output head go to the GPU under a VRAM budget."""
     from .hybrid import make_placement
     from .model import Model
-    from .placement import device_bytes, save_placement
+    from .placement import builtin_frequencies, device_bytes, save_placement
     from .side_files import PLACEMENT, PROFILE
+    from .sparsity import parse_sparsity
 
     if vram_budget < 0:
         raise SparserunError(f"--vram-budget must be >= 0 GiB, got {vram_budget}")
-    m = Model(model, n_ctx=1)
-    if profile is None and not Path(PROFILE.default_path(model)).is_file():
-        raise SparserunError(f"no profile: run `sparserun profile {model} --corpus FILE` first, or pass --profile")
     if profile is not None and not profile.is_file():
         raise SparserunError(f"{profile}: no such profile file")
-    p = make_placement(m, vram_budget, profile=profile, gate_dense=not predictor)
+    if profile is None and not Path(PROFILE.default_path(model)).is_file() and sparsity is None:
+        raise SparserunError(f"no profile: run `sparserun profile {model} --corpus FILE` first, pass --profile, or "
+                             "give --sparsity to measure the neurons' hotness under that policy")
+    policy = parse_sparsity(sparsity) if sparsity is not None else None
+    m = Model(model, n_ctx=1)  # the plan counts no KV cache: the file serves any context
+    if policy is not None and profile is None and not Path(PROFILE.default_path(model)).is_file():
+        builtin_frequencies(Model(model, n_ctx=256), policy)  # measured in windows of 256 tokens, cached for the plan
+    p = make_placement(m, vram_budget, profile=profile, gate_dense=False if predictor else None, policy=policy)
     out = out or Path(PLACEMENT.default_path(model))
     save_placement(p, out)
     typer.echo(f"{p.summary()} (the whole model on the device: {device_bytes(m) / 2**30:.3f} GiB)")

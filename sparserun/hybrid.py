@@ -69,12 +69,12 @@ def resolve_device(device, vram_budget=None, err=sys.stderr):
     return "cpu"
 
 
-def make_placement(model, vram_budget=None, placement=None, profile=None, gate_dense=None):
+def make_placement(model, vram_budget=None, placement=None, profile=None, gate_dense=None, policy=None):
     """A saved placement (checked against the model): `placement` (a `sparserun place` file or PowerInfer's GPU index),
     or without a budget the one `sparserun place` saved beside the model; else a plan for vram_budget GiB (None: the
     whole model) from the neurons' activation frequencies: the profile's (a path, or <model>.gguf.profile.gguf when it
-    exists), else measured under the model's policy at first use (placement.builtin_frequencies). gate_dense (None:
-    the model's policy says) whether the CPU reads every gate row it owns."""
+    exists), else measured under the policy (None: the model's) at first use (placement.builtin_frequencies).
+    gate_dense (None: the policy says) whether the CPU reads every gate row it owns."""
     from . import placement as P
     from . import profile as Pr
     from .side_files import PLACEMENT, PROFILE
@@ -89,14 +89,15 @@ def make_placement(model, vram_budget=None, placement=None, profile=None, gate_d
         return P.load_placement(placement, model)
     profile = PROFILE.given_or_default(profile, model.path)
     budget = P.device_bytes(model) if vram_budget is None else int(vram_budget * GIB)
+    policy = policy or model.policy
     if profile is not None:
         freq = Pr.load_profile(profile, model).frequency
     elif budget >= P.device_bytes(model):
         freq = None  # everything fits: the frequencies change nothing
     else:
-        freq = P.builtin_frequencies(model, model.policy)
+        freq = P.builtin_frequencies(model, policy)
     if gate_dense is None:
-        gate_dense = model.policy.gate_dense
+        gate_dense = policy.gate_dense
     return P.plan(model, budget, freq, gate_dense=gate_dense)
 
 

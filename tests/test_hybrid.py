@@ -13,6 +13,7 @@ import pytest
 import sparserun
 from sparserun.errors import SparserunError
 from sparserun.placement import device_bytes, greedy, load_placement, plan, save_placement
+from sparserun.sparsity import parse_sparsity
 
 IDS = [1, 45, 67, 89, 100, 200]
 SIM_IDS = IDS[:4]  # hybrid_vs_cpu's tokens: a batch of 4, then 3 decode tokens over a growing cache (the simulator
@@ -239,6 +240,32 @@ def test_place_cli_and_generate_with_it(tiny, tmp_path):
         assert f"hybrid CPU/GPU: {placed.summary()}" in r.output
     finally:
         out.unlink(missing_ok=True)
+
+
+def test_place_without_a_profile_measures_under_its_policy(tiny, tmp_path):
+    """`sparserun place` with no profile: refused (one line, from the CLI's error path) unless --sparsity names the
+    policy whose keep rule the hotness is measured under; then the file holds the plan on-the-fly placement makes for
+    that policy."""
+    from typer.testing import CliRunner
+
+    from sparserun.cli import app
+    from sparserun.hybrid import make_placement
+
+    import shutil
+
+    path = tmp_path / "m.gguf"  # a copy: no profile beside it (test_place_cli's model has one)
+    shutil.copy(tiny(planted=0.7), path)
+    out = tmp_path / "p.gguf"
+    r = CliRunner().invoke(app, ["place", str(path), "--vram-budget", "0.0002", "-o", str(out)])
+    assert isinstance(r.exception, SparserunError) and "--sparsity" in str(r.exception) and not out.exists()
+    r = CliRunner().invoke(app, ["place", str(path), "--vram-budget", "0.0002", "-o", str(out), "--sparsity",
+                                 "threshold:0"])
+    assert r.exit_code == 0 and out.is_file(), r.output
+    m = sparserun.load(path, n_ctx=1)
+    got = load_placement(out, m)
+    want = make_placement(m, 0.0002, policy=parse_sparsity("threshold:0"))  # the cached frequencies
+    assert sum(len(g) for g in got.gpu_neurons) > 0
+    assert all(np.array_equal(a, b) for a, b in zip(got.gpu_neurons, want.gpu_neurons)) and got.used == want.used
 
 
 def _corpus(tmp_path):
