@@ -33,6 +33,14 @@ def random_blocks(qtype, rows, cols, rng):
     return b.reshape(-1)
 
 
+def packed(units):
+    """units (n, stride) as the flat readonly array the neuron packs are (ffn_pack.load_units): one kernel signature,
+    one compile of pack_ffn for the tests and the engine."""
+    flat = units.reshape(-1)
+    flat.flags.writeable = False
+    return flat
+
+
 def weight(qtype, rows, cols, rng):
     raw = random_blocks(qtype, rows, cols, rng)
     return Weight(RawTensor("w", int(qtype), rows, cols, raw, raw.nbytes // rows))
@@ -145,7 +153,7 @@ def test_vnni_q4_0_kernels_equal_the_generic_ones(T, cols):
     outs = []
     for vnni, n_parts in ((False, 1), (True, 3)):  # any number of partial sums splits the neurons correctly
         out = np.empty(dim, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], w.row_bytes, 2 * w.row_bytes, Q.Q4_0, Q.Q4_0, vnni, S.DOWN_F32,
+        S.pack_ffn(packed(units), units.shape[1], w.row_bytes, 2 * w.row_bytes, Q.Q4_0, Q.Q4_0, vnni, S.DOWN_F32,
                    dim, idx, 37, np.empty(0, np.float32), S.GATED_DOTS, 1, acts.x[:1],
                    np.full((n_parts, dim), np.nan, np.float32), out)
         outs.append(out)
@@ -289,7 +297,7 @@ def _up_row_packs(w, r, rng, acts=None):
     for src in (w, r):
         units = np.concatenate([src.raw.reshape(40, -1), down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
+        S.pack_ffn(packed(units), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
                    32, idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, np.empty((2, 32), np.float32), out)
         outs.append(out)
     return outs, down, idx
@@ -334,7 +342,7 @@ def test_repacked_q4_0_equals_the_gguf_layout(cols):
             rows = [interleave_rows(*rows)]
         units = np.concatenate(rows + [down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], gate.row_bytes, gate.row_bytes + up.row_bytes, gate.qtype,
+        S.pack_ffn(packed(units), units.shape[1], gate.row_bytes, gate.row_bytes + up.row_bytes, gate.qtype,
                    up.qtype, K.HAS_VNNI, S.DOWN_F32, 32, idx, 4, np.empty(0, np.float32), S.GATED_DOTS, 0, acts.x,
                    np.empty((2, 32), np.float32), out)
         outs.append(out)
@@ -767,7 +775,7 @@ def test_repacked_k_quants_equal_the_gguf_layout(qtype):
     for src in (w, r):
         units = np.concatenate([src.raw.reshape(rows, -1), down.view(np.uint8)], axis=1)
         out = np.empty(32, np.float32)
-        S.pack_ffn(units.reshape(-1), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
+        S.pack_ffn(packed(units), units.shape[1], 0, src.row_bytes, src.qtype, src.qtype, K.HAS_VNNI, S.DOWN_F32,
                    32, idx, 4, np.ones(4, np.float32), S.COEF_TIMES_DOT, 1, acts.x, np.empty((2, 32), np.float32), out)
         outs.append(out)
     want = (acts.x.astype(np.float64) @ values[idx].T)[0] @ down[idx]
