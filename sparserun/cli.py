@@ -482,7 +482,7 @@ def place(
     """Decide which neurons, attention blocks and output head go to the GPU under a VRAM budget."""
     from .hybrid import make_placement
     from .model import Model
-    from .placement import builtin_frequencies, device_bytes, save_placement
+    from .placement import device_bytes, save_placement
     from .side_files import PLACEMENT, PROFILE
     from .sparsity import parse_sparsity
 
@@ -493,11 +493,9 @@ def place(
     if profile is None and not Path(PROFILE.default_path(model)).is_file() and sparsity is None:
         raise SparserunError(f"no profile: run `sparserun profile {model} --corpus FILE` first, pass --profile, or "
                              "give --sparsity to measure the neurons' hotness under that policy")
-    policy = parse_sparsity(sparsity) if sparsity is not None else None
     m = Model(model, n_ctx=1)  # the plan counts no KV cache: the file serves any context
-    if policy is not None and profile is None and not Path(PROFILE.default_path(model)).is_file():
-        builtin_frequencies(Model(model, n_ctx=256), policy)  # measured in windows of 256 tokens, cached for the plan
-    p = make_placement(m, vram_budget, profile=profile, gate_dense=False if predictor else None, policy=policy)
+    p = make_placement(m, vram_budget, profile=profile, gate_dense=False if predictor else None,
+                       policy=parse_sparsity(sparsity) if sparsity is not None else None)
     out = out or Path(PLACEMENT.default_path(model))
     save_placement(p, out)
     typer.echo(f"{p.summary()} (the whole model on the device: {device_bytes(m) / 2**30:.3f} GiB)")

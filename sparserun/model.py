@@ -259,6 +259,21 @@ class Model:
         return old
 
     @contextmanager
+    def context_of(self, n_ctx):
+        """Within the block, a fresh context of at least n_ctx positions (a KV cache of its own when the model's is
+        smaller: a calibration pass over windows longer than the model was loaded for); the model's context after."""
+        if n_ctx <= self.n_ctx:
+            yield self
+            return
+        saved = self.n_ctx, self.use_cache(KVCache(self.args, n_ctx, self.n_batch, self.kv_type))
+        self.n_ctx = n_ctx
+        try:
+            yield self
+        finally:
+            self.n_ctx = saved[0]
+            self.use_cache(saved[1])
+
+    @contextmanager
     def observing_ffn(self, observer):
         """Within the block, the FFNs run dense and call observer(layer, acts) first (profiling, calibration and
         predictor training watch the activations this way: activations.watch_ffn)."""

@@ -79,6 +79,7 @@ class Placement:
 
 
 FREQUENCY_TOKENS = 1024  # of the built-in text, for a sparse policy's plan without a profile (builtin_frequencies)
+FREQUENCY_WINDOW = 256  # tokens a window of that pass (a context of its own where the model's is shorter)
 
 
 def builtin_frequencies(model, policy):
@@ -114,11 +115,15 @@ def builtin_frequencies(model, policy):
     def on_layer(li, x, act):  # act: |activation| (T, n_ff)
         count[li] += (act > thr[li]).sum(0)
 
-    watch_ffn(model, ids, on_layer, batch=min(256, model.n_ctx))
+    with model.context_of(FREQUENCY_WINDOW):
+        watch_ffn(model, ids, on_layer, batch=FREQUENCY_WINDOW)
     freq = (count / max(len(ids), 1)).astype(np.float32)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path + ".tmp.npy", freq)
-    os.replace(path + ".tmp.npy", path)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.save(path + ".tmp.npy", freq)
+        os.replace(path + ".tmp.npy", path)
+    except OSError as e:  # an unwritable cache: measured again next time
+        print(f"placement: cannot cache the hotness in {path}: {e.strerror or e}", file=sys.stderr)
     return freq
 
 

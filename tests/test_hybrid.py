@@ -122,7 +122,7 @@ def test_a_sparse_plan_without_a_profile_measures_its_neurons(tiny, capsys):
     """No profile: the plan of a sparse policy ranks neurons by how often its keep rule kept them over the built-in
     text (one pass, said on stderr, cached), as a profile of that text would; the dense policy needs no pass."""
     from sparserun.hybrid import make_placement
-    from sparserun.placement import FREQUENCY_TOKENS, builtin_frequencies
+    from sparserun.placement import FREQUENCY_TOKENS, FREQUENCY_WINDOW, builtin_frequencies
     from sparserun.profile import profile_model
     from sparserun.teal import builtin_text
 
@@ -132,7 +132,9 @@ def test_a_sparse_plan_without_a_profile_measures_its_neurons(tiny, capsys):
     p = make_placement(m, budget / 2**30)
     assert "no profile; neuron hotness under --sparsity threshold:0" in capsys.readouterr().err
     ids = m.tokenize(builtin_text())[:FREQUENCY_TOKENS]
-    freq = profile_model(m, ids, batch=64).frequency  # ReLU: active = non-zero, threshold:0's rule (batches of n_ctx)
+    assert m.n_ctx == m.kv.n_ctx == 64  # the pass's longer windows ran in a context of their own
+    with m.context_of(FREQUENCY_WINDOW):  # ReLU: active = non-zero, threshold:0's rule
+        freq = profile_model(m, ids, batch=FREQUENCY_WINDOW).frequency
     assert 0.05 < freq.mean() < 0.6 and freq.max() > 2 * freq.mean()  # planted: some neurons far hotter
     ref = plan(m, budget, freq)
     assert all(np.array_equal(a, b) for a, b in zip(p.gpu_neurons, ref.gpu_neurons)) and p.used == ref.used
