@@ -41,23 +41,29 @@ def _chunks(builder, p, at):
     return out
 
 
+def _k4_scale_bytes(builder, p):
+    """Q4_K / Q5_K's 12 bytes of 6-bit scales and mins at p + 4 as <16 x i8>: the 8 scales, then the 8 mins (ggml's
+    get_scale_min_k4), in vector registers: the three words w0, w1, w2 (and 4 bytes of the quants after them, unused)
+    in one load, then [w0, w2, w1, w2 >> 4] masked to 6 and 4 bits, and the top 2 bits of w0's and w1's bytes
+    moved to bits 4-5 of the second and fourth words (6 vector instructions; the scalar words took about 20)."""
+    v4 = ir.VectorType(_i32, 4)
+    w = builder.load(builder.bitcast(builder.gep(p, [_c(4)]), v4.as_pointer()), align=1)  # w0, w1, w2, (quants)
+    k4 = lambda *vs: ir.Constant(v4, list(vs))  # noqa: E731
+    low = builder.and_(builder.lshr(builder.shuffle_vector(w, w, k4(0, 2, 1, 2)), k4(0, 0, 0, 4)),
+                       k4(0x3F3F3F3F, 0x0F0F0F0F, 0x3F3F3F3F, 0x0F0F0F0F))
+    top = builder.and_(builder.lshr(builder.shuffle_vector(w, w, k4(0, 0, 1, 1)), k4(2, 2, 2, 2)),
+                       k4(0, 0x30303030, 0, 0x30303030))  # bits 6-7 of each byte of w0 (w1) at bits 4-5
+    return builder.bitcast(builder.or_(low, top), ir.VectorType(ir.IntType(8), 16))
+
+
 def _q45_kr_super_block(builder, p, toks, dp, five):
     """Q4_KR super-block at p (144 bytes as Q4_K: d, dmin, the 12 bytes of 6-bit scales and mins, then the 128
     quant bytes in _chunks' order), or Q5_KR (five: 176 bytes, the same, then 32 bytes of fifth bits: bit 2 j of
     byte L that of chunk j's low nibble at L, bit 2 j + 1 its high one's): per token [(sc_k sums_k, d), (m_k xs_k, dmin /
     8)] (float lanes, exact), whose sum over lanes, times the activations' block scales, is the super-block's dot
     (value = d sc_k q - dmin m_k; xs is -8 times each block's activation sum). The scales unpack as ggml's own
-    (three 32-bit words, masks and shifts)."""
-    w = [builder.load(builder.bitcast(builder.gep(p, [_c(4 + 4 * k)]), _i32.as_pointer()), align=1) for k in range(3)]
-    k32 = lambda v: ir.Constant(_i32, v)  # noqa: E731
-    m1, m2, m3 = k32(0x3F3F3F3F), k32(0x0F0F0F0F), k32(0x03030303)
-    hi6 = lambda v: builder.shl(builder.and_(builder.lshr(v, k32(6)), m3), k32(4))  # noqa: E731
-    words = [builder.and_(w[0], m1), builder.or_(builder.and_(w[2], m2), hi6(w[0])),
-             builder.and_(w[1], m1), builder.or_(builder.and_(builder.lshr(w[2], k32(4)), m2), hi6(w[1]))]
-    v4 = ir.Constant(ir.VectorType(_i32, 4), None)
-    for k, x in enumerate(words):
-        v4 = builder.insert_element(v4, x, k32(k))
-    b16 = builder.bitcast(v4, ir.VectorType(ir.IntType(8), 16))
+    (_k4_scale_bytes)."""
+    b16 = _k4_scale_bytes(builder, p)
     pick = lambda at: builder.zext(builder.shuffle_vector(b16, b16, ir.Constant(_V8I, list(range(at, at + 8)))), _V8I)  # noqa: E731
     sc, mn = pick(0), pick(8)
     d, dmin = _half(builder, p, 0), builder.fmul(_half(builder, p, 2), ir.Constant(ir.FloatType(), 0.125))
