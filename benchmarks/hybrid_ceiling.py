@@ -35,7 +35,7 @@ def cpu_bytes_left(model, p, freq, gate_dense):
         cpu[p.gpu_neurons[li]] = False
         left += float(P.neuron_cpu_bytes(L, model.args.n_ff, freq[li], gate_dense)[cpu].sum())
         if not p.attn_gpu[li]:
-            left += sum(w.n_bytes for w in (L.wq, L.wk, L.wv, L.wo))
+            left += P.attention_cpu_bytes(L)
     return left
 
 

@@ -135,6 +135,11 @@ def neuron_cpu_bytes(L, n_ff, p, gate_dense):
     return (b_gate if gate_dense else b_gate * p) + p * b_rest
 
 
+def attention_cpu_bytes(L):
+    """The CPU bytes a token reads for layer L's attention projections (q, k, v, o), in the file's types."""
+    return sum(w.n_bytes for w in (L.wq, L.wk, L.wv, L.wo))
+
+
 def greedy(values, costs, budget):
     """Items in decreasing value per cost (ties: lower index first), each taken if it still fits: a bool mask."""
     order = np.lexsort((np.arange(len(values)), -(values / costs)))
@@ -160,10 +165,9 @@ def plan(model, budget_bytes, frequency=None, gate_dense=True):
         values.append(neuron_cpu_bytes(L, a.n_ff, freq[li], gate_dense))
         costs.append(np.full(a.n_ff, c, np.float64))
         kinds.append(np.stack([np.zeros(a.n_ff, np.int64), np.full(a.n_ff, li), np.arange(a.n_ff)], 1))
-        attn = [L.wq, L.wk, L.wv, L.wo]
-        values.append(np.array([sum(w.n_bytes for w in attn)], np.float64))
+        values.append(np.array([attention_cpu_bytes(L)], np.float64))
         kv_cache = 2 * model.n_ctx * a.kv_dim * 4  # the layer's float32 KV cache moves to the GPU with it
-        costs.append(np.array([sum(device_matrix_bytes(w) for w in attn) + kv_cache], np.float64))
+        costs.append(np.array([sum(device_matrix_bytes(w) for w in (L.wq, L.wk, L.wv, L.wo)) + kv_cache], np.float64))
         kinds.append(np.array([[1, li, 0]]))
     out = model.output if model.head is None else model.head.hot_w  # under --head hot: its exact rows (head.py)
     values.append(np.array([out.n_bytes], np.float64))
