@@ -302,10 +302,11 @@ class InputSparsity:
                     return outs
                 # a longer batch: the rows, read back from the file for this call only (Matmuls.run restores them)
                 released = [w for w in mats.weights if getattr(w, "released", False)]
-                outs = self._masked(li, group, mats, x, t, first, trace)
-                for w in released:
-                    w.release()
-                return outs
+                try:
+                    return self._masked(li, group, mats, x, t, first, trace)
+                finally:  # given back even when the pass fails (a non-finite layer): one copy of each matrix
+                    for w in released:
+                        w.release()
         return self._masked(li, group, mats, x, t, first, trace)
 
     def _masked(self, li, group, mats, x, t, first, trace):
