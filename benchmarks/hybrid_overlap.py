@@ -3,7 +3,9 @@ timing the FFN layers one way: as the hybrid runs them (GPU queued, CPU computes
 the GPU half alone (queued, then waited for; the CPU half after it, untimed) and the CPU half alone (after the
 GPU half, untimed). Each half is timed on its first run in a layer, from memory as in real use, not from a cache
 the other timing warmed. overlap = (gpu + cpu - both) / min(gpu, cpu): 1 when the shorter half is fully hidden,
-0 when the halves run one after the other. Then the cost of one kernel launch, plain and prepared
+0 when the halves run one after the other. The FFN timings run with the layers' chains off (a hot half queued behind
+its device attention block, hybrid.GPUAttention.chain, is not the FFN call's to time); whole tokens are timed with
+the chains off and on (as the hybrid runs): what the chain saves a token. Then the cost of one kernel launch, plain and prepared
 (gpu_kernels.prepare).
 
     python benchmarks/hybrid_overlap.py model.gguf --budget 0.25 --sparsity threshold:0 -n 32
@@ -28,7 +30,7 @@ class TimedFFN:
 
     def __call__(self, li, acts):
         f = self.ffn
-        if self.mode == "both" or f.layers[li] is None:
+        if self.mode == "both" or f.layers[li] is None:  # (a chained layer's hot half is already queued)
             t0 = time.perf_counter()
             y = f(li, acts)
             if self.mode == "both":
@@ -62,6 +64,12 @@ def launch_costs(ffn, reps=200):
     return out
 
 
+def set_chains(model, chains, on):
+    """Turn the layers' attention-to-FFN chains on (as the hybrid built them) or off (the hot half queued from the CPU)."""
+    for li, chain in chains.items():
+        model.layers[li].gpu_attn.chain = chain if on else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -73,25 +81,34 @@ def main():
     probe = sparserun.load(a.model, n_ctx=a.n + 8, threads=a.threads)  # the KV cache's size counts
     total = device_bytes(probe)
     del probe
-    print("| budget | placed | GPU half ms/token | CPU half ms/token | both ms/token | overlap |")
-    print("|---|---|---|---|---|---|")
+    print("| budget | placed | GPU half ms/token | CPU half ms/token | both ms/token | overlap | token ms, chained "
+          "| token ms, unchained |")
+    print("|---|---|---|---|---|---|---|---|")
     for frac in a.budget:
         m = sparserun.load(a.model, n_ctx=a.n + 8, threads=a.threads, sparsity=a.sparsity, device="cuda",
                            vram_budget=frac * total / 2**30)
+        chains = {li: L.gpu_attn.chain for li, L in enumerate(m.layers) if L.gpu_attn is not None}
         timed = TimedFFN(m.sparse)
         m.use_ffn(timed)
-        ms = {}
-        for mode in ("both", "gpu", "cpu", "both"):  # "both" first to compile and warm up, then timed last
+        ms, token = {}, {}
+        # a chained pass first to compile and warm up, then the halves, both unchained, and chained
+        for mode in ("chained", "gpu", "cpu", "both", "chained"):
+            set_chains(m, chains, mode == "chained")
             m.reset()
-            timed.mode, timed.total = mode, 0.0
-            m.eval(list(range(1, 5)))
+            timed.mode, timed.total = "both" if mode == "chained" else mode, 0.0
+            ids = list(range(1, 5))
+            m.eval(ids)
             timed.total = 0.0
-            for i in range(a.n):
-                m.eval([5 + i])
+            t0 = time.perf_counter()
+            for i in range(a.n):  # decode: one new token a call over the growing context
+                ids.append(5 + i)
+                m.eval(ids)
+            token[mode] = 1e3 * (time.perf_counter() - t0) / a.n
             ms[mode] = 1e3 * timed.total / a.n
         g, c, b = ms["gpu"], ms["cpu"], ms["both"]
         ov = (g + c - b) / min(g, c) if min(g, c) > 0 else float("nan")
-        print(f"| {frac:g} | {m.placement.summary()} | {g:.2f} | {c:.2f} | {b:.2f} | {ov:.2f} |")
+        print(f"| {frac:g} | {m.placement.summary()} | {g:.2f} | {c:.2f} | {b:.2f} | {ov:.2f} | {token['chained']:.2f} "
+              f"| {token['both']:.2f} |")
     plain, fast = launch_costs(timed.ffn)
     print(f"\none hot_ffn_in launch, waited for: plain {plain:.1f} us, prepared {fast:.1f} us")
 

@@ -13,6 +13,8 @@ dequantized in registers. Shapes of work:
   no atomics, the same result every run.
 - attention: one warp per (token, head), scores computed once per (query, key) (a warp-wide dot), online
   softmax, each lane holding head_dim / 32 of the output.
+- add_rmsnorm: one block per token (a shared-memory tree sum), the residual add and FFN norm between a device
+  attention block and the hot FFN that follows it on the stream.
 Everything accumulates in float32. Under numba's CUDA simulator (the tests) a warp is 2 lanes, not 32, blocks are
 smaller and hot_ffn_out takes 2 chunks: the simulator runs every thread as a Python thread, and the same code, its
 lane strides, shuffle steps and chunked sums all exercised, then runs far fewer of them (the 32-lane build is what
@@ -24,7 +26,7 @@ import math
 import sys
 import threading
 
-from numba import config, cuda, float32, int32
+from numba import config, cuda, float32, float64, int32
 
 from .device_rows import F16, F32, Q4, Q8
 
@@ -274,6 +276,31 @@ def sum_parts(parts, y):
         for c in range(parts.shape[0]):
             acc += parts[c, t, d]
         y[t, d] = acc
+
+
+@cuda.jit
+def add_rmsnorm(x, a, w, eps, xn):
+    """xn[t] = kernels.ops.rmsnorm(x[t] + a[t]) * w, one block of THREADS per token t: the residual add and the FFN's
+    input norm of a layer whose attention block ran on the device, so that its hot FFN follows on the same stream
+    without a round trip through the CPU. The sum of squares in float64, as the CPU's. Launch with ((T,), (THREADS,))."""
+    t, lane = cuda.blockIdx.x, cuda.threadIdx.x
+    n = x.shape[1]
+    part = cuda.shared.array(THREADS, float64)
+    ss = float64(0.0)
+    for i in range(lane, n, THREADS):
+        r = x[t, i] + a[t, i]
+        ss += float64(r) * float64(r)
+    part[lane] = ss
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:  # tree sum over the block (THREADS is a power of two)
+        if lane < step:
+            part[lane] += part[lane + step]
+        cuda.syncthreads()
+        step //= 2
+    s = float32(1.0 / math.sqrt(part[0] / n + eps))
+    for i in range(lane, n, THREADS):
+        xn[t, i] = (x[t, i] + a[t, i]) * s * w[i]
 
 
 def grid(n, T):

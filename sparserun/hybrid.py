@@ -6,6 +6,9 @@ Per layer and token batch x (T, dim):
                               y_gpu = h_hot @ D_hot                                       (T, dim)
     CPU  (meanwhile)          y_cpu = SparseFFN over the cold neurons only (sparse_ffn.py) (T, dim)
     y = y_cpu + y_gpu         (the stream is synchronized only here, so the two halves overlap)
+Where the layer's attention block is on the GPU too, its hot half is queued behind it on the same stream (the residual
+add and FFN norm on the device, GPUAttention.chain): the CPU waits for the attention's output, then runs its cold half
+while the hot half, already queued, computes; one round trip to the device a layer, not two.
 The same per-neuron keep rule runs on both sides (threshold, ReLU zeros, a predictor's set), so the hybrid
 computes the CPU path's FFN exactly, up to float rounding: weights go to the device in device_rows' formats (F32
 as float32: tight equality, tested; Q4_0 and Q8_0 rows as the file's bytes; the down columns as the CPU packs'),
@@ -15,6 +18,7 @@ A placed layer's whole attention block runs on the GPU (GPUAttention: projection
 attention), and a placed output head is a GPU matvec (DeviceWeight). Nothing here is imported unless a GPU
 path is asked for.
 """
+import functools
 import sys
 
 import numpy as np
@@ -151,30 +155,41 @@ class DeviceWeight:
 
 class DevicePosition:
     """The first position of the tokens in flight, in device memory (1,) int64, shared by the GPU attention blocks:
-    their launches keep the same arguments from token to token, and it is uploaded once per forward, not per layer."""
+    their launches keep the same arguments from token to token, and it is uploaded once per forward, not per layer
+    (on the stream, ahead of the launches that read it)."""
 
-    def __init__(self):
+    def __init__(self, stream):
         from numba import cuda
 
         self.d = cuda.to_device(np.zeros(1, np.int64))
-        self.value = 0
+        self.host = cuda.pinned_array(1, np.int64)
+        self.value, self.stream = 0, stream
 
     def set(self, pos0):
         if pos0 != self.value:
-            self.d.copy_to_device(np.array([pos0], np.int64))
+            self.host[0] = pos0  # the previous upload has run: the stream was synchronized since
+            self.d.copy_to_device(self.host, stream=self.stream)
             self.value = pos0
 
 
 class GPUAttention:
     """A layer's whole attention block on the GPU: q/k/v projections, RoPE, its KV cache (n_ctx, kv_dim) in device
-    memory, causal GQA attention and the output projection. Called with the normalised input (T, dim) and the
-    first position; returns the block's output (T, dim): one upload, nine prepared launches, one download."""
+    memory, causal GQA attention and the output projection. Called with the normalised input (T, dim), the first
+    position and the residual stream (T, dim); returns the block's output (T, dim): one upload, nine prepared
+    launches, one download, all on the model's device stream.
 
-    def __init__(self, model, L, pos):
+    chain: None, or HybridFFN's hook for a layer whose hot FFN neurons are on the GPU too. It queues, behind the
+    attention's download, the residual add and FFN norm (add_rmsnorm) and the hot FFN on the device's own copy of
+    the block's output, so that the hot half is computing while the CPU adds, normalises and starts its cold half:
+    the layer costs the CPU one round trip to the device, not two (the FFN's upload and launches would otherwise
+    wait for the attention's download)."""
+
+    def __init__(self, model, L, pos, stream):
         from numba import cuda
 
         a = model.args
-        self.a, self.pos = a, pos
+        self.a, self.pos, self.stream, self.chain = a, pos, stream, None
+        self.done = cuda.event()  # passed when the block's output is on the host
         self.wq, self.wk, self.wv, self.wo = (DeviceWeight(w, model.gguf) for w in (L.wq, L.wk, L.wv, L.wo))
         self.kc = cuda.to_device(np.zeros((model.n_ctx, a.kv_dim), np.float32))  # (n_ctx, kv_dim)
         self.vc = cuda.to_device(np.zeros((model.n_ctx, a.kv_dim), np.float32))  # (n_ctx, kv_dim)
@@ -192,30 +207,43 @@ class GPUAttention:
         from . import gpu_kernels as G
 
         if self._buf is None or self._buf[0].shape[0] != T:
-            a, qdim = self.a, self.a.n_head * self.a.head_dim
-            x, q, k, v, att, out = (cuda.device_array((T, n), np.float32)
-                                    for n in (a.dim, qdim, a.kv_dim, a.kv_dim, qdim, self.wo.rows))
+            a, qdim, s = self.a, self.a.n_head * self.a.head_dim, self.stream
+            x, q, k, v, att, out, resid = (cuda.device_array((T, n), np.float32)
+                                           for n in (a.dim, qdim, a.kv_dim, a.kv_dim, qdim, self.wo.rows, a.dim))
             half, pos = a.rope_dim // 2, self.pos.d
-            runs = [w.launcher(x, dst) for w, dst in ((self.wq, q), (self.wk, k), (self.wv, v))]
-            runs += [G.prepare(G.rope, ((half + 31) // 32, T * heads), (32, 1), 0,
+            runs = [w.launcher(x, dst, s) for w, dst in ((self.wq, q), (self.wk, k), (self.wv, v))]
+            runs += [G.prepare(G.rope, ((half + 31) // 32, T * heads), (32, 1), s,
                                (y, pos, heads, a.head_dim, a.rope_dim, self.inv_freq, self.neox))
                      for y, heads in ((q, a.n_head), (k, a.n_head_kv))]
             blocks, threads = G.grid(a.kv_dim, T)
-            runs.append(G.prepare(G.store_kv, blocks, threads, 0, (k, v, self.kc, self.vc, pos)))
+            runs.append(G.prepare(G.store_kv, blocks, threads, s, (k, v, self.kc, self.vc, pos)))
             blocks, threads = G.attention_grid(T, a.n_head)
-            runs.append(G.prepare(G.attention, blocks, threads, 0,
+            runs.append(G.prepare(G.attention, blocks, threads, s,
                                   (q, self.kc, self.vc, pos, a.n_head, a.n_head_kv, a.head_dim, att)))
-            runs.append(self.wo.launcher(att, out))
-            self._buf = (x, out, runs)
+            runs.append(self.wo.launcher(att, out, s))
+            host = cuda.pinned_array((3, T, a.dim), np.float32)  # staging: [0] the input, [1] the output, [2] residual
+            self._buf = (x, out, resid, host, runs)
         return self._buf
 
-    def __call__(self, xn, pos0):
-        x, out, runs = self._buffers(xn.shape[0])
+    def __call__(self, xn, pos0, residual):
+        x, out, resid, host, runs = self._buffers(xn.shape[0])
+        s = self.stream
         self.pos.set(pos0)
-        x.copy_to_device(np.ascontiguousarray(xn, np.float32))
+        host[0] = xn
+        x.copy_to_device(host[0], stream=s)
+        if self.chain is not None:
+            host[2] = residual
+            resid.copy_to_device(host[2], stream=s)
         for run in runs:
             run()
-        return out.copy_to_host()
+        out.copy_to_host(host[1], stream=s)
+        if self.chain is None:
+            s.synchronize()
+        else:
+            self.done.record(s)
+            self.chain(resid, out)  # the hot FFN, queued behind the download
+            self.done.synchronize()
+        return host[1].copy()  # the staging buffer is reused by the next layer's call
 
 
 class HybridFFN:
@@ -239,8 +267,9 @@ class HybridFFN:
             self.cpu.predictor = lambda li, x: self.predicted
         self.cpu_empty = [len(c) == 0 for c in cold]
         self.thr = thr  # (n_layer,) the GPU share's keep rule; -1 keeps every (predicted) neuron
-        self.stream = cuda.stream()
+        self.stream = model.device_stream or cuda.stream()  # the attention blocks' stream when they are placed
         self.layers = []  # per layer: None, or (hot ids, gate rows, up rows, down columns, hot position map, gated)
+        self.chained = None  # (layer, T) whose hot half the layer's device attention block has queued (chain)
         for li, (L, ids) in enumerate(zip(model.layers, hot)):
             if len(ids) == 0:
                 self.layers.append(None)
@@ -254,6 +283,15 @@ class HybridFFN:
             self.layers.append((ids, gate, up, down, pos, gated))
         self.no_mask = cuda.to_device(np.zeros((1, 1), np.uint8))
         self.bufs = {}
+        # a layer with attention and hot neurons on the device chains them (GPUAttention.chain); a predictor's set
+        # depends on the CPU's FFN input, so its hot half waits for the CPU as before
+        self.norms = {}
+        for li, L in enumerate(model.layers):
+            if L.gpu_attn is not None:
+                L.gpu_attn.chain = None
+                if self.layers[li] is not None and self.predictor is None:
+                    self.norms[li] = cuda.to_device(np.ascontiguousarray(L.ffn_norm, np.float32))
+                    L.gpu_attn.chain = functools.partial(self.queue_chained, li)
 
     def _buffers(self, li, T):
         """Per layer, kept for the last T (decode reuses them every token: no allocation, no argument preparation on
@@ -297,11 +335,28 @@ class HybridFFN:
             self.predicted = self.predictor(li, acts)
         if self.layers[li] is None:
             return self.cpu(li, acts)
-        y_gpu = self.queue_hot(li, x)
+        if self.chained == (li, T):  # queued behind the layer's device attention block
+            y_gpu = self.bufs[li]["y_host"]
+        else:
+            y_gpu = self.queue_hot(li, x)
+        self.chained = None
         # the CPU's cold part runs while the stream works
         y = np.zeros((T, self.dim), np.float32) if self.cpu_empty[li] else self.cpu(li, acts)
         self.stream.synchronize()  # the layer's one synchronisation
         return y + y_gpu  # a new array: y_gpu is reused by the next call
+
+    def queue_chained(self, li, d_resid, d_att):
+        """GPUAttention.chain of layer li: queue its hot half on the device's copy of the FFN input, add_rmsnorm(residual
+        d_resid + attention output d_att) (both (T, dim) on the device), then the kernels and the download."""
+        from . import gpu_kernels as G
+
+        T = d_resid.shape[0]
+        b = self._buffers(li, T)
+        G.add_rmsnorm[(T,), (G.THREADS,), self.stream](d_resid, d_att, self.norms[li], self.model.args.norm_eps, b["x"])
+        for run in b["runs"]:
+            run()
+        b["y"].copy_to_host(b["y_host"], stream=self.stream)
+        self.chained = (li, T)
 
     def queue_hot(self, li, x):
         """Queue layer li's hot half for x (T, dim) on the stream: upload, kernels, download. Returns the pinned
@@ -328,9 +383,12 @@ def install(model, placement):
     hybrid FFN."""
     from . import gpu_kernels as G
 
+    from numba import cuda
+
     model.restore_rows()  # the device copies are made from them
-    pos = DevicePosition()
-    attention = {li: GPUAttention(model, L, pos) for li, L in enumerate(model.layers)
+    model.device_stream = cuda.stream()  # the attention blocks' and the hot FFNs' (chained on it)
+    pos = DevicePosition(model.device_stream)
+    attention = {li: GPUAttention(model, L, pos, model.device_stream) for li, L in enumerate(model.layers)
                  if placement.attn_gpu[li] and L.plain_attention and model.args.head_dim <= G.MAX_HEAD_DIM}
     # (the device kernel is llama's block only, heads of up to MAX_HEAD_DIM)
     output = None

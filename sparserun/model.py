@@ -140,6 +140,7 @@ class Model:
         self.last_processed = 0  # tokens the last eval() computed
         self._tokenizer = None
         self.placement = None  # a hybrid.Placement once parts of the model run on a GPU (hybrid.install)
+        self.device_stream = None  # and the CUDA stream its device work is queued on
         self._ffn_observer = None  # observing_ffn's callback
         self.head = None  # None: the dense head (self.output); else a head.HotHead (set_head)
         self.trace = None  # a trace.Trace while `--trace` records what ran for each token (start_trace)
@@ -324,13 +325,13 @@ class Model:
         ops.ffn_activate(g, u, self.act_id, h)
         return L.w_down.matmul(Acts(h))  # (T, dim)
 
-    def _attention(self, L, li, xn, pos0):
-        """Attention of layer li for normalized inputs xn (T, dim) at positions pos0..: returns (T, dim) and writes
-        the tokens' keys and values into the KV cache."""
+    def _attention(self, L, li, xn, pos0, x):
+        """Attention of layer li for normalized inputs xn (T, dim) of the residual stream x (T, dim) at positions
+        pos0..: returns (T, dim) and writes the tokens' keys and values into the KV cache."""
         a = self.args
         T = xn.shape[0]
-        if L.gpu_attn is not None:  # the whole attention block, KV cache included, on the GPU
-            return L.gpu_attn(xn, pos0)
+        if L.gpu_attn is not None:  # the whole attention block, KV cache included, on the GPU (x: for its chain)
+            return L.gpu_attn(xn, pos0, x)
         inputs = self.inputs  # teal.InputSparsity or None
         # (T, n_head*head_dim), (T, kv_dim), (T, kv_dim)
         q, k, v = inputs(li, teal.QKV, L.qkv, xn) if inputs is not None else L.qkv(Acts(xn))
@@ -363,7 +364,7 @@ class Model:
             self.inputs.pos0 = pos0  # position 0 (BOS) runs dense
         for li, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, a.norm_eps, xn)
-            h = self._attention(L, li, xn, pos0)  # (T, dim)
+            h = self._attention(L, li, xn, pos0, x)  # (T, dim)
             if L.attn_post_norm is not None:
                 ops.rmsnorm(h, L.attn_post_norm, a.norm_eps, h)
             ops.add_inplace(x, h)

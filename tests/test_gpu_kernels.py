@@ -129,6 +129,24 @@ def test_attention_kernel_equals_numpy_softmax():
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_add_rmsnorm_equals_the_cpu_residual_add_and_norm():
+    """The device's residual add and FFN norm (the step between a device attention block and the hot FFN chained to
+    it) against kernels.ops: a dim that is not a multiple of the block, two tokens."""
+    from numba import cuda
+
+    from sparserun import gpu_kernels as G
+    from sparserun.kernels import ops
+
+    rng = np.random.default_rng(3)
+    x, a = (rng.standard_normal((2, 70)).astype(np.float32) * 3 for _ in range(2))
+    w = rng.standard_normal(70).astype(np.float32)
+    ref = np.empty_like(x)
+    ops.rmsnorm(x + a, w, 1e-5, ref)
+    xn = cuda.device_array((2, 70), np.float32)
+    G.add_rmsnorm[(2,), (G.THREADS,)](cuda.to_device(x), cuda.to_device(a), cuda.to_device(w), 1e-5, xn)
+    np.testing.assert_allclose(xn.copy_to_host(), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_placement_counts_the_quantized_device_bytes(make_model):
     """A Q4_0 neuron costs its file bytes on the device (3 rows of dim/32 blocks of 18 bytes), so a budget places
     3.5x the neurons that float16 rows allowed."""

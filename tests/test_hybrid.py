@@ -47,7 +47,7 @@ def hybrid_vs_cpu(path, frac, sparsity="dense", predictor=None):
     return np.abs(batch - ref).max(), np.abs(dec - ref).max(), ref.std(), hyb
 
 
-@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("frac", [0.0, 0.5, 1.0])
 def test_hybrid_equals_cpu_relu(tiny, frac):
     d_batch, d_dec, std, hyb = hybrid_vs_cpu(tiny(planted=0.7), frac, "threshold:0")
     assert d_batch < 1e-4 * std and d_dec < 1e-4 * std, (d_batch, d_dec, std)
@@ -56,8 +56,20 @@ def test_hybrid_equals_cpu_relu(tiny, frac):
         assert hyb.placement.empty
     elif frac == 1.0:  # everything placed: all neurons, all attention blocks, the head
         assert n_gpu == 2 * 128 and hyb.placement.attn_gpu.all() and hyb.placement.output_gpu
-    else:
+        # each layer's hot FFN is queued behind its device attention block (GPUAttention.chain), never after the
+        # CPU has the block's output: a next token with the unchained path disabled still equals the CPU's
+        assert all(L.gpu_attn.chain is not None for L in hyb.layers)
+
+        def unchained(li, x):
+            raise AssertionError(f"layer {li}'s hot half was queued from the CPU")
+        hyb.sparse.queue_hot = unchained
+        ids = SIM_IDS + [IDS[4]]
+        ref = sparserun.load(hyb.path, n_ctx=32, sparsity="threshold:0", kv_type="f32").eval(ids)
+        assert np.abs(hyb.eval(ids) - ref).max() < 1e-4 * std
+    else:  # a layer whose hot half is chained to its device attention block beside a cold half on the CPU
         assert 0 < n_gpu < 256
+        assert any(L.gpu_attn is not None and L.gpu_attn.chain is not None and 0 < len(g) < 128
+                   for L, g in zip(hyb.layers, hyb.placement.gpu_neurons))
 
 
 def test_hybrid_equals_cpu_swiglu_threshold_and_dense(tiny):
@@ -73,8 +85,10 @@ def test_hybrid_with_a_predicted_neuron_set(tiny):
     def oracle(li, acts):  # a fixed predicted set per layer
         return [sets[li]] * acts.x.shape[0]
 
-    d_batch, d_dec, std, _ = hybrid_vs_cpu(tiny(planted=0.7), 0.3, predictor=oracle)
+    d_batch, d_dec, std, hyb = hybrid_vs_cpu(tiny(planted=0.7), 0.3, predictor=oracle)
     assert d_batch < 1e-4 * std and d_dec < 1e-4 * std
+    # the predicted set needs the CPU's FFN input: no layer's hot half is chained to its device attention
+    assert all(L.gpu_attn is None or L.gpu_attn.chain is None for L in hyb.layers)
 
 
 def test_hybrid_quantized_is_close(tiny):
