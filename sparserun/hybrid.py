@@ -385,9 +385,9 @@ class HybridFFN:
 def install(model, placement):
     """Move the placement's attention projections and output head (or the hot head's hot rows) to the GPU and hook the
     hybrid FFN."""
-    from . import gpu_kernels as G
-
     from numba import cuda
+
+    from . import gpu_kernels as G
 
     model.restore_rows()  # the device copies are made from them
     model.device_stream = cuda.stream()  # the attention blocks' and the hot FFNs' (chained on it)
