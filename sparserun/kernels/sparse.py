@@ -46,7 +46,14 @@ PREFETCH_UNITS = 4
 # beat one (8) at f = 0.5 by 6-8% in two A/B runs (8.75 -> 8.24, 9.05 -> 8.34 ms), alike at 0.25 and 0.1;
 # 24 and 32 alike with 16, 4 slower.
 PREFETCH_AHEAD = 16
-PACK_QUEUE = 4  # kept neurons select_pack_ffn holds back while their units load (A/B: 4 and 8 best of 4-16)
+# select_pack_ffn requests a kept unit's bytes UNIT_STEP at a time, one step per selection row scanned, and dots
+# the neuron at the first find after its last step. A/B on real decode inputs of the planted TinyLlama Q4_K_M (22
+# layers, one process, on an AVX2 Zen 3) against the whole unit requested at its find and dotted 4 finds later:
+# 8.19 -> 7.41 ms at 512 bytes a row, 7.48-7.58 at 128-384, 7.43 at 768, 7.70 for the whole unit at once (dotted
+# at the next find): a burst of 36 line requests stalled the scan's own loads.
+UNIT_STEP = 512
+PACK_QUEUE = 24  # kept neurons select_pack_ffn may hold back while their units load: a run of finds denser than
+# the steps can request is dotted once this many wait
 SELECT_PREFETCH_ROWS = 32  # how far ahead select_pack_ffn prefetches its dense selection rows (A/B below)
 
 
@@ -227,6 +234,15 @@ def _row_dot_k(w, off, qtype, vnni, cols, kt, kd, ks):
 
 
 @njit(inline="always")
+def _unit_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kt, kd, ks):
+    """A pack unit's row dotted with the token: repacked K-quants (KR_TYPES) with the dense path's Q8_K forms (kt,
+    kd, ks; 65 ns a 2048-wide Q4_KR row against 94 with the per-32 forms, AVX2), every other type as _row_dot."""
+    if qtype in KR_TYPES:
+        return _row_dot_k(u, off, qtype, vnni, x.shape[1], kt, kd, ks)
+    return _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch)
+
+
+@njit(inline="always")
 def _coefs_i8(u, offs, h, cnt, nb, qbytes, co):
     """axpy_q4_vnni's and axpy_i8_vnni's coefficients (simd.coefs_q4_vnni) for the group's down columns at
     u[offs[g]:] (nb blocks of quants, qbytes in all, then nb fp16 scales): per block b, c_g = h_g * scale(g, b) rounded to int8 with one scale per
@@ -308,7 +324,10 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
     Threads split the kept neurons evenly (parts: one private partial sum per thread). x (1, cols) is quantized
     here when the dots read int8 blocks (as in select_pack_ffn: one call per layer and token, not two, and no
     six arrays boxed out of numba and back: 16.1 -> 12.9 us a layer at one kept neuron)."""
-    int8 = mode != AXPY_ONLY and up_qtype in INT8_TYPES or mode == GATED_DOTS and gate_qtype in INT8_TYPES
+    k_up, k_gate = mode != AXPY_ONLY and up_qtype in KR_TYPES, mode == GATED_DOTS and gate_qtype in KR_TYPES
+    _, kd, _, _, kt, ks = acts_forms_k(x if k_up or k_gate else x[:0])  # _unit_dot's forms for repacked K-quants
+    int8 = mode != AXPY_ONLY and up_qtype in INT8_TYPES and not k_up or \
+        mode == GATED_DOTS and gate_qtype in INT8_TYPES and not k_gate
     xq, xd, x8, xb, xt, xs = acts_forms(x, int8)
     nbo, nbi = dim // QK, x.shape[1] // QK
     # gate and up interleaved, dotted in one block loop. A/B, random sets of the TinyLlama Q4_0 pack, 22 layers:
@@ -372,15 +391,15 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     h[g] = activate(dg, act_id) * up_part(d, act_id)
                 else:
-                    d = _row_dot(u, base + up_at, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch)
+                    d = _unit_dot(u, base + up_at, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kt, kd, ks)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     if mode == COEF_TIMES_DOT:
                         h[g] = coef[j + g] * up_part(d, act_id)
                     elif mode == ACT_OF_DOT:
                         h[g] = activate(d, act_id)
                     else:
-                        h[g] = activate(_row_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch),
-                                        act_id) * up_part(d, act_id)
+                        h[g] = activate(_unit_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kt, kd,
+                                                  ks), act_id) * up_part(d, act_id)
                 if mode == AXPY_ONLY:
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
@@ -394,23 +413,26 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                     down_kind, dim, x, parts, out):
     """A threshold policy's whole decode FFN in one parallel region: each thread computes its share of the
     selection rows w (the gate of a gated FFN, else up; rows of any type, row r is neuron gid[r]), keeps
-    neuron r when |act(w_r . x)| > t, prefetches its pack unit at once, and PACK_QUEUE kept neurons later
-    runs it as pack_ffn would (h = a * (up . x) gated, else h = a). The dense selection stream then hides
-    the latency of the kept units' random reads, and one region replaces four kernel calls (A/B on the
-    planted TinyLlama at threshold:0: FFN 7.6% faster than matmul + select + pack_ffn). The kept work is
-    spread over the scan: one up dot per kept neuron found, and the down axpy once a group (AXPY_GROUP) is
-    dotted, rather than a group's dots and axpy in one burst, during which the memory stream ran dry (A/B on real
-    decode inputs, 22 layers: 5.80 -> 5.70 ms, same sums). The selection rows are
-    prefetched SELECT_PREFETCH_ROWS ahead: the hardware prefetcher's stream stalls while a kept unit is
-    computed (A/B on real decode inputs of the planted TinyLlama, 22 layers: 9.1 -> 8.1 ms; distances 16 and
-    32 alike, 64 slower; it costs 2% when nothing is kept). The pack holds no gate rows. Returns the number kept.
-    x (1, cols) is quantized here when the rows' dots read int8 blocks: one call per layer and token carries the
-    whole FFN (the Python around it measured ~15 us a layer)."""
+    neuron r when |act(w_r . x)| > t and queues it; each row scanned then prefetches the next UNIT_STEP bytes
+    of the queued units, and a kept neuron whose unit is wholly requested runs as pack_ffn would (h = a * (up . x)
+    gated, else h = a) at the next find. The dense selection stream then hides the latency of the kept units'
+    random reads, and one region replaces four kernel calls (A/B on the planted TinyLlama at threshold:0: FFN
+    7.6% faster than matmul + select + pack_ffn). The kept work is spread over the scan: one up dot per kept
+    neuron found, and the down axpy once a group (AXPY_GROUP) is dotted, rather than a group's dots and axpy in
+    one burst, during which the memory stream ran dry (A/B on real decode inputs, 22 layers: 5.80 -> 5.70 ms,
+    same sums). The selection rows are prefetched SELECT_PREFETCH_ROWS ahead: the hardware prefetcher's stream
+    stalls while a kept unit is computed (A/B on real decode inputs of the planted TinyLlama, 22 layers: 9.1 ->
+    8.1 ms; distances 16 and 32 alike, 64 slower; it costs 2% when nothing is kept). The pack holds no gate rows.
+    Returns the number kept. x (1, cols) is quantized here when the rows' dots read int8 blocks: one call per
+    layer and token carries the whole FFN (the Python around it measured ~15 us a layer)."""
     nbo = dim // QK
-    k_rows = qtype in KR_TYPES  # scanned with the dense path's Q8_K forms (A/B, planted TinyLlama Q4_K_M, real decode
-    _, kd, _, _, kt, ks = acts_forms_k(x if k_rows else x[:0])  # inputs, 22 layers: FFN 5.58 -> 5.44, 5.68 -> 5.38 ms)
-    # the per-32 forms: the other selection rows' dots and the packs' up rows
-    xq, xd, x8, xb, xt, xs = acts_forms(x, (qtype in INT8_TYPES and not k_rows) or (gated and up_qtype in INT8_TYPES))
+    # repacked K-quant rows (the selection's and the up rows) are dotted with the dense path's Q8_K forms: the
+    # selection sees the dense gate bit for bit (and the up rows go through _unit_dot)
+    k_sel, k_up = qtype in KR_TYPES, gated and up_qtype in KR_TYPES
+    _, kd, _, _, kt, ks = acts_forms_k(x if k_sel or k_up else x[:0])
+    # the per-32 forms: the other selection rows' dots and the packs' other up rows
+    xq, xd, x8, xb, xt, xs = acts_forms(x, (qtype in INT8_TYPES and not k_sel) or (gated and up_qtype in INT8_TYPES
+                                                                                    and not k_up))
     lo, hi = (0 if gated else down_at), down_at + down_bytes(down_kind, dim)  # the bytes of a unit it reads
     n_parts = parts.shape[0]
     counts = np.zeros(n_parts, np.int64)  # neurons kept by each part
@@ -423,11 +445,12 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
         co = _coef_scratch(nbo)
         no_prefetch = np.full(AXPY_GROUP, -1, np.int64)
         # kept neurons in order of finding: [0, dotted) have h and offs set (at most a group), the rest wait
-        # for their prefetched units
+        # for their units; [dotted, pq) are wholly requested, pq's unit up to byte pb
         q_id = np.empty(PACK_QUEUE + AXPY_GROUP, np.int64)
         q_a = np.empty(PACK_QUEUE + AXPY_GROUP, np.float32)
         scratch = np.empty(x.shape[1], np.float32)
         queued = dotted = kept = 0
+        pq, pb = 0, lo
         end = min(rows, (c + 1) * chunk)
         r = c * chunk
         while True:
@@ -435,26 +458,31 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
             while r < end:  # the dense scan, to the next kept row: a tight loop of row dots (A/B: 2% faster)
                 if r + SELECT_PREFETCH_ROWS < end:
                     prefetch(w, (r + SELECT_PREFETCH_ROWS) * row_bytes, row_bytes)
-                d = _row_dot_k(w, r * row_bytes, qtype, vnni, x.shape[1], kt, kd, ks) if k_rows else \
-                    _row_dot(w, r * row_bytes, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch)
-                a = activate(d, act_id)
+                if pq < queued:  # the queued units' next bytes
+                    nb = min(UNIT_STEP, hi - pb)
+                    prefetch(u, q_id[pq] * unit_bytes + pb, nb)
+                    pb += nb
+                    if pb >= hi:
+                        pq, pb = pq + 1, lo
+                a = activate(_unit_dot(w, r * row_bytes, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kt, kd, ks),
+                             act_id)
                 if abs(a) > t:
                     break
                 r += 1
-            if r < end:  # row r is kept: prefetch its unit and queue it
-                i = gid[r]
-                prefetch(u, i * unit_bytes + lo, hi - lo)
-                q_id[queued] = i
+            if r < end:  # row r is kept: queue it
+                q_id[queued] = gid[r]
                 q_a[queued] = a
                 queued += 1
                 kept += 1
                 r += 1
-            # dot the oldest waiting neuron once PACK_QUEUE finds have passed since its prefetch (at the end: all)
-            while dotted < queued and (queued - dotted > PACK_QUEUE or r >= end):
+            # dot the oldest waiting neuron once its unit is wholly requested (or the queue is full; at the end: all)
+            while dotted < queued and (pq > dotted or queued - dotted > PACK_QUEUE or r >= end):
+                if pq == dotted:  # the rest of its unit at once
+                    prefetch(u, q_id[dotted] * unit_bytes + pb, hi - pb)
+                    pq, pb = dotted + 1, lo
                 base = q_id[dotted] * unit_bytes
-                h[dotted] = q_a[dotted] * up_part(_row_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch),
-                                                  act_id) if gated \
-                    else q_a[dotted]
+                h[dotted] = q_a[dotted] * up_part(_unit_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch,
+                                                            kt, kd, ks), act_id) if gated else q_a[dotted]
                 offs[dotted] = base + down_at
                 dotted += 1
                 if dotted == AXPY_GROUP or (r >= end and dotted == queued):  # a full group (or the last): axpy
@@ -463,6 +491,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                         q_id[g] = q_id[g + dotted]
                         q_a[g] = q_a[g + dotted]
                     queued -= dotted
+                    pq -= dotted
                     dotted = 0
                 if r < end:  # one dot per find while the scan goes on
                     break

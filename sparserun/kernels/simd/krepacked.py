@@ -14,7 +14,7 @@ from numba.core import cgutils
 
 from .iquants import _level_lanes
 from .kquants import q3_k_scales
-from .ir import TOKENS_K, _dots, _fma, _hsum8, _i32, _routes, _signed, _splat, _splat_f, _vload
+from .ir import TOKENS_K, _dots, _fma, _half_splat, _hsum8, _i32, _routes, _signed, _splat, _vload
 
 _V8I = ir.VectorType(_i32, 8)
 _V8F = ir.VectorType(ir.FloatType(), 8)
@@ -26,8 +26,9 @@ def _c(v):
 
 
 def _half(builder, p, at):
-    return builder.fpext(builder.load(builder.bitcast(builder.gep(p, [_c(at)]), ir.HalfType().as_pointer()), align=1),
-                         ir.FloatType())
+    """The fp16 at p + at as an <8 x float> splat (ir._half_splat: a scalar half load became vpinsrw into the
+    accumulator's register, chaining every super-block to the one before)."""
+    return _half_splat(builder, builder.gep(p, [_c(at)]))
 
 
 def _chunks(builder, p, at):
@@ -66,7 +67,7 @@ def _q45_kr_super_block(builder, p, toks, dp, five):
     b16 = _k4_scale_bytes(builder, p)
     pick = lambda at: builder.zext(builder.shuffle_vector(b16, b16, ir.Constant(_V8I, list(range(at, at + 8)))), _V8I)  # noqa: E731
     sc, mn = pick(0), pick(8)
-    d, dmin = _half(builder, p, 0), builder.fmul(_half(builder, p, 2), ir.Constant(ir.FloatType(), 0.125))
+    d, dmin = _half(builder, p, 0), builder.fmul(_half(builder, p, 2), ir.Constant(_V8F, [0.125] * 8))
     if five:  # 5-bit values, each nibble joined by its fifth bit moved to bit 4
         fifth = _vload(builder, builder.gep(p, [_c(144)]), 32)
 
@@ -185,7 +186,7 @@ def _q2_kr_super_block(builder, p, toks, dp):
     """Q2_KR super-block at p (84 bytes: d, dmin, Q2_K's 16 scale bytes, 2 x 32 bytes of 2-bit values; krepack.py):
     per token [(half sums x their scales, d), (the mins x their halves' -8 x activation sums, dmin / 8)] (float lanes,
     exact). Value = d sc q - dmin m, a scale and min per 16 values (a byte: low and high nibble)."""
-    d, dmin = _half(builder, p, 0), builder.fmul(_half(builder, p, 2), ir.Constant(ir.FloatType(), 0.125))
+    d, dmin = _half(builder, p, 0), builder.fmul(_half(builder, p, 2), ir.Constant(_V8F, [0.125] * 8))
     b_a, b_b = _even_odd(builder, _vload(builder, builder.gep(p, [_c(4)]), 16))
     fifteen, four = ir.Constant(_V8I, [15] * 8), ir.Constant(_V8I, [4] * 8)
     sc_a, sc_b, mn_a, mn_b = builder.and_(b_a, fifteen), builder.and_(b_b, fifteen), builder.lshr(b_a, four), builder.lshr(b_b, four)
@@ -253,7 +254,7 @@ def _kr_token_dots(size, super_block, q8k=False):
             terms = super_block(builder, builder.gep(wp, [builder.mul(s, _c(size))]), toks, dp)
             for tok_terms, xd8, acc in zip(terms, xd8s, accs):
                 for k, (lanes, scale) in enumerate(tok_terms):
-                    builder.store(_fma(builder, lanes, builder.fmul(_splat_f(builder, scale), xd8), builder.load(acc[k])),
+                    builder.store(_fma(builder, lanes, builder.fmul(scale, xd8), builder.load(acc[k])),
                                   acc[k])
         return [_hsum8(builder, builder.fadd(builder.load(a[0]), builder.load(a[1]))) for a in accs]
 
