@@ -8,7 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from .ops import activate, activate_row, up_part
-from .quant import (F32, INT8_TYPES, KR_TYPES, acts_forms_k, IQ4_NL, IQ4_NLR, IQ4_XS, IQ4_XSR, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1,
+from .quant import (F32, INT8_TYPES, KR_TYPES, Q8K_TYPES, acts_forms_k, IQ4_NL, IQ4_NLR, IQ4_XS, IQ4_XSR, Q2_K, Q2_KR, Q3_K, Q3_KR, Q4_0, Q4_0R, Q4_1,
                     Q4_K, Q4_KR, Q5_0, Q5_1, Q5_K, Q5_KR, Q6_K, Q6_KR, Q8_0, QK, acts_forms, dequant_row)
 from .simd import (AXPY_Q4_COLUMNS, Q4_0R_GROUP, axpy_i8_generic, axpy_i8_vnni, axpy_q4_generic, axpy_q4_vnni, axpy_units_f32,
                    coefs_q4_vnni, dot_gate_up_q4_0r_generic, dot_gate_up_q4_0r_vnni, dot_row_f32, dot_row_q4_0_generic, dot_row_q4_0_vnni,
@@ -234,11 +234,14 @@ def _row_dot_k(w, off, qtype, vnni, cols, kt, kd, ks):
 
 
 @njit(inline="always")
-def _unit_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kt, kd, ks):
-    """A pack unit's row dotted with the token: repacked K-quants (KR_TYPES) with the dense path's Q8_K forms (kt,
-    kd, ks; 65 ns a 2048-wide Q4_KR row against 94 with the per-32 forms, AVX2), every other type as _row_dot."""
+def _unit_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kd, k8, kb, kt, ks):
+    """A pack unit's row dotted with the token: the K-quants (Q8K_TYPES, repacked or in the file's layout) with the
+    dense matmul's Q8_K forms (quant.acts_forms_k's kd, k8, kb, kt, ks), so a kept neuron's value is the dense path's
+    (and a 2048-wide Q4_KR row costs 65 ns against 94 with the per-32 forms, AVX2); every other type as _row_dot."""
     if qtype in KR_TYPES:
         return _row_dot_k(u, off, qtype, vnni, x.shape[1], kt, kd, ks)
+    if qtype in Q8K_TYPES:
+        return _row_dot(u, off, qtype, vnni, x, xq, kd, k8, kb, xt, xs, scratch)
     return _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch)
 
 
@@ -324,8 +327,8 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
     Threads split the kept neurons evenly (parts: one private partial sum per thread). x (1, cols) is quantized
     here when the dots read int8 blocks (as in select_pack_ffn: one call per layer and token, not two, and no
     six arrays boxed out of numba and back: 16.1 -> 12.9 us a layer at one kept neuron)."""
-    k_up, k_gate = mode != AXPY_ONLY and up_qtype in KR_TYPES, mode == GATED_DOTS and gate_qtype in KR_TYPES
-    _, kd, _, _, kt, ks = acts_forms_k(x if k_up or k_gate else x[:0])  # _unit_dot's forms for repacked K-quants
+    k_up, k_gate = mode != AXPY_ONLY and up_qtype in Q8K_TYPES, mode == GATED_DOTS and gate_qtype in Q8K_TYPES
+    _, kd, k8, kb, kt, ks = acts_forms_k(x if k_up or k_gate else x[:0])  # _unit_dot's forms for the K-quants
     int8 = mode != AXPY_ONLY and up_qtype in INT8_TYPES and not k_up or \
         mode == GATED_DOTS and gate_qtype in INT8_TYPES and not k_gate
     xq, xd, x8, xb, xt, xs = acts_forms(x, int8)
@@ -391,15 +394,15 @@ def pack_ffn(u, unit_bytes, up_at, down_at, gate_qtype, up_qtype, vnni, down_kin
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     h[g] = activate(dg, act_id) * up_part(d, act_id)
                 else:
-                    d = _unit_dot(u, base + up_at, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kt, kd, ks)
+                    d = _unit_dot(u, base + up_at, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kd, k8, kb, kt, ks)
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                     if mode == COEF_TIMES_DOT:
                         h[g] = coef[j + g] * up_part(d, act_id)
                     elif mode == ACT_OF_DOT:
                         h[g] = activate(d, act_id)
                     else:
-                        h[g] = activate(_unit_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kt, kd,
-                                                  ks), act_id) * up_part(d, act_id)
+                        h[g] = activate(_unit_dot(u, base, gate_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kd, k8,
+                                                  kb, kt, ks), act_id) * up_part(d, act_id)
                 if mode == AXPY_ONLY:
                     pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
                 pu, pb = _prefetch_step(u, idx, pu, pb, end, unit_bytes, lo, hi, step)
@@ -426,10 +429,10 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
     Returns the number kept. x (1, cols) is quantized here when the rows' dots read int8 blocks: one call per
     layer and token carries the whole FFN (the Python around it measured ~15 us a layer)."""
     nbo = dim // QK
-    # repacked K-quant rows (the selection's and the up rows) are dotted with the dense path's Q8_K forms: the
-    # selection sees the dense gate bit for bit (and the up rows go through _unit_dot)
-    k_sel, k_up = qtype in KR_TYPES, gated and up_qtype in KR_TYPES
-    _, kd, _, _, kt, ks = acts_forms_k(x if k_sel or k_up else x[:0])
+    # K-quant rows (the selection's and the up rows) are dotted with the dense path's Q8_K forms (_unit_dot): the
+    # selection sees the dense gate bit for bit
+    k_sel, k_up = qtype in Q8K_TYPES, gated and up_qtype in Q8K_TYPES
+    _, kd, k8, kb, kt, ks = acts_forms_k(x if k_sel or k_up else x[:0])
     # the per-32 forms: the other selection rows' dots and the packs' other up rows
     xq, xd, x8, xb, xt, xs = acts_forms(x, (qtype in INT8_TYPES and not k_sel) or (gated and up_qtype in INT8_TYPES
                                                                                     and not k_up))
@@ -464,7 +467,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                     pb += nb
                     if pb >= hi:
                         pq, pb = pq + 1, lo
-                a = activate(_unit_dot(w, r * row_bytes, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kt, kd, ks),
+                a = activate(_unit_dot(w, r * row_bytes, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kd, k8, kb, kt, ks),
                              act_id)
                 if abs(a) > t:
                     break
@@ -482,7 +485,7 @@ def select_pack_ffn(w, row_bytes, qtype, rows, gid, t, act_id, gated, u, unit_by
                     pq, pb = dotted + 1, lo
                 base = q_id[dotted] * unit_bytes
                 h[dotted] = q_a[dotted] * up_part(_unit_dot(u, base, up_qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch,
-                                                            kt, kd, ks), act_id) if gated else q_a[dotted]
+                                                            kd, k8, kb, kt, ks), act_id) if gated else q_a[dotted]
                 offs[dotted] = base + down_at
                 dotted += 1
                 if dotted == AXPY_GROUP or (r >= end and dotted == queued):  # a full group (or the last): axpy
