@@ -240,9 +240,8 @@ def _unit_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch, kd, k8, k
     (and a 2048-wide Q4_KR row costs 65 ns against 94 with the per-32 forms, AVX2); every other type as _row_dot."""
     if qtype in KR_TYPES:
         return _row_dot_k(u, off, qtype, vnni, x.shape[1], kt, kd, ks)
-    if qtype in Q8K_TYPES:
-        return _row_dot(u, off, qtype, vnni, x, xq, kd, k8, kb, xt, xs, scratch)
-    return _row_dot(u, off, qtype, vnni, x, xq, xd, x8, xb, xt, xs, scratch)
+    k = qtype in Q8K_TYPES  # the forms chosen first: one _row_dot a call site (each is a large switch to compile)
+    return _row_dot(u, off, qtype, vnni, x, xq, kd if k else xd, k8 if k else x8, kb if k else xb, xt, xs, scratch)
 
 
 @njit(inline="always")
